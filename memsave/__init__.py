@@ -1,0 +1,28 @@
+"""memsave: a PyTorch 2 compiler backend that makes models need less memory.
+
+    compiled = torch.compile(model, backend="memsave")                 # default recipe
+    compiled = torch.compile(model, backend="memsave", options={...})  # see README's table
+    report = memsave.explain(model, *example_inputs)                   # what each pass did
+"""
+
+from memsave.config import Config, DEFAULT_RECIPE, PASS_FAMILIES
+from memsave.memory.estimate import MemoryEstimate, estimate_memory
+from memsave.memory.track import MemoryStats, MemoryTracker, measure_peak
+from memsave.report import GraphReport, PassRecord, collect, recent_reports
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "DEFAULT_RECIPE",
+    "PASS_FAMILIES",
+    "GraphReport",
+    "PassRecord",
+    "MemoryEstimate",
+    "MemoryStats",
+    "MemoryTracker",
+    "collect",
+    "estimate_memory",
+    "measure_peak",
+    "recent_reports",
+]

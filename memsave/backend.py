@@ -1,0 +1,251 @@
+"""The `torch.compile` backend: Dynamo graph → AOTAutograd (ATen) → memsave passes → lowering.
+
+Registered by entry point (pyproject: `torch_dynamo_backends: memsave`), so
+`torch.compile(model, backend="memsave")` works without importing memsave first. Do not also
+call `register_backend` here: torch then fails with a duplicate-name error.
+
+Every Dynamo graph (one per graph break, one more per recompile) goes through AOTAutograd,
+inference and training alike, so memsave's passes always see ATen graphs with shape/dtype
+metadata, and a training graph never runs without AOTAutograd (which also keeps RNG state
+right for dropout under recomputation). AOTAutograd calls back into this file:
+
+  inference graph ──▶ _inference: pipeline ─▶ lower
+  training graph  ──▶ _partition: pipeline on the joint graph ─▶ recompute pass (fw, bw)
+                  ──▶ _forward / _backward: pipeline ─▶ lower (boxed: inputs freed as used)
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from memsave.codegen.lower import inductor_joint_graph_passes, lower
+from memsave.config import Config
+from memsave.memory.estimate import WEIGHT_TAG
+from memsave.passes.base import PassContext, WeightInfo
+from memsave.pipeline import PassRunner, run_pipeline
+from memsave.report import PassRecord, publish
+
+_graph_ids = itertools.count()
+
+
+def memsave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, mode=None, **_: Any):
+    """torch.compile(model, backend="memsave", options={...})."""
+    if mode is not None:
+        raise ValueError(
+            f"backend='memsave' takes options=..., not mode={mode!r}; valid option keys: "
+            + ", ".join(repr(k) for k in Config.__dataclass_fields__)
+        )
+    # torch pops some keys from the caller's dict; work on a copy.
+    options = dict(options) if isinstance(options, dict) else options
+    return compile_graph(gm, example_inputs, Config.from_options(options))
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config) -> Callable:
+    return GraphCompilation(gm, example_inputs, config).compile()
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    source: str  # Dynamo's name for where the input came from, e.g. L['self']._modules['fc']...
+    weight: WeightInfo | None
+
+
+class GraphCompilation:
+    """One Dynamo graph's trip through memsave."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config):
+        self.gm, self.config = gm, config
+        self.graph_id = next(_graph_ids)
+        self.inputs = describe_inputs(gm, example_inputs)
+        self.num_user_outputs = len(_flat_outputs(gm))
+        # Real example inputs are kept only while compiling (debug-mode error measurement and
+        # passes that read weights); holding them longer would keep the user's tensors alive.
+        self._real: list[Any] | None = list(example_inputs)
+        self._forward_weights: dict[str, WeightInfo] = {}
+        self._num_fwd_outputs: int | None = None
+
+    def compile(self) -> Callable:
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._inductor.decomposition import select_decomp_table
+
+        aot = aot_autograd(
+            fw_compiler=self._forward,
+            bw_compiler=self._backward,
+            inference_compiler=self._inference,
+            partition_fn=self._partition,
+            decompositions=select_decomp_table,  # called lazily by aot_autograd
+            keep_inference_input_mutations=True,
+        )
+        try:
+            return aot(self.gm, self._real)
+        finally:
+            self._real = None
+
+    # -- AOTAutograd callbacks ------------------------------------------------------------
+
+    def _inference(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        ctx = self._context(gm, "inference", positional=True)
+        runner = PassRunner(gm, ctx, codegen=self.config.codegen)
+        run_pipeline(runner)
+        self._finish(runner)
+        return lower(
+            gm, example_inputs, codegen=self.config.codegen, stage="inference",
+            static_input_idxs=_weight_indices(gm),
+        )
+
+    def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
+        from memsave.passes.recompute import partition
+
+        ctx = self._context(joint, "joint", positional=True)
+        runner = PassRunner(joint, ctx, codegen=self.config.codegen)
+        run_pipeline(runner)
+        if self.config.codegen == "inductor":
+            joint = inductor_joint_graph_passes(joint, _flat_tensors(joint_inputs))
+        start = time.perf_counter()
+        fw, bw, result = partition(
+            joint, self.config.recompute, ctx, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+        )
+        seconds = time.perf_counter() - start
+        # "Before" is the same schedule with nothing recomputed, so the line reads as what
+        # this policy saved over saving everything.
+        _, _, baseline = partition(joint, None, ctx, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        runner.add_record(
+            PassRecord(
+                name="recompute",
+                changed=result.details["recomputed"] != [],
+                nodes_before=len(joint.graph.nodes),
+                nodes_after=len(fw.graph.nodes) + len(bw.graph.nodes),
+                nodes_added=len(result.details["recomputed"]),
+                nodes_removed=0,
+                weight_bytes_before=baseline.details["weight_bytes"],
+                weight_bytes_after=result.details["weight_bytes"],
+                peak_activation_bytes_before=baseline.details["peak_activation_bytes"],
+                peak_activation_bytes_after=result.details["peak_activation_bytes"],
+                seconds=seconds,
+                notes=result.notes,
+                details=result.details,
+            )
+        )
+        self._finish(runner)
+        self._num_fwd_outputs = num_fwd_outputs
+        return fw, bw
+
+    def _forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        ctx = self._context(gm, "forward", positional=True)
+        self._forward_weights = dict(ctx.weights)
+        runner = PassRunner(gm, ctx, codegen=self.config.codegen, user_outputs=self._num_fwd_outputs)
+        run_pipeline(runner)
+        self._finish(runner)
+        return lower(
+            gm, example_inputs, codegen=self.config.codegen, stage="forward",
+            num_user_outputs=self.num_user_outputs, static_input_idxs=_weight_indices(gm),
+        )
+
+    def _backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        ctx = self._context(gm, "backward", positional=False)
+        runner = PassRunner(gm, ctx, codegen=self.config.codegen)
+        run_pipeline(runner)
+        self._finish(runner)
+        return lower(gm, example_inputs, codegen=self.config.codegen, stage="backward")
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _context(self, gm: fx.GraphModule, stage: str, *, positional: bool) -> PassContext:
+        """Tag weight placeholders and collect real inputs by placeholder name.
+
+        Inference, forward and joint graphs take the Dynamo graph's inputs first, in order
+        (then tangents, for the joint); a backward graph reuses the forward's placeholder
+        names for the weights it reads.
+        """
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        weights: dict[str, WeightInfo] = {}
+        real: dict[str, Any] = {}
+        if positional and _same_inputs(placeholders, self.inputs, self._real):
+            for node, info, value in zip(placeholders, self.inputs, self._real or [None] * len(self.inputs)):
+                if info.weight is not None:
+                    weights[node.name] = info.weight
+                if value is not None and not _is_fake(value):
+                    real[node.name] = value
+        elif not positional:
+            weights = {n.name: self._forward_weights[n.name] for n in placeholders if n.name in self._forward_weights}
+        for node in placeholders:
+            if node.name in weights:
+                node.meta[WEIGHT_TAG] = weights[node.name].name
+        return PassContext(self.config, stage, self.graph_id, weights, real)
+
+    def _finish(self, runner: PassRunner) -> None:
+        publish(runner.finish())
+
+
+def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[InputInfo]:
+    """Name each Dynamo graph input and say whether it is a parameter or buffer of the model."""
+    infos = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
+        source = source() if callable(source) else str(source)
+        weight = None
+        if "._parameters[" in source or isinstance(value, torch.nn.Parameter):
+            weight = WeightInfo(module_path(source), "parameter", index)
+        elif "._buffers[" in source:
+            weight = WeightInfo(module_path(source), "buffer", index)
+        infos.append(InputInfo(source, weight))
+    return infos
+
+
+def module_path(source: str) -> str:
+    """`L['self']._modules['layers']._modules['0']._parameters['weight']` → `layers.0.weight`."""
+    parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)", source)
+    names = [a or b for a, b in parts]
+    # Drop the frame-local root (L['self'] / L['model'] / G['...']) and the container names.
+    names = [n for n in names[1:] if n not in ("_modules", "_parameters", "_buffers")]
+    return ".".join(names) or source
+
+
+def _same_inputs(placeholders: list[fx.Node], inputs: list[InputInfo], real: list[Any] | None) -> bool:
+    if len(placeholders) < len(inputs):
+        return False
+    if real is None:
+        return True
+    for node, value in zip(placeholders, real):
+        val = node.meta.get("val")
+        if isinstance(value, torch.Tensor) != isinstance(val, torch.Tensor):
+            return False
+        if isinstance(value, torch.Tensor) and (value.dtype != val.dtype or value.dim() != val.dim()):
+            return False
+    return True
+
+
+def _is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
+def _weight_indices(gm: fx.GraphModule) -> list[int]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, n in enumerate(placeholders) if n.meta.get(WEIGHT_TAG)]
+
+
+def _flat_outputs(gm: fx.GraphModule) -> list:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out = output.args[0]
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    flat = []
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, (list, tuple)):
+            flat += _flat_tensors(item)
+        elif isinstance(item, torch.Tensor):
+            flat.append(item)
+    return flat

@@ -1,0 +1,245 @@
+"""Options for the memsave backend: one frozen dataclass per pass family, one `Config` over them.
+
+Users write options in one of three ways, all validated here with errors that name the key and
+the valid choices:
+
+    torch.compile(model, backend="memsave")                                   # default recipe
+    torch.compile(model, backend="memsave", options={"recompute": "none"})    # short strings
+    torch.compile(model, backend="memsave", options={"recompute": {"policy": "min-cut"}})
+    torch.compile(model, backend=memsave.Config(recompute="none"))          # a Config is a backend
+
+Each pass family (quantize, prune, ...) takes a short string, a dict of its config's fields, an
+instance of its config class, or None/"none"/False to switch it off. Families that no pass
+implements yet accept only "none": asking for more raises instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+PASS_FAMILIES = (
+    "quantize",
+    "prune",
+    "factorize",
+    "recompute",
+    "pipeline",
+    "tensor_parallel",
+    "chunk",
+    "precision",
+    "plan_memory",
+)
+CODEGEN_CHOICES = ("inductor", "fx")
+OFF_VALUES = (None, False, "none", "off")
+
+
+def _choices(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+class FamilyConfig:
+    """Base of the per-family configs: parsing from a short string or a dict, with clear errors."""
+
+    family: ClassVar[str]
+    # short string -> dict of field values; subclasses fill this in.
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def parse(cls, value: Any) -> FamilyConfig | None:
+        if isinstance(value, str):
+            value = value.strip().lower()
+        if value in OFF_VALUES:
+            return None
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            if value not in cls.shorthands:
+                raise ValueError(
+                    f"options[{cls.family!r}]: unknown value {value!r}; valid choices: "
+                    f"{_choices(('none', *cls.shorthands))} or a dict with keys "
+                    f"{_choices(f.name for f in fields(cls))}"
+                )
+            return cls(**cls.shorthands[value])
+        if isinstance(value, dict):
+            valid = {f.name for f in fields(cls)}
+            for key in value:
+                if key not in valid:
+                    raise ValueError(
+                        f"options[{cls.family!r}]: unknown key {key!r}; valid keys: "
+                        f"{_choices(sorted(valid))}"
+                    )
+            return cls(**value)
+        raise ValueError(
+            f"options[{cls.family!r}]: expected a string, a dict or {cls.__name__}, "
+            f"got {type(value).__name__}"
+        )
+
+    def _check_choice(self, name: str, value: Any, valid: tuple) -> None:
+        if value not in valid:
+            raise ValueError(
+                f"options[{self.family!r}][{name!r}]: invalid value {value!r}; "
+                f"valid choices: {_choices(valid)}"
+            )
+
+
+@dataclass(frozen=True)
+class RecomputeConfig(FamilyConfig):
+    """Which activations a training graph saves for backward and which it recomputes.
+
+    policy:
+      "none"    save every activation the backward needs (no recomputation);
+      "min-cut" AOTAutograd-style max-flow/min-cut: recompute cheap ops when that saves bytes.
+    """
+
+    family: ClassVar[str] = "recompute"
+    POLICIES: ClassVar[tuple[str, ...]] = ("none", "min-cut")
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {"min-cut": {"policy": "min-cut"}}
+
+    policy: str = "min-cut"
+
+    def __post_init__(self):
+        self._check_choice("policy", self.policy, self.POLICIES)
+
+
+@dataclass(frozen=True)
+class NotImplementedFamily(FamilyConfig):
+    """Placeholder for a pass family no pass implements yet: only "none" is accepted."""
+
+    @classmethod
+    def parse(cls, value: Any) -> None:
+        if isinstance(value, str):
+            value = value.strip().lower()
+        if value in OFF_VALUES:
+            return None
+        raise ValueError(
+            f"options[{cls.family!r}]: {value!r} is not available: memsave has no "
+            f"{cls.family!r} pass yet; valid choices: 'none'"
+        )
+
+
+def _unimplemented(name: str) -> type[NotImplementedFamily]:
+    return type(f"{name.title().replace('_', '')}Config", (NotImplementedFamily,), {"family": name})
+
+
+# One config class per family. A family is filled in by giving it a real FamilyConfig subclass.
+FAMILY_CONFIGS: dict[str, type[FamilyConfig]] = {
+    "quantize": _unimplemented("quantize"),
+    "prune": _unimplemented("prune"),
+    "factorize": _unimplemented("factorize"),
+    "recompute": RecomputeConfig,
+    "pipeline": _unimplemented("pipeline"),
+    "tensor_parallel": _unimplemented("tensor_parallel"),
+    "chunk": _unimplemented("chunk"),
+    "precision": _unimplemented("precision"),
+    "plan_memory": _unimplemented("plan_memory"),
+}
+assert tuple(FAMILY_CONFIGS) == PASS_FAMILIES
+
+# The default recipe: what `backend="memsave"` does with no options. Documented in the README;
+# change both together.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "recompute": "min-cut",
+    "codegen": "inductor",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole recipe for one `torch.compile(..., backend="memsave")`.
+
+    Frozen and hashable, so a Config can key caches. A Config is itself a torch.compile
+    backend: `torch.compile(model, backend=memsave.Config(...))`.
+    """
+
+    quantize: FamilyConfig | None = None
+    prune: FamilyConfig | None = None
+    factorize: FamilyConfig | None = None
+    recompute: FamilyConfig | None = RecomputeConfig()
+    pipeline: FamilyConfig | None = None
+    tensor_parallel: FamilyConfig | None = None
+    chunk: FamilyConfig | None = None
+    precision: FamilyConfig | None = None
+    plan_memory: FamilyConfig | None = None
+    # "inductor" hands the transformed graph to Inductor; "fx" runs it as plain FX code.
+    codegen: str = "inductor"
+    # Write the graph after every pass and the per-pass table here (implies debug).
+    debug_dir: str | None = None
+    # Check graph invariants after every pass and measure each pass's error on the example
+    # input. Costs one extra run of the graph per pass; on in tests and in `memsave explain`.
+    debug: bool = False
+
+    def __post_init__(self):
+        for name in PASS_FAMILIES:
+            object.__setattr__(self, name, FAMILY_CONFIGS[name].parse(getattr(self, name)))
+        if self.codegen not in CODEGEN_CHOICES:
+            raise ValueError(
+                f"options['codegen']: invalid value {self.codegen!r}; valid choices: "
+                f"{_choices(CODEGEN_CHOICES)}"
+            )
+        if self.debug_dir is not None:
+            if not isinstance(self.debug_dir, (str, os.PathLike)):
+                raise ValueError(
+                    f"options['debug_dir']: expected a path string, got {type(self.debug_dir).__name__}"
+                )
+            object.__setattr__(self, "debug_dir", os.fspath(self.debug_dir))
+            object.__setattr__(self, "debug", True)
+        if not isinstance(self.debug, bool):
+            raise ValueError(f"options['debug']: expected True or False, got {self.debug!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | Config | None = None) -> Config:
+        """Build a Config from `torch.compile(options=...)`, on top of the default recipe.
+
+        MEMSAVE_DEBUG_DIR in the environment sets debug_dir when the options do not.
+        """
+        if isinstance(options, Config):
+            return options
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise ValueError(f"memsave options must be a dict or memsave.Config, got {type(options).__name__}")
+        valid = {f.name for f in fields(cls)}
+        for key in options:
+            if key not in valid:
+                raise ValueError(
+                    f"unknown memsave option {key!r}; valid keys: {_choices(sorted(valid))}"
+                )
+        merged = {**DEFAULT_RECIPE, **options}
+        if "debug_dir" not in merged and os.environ.get("MEMSAVE_DEBUG_DIR"):
+            merged["debug_dir"] = os.environ["MEMSAVE_DEBUG_DIR"]
+        return cls(**merged)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def as_options(self) -> dict[str, Any]:
+        """The dict form, usable as `torch.compile(..., options=config.as_options())`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def enabled_families(self) -> list[str]:
+        return [name for name in PASS_FAMILIES if getattr(self, name) is not None]
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        # A Config is a torch.compile backend in its own right.
+        from memsave.backend import compile_graph
+
+        return compile_graph(gm, example_inputs, self)
+
+
+def describe_options() -> list[tuple[str, str, str]]:
+    """(key, accepted values, what it does) for every option: the README table comes from this."""
+    rows = []
+    for name in PASS_FAMILIES:
+        cls = FAMILY_CONFIGS[name]
+        if issubclass(cls, NotImplementedFamily):
+            rows.append((name, "'none'", "not implemented yet"))
+        else:
+            shorts = _choices(("none", *cls.shorthands))
+            keys = ", ".join(f.name for f in fields(cls))
+            rows.append((name, f"{shorts} or dict({keys})", (cls.__doc__ or "").strip().splitlines()[0]))
+    rows.append(("codegen", _choices(CODEGEN_CHOICES), "how the transformed graph runs"))
+    rows.append(("debug_dir", "path", "write the graph after every pass and the per-pass table"))
+    rows.append(("debug", "True/False", "check invariants and measure error after every pass"))
+    return rows

@@ -1,0 +1,145 @@
+"""Static memory estimate of an FX graph: weight bytes and the peak of live activation bytes.
+
+The liveness walk mirrors how the graph runs as FX code (and, to a first order, how any
+lowering that frees buffers after their last use runs it): nodes execute in graph order; a
+node's new storage is allocated when it runs; a storage dies after the last node that uses
+it or any view of it, unless a graph output aliases it. Views (schema `Tensor(a)` returns)
+allocate nothing. Fusing compilers (Inductor) can do better than this estimate; the measured
+tracker in `memory.track` tells by how much.
+
+Weights (parameters, buffers, tensor constants) are counted separately: they are alive before
+the call and after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from memsave.graph.meta import aliased_input, is_getitem, iter_tensors, node_val, tensor_storage_bytes
+
+WEIGHT_TAG = "memsave_weight"  # node.meta key set on placeholders that hold parameters/buffers
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weight_bytes: int  # parameters, buffers and tensor constants the graph reads
+    input_bytes: int  # other graph inputs (activations passed in, saved tensors in a backward)
+    peak_activation_bytes: int  # most bytes allocated by the graph and alive at one time
+    peak_node: str | None  # the node running when the peak was reached
+    output_bytes: int  # bytes of outputs the graph allocated (alive after the call)
+    timeline: tuple[tuple[str, int], ...] = field(default=(), repr=False)  # (node, live bytes)
+
+
+@dataclass
+class _Storage:
+    nbytes: int
+    kind: str  # "activation" | "input" | "weight"
+    owner: str
+    last_use: int = -1
+    is_output: bool = False
+
+
+def is_weight_node(node: fx.Node) -> bool:
+    return node.op == "get_attr" or bool(node.meta.get(WEIGHT_TAG))
+
+
+def estimate_memory(gm: fx.GraphModule) -> MemoryEstimate:
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    # Each node maps to the storages its value lives in (one per tensor it produces).
+    storages_of: dict[fx.Node, list[_Storage]] = {}
+    weight_bytes = input_bytes = 0
+
+    for node in nodes:
+        val = node_val(node)
+        if node.op == "get_attr" and val is None:
+            val = _get_attr(gm, node.target)
+        if node.op in ("placeholder", "get_attr"):
+            kind = "weight" if is_weight_node(node) else "input"
+            sts = [_Storage(tensor_storage_bytes(t), kind, node.name) for t in iter_tensors(val)]
+            nbytes = sum(s.nbytes for s in sts)
+            if kind == "weight":
+                weight_bytes += nbytes
+            else:
+                input_bytes += nbytes
+            storages_of[node] = sts
+        elif node.op == "call_function":
+            if is_getitem(node):
+                parent, index = node.args
+                parent_sts = storages_of.get(parent, [])
+                storages_of[node] = [parent_sts[index]] if isinstance(index, int) and index < len(parent_sts) else []
+                continue
+            base = aliased_input(node)
+            if base is not None:
+                # A view: its tensors live in the base's storage.
+                base_sts = storages_of.get(base, [])
+                n_out = len(list(iter_tensors(val)))
+                storages_of[node] = [base_sts[0]] * n_out if base_sts else []
+            else:
+                storages_of[node] = [
+                    _Storage(tensor_storage_bytes(t), "activation", node.name) for t in iter_tensors(val)
+                ]
+        else:  # output, call_module/call_method (not in ATen graphs)
+            storages_of[node] = []
+
+    # A storage dies after the last use of any node that refers to it. FX keeps a tuple-valued
+    # node alive until its last getitem, so its elements live at least that long.
+    for node in nodes:
+        last = max((position[u] for u in node.users), default=position[node])
+        for st in storages_of[node]:
+            st.last_use = max(st.last_use, last)
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    for arg in _flatten_nodes(output.args):
+        for st in storages_of.get(arg, []):
+            st.is_output = True
+
+    live = peak = 0
+    peak_node = None
+    timeline = []
+    dying: dict[int, list[_Storage]] = {}
+    seen: set[int] = set()
+    for node in nodes:
+        for st in storages_of[node]:
+            if st.kind != "activation" or id(st) in seen:
+                continue
+            seen.add(id(st))
+            live += st.nbytes
+            if not st.is_output:
+                dying.setdefault(st.last_use, []).append(st)
+        if live > peak:
+            peak, peak_node = live, node.name
+        timeline.append((node.name, live))
+        for st in dying.pop(position[node], []):
+            live -= st.nbytes
+    output_bytes = sum(
+        st.nbytes for st in {id(s): s for sts in storages_of.values() for s in sts}.values()
+        if st.is_output and st.kind == "activation"
+    )
+    return MemoryEstimate(weight_bytes, input_bytes, peak, peak_node, output_bytes, tuple(timeline))
+
+
+def _flatten_nodes(args) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, lambda n: out.append(n))
+    return out
+
+
+def weight_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the weights a graph reads (cheaper than a full estimate)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr") and is_weight_node(node):
+            val = node_val(node)
+            if node.op == "get_attr" and val is None:
+                val = _get_attr(gm, node.target)
+            total += sum(tensor_storage_bytes(t) for t in iter_tensors(val))
+    return total
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,172 @@
+"""The pass pipeline: one ordered function, and the runner that observes every pass.
+
+`run_pipeline` is the whole order of memsave's passes over one ATen graph; read it top to
+bottom. `PassRunner` wraps each pass call with what the report needs (node counts, weight
+bytes and estimated peak activation bytes before/after, time) and, in debug mode, with the
+invariant check and the error against the untransformed graph on the example input.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from memsave.debug import DebugDump
+from memsave.graph.invariants import GraphInvariantError, check_invariants, graph_signature
+from memsave.memory.estimate import estimate_memory
+from memsave.passes.base import PassContext, PassResult
+from memsave.passes.cleanup import eliminate_dead_code
+from memsave.report import ErrorStats, GraphReport, PassRecord
+
+Pass = Callable[[fx.GraphModule, Any, PassContext], PassResult]
+
+
+def run_pipeline(runner: PassRunner) -> None:
+    """Every memsave pass over one graph, in order. Each step says why it sits where it does."""
+    config = runner.ctx.config
+    # Dead nodes first: every later count and estimate should describe the graph that runs.
+    runner.run("cleanup", eliminate_dead_code, True)
+    # Later issues add here, in this order: quantize → prune → factorize (compress weights
+    # first, so later passes size the compressed graph), chunk, precision, then plan_memory
+    # last (it plans buffers of the final graph). Recompute is the partition function of
+    # training graphs (backend.py), and sharding runs after compression.
+    del config
+
+
+class PassRunner:
+    """Runs passes on one graph and records what each did.
+
+    In debug mode it checks the invariants of docs/invariants.md after every pass and
+    measures the outputs' error against the graph as it came in (computed once, before any
+    pass, from the real example inputs when they are known).
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        ctx: PassContext,
+        *,
+        codegen: str = "",
+        user_outputs: int | None = None,
+    ):
+        self.gm, self.ctx = gm, ctx
+        self.report = GraphReport(ctx.graph_id, ctx.stage, codegen=codegen)
+        self.dump = DebugDump(ctx.config.debug_dir, ctx.graph_id, ctx.stage)
+        self.debug = ctx.config.debug
+        self.user_outputs = user_outputs  # outputs the user sees (training forwards add saved ones)
+        self._signature = graph_signature(gm)
+        self._estimate = estimate_memory(gm)
+        self._reference = self._run_outputs() if self.debug else None
+        self.dump.graph("input", gm)
+
+    @property
+    def history(self) -> list[str]:
+        return [r.name for r in self.report.records]
+
+    def run(self, name: str, fn: Pass, config: Any, *, stages: tuple[str, ...] | None = None) -> PassResult | None:
+        """Run one pass if its config is on and it applies to this graph's stage."""
+        if config is None or (stages is not None and self.ctx.stage not in stages):
+            return None
+        gm = self.gm
+        nodes_before = set(gm.graph.nodes)
+        estimate_before = self._estimate
+        start = time.perf_counter()
+        try:
+            result = fn(gm, config, self.ctx)
+        except Exception as e:
+            raise RuntimeError(
+                f"memsave pass {name!r} failed on {self.report.title} "
+                f"(passes run before it: {', '.join(self.history) or 'none'}): {type(e).__name__}: {e}"
+            ) from e
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise TypeError(f"memsave pass {name!r} returned {type(result).__name__}, not a PassResult")
+        nodes_after = set(gm.graph.nodes)
+        self._estimate = estimate_memory(gm)
+        error = None
+        if self.debug:
+            problems = check_invariants(gm, self._signature)
+            if problems:
+                raise GraphInvariantError(
+                    f"pass {name!r} broke graph invariants on {self.report.title} "
+                    f"(passes run before it: {', '.join(self.history) or 'none'}):\n  "
+                    + "\n  ".join(problems)
+                )
+            error = self._error()
+        record = PassRecord(
+            name=name,
+            changed=result.changed,
+            nodes_before=len(nodes_before),
+            nodes_after=len(nodes_after),
+            nodes_added=len(nodes_after - nodes_before),
+            nodes_removed=len(nodes_before - nodes_after),
+            weight_bytes_before=estimate_before.weight_bytes,
+            weight_bytes_after=self._estimate.weight_bytes,
+            peak_activation_bytes_before=estimate_before.peak_activation_bytes,
+            peak_activation_bytes_after=self._estimate.peak_activation_bytes,
+            seconds=seconds,
+            error=error,
+            notes=result.notes,
+            details=result.details,
+        )
+        self.report.records.append(record)
+        self.dump.graph(name, gm)
+        return result
+
+    def add_record(self, record: PassRecord) -> None:
+        """For steps that are not in-place graph rewrites (the training partition)."""
+        self.report.records.append(record)
+
+    def finish(self) -> GraphReport:
+        self.dump.report(self.report)
+        return self.report
+
+    # -- error against the untransformed graph ---------------------------------------------
+
+    def _run_outputs(self) -> list[torch.Tensor] | None:
+        names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if not all(name in self.ctx.real_inputs for name in names):
+            return None  # e.g. a backward graph: its saved activations exist only as fakes
+        mutated = _mutated_placeholders(self.gm)
+        # Inputs the graph writes to (e.g. BatchNorm running stats) are cloned, so measuring
+        # the error never changes the user's model; a fixed seed makes dropout comparable.
+        args = [
+            self.ctx.real_inputs[name].clone() if name in mutated else self.ctx.real_inputs[name]
+            for name in names
+        ]
+        # Compilation runs under AOTAutograd's fake mode; this run is on real tensors.
+        with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            outputs = self.gm(*args)
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            if self.user_outputs is not None:
+                outputs = outputs[: self.user_outputs]
+            return [o.detach().clone() for o in outputs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+    def _error(self) -> ErrorStats | None:
+        if self._reference is None:
+            return None
+        outputs = self._run_outputs()
+        if outputs is None:
+            return None
+        with unset_fake_temporarily():
+            return ErrorStats.between(self._reference, outputs)
+
+
+def _mutated_placeholders(gm: fx.GraphModule) -> set[str]:
+    """Placeholders some op in the graph writes to (schema arguments marked `Tensor(a!)`)."""
+    mutated = set()
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None or not schema.is_mutable:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if isinstance(value, fx.Node) and value.op == "placeholder":
+                    mutated.add(value.name)
+    return mutated
