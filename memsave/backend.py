@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from memsave.codegen.lower import inductor_joint_graph_passes, lower
-from memsave.config import Config
+from memsave.config import Config, OptionError
 from memsave.memory.estimate import WEIGHT_TAG
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
@@ -38,7 +38,7 @@ _graph_ids = itertools.count()
 def memsave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, mode=None, **_: Any):
     """torch.compile(model, backend="memsave", options={...})."""
     if mode is not None:
-        raise ValueError(
+        raise OptionError(
             f"backend='memsave' takes options=..., not mode={mode!r}; valid option keys: "
             + ", ".join(repr(k) for k in Config.__dataclass_fields__)
         )

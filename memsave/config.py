@@ -17,8 +17,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
+
+try:  # Dynamo wraps backend exceptions in BackendCompilerFailed, except these.
+    from torch._dynamo.exc import ShortenTraceback as _Unwrapped
+except ImportError:  # pragma: no cover - older torch: the error arrives wrapped
+    _Unwrapped = Exception
+
+
+class OptionError(ValueError, _Unwrapped):
+    """A bad memsave option: a ValueError naming the key and the valid choices.
+
+    Also a Dynamo ShortenTraceback, which Dynamo re-raises as it is instead of wrapping it
+    in BackendCompilerFailed, so `torch.compile(..., options=bad)(x)` raises this ValueError.
+    """
+
+    def __init__(self, message: str):
+        if _Unwrapped is Exception:
+            ValueError.__init__(self, message)
+        else:
+            _Unwrapped.__init__(self, message, first_useful_frame=None)
+
 
 PASS_FAMILIES = (
     "quantize",
@@ -56,7 +76,7 @@ class FamilyConfig:
             return value
         if isinstance(value, str):
             if value not in cls.shorthands:
-                raise ValueError(
+                raise OptionError(
                     f"options[{cls.family!r}]: unknown value {value!r}; valid choices: "
                     f"{_choices(('none', *cls.shorthands))} or a dict with keys "
                     f"{_choices(f.name for f in fields(cls))}"
@@ -66,19 +86,19 @@ class FamilyConfig:
             valid = {f.name for f in fields(cls)}
             for key in value:
                 if key not in valid:
-                    raise ValueError(
+                    raise OptionError(
                         f"options[{cls.family!r}]: unknown key {key!r}; valid keys: "
                         f"{_choices(sorted(valid))}"
                     )
             return cls(**value)
-        raise ValueError(
+        raise OptionError(
             f"options[{cls.family!r}]: expected a string, a dict or {cls.__name__}, "
             f"got {type(value).__name__}"
         )
 
     def _check_choice(self, name: str, value: Any, valid: tuple) -> None:
         if value not in valid:
-            raise ValueError(
+            raise OptionError(
                 f"options[{self.family!r}][{name!r}]: invalid value {value!r}; "
                 f"valid choices: {_choices(valid)}"
             )
@@ -113,7 +133,7 @@ class NotImplementedFamily(FamilyConfig):
             value = value.strip().lower()
         if value in OFF_VALUES:
             return None
-        raise ValueError(
+        raise OptionError(
             f"options[{cls.family!r}]: {value!r} is not available: memsave has no "
             f"{cls.family!r} pass yet; valid choices: 'none'"
         )
@@ -174,19 +194,19 @@ class Config:
         for name in PASS_FAMILIES:
             object.__setattr__(self, name, FAMILY_CONFIGS[name].parse(getattr(self, name)))
         if self.codegen not in CODEGEN_CHOICES:
-            raise ValueError(
+            raise OptionError(
                 f"options['codegen']: invalid value {self.codegen!r}; valid choices: "
                 f"{_choices(CODEGEN_CHOICES)}"
             )
         if self.debug_dir is not None:
             if not isinstance(self.debug_dir, (str, os.PathLike)):
-                raise ValueError(
+                raise OptionError(
                     f"options['debug_dir']: expected a path string, got {type(self.debug_dir).__name__}"
                 )
             object.__setattr__(self, "debug_dir", os.fspath(self.debug_dir))
             object.__setattr__(self, "debug", True)
         if not isinstance(self.debug, bool):
-            raise ValueError(f"options['debug']: expected True or False, got {self.debug!r}")
+            raise OptionError(f"options['debug']: expected True or False, got {self.debug!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | Config | None = None) -> Config:
@@ -199,11 +219,11 @@ class Config:
         if options is None:
             options = {}
         if not isinstance(options, dict):
-            raise ValueError(f"memsave options must be a dict or memsave.Config, got {type(options).__name__}")
+            raise OptionError(f"memsave options must be a dict or memsave.Config, got {type(options).__name__}")
         valid = {f.name for f in fields(cls)}
         for key in options:
             if key not in valid:
-                raise ValueError(
+                raise OptionError(
                     f"unknown memsave option {key!r}; valid keys: {_choices(sorted(valid))}"
                 )
         merged = {**DEFAULT_RECIPE, **options}

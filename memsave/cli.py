@@ -1,0 +1,125 @@
+"""The `memsave` command.
+
+    memsave demo                              the built-in decoder under the default recipe
+    memsave explain decoder-tiny --train      per-pass report for a built-in model
+    memsave explain path/to/model.py:factory  ... or for your own model
+    memsave explain hf-gpt2-tiny -o recompute=none -o codegen=fx
+    memsave models                            list the built-in models
+
+A factory is a function with no arguments returning either `(model, example_inputs)` or a
+model with an `example_inputs()` method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from memsave.config import DEFAULT_RECIPE, Config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memsave", description="A PyTorch 2 compiler that makes models need less memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="compile the built-in decoder with the default recipe and report")
+    demo.add_argument("--model", default="decoder-small", help="built-in model (default: decoder-small)")
+    _add_run_arguments(demo)
+
+    explain = sub.add_parser("explain", help="per-pass report for a built-in model or path/to/file.py:factory")
+    explain.add_argument("model", help="a built-in model name (see `memsave models`) or path/to/file.py:factory")
+    _add_run_arguments(explain)
+
+    sub.add_parser("models", help="list the built-in models")
+
+    args = parser.parse_args(argv)
+    if args.command == "models":
+        from memsave.models import MODELS
+
+        for name, spec in MODELS.items():
+            print(f"{name:16s} {spec.description}")
+        return 0
+    try:
+        options = _parse_options(args.option)
+        Config.from_options(options)  # validate before building anything
+    except ValueError as e:
+        parser.error(str(e))
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, inputs = load_model(args.model)
+    if args.command == "demo":
+        print(f"memsave demo: {args.model}, default recipe {DEFAULT_RECIPE} + {options or '{}'}\n")
+    start = time.perf_counter()
+    from memsave.explain import explain as run_explain
+
+    report = run_explain(model, *inputs, train=args.train, **options)
+    print(report)
+    print(f"\n(compiled and measured in {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", action="store_true", help="measure a training step (forward + backward)")
+    parser.add_argument(
+        "-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="a memsave option, e.g. -o recompute=none or -o 'recompute={\"policy\": \"min-cut\"}' (repeatable)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"option {pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def load_model(spec: str) -> tuple[torch.nn.Module, tuple]:
+    """A built-in model name, or `path/to/file.py:factory`."""
+    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+        path, factory_name = spec.split(":", 1)
+        if not os.path.exists(path):
+            raise SystemExit(f"memsave: no such file {path!r}")
+        module_spec = importlib.util.spec_from_file_location("_memsave_user_model", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules["_memsave_user_model"] = module
+        module_spec.loader.exec_module(module)
+        factory = getattr(module, factory_name, None)
+        if factory is None:
+            raise SystemExit(f"memsave: {path!r} has no function {factory_name!r}")
+        made = factory()
+        if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+            model, inputs = made
+        elif isinstance(made, torch.nn.Module) and hasattr(made, "example_inputs"):
+            model, inputs = made, made.example_inputs()
+        else:
+            raise SystemExit(
+                f"memsave: {spec} must return (model, example_inputs) or a model with an example_inputs() method"
+            )
+        return model, tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+    from memsave.models import get_model
+
+    try:
+        model_spec = get_model(spec)
+    except ValueError as e:
+        raise SystemExit(f"memsave: {e}")
+    model = model_spec.build()
+    return model, tuple(model_spec.example_inputs(model))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""`memsave.explain`: compile a model, run it, and say what every pass did and what it cost.
+
+    report = memsave.explain(model, *example_inputs, quantize=..., train=False)
+    print(report)
+
+returns the per-pass table of every graph memsave compiled, plus measurements on the example
+input: peak live tensor bytes of eager vs compiled execution (from the tracker, warm calls
+only, compilation excluded), the model's weight bytes, and the output error (and, with
+train=True, the gradient error) against eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memsave.config import Config
+from memsave.memory.track import MemoryStats, MemoryTracker, live_tensor_bytes
+from memsave.report import ErrorStats, GraphReport, collect, fmt_bytes
+
+
+@dataclass
+class Explanation:
+    graphs: list[GraphReport]
+    config: Config
+    train: bool
+    weight_bytes: int  # the model's parameters and buffers, as held by the process
+    eager: MemoryStats
+    compiled: MemoryStats
+    output_error: ErrorStats
+    grad_error: ErrorStats | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rows = [
+            "| measured on the example input | eager | memsave | ratio |",
+            "|---|---|---|---|",
+            f"| peak live tensor bytes during the call | {fmt_bytes(self.eager.peak_bytes)} "
+            f"| {fmt_bytes(self.compiled.peak_bytes)} | {_ratio(self.compiled.peak_bytes, self.eager.peak_bytes)} |",
+        ]
+        if self.train:
+            rows.append(
+                f"| bytes saved for backward | {fmt_bytes(self.eager.saved_bytes)} "
+                f"| {fmt_bytes(self.compiled.saved_bytes)} | {_ratio(self.compiled.saved_bytes, self.eager.saved_bytes)} |"
+            )
+        rows.append(f"| weight bytes held | {fmt_bytes(self.weight_bytes)} | {fmt_bytes(self.weight_bytes)} | 1.00 |")
+        errors = f"output error vs eager: {self.output_error.short()} (max abs {self.output_error.max_abs:.2e}, cosine {self.output_error.cosine:.6f})"
+        if self.grad_error is not None:
+            errors += f"; gradient error vs eager: {self.grad_error.short()} (max abs {self.grad_error.max_abs:.2e})"
+        return "\n".join(rows + ["", errors])
+
+    def __str__(self) -> str:
+        families = ", ".join(f"{n}={getattr(self.config, n)!r}" for n in self.config.enabled_families()) or "none"
+        parts = [f"memsave recipe: {families}; codegen={self.config.codegen}", ""]
+        for graph in self.graphs:
+            parts += [graph.table(), ""]
+        parts += [self.summary()] + [f"note: {n}" for n in self.notes]
+        return "\n".join(parts)
+
+
+def _ratio(a: int | None, b: int | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+
+def explain(model: torch.nn.Module, *example_inputs: Any, train: bool = False, **options: Any) -> Explanation:
+    """Compile `model` with memsave (options as for torch.compile) and report on every pass.
+
+    Debug mode is on (invariants checked, per-pass error measured). With train=True the
+    measured step is forward + backward of the output's sum (or of the loss, when the model
+    returns a scalar); gradients are compared with eager's.
+    """
+    config = Config.from_options({**options, "debug": True})
+    torch._dynamo.reset()  # a fresh cache: explain reports this model's graphs, not old ones
+    compiled = torch.compile(model, backend=config)
+    with collect() as graphs:
+        _step(compiled, example_inputs, train)  # compiles; measured calls below are warm
+    if not graphs:
+        raise RuntimeError("memsave.explain: Dynamo produced no graph for this model (is its forward traceable?)")
+
+    eager_out, eager_stats, eager_grads = _measured_step(model, example_inputs, train)
+    out, compiled_stats, grads = _measured_step(compiled, example_inputs, train)
+    explanation = Explanation(
+        graphs=list(graphs),
+        config=config,
+        train=train,
+        weight_bytes=live_tensor_bytes(list(model.parameters()) + list(model.buffers())),
+        eager=eager_stats,
+        compiled=compiled_stats,
+        output_error=ErrorStats.between(_tensors(eager_out), _tensors(out)),
+        grad_error=ErrorStats.between(eager_grads, grads) if train else None,
+    )
+    return explanation
+
+
+def _step(fn, inputs, train: bool):
+    if not train:
+        with torch.no_grad():
+            return fn(*inputs)
+    out = fn(*inputs)
+    loss = out if isinstance(out, torch.Tensor) and out.dim() == 0 else sum(t.float().sum() for t in _tensors(out))
+    loss.backward()
+    return out
+
+
+def _measured_step(fn, inputs, train: bool):
+    module = getattr(fn, "_orig_mod", fn)
+    params = [p for p in module.parameters() if p.requires_grad] if train else []
+    for p in params:
+        p.grad = None
+    with MemoryTracker("cpu" if not torch.cuda.is_available() else None, track_saved=train) as tracker:
+        out = _step(fn, inputs, train)
+    grads = [p.grad.detach().clone() for p in params if p.grad is not None]
+    for p in params:
+        p.grad = None
+    return out, tracker.stats, grads
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value.detach()]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
