@@ -99,7 +99,10 @@ def _step(fn, inputs, train: bool):
         with torch.no_grad():
             return fn(*inputs)
     out = fn(*inputs)
-    loss = out if isinstance(out, torch.Tensor) and out.dim() == 0 else sum(t.float().sum() for t in _tensors(out))
+    if isinstance(out, torch.Tensor) and out.dim() == 0:
+        loss = out
+    else:
+        loss = sum(t.float().sum() for t in _tensors(out, detach=False) if t.requires_grad)
     loss.backward()
     return out
 
@@ -117,11 +120,11 @@ def _measured_step(fn, inputs, train: bool):
     return out, tracker.stats, grads
 
 
-def _tensors(value) -> list[torch.Tensor]:
+def _tensors(value, detach: bool = True) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
-        return [value.detach()]
+        return [value.detach() if detach else value]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in _tensors(v, detach)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in _tensors(v, detach)]
     return []

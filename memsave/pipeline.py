@@ -54,7 +54,9 @@ class PassRunner:
         user_outputs: int | None = None,
     ):
         self.gm, self.ctx = gm, ctx
-        self.report = GraphReport(ctx.graph_id, ctx.stage, codegen=codegen)
+        self.report = GraphReport(
+            ctx.graph_id, ctx.stage, codegen=codegen, weights={k: w.name for k, w in ctx.weights.items()}
+        )
         self.dump = DebugDump(ctx.config.debug_dir, ctx.graph_id, ctx.stage)
         self.debug = ctx.config.debug
         self.user_outputs = user_outputs  # outputs the user sees (training forwards add saved ones)

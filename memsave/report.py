@@ -71,6 +71,7 @@ class GraphReport:
     records: list[PassRecord] = field(default_factory=list)
     codegen: str = ""
     notes: list[str] = field(default_factory=list)
+    weights: dict[str, str] = field(default_factory=dict)  # placeholder -> the model's name for it
 
     @property
     def title(self) -> str:
@@ -89,6 +90,10 @@ class GraphReport:
                 f"| {r.error.short() if r.error else 'n/a'} | {r.seconds * 1e3:.0f} ms |"
             )
         notes = [f"- {r.name}: {n}" for r in self.records for n in r.notes] + [f"- {n}" for n in self.notes]
+        if self.weights:
+            names = list(self.weights.values())
+            shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+            notes.append(f"- weights read: {shown}")
         return "\n".join(rows + ([""] + notes if notes else []))
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks for memsave; the shared harness lives in benchmarks.harness."""

@@ -1,0 +1,34 @@
+"""Shared test helpers: ATen graphs as memsave's passes see them."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from memsave.config import Config
+from memsave.passes.base import PassContext
+
+
+def aten_inference_graph(model: torch.nn.Module, *inputs) -> tuple[fx.GraphModule, list]:
+    """The ATen inference graph AOTAutograd hands memsave, and the real inputs in its order."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    captured = {}
+
+    def backend(gm, example_inputs):
+        captured["inputs"] = list(example_inputs)
+
+        def inference(aten_gm, _):
+            captured["gm"] = aten_gm
+            return aten_gm
+
+        return aot_autograd(fw_compiler=inference)(gm, example_inputs)
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    return captured["gm"], captured["inputs"]
+
+
+def context_for(gm: fx.GraphModule, real_inputs: list, **config) -> PassContext:
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return PassContext(Config(debug=True, **config), "inference", 0, {}, dict(zip(names, real_inputs)))

@@ -1,0 +1,196 @@
+"""The benchmark harness, run through its real parent/child machinery on a tiny benchmark."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is not an installed package
+
+from benchmarks import harness  # noqa: E402
+
+TINY_BENCH = textwrap.dedent(
+    '''
+    import os
+    import statistics
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from benchmarks.harness import (Benchmark, MiB, current_rss_bytes, main, peak_rss_bytes,
+                                    reset_peak_rss, time_call)
+
+    SIZES_MIB = {"small": 8, "big": 64}
+
+    def measure(config, params):
+        if config == "broken":
+            raise RuntimeError("broken config on purpose")
+        if config == "hang":
+            # A grandchild too: the harness must kill the whole process group on timeout.
+            sleeper = subprocess.Popen(["sleep", "120"])
+            Path(os.environ["TINY_PIDFILE"]).write_text(f"{os.getpid()} {sleeper.pid}")
+            time.sleep(120)
+        import numpy  # not torch: its import would cost ~1.5 s per child
+
+        numel = SIZES_MIB[config] * MiB // 8  # float64, every page written
+        reset_peak_rss()
+        before = current_rss_bytes()
+        times = time_call(lambda: numpy.ones(numel), warmup=1, iters=3)
+        torch = sys.modules.get("torch")  # imported by the harness only for a threads param
+        return {
+            "rss_growth_mib": (peak_rss_bytes() - before) / MiB,
+            "time_ms": statistics.median(times),
+            "pid": os.getpid(),
+            "mmap_threshold_set": float(os.environ.get("MALLOC_MMAP_THRESHOLD_") == "131072"),
+            "quick": float(bool(params.get("quick"))),
+            "scale": params["scale"],
+            "torch_threads": torch.get_num_threads() if torch else 0,
+            "omp_threads": float(os.environ.get("OMP_NUM_THREADS", 0)),
+        }
+
+    BENCH = Benchmark(
+        name="tiny",
+        title="Tiny harness self-test",
+        configs=["small", "big", "broken", "hang"],
+        baseline="small",
+        measure=measure,
+        metrics={"rss_growth_mib": "lower", "time_ms": "lower"},
+        params={"scale": 1},
+        repeats=3,
+    )
+
+    if __name__ == "__main__":
+        main(BENCH)
+    '''
+)
+
+
+def _run(tmp_path, *args, timeout=120):
+    (tmp_path / "bench_tiny.py").write_text(TINY_BENCH)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TINY_PIDFILE=str(tmp_path / "pids"))
+    return subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a killed child that nobody reaped yet is not running
+
+
+def test_fresh_processes_interleaved_rss_ratios_and_failure(tmp_path):
+    out = tmp_path / "out"
+    proc = _run(tmp_path, "bench_tiny.py", "--repeats", "2", "--configs", "small,big,broken", "--out", str(out))
+    # A failed config makes the whole benchmark fail, but the report is still written.
+    assert proc.returncode == 1 and (out / "tiny.json").exists(), proc.stdout + proc.stderr
+    assert "FAILED configs: broken" in proc.stderr
+
+    for ext in ("md", "png", "json"):
+        assert (out / f"tiny.{ext}").stat().st_size > 0
+    results = json.loads((out / "tiny.json").read_text())
+    runs = results["runs"]
+    # Interleaved across repeats, not all repeats of one config back to back.
+    assert [r["config"] for r in runs] == ["small", "big", "broken"] * 2
+    ok = {c: [r["metrics"] for r in runs if r["config"] == c and r["ok"]] for c in ("small", "big", "broken")}
+    assert len(ok["small"]) == 2 and len(ok["big"]) == 2 and ok["broken"] == []
+
+    broken = [r for r in runs if r["config"] == "broken"]
+    assert all("broken config on purpose" in r["error"] for r in broken), broken[0]["error"]
+
+    # Every run was its own process, none of them this one.
+    pids = [m["pid"] for c in ("small", "big") for m in ok[c]]
+    assert len(set(pids)) == 4 and os.getpid() not in pids
+    assert all(m["mmap_threshold_set"] == 1.0 for c in ("small", "big") for m in ok[c])
+
+    # RSS measurement is real: 64 MiB vs 8 MiB allocations must show up as ~56 MiB more peak RSS.
+    summary = results["summary"]
+    small = summary["small"]["metrics"]["rss_growth_mib"]
+    big = summary["big"]["metrics"]["rss_growth_mib"]
+    assert big["median"] - small["median"] > 40, (small, big)
+    assert min(m["rss_growth_mib"] for m in ok["big"]) > 55
+
+    # Ratios are config median / baseline median.
+    for metric in ("rss_growth_mib", "time_ms"):
+        assert summary["small"]["metrics"][metric]["ratio"] == pytest.approx(1.0)
+        expected = summary["big"]["metrics"][metric]["median"] / summary["small"]["metrics"][metric]["median"]
+        assert summary["big"]["metrics"][metric]["ratio"] == pytest.approx(expected)
+    assert summary["broken"] == {"runs": 2, "ok": 0, "metrics": {}}
+    assert results["machine"]["logical_cores"] == os.cpu_count() and results["machine"]["torch"]
+
+    md = (out / "tiny.md").read_text()
+    assert "| broken | 0/2 FAILED | FAILED |" in md
+    assert f"{summary['big']['metrics']['rss_growth_mib']['ratio']:.2f}×" in md
+    assert "bench_tiny.py --repeats 2" in md and "## Machine" in md and "broken config on purpose" in md
+
+    # The report can be redrawn from the JSON alone.
+    (out / "tiny.md").unlink()
+    (out / "tiny.png").unlink()
+    harness._replot([str(out / "tiny.json")])
+    assert (out / "tiny.md").read_text() == md and (out / "tiny.png").stat().st_size > 0
+
+
+def test_module_mode_quick_params_and_timeout_kills_process_group(tmp_path):
+    out = tmp_path / "out"
+    proc = _run(tmp_path, "-m", "bench_tiny", "--quick", "--configs", "hang", "--timeout", "2.5",
+                "--param", "scale=3", "--param", "threads=1", "--out", str(out))
+    assert proc.returncode == 1 and (out / "tiny.json").exists(), proc.stdout + proc.stderr
+    results = json.loads((out / "tiny.json").read_text())
+    runs = {r["config"]: r for r in results["runs"]}
+    assert list(runs) == ["small", "hang"], "the baseline always runs, and --quick means one repeat"
+    assert runs["small"]["ok"], runs["small"]["error"]
+    assert runs["small"]["metrics"]["quick"] == 1.0 and runs["small"]["metrics"]["scale"] == 3
+    assert results["params"] == {"scale": 3, "threads": 1, "quick": True}
+    assert runs["small"]["metrics"]["torch_threads"] == 1.0 and runs["small"]["metrics"]["omp_threads"] == 1.0
+    assert results["command"].startswith("python -m bench_tiny --quick")
+
+    assert not runs["hang"]["ok"] and runs["hang"]["error"].startswith("timed out after 2.5 s")
+    child, grandchild = map(int, (tmp_path / "pids").read_text().split())
+    assert not _alive(child) and not _alive(grandchild)
+
+
+def test_param_overrides_are_typed_and_checked():
+    defaults = {"size": "small", "batch": 1, "lr": 0.5, "flag": False}
+    parsed = harness._parse_overrides(defaults, ["size=1", "batch=4", "lr=2", "flag=true", "threads=2"])
+    assert parsed == {"size": "1", "batch": 4, "lr": 2, "flag": True, "threads": 2}
+    for bad in (["sise=big"], ["batch=two"], ["batch=2.5"], ["threads=0"], ["novalue"]):
+        with pytest.raises(ValueError):
+            harness._parse_overrides(defaults, bad)
+
+
+def test_benchmark_declaration_is_validated():
+    ok = dict(name="x", title="t", configs=["a", "b"], baseline="a", measure=lambda c, p: {}, metrics={"m": "lower"})
+    assert harness.Benchmark(**ok).plot == ["m"]
+    for bad in ({"baseline": "c"}, {"metrics": {"m": "smaller"}}, {"configs": ["a", "a"]}, {"plot": "n"},
+                {"repeats": 0}, {"name": "a/b"}, {"params": {"f": object()}}):
+        with pytest.raises((ValueError, TypeError)):
+            harness.Benchmark(**{**ok, **bad})
+
+
+def test_number_formatting():
+    assert harness._fmt(12345.67) == "12346"
+    assert harness._fmt(12.3456) == "12.35"
+    assert harness._fmt(0.0012) == "0.001200"
+    assert harness._fmt(0) == "0"
+
+
+def test_reset_peak_rss_sees_reused_heap_memory():
+    # 32 KiB blocks live in glibc's heap; once freed they stay resident. Without the trim in
+    # reset_peak_rss(), allocating them again would show no RSS growth at all.
+    np = pytest.importorskip("numpy")
+    blocks = [np.ones(4096) for _ in range(4000)]
+    del blocks
+    harness.reset_peak_rss()
+    before = harness.current_rss_bytes()
+    blocks = [np.ones(4096) for _ in range(2000)]  # 62.5 MiB
+    growth = (harness.peak_rss_bytes() - before) / harness.MiB
+    del blocks
+    assert 50 < growth < 80, growth
