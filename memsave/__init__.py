@@ -6,6 +6,7 @@
 """
 
 from memsave.config import Config, DEFAULT_RECIPE, PASS_FAMILIES
+from memsave.explain import Explanation, explain
 from memsave.memory.estimate import MemoryEstimate, estimate_memory
 from memsave.memory.track import MemoryStats, MemoryTracker, measure_peak
 from memsave.report import GraphReport, PassRecord, collect, recent_reports
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Config",
     "DEFAULT_RECIPE",
+    "Explanation",
+    "explain",
     "PASS_FAMILIES",
     "GraphReport",
     "PassRecord",

@@ -263,3 +263,10 @@ def describe_options() -> list[tuple[str, str, str]]:
     rows.append(("debug_dir", "path", "write the graph after every pass and the per-pass table"))
     rows.append(("debug", "True/False", "check invariants and measure error after every pass"))
     return rows
+
+
+def options_table_markdown() -> str:
+    """The README's options table (a test keeps the README in step with this)."""
+    rows = ["| key | accepted values | what it does |", "|---|---|---|"]
+    rows += [f"| `{key}` | {values} | {what} |" for key, values, what in describe_options()]
+    return "\n".join(rows)
