@@ -4,7 +4,8 @@ One fresh process per configuration and repeat. Each process measures, on warm (
 compiled) calls:
   - an inference forward (no_grad): peak RSS growth, the tracker's peak of live tensor bytes,
     and the median time;
-  - a training step (forward + loss + backward): the same, plus the bytes saved for backward.
+  - a training step (forward + loss + backward): the same, plus the activation bytes saved for
+    backward (the model's own parameters, which autograd also saves, are not counted).
 For memsave it also records the static estimator's prediction of the inference peak, so the
 estimate stands beside the measurement.
 
@@ -80,7 +81,7 @@ def measure(config: str, params: dict) -> dict[str, float]:
 
     train_step()  # compile forward and backward
     out["train_rss_growth_mib"] = _rss_growth(train_step)
-    _, stats = measure_peak(train_step, track_saved=True)
+    _, stats = measure_peak(train_step, track_saved=True, exclude=list(model.parameters()))
     out["train_tracked_peak_mib"] = stats.peak_bytes / MiB
     out["train_saved_mib"] = stats.saved_bytes / MiB
     out["train_ms"] = statistics.median(time_call(train_step, warmup=1, iters=iters))

@@ -25,8 +25,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+import memsave.ops  # noqa: F401  (registers memsave's custom ops before any graph holds them)
 from memsave.codegen.lower import inductor_joint_graph_passes, lower
 from memsave.config import Config, OptionError
+from memsave.graph.meta import hint_int
 from memsave.memory.estimate import WEIGHT_TAG
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
@@ -171,7 +173,11 @@ class GraphCompilation:
             for node, info, value in zip(placeholders, self.inputs, self._real or [None] * len(self.inputs)):
                 if info.weight is not None:
                     weights[node.name] = info.weight
-                if value is not None and not _is_fake(value):
+                if isinstance(value, torch.SymInt):
+                    # Dynamo passes sizes of dynamic dims as SymInts; the example's real size is
+                    # the hint. Computing with the SymInt itself would specialize it.
+                    real[node.name] = hint_int(value)
+                elif value is not None and not _is_fake(value):
                     real[node.name] = value
         elif not positional:
             weights = {n.name: self._forward_weights[n.name] for n in placeholders if n.name in self._forward_weights}

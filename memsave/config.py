@@ -212,7 +212,8 @@ class Config:
     def from_options(cls, options: dict[str, Any] | Config | None = None) -> Config:
         """Build a Config from `torch.compile(options=...)`, on top of the default recipe.
 
-        MEMSAVE_DEBUG_DIR in the environment sets debug_dir when the options do not.
+        MEMSAVE_DEBUG_DIR in the environment sets debug_dir when the options do not, and
+        MEMSAVE_DEBUG=1 turns debug mode on.
         """
         if isinstance(options, Config):
             return options
@@ -229,6 +230,8 @@ class Config:
         merged = {**DEFAULT_RECIPE, **options}
         if "debug_dir" not in merged and os.environ.get("MEMSAVE_DEBUG_DIR"):
             merged["debug_dir"] = os.environ["MEMSAVE_DEBUG_DIR"]
+        if "debug" not in merged and os.environ.get("MEMSAVE_DEBUG") == "1":
+            merged["debug"] = True  # the test suite sets this: invariants after every pass, everywhere
         return cls(**merged)
 
     def replace(self, **changes: Any) -> Config:

@@ -112,7 +112,8 @@ def _measured_step(fn, inputs, train: bool):
     params = [p for p in module.parameters() if p.requires_grad] if train else []
     for p in params:
         p.grad = None
-    with MemoryTracker("cpu" if not torch.cuda.is_available() else None, track_saved=train) as tracker:
+    weights = list(module.parameters()) + list(module.buffers())
+    with MemoryTracker(None, track_saved=train, exclude=weights) as tracker:
         out = _step(fn, inputs, train)
     grads = [p.grad.detach().clone() for p in params if p.grad is not None]
     for p in params:

@@ -5,6 +5,8 @@ import torch
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every compile in the tests checks the graph invariants after every pass (docs/invariants.md).
+os.environ.setdefault("MEMSAVE_DEBUG", "1")
 
 
 @pytest.fixture(autouse=True)

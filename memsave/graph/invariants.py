@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from memsave.graph.meta import aliased_input, describe_val, is_getitem, node_val
+from memsave.graph.meta import aliased_input, describe_val, hint_int, is_getitem, node_val
 
 
 @dataclass(frozen=True)
@@ -83,37 +83,53 @@ def check_invariants(gm: fx.GraphModule, before: GraphSignature) -> list[str]:
 
 
 def _stale_meta(gm: fx.GraphModule) -> list[str]:
-    """I4: recorded shapes/dtypes are what the ops really produce (re-run on fake tensors)."""
-    from torch._guards import detect_fake_mode
+    """I4: recorded shapes/dtypes are what the ops really produce.
 
-    inputs = [node_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    fake_mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
-        return []  # nothing to re-run on (a graph without tensor inputs)
+    The graph is re-run on fake tensors of a fresh FakeTensorMode with the traced example's
+    concrete sizes. Re-running it on its own symbolic fakes would let ops add guards to (and
+    specialize) the ShapeEnv that Dynamo is still using for this compile.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    recorded_inputs = [node_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
     problems: list[str] = []
+    with unset_fake_temporarily():
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        inputs = [_concrete_fake(mode, v) for v in recorded_inputs]
 
     class Recheck(fx.Interpreter):
-        def get_attr(self, target, args, kwargs):
-            value = super().get_attr(target, args, kwargs)
-            return fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
-
         def run_node(self, node):
             result = super().run_node(node)
             if node.op == "call_function" and "val" in node.meta:
-                recorded, fresh = describe_val(node.meta["val"]), describe_val(result)
+                recorded, fresh = describe_val(node.meta["val"], hints=True), describe_val(result)
                 if recorded != fresh:
                     problems.append(f"I4 node {node.name!r} meta says {recorded} but {node.target} gives {fresh}")
                     # Go on with the recorded value, so each later node is checked against
                     # its own record instead of failing on this one's consequences.
-                    return node.meta["val"]
+                    return _concrete_fake(mode, node.meta["val"])
             return result
 
     try:
-        with fake_mode:
+        with unset_fake_temporarily(), mode:
             Recheck(gm).run(*inputs)
     except Exception as e:  # noqa: BLE001 - an op that fails on its own recorded inputs is a violation
         problems.append(f"I4 graph does not run on its recorded input metadata: {type(e).__name__}: {e}")
     return problems
+
+
+def _concrete_fake(mode, value):
+    """A fake tensor (or int) with the example's concrete sizes for a recorded value."""
+    if isinstance(value, torch.Tensor):
+        with mode:
+            return torch.empty_strided(
+                [hint_int(d) for d in value.shape], [hint_int(d) for d in value.stride()],
+                dtype=value.dtype, device=value.device,
+            )
+    if isinstance(value, (list, tuple)):
+        return type(value)(_concrete_fake(mode, v) for v in value)
+    if isinstance(value, torch.SymInt):
+        return hint_int(value)
+    return value
 
 
 def _output_nodes(gm: fx.GraphModule) -> list:

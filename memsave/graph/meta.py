@@ -55,13 +55,19 @@ def node_tensor_bytes(node: fx.Node) -> int:
     return sum(tensor_storage_bytes(t) for t in iter_tensors(node_val(node)))
 
 
-def describe_val(val: Any) -> str:
-    """A short `f32[4, 16]` style description for reports."""
+def describe_val(val: Any, hints: bool = False) -> str:
+    """A short `float32[4, 16]` description for reports; hints=True shows symbolic sizes as
+    the traced example's numbers."""
     if isinstance(val, torch.Tensor):
         dtype = str(val.dtype).replace("torch.", "")
-        return f"{dtype}[{', '.join(str(s) for s in val.shape)}]"
+        sizes = [hint_int(s) if hints else s for s in val.shape]
+        return f"{dtype}[{', '.join(str(s) for s in sizes)}]"
     if isinstance(val, (list, tuple)):
-        return "(" + ", ".join(describe_val(v) for v in val) + ")"
+        return "(" + ", ".join(describe_val(v, hints) for v in val) + ")"
+    if isinstance(val, torch.SymInt) and hints:
+        return "int"
+    if isinstance(val, (int, torch.SymInt)):
+        return "int"
     return type(val).__name__ if val is not None else "None"
 
 

@@ -55,9 +55,11 @@ class MemoryTracker:
 
     device: "cpu", "cuda", or None to pick CUDA when available.
     track_saved: also sum the bytes of unique storages saved for backward in the block.
+    exclude: tensors whose storages are not counted as saved (pass the model's parameters:
+        autograd saves weights for the backward of matmuls, but they are not activations).
     """
 
-    def __init__(self, device: str | None = None, *, track_saved: bool = False):
+    def __init__(self, device: str | None = None, *, track_saved: bool = False, exclude=()):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
@@ -66,6 +68,7 @@ class MemoryTracker:
         self.track_saved = track_saved
         self.stats: MemoryStats | None = None
         self._saved: dict[int, int] = {}
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude if isinstance(t, torch.Tensor)}
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> MemoryTracker:
@@ -98,7 +101,8 @@ class MemoryTracker:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        self._saved[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self._excluded:
+            self._saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     def _saved_total(self) -> int | None:
@@ -129,9 +133,11 @@ def _replay_allocations(prof) -> tuple[int, int, int]:
     return peak, live, len(events)
 
 
-def measure_peak(fn: Callable[..., Any], *args: Any, device: str | None = None, track_saved: bool = False, **kwargs: Any):
+def measure_peak(
+    fn: Callable[..., Any], *args: Any, device: str | None = None, track_saved: bool = False, exclude=(), **kwargs: Any
+):
     """Run `fn(*args, **kwargs)` once under a MemoryTracker; returns (result, MemoryStats)."""
-    with MemoryTracker(device, track_saved=track_saved) as tracker:
+    with MemoryTracker(device, track_saved=track_saved, exclude=exclude) as tracker:
         result = fn(*args, **kwargs)
     return result, tracker.stats
 

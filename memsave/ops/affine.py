@@ -1,0 +1,130 @@
+"""Affine (linear) quantization of weights: memsave::quantize_affine / memsave::dequantize_affine.
+
+A weight W (N, K) — N output rows, K input features — is cut along K into groups of
+`group_size` (group_size = K: one group per row, "per channel"). Each group has a scale s and
+an offset m; codes are unsigned `bits`-bit integers, packed along K (`ops/pack.py`):
+
+    q = clip(round((w − m) / s), 0, 2^b − 1)        w ≈ q·s + m
+
+Asymmetric quantization takes m = min(group) and s = (max − min) / (2^b − 1). Symmetric
+quantization centres the codes: s = max|group| / (2^(b−1) − 1), m = −2^(b−1)·s, so it needs
+no stored offset (pass offset=None). Scales and offsets are stored in fp16: at group 128 that
+is 4 + 32/128 = 4.25 bits per 4-bit weight.
+
+K need not be a multiple of group_size: the last group is padded with zeros (which only widen
+its range) and the padding is dropped on dequantization.
+
+Both are torch.library custom ops with a plain-torch reference implementation (the default
+kernel, below) and a fake kernel, so Dynamo, AOTAutograd and Inductor trace through them;
+fast kernels register against them in `codegen/kernels.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memsave.ops.pack import pack_bits, packed_length, unpack_bits
+
+QPARAM_DTYPE = torch.float16
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return (in_features + group_size - 1) // group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) → (N, G, group_size), zero-padded along K."""
+    n, k = w.shape
+    pad = num_groups(k, group_size) * group_size - k
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(n, -1, group_size)
+
+
+def check_qparams(bits: int, group_size: int, in_features: int) -> None:
+    if bits not in (2, 3, 4, 5, 6, 7, 8):
+        raise ValueError(f"quantize: bits must be one of 2, 3, 4, 5, 6, 7, 8, got {bits!r}")
+    if group_size <= 0:
+        raise ValueError(f"quantize: group_size must be positive (use in_features for per-channel), got {group_size}")
+    if in_features <= 0:
+        raise ValueError(f"quantize: in_features must be positive, got {in_features}")
+
+
+def choose_qparams_affine(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest scales (and offsets) per group: (N, G) fp16 each; offset None if symmetric."""
+    check_qparams(bits, group_size, w.shape[-1])
+    g = _grouped(w.detach().float(), group_size)  # (N, G, group)
+    if symmetric:
+        amax = g.abs().amax(-1)
+        scale = amax / (2 ** (bits - 1) - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale.to(QPARAM_DTYPE), None
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.to(QPARAM_DTYPE), lo.to(QPARAM_DTYPE)
+
+
+def _offset(scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+    return offset.float() if offset is not None else -(2 ** (bits - 1)) * scale.float()
+
+
+@torch.library.custom_op("memsave::quantize_affine", mutates_args=())
+def quantize_affine(
+    w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
+    """(N, K) float weight → (N, packed_length(G·group_size, bits)) uint8 codes."""
+    check_qparams(bits, group_size, w.shape[-1])
+    g = _grouped(w.float(), group_size)  # (N, G, group)
+    s = scale.float().unsqueeze(-1)
+    m = _offset(scale, offset, bits).unsqueeze(-1)
+    codes = torch.clamp(torch.round((g - m) / s), 0, 2**bits - 1).to(torch.uint8)
+    return pack_bits(codes.reshape(w.shape[0], -1), bits)
+
+
+@quantize_affine.register_fake
+def _(w, scale, offset, bits, group_size):
+    padded = num_groups(w.shape[-1], group_size) * group_size
+    return w.new_empty((w.shape[0], packed_length(padded, bits)), dtype=torch.uint8)
+
+
+@torch.library.custom_op("memsave::dequantize_affine", mutates_args=())
+def dequantize_affine(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Packed codes → (N, in_features) weight in `dtype`: w = q·s + m, computed in fp32."""
+    n = packed.shape[0]
+    groups = num_groups(in_features, group_size)
+    codes = unpack_bits(packed, bits, groups * group_size).reshape(n, groups, group_size)
+    w = codes.float() * scale.float().unsqueeze(-1) + _offset(scale, offset, bits).unsqueeze(-1)
+    # Contiguous, as the fake kernel says: a padded last group would otherwise leave a strided slice.
+    return w.reshape(n, -1)[:, :in_features].to(dtype).contiguous()
+
+
+@dequantize_affine.register_fake
+def _(packed, scale, offset, bits, group_size, in_features, dtype):
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest quantization of a (N, K) weight: (packed, scale, offset)."""
+    group_size = w.shape[-1] if group_size is None else group_size
+    scale, offset = choose_qparams_affine(w, bits, group_size, symmetric)
+    return quantize_affine(w, scale, offset, bits, group_size), scale, offset
+
+
+def bits_per_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool) -> float:
+    """Stored bits per weight: packed codes + fp16 scales (+ fp16 offsets when asymmetric)."""
+    groups = num_groups(k, group_size)
+    stored = n * packed_length(groups * group_size, bits) * 8 + n * groups * 16 * (1 if symmetric else 2)
+    return stored / (n * k)
