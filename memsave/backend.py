@@ -33,6 +33,10 @@ from memsave.memory.estimate import WEIGHT_TAG
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
 from memsave.report import PassRecord, publish
+from memsave.weights import install_eager_guard, is_released
+
+# Before any graph is compiled: see Note [Releasing full-precision weights] in weights.py.
+install_eager_guard()
 
 _graph_ids = itertools.count()
 
@@ -188,6 +192,16 @@ class GraphCompilation:
 
     def _finish(self, runner: PassRunner) -> None:
         publish(runner.finish())
+        # A released weight must not be read by any graph that runs (see weights.py).
+        for node in runner.gm.graph.nodes:
+            value = runner.ctx.real_inputs.get(node.name) if node.op == "placeholder" else None
+            if node.users and isinstance(value, torch.Tensor) and is_released(value):
+                raise RuntimeError(
+                    f"{runner.report.title} reads weight {runner.ctx.weights[node.name].name!r} in full "
+                    f"precision (by {', '.join(u.name for u in node.users)}), but memsave released it after "
+                    "compressing it for another graph; compile with options={'quantize': {..., "
+                    "'free_weights': False}} to keep the originals"
+                )
 
 
 def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[InputInfo]:

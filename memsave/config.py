@@ -16,7 +16,9 @@ implements yet accept only "none": asking for more raises instead of silently do
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -123,6 +125,112 @@ class RecomputeConfig(FamilyConfig):
         self._check_choice("policy", self.policy, self.POLICIES)
 
 
+QUANT_BITS = (2, 3, 4, 8)
+QUANT_GROUPS = (None, 32, 64, 128, 256)
+QUANT_METHODS = ("rtn", "mse")
+
+
+def _parse_quant_name(name: str) -> dict[str, Any] | None:
+    """`int4`, `int4-g64`, `int3-g32-asym-mse`, `int8-sym`, ... → QuantizeConfig fields."""
+    m = re.fullmatch(r"int([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse))?", name)
+    if m is None:
+        return None
+    bits, group, sym, method = m.groups()
+    fields_: dict[str, Any] = {"bits": int(bits)}
+    if group is not None:
+        fields_["group_size"] = int(group)
+    if sym is not None:
+        fields_["symmetric"] = sym == "sym"
+    if method is not None:
+        fields_["method"] = method
+    return fields_
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(FamilyConfig):
+    """Weight-only affine quantization of linear (and optionally embedding) weights.
+
+    bits: 2, 3, 4 or 8. group_size: None (one group per output row, "per channel") or 32, 64,
+    128, 256 input features per group. symmetric: codes centred on zero (no stored offset) or
+    asymmetric (min/max range, fp16 offset per group). method: "rtn" round-to-nearest, "mse"
+    an error-minimizing clip search per group. include/exclude: glob patterns over weight names
+    (e.g. "layers.*.mlp.*"); overrides: {pattern: {field: value}} for per-layer schemes.
+    embeddings: also quantize embedding tables. free_weights: release the full-precision
+    originals once every use in the graph reads the compressed copy.
+    """
+
+    family: ClassVar[str] = "quantize"
+    # int4 alone is memsave's int4 recipe; see README for why this one.
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {
+        "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn"},
+        "int4": {"bits": 4, "group_size": 64, "symmetric": False, "method": "mse"},  # 4.5 bits/weight
+    }
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    method: str = "rtn"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    embeddings: bool = False
+    free_weights: bool = True
+
+    @classmethod
+    def parse(cls, value: Any) -> FamilyConfig | None:
+        if isinstance(value, str) and value.strip().lower() not in cls.shorthands:
+            fields_ = _parse_quant_name(value.strip().lower())
+            if fields_ is not None:
+                return cls(**fields_)
+        return super().parse(value)
+
+    def __post_init__(self):
+        self._check_choice("bits", self.bits, QUANT_BITS)
+        self._check_choice("group_size", self.group_size, QUANT_GROUPS)
+        self._check_choice("method", self.method, QUANT_METHODS)
+        for name in ("symmetric", "embeddings", "free_weights"):
+            self._check_choice(name, getattr(self, name), (True, False))
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not all(isinstance(p, str) for p in value):
+                raise OptionError(f"options['quantize'][{name!r}]: expected glob patterns (strings), got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "overrides", self._normalize_overrides(self.overrides))
+
+    def _normalize_overrides(self, overrides) -> tuple:
+        items = overrides.items() if isinstance(overrides, dict) else overrides
+        allowed = ("bits", "group_size", "symmetric", "method")
+        normalized = []
+        for pattern, changes in items:
+            changes = dict(changes)
+            for key in changes:
+                if key not in allowed:
+                    raise OptionError(
+                        f"options['quantize']['overrides'][{pattern!r}]: unknown key {key!r}; valid keys: {_choices(allowed)}"
+                    )
+            dataclasses.replace(self, overrides=(), **changes)  # validates the values
+            normalized.append((pattern, tuple(sorted(changes.items()))))
+        return tuple(normalized)
+
+    def for_weight(self, name: str) -> QuantizeConfig | None:
+        """The scheme for one weight, or None when the filters leave it unquantized."""
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return None
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return None
+        scheme = self
+        for pattern, changes in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                scheme = dataclasses.replace(scheme, **dict(changes))
+        return scheme
+
+    def describe(self) -> str:
+        group = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'} {self.method}"
+
+
 @dataclass(frozen=True)
 class NotImplementedFamily(FamilyConfig):
     """Placeholder for a pass family no pass implements yet: only "none" is accepted."""
@@ -145,7 +253,7 @@ def _unimplemented(name: str) -> type[NotImplementedFamily]:
 
 # One config class per family. A family is filled in by giving it a real FamilyConfig subclass.
 FAMILY_CONFIGS: dict[str, type[FamilyConfig]] = {
-    "quantize": _unimplemented("quantize"),
+    "quantize": QuantizeConfig,
     "prune": _unimplemented("prune"),
     "factorize": _unimplemented("factorize"),
     "recompute": RecomputeConfig,

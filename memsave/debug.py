@@ -20,7 +20,7 @@ import re
 import torch.fx as fx
 from torch._logging import trace_structured
 
-from memsave.passes.base import PROVENANCE
+from memsave.graph.meta import PROVENANCE
 from memsave.report import GraphReport
 
 

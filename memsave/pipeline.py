@@ -20,7 +20,11 @@ from memsave.graph.invariants import GraphInvariantError, check_invariants, grap
 from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
 from memsave.passes.cleanup import eliminate_dead_code
+from memsave.passes.fold_weights import fold_weights
+from memsave.passes.quantize import insert_qdq
+from memsave.passes.release_weights import release_weights
 from memsave.report import ErrorStats, GraphReport, PassRecord
+from memsave.weights import is_released
 
 Pass = Callable[[fx.GraphModule, Any, PassContext], PassResult]
 
@@ -30,11 +34,16 @@ def run_pipeline(runner: PassRunner) -> None:
     config = runner.ctx.config
     # Dead nodes first: every later count and estimate should describe the graph that runs.
     runner.run("cleanup", eliminate_dead_code, True)
-    # Later issues add here, in this order: quantize → prune → factorize (compress weights
-    # first, so later passes size the compressed graph), chunk, precision, then plan_memory
-    # last (it plans buffers of the final graph). Recompute is the partition function of
-    # training graphs (backend.py), and sharding runs after compression.
-    del config
+    # Compress weights before anything else, so every later pass sizes the compressed graph.
+    runner.run("quantize", insert_qdq, config.quantize)
+    # The weight side of quantize is known at compile time: store packed codes instead.
+    runner.run("fold_weights", fold_weights, config.quantize)
+    # Nothing reads the full-precision originals any more: free them.
+    runner.run("release_weights", release_weights, config.quantize)
+    # Later issues add, in this order: prune → factorize (before quantize, so survivors and
+    # factors get quantized), chunk, precision, then plan_memory last (it plans the final
+    # graph's buffers). Recompute is the partition function of training graphs (backend.py),
+    # and sharding runs after compression.
 
 
 class PassRunner:
@@ -133,6 +142,8 @@ class PassRunner:
         names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
         if not all(name in self.ctx.real_inputs for name in names):
             return None  # e.g. a backward graph: its saved activations exist only as fakes
+        if any(isinstance(v, torch.Tensor) and is_released(v) for v in _read_inputs(self.gm, self.ctx.real_inputs)):
+            return None  # a recompile after weights were released: the original graph cannot run
         mutated = _mutated_placeholders(self.gm)
         # Inputs the graph writes to (e.g. BatchNorm running stats) are cloned, so measuring
         # the error never changes the user's model; a fixed seed makes dropout comparable.
@@ -172,3 +183,8 @@ def _mutated_placeholders(gm: fx.GraphModule) -> set[str]:
                 if isinstance(value, fx.Node) and value.op == "placeholder":
                     mutated.add(value.name)
     return mutated
+
+
+def _read_inputs(gm: fx.GraphModule, real_inputs: dict[str, Any]) -> list[Any]:
+    """Real values of the placeholders the graph actually reads."""
+    return [real_inputs.get(n.name) for n in gm.graph.nodes if n.op == "placeholder" and n.users]

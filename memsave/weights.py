@@ -54,3 +54,58 @@ class WeightCache:
 
 # The process-wide cache every pass uses.
 WEIGHTS = WeightCache()
+
+
+# -- Released weights ---------------------------------------------------------------------
+#
+# Note [Releasing full-precision weights]
+# Once every use of a weight in a compiled graph reads its compressed copy, memsave frees the
+# original's memory with `storage.resize_(0)` (FSDP's trick). Swapping the Parameter is not
+# possible from inside a backend (Dynamo's guards hold weakrefs to it), and resizing the
+# storage keeps shape/stride/dtype, so guards still pass and recompiles still trace; they get
+# the compressed copy from the cache above and never need the original again.
+# Eager use of the original module afterwards would fail with an obscure "setStorage" error;
+# a global forward pre-hook, installed before any graph is compiled (installing it later
+# would change what Dynamo guards on and force recompiles), turns that into a clear error.
+
+_RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def release(weight: torch.Tensor, name: str) -> int:
+    """Free a weight's storage; returns the bytes freed (0 if it was already released)."""
+    if weight in _RELEASED:
+        return 0
+    storage = weight.untyped_storage()
+    nbytes = storage.nbytes()
+    with unset_fake_temporarily():
+        storage.resize_(0)
+    _RELEASED[weight] = name
+    return nbytes
+
+
+def is_released(weight: torch.Tensor) -> bool:
+    return weight in _RELEASED
+
+
+def _refuse_released_weights(module: torch.nn.Module, args):
+    # Checked first so that Dynamo, which traces this hook, sees a constant and skips the rest.
+    if torch.compiler.is_compiling() or not _RELEASED:
+        return None
+    for pname, param in module._parameters.items():
+        if param is not None and param in _RELEASED:
+            raise RuntimeError(
+                f"{type(module).__name__}.{pname} ({_RELEASED[param]}) was released by memsave after "
+                "it was compressed; run the compiled model instead, or compile with "
+                "options={'quantize': {..., 'free_weights': False}} to keep the original weights"
+            )
+    return None
+
+
+_GUARD_INSTALLED = False
+
+
+def install_eager_guard() -> None:
+    global _GUARD_INSTALLED
+    if not _GUARD_INSTALLED:
+        torch.nn.modules.module.register_module_forward_pre_hook(_refuse_released_weights)
+        _GUARD_INSTALLED = True

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
+PROVENANCE = "memsave_pass"  # node.meta key: the pass that made the node (shown in debug dumps)
+
 
 def hint_int(value: Any) -> int:
     """A concrete int for an int or SymInt (its hint from the traced example)."""

@@ -24,7 +24,7 @@ WEIGHT_TAG = "memsave_weight"  # node.meta key set on placeholders that hold par
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weight_bytes: int  # parameters, buffers and tensor constants the graph reads
+    weight_bytes: int  # parameters, buffers and tensor constants the graph reads (unused ones: 0)
     input_bytes: int  # other graph inputs (activations passed in, saved tensors in a backward)
     peak_activation_bytes: int  # most bytes allocated by the graph and alive at one time
     peak_node: str | None  # the node running when the peak was reached
@@ -59,7 +59,7 @@ def estimate_memory(gm: fx.GraphModule) -> MemoryEstimate:
         if node.op in ("placeholder", "get_attr"):
             kind = "weight" if is_weight_node(node) else "input"
             sts = [_Storage(tensor_storage_bytes(t), kind, node.name) for t in iter_tensors(val)]
-            nbytes = sum(s.nbytes for s in sts)
+            nbytes = sum(s.nbytes for s in sts) if node.users else 0  # an input nothing reads costs nothing
             if kind == "weight":
                 weight_bytes += nbytes
             else:
@@ -130,7 +130,7 @@ def weight_bytes(gm: fx.GraphModule) -> int:
     """Bytes of the weights a graph reads (cheaper than a full estimate)."""
     total = 0
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr") and is_weight_node(node):
+        if node.op in ("placeholder", "get_attr") and is_weight_node(node) and node.users:
             val = node_val(node)
             if node.op == "get_attr" and val is None:
                 val = _get_attr(gm, node.target)

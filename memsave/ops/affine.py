@@ -67,6 +67,49 @@ def choose_qparams_affine(
     return scale.to(QPARAM_DTYPE), lo.to(QPARAM_DTYPE)
 
 
+def choose_qparams_mse(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20, min_ratio: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and offsets) that minimize each group's squared error over a grid of clip ranges.
+
+    Round-to-nearest spends its codes on the full [min, max] range; a few outliers then widen
+    every step. Here each group tries shrinking its range by ratios from 1 down to `min_ratio`
+    (asymmetric: both ends towards the middle; symmetric: max|w|) and keeps the ratio whose
+    quantize→dequantize error is smallest. Ratio 1 is among the candidates, so the result is
+    never worse than round-to-nearest on the group's squared error.
+    """
+    check_qparams(bits, group_size, w.shape[-1])
+    g = _grouped(w.detach().float(), group_size)  # (N, G, group)
+    qmax = 2**bits - 1
+    best_err = best_scale = best_offset = None
+    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
+        if symmetric:
+            amax = g.abs().amax(-1) * ratio
+            scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(1e-12)
+            offset = -(2 ** (bits - 1)) * scale
+        else:
+            lo, hi = g.amin(-1), g.amax(-1)
+            mid, half = (hi + lo) / 2, (hi - lo) / 2 * ratio
+            lo, hi = mid - half, mid + half
+            scale = ((hi - lo) / qmax).clamp_min(1e-12)
+            offset = lo
+        # Error of the values as they will be stored (fp16 scale/offset).
+        s16, m16 = scale.to(QPARAM_DTYPE).float(), offset.to(QPARAM_DTYPE).float()
+        q = torch.clamp(torch.round((g - m16.unsqueeze(-1)) / s16.unsqueeze(-1)), 0, qmax)
+        err = (q * s16.unsqueeze(-1) + m16.unsqueeze(-1) - g).pow(2).sum(-1)  # (N, G)
+        if best_err is None:
+            best_err, best_scale, best_offset = err, scale, offset
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_offset = torch.where(better, offset, best_offset)
+    best_scale = torch.where(best_scale > 1e-12, best_scale, torch.ones_like(best_scale))
+    if symmetric:
+        return best_scale.to(QPARAM_DTYPE), None
+    return best_scale.to(QPARAM_DTYPE), best_offset.to(QPARAM_DTYPE)
+
+
 def _offset(scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
     return offset.float() if offset is not None else -(2 ** (bits - 1)) * scale.float()
 

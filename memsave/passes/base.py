@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
+from memsave.graph.meta import PROVENANCE
+
 if TYPE_CHECKING:
     from memsave.config import Config
 
-PROVENANCE = "memsave_pass"
 STAGES = ("inference", "joint", "forward", "backward")
 
 
