@@ -33,10 +33,7 @@ from memsave.memory.estimate import WEIGHT_TAG
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
 from memsave.report import PassRecord, publish
-from memsave.weights import install_eager_guard, is_released
-
-# Before any graph is compiled: see Note [Releasing full-precision weights] in weights.py.
-install_eager_guard()
+from memsave.weights import is_released
 
 _graph_ids = itertools.count()
 

@@ -65,8 +65,10 @@ WEIGHTS = WeightCache()
 # storage keeps shape/stride/dtype, so guards still pass and recompiles still trace; they get
 # the compressed copy from the cache above and never need the original again.
 # Eager use of the original module afterwards would fail with an obscure "setStorage" error;
-# a global forward pre-hook, installed before any graph is compiled (installing it later
-# would change what Dynamo guards on and force recompiles), turns that into a clear error.
+# a global forward pre-hook turns that into a clear error. It is installed at the first
+# release, not before: torch warns about global hooks on every torch.compile(module), which
+# users who never release a weight should not see. Dynamo does not guard on module hooks
+# (skip_nnmodule_hook_guards), so installing it mid-compile causes no recompile.
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -77,6 +79,7 @@ def release(weight: torch.Tensor, name: str) -> int:
         return 0
     storage = weight.untyped_storage()
     nbytes = storage.nbytes()
+    install_eager_guard()
     with unset_fake_temporarily():
         storage.resize_(0)
     _RELEASED[weight] = name

@@ -211,3 +211,19 @@ def test_hf_llama_quantizes_and_stays_close():
     _, out, (report,) = compile_and_run(model, *inputs, quantize="int8")
     assert len(report.records[1].details["quantized"]) == 2 * 7 + 1  # q,k,v,o,gate,up,down × 2 + lm_head
     assert ErrorStats.between([expected], [out]).sqnr_db > 35
+
+
+def test_no_global_hook_until_a_weight_is_released():
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "warnings.filterwarnings('error', message='.*global hooks.*')\n"
+        "m = torch.nn.Linear(4, 4)\n"
+        "torch.compile(m, backend='memsave')(torch.randn(2, 4))\n"
+        "torch.compile(m, backend='memsave')\n"  # torch warns here if a global module hook exists
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
