@@ -160,6 +160,7 @@ class QuantizeConfig(FamilyConfig):
     """
 
     family: ClassVar[str] = "quantize"
+    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse]'"
     # int4 alone is memsave's int4 recipe; see README for why this one.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {
         "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn"},
@@ -182,6 +183,11 @@ class QuantizeConfig(FamilyConfig):
             fields_ = _parse_quant_name(value.strip().lower())
             if fields_ is not None:
                 return cls(**fields_)
+            raise OptionError(
+                f"options['quantize']: unknown value {value!r}; valid choices: 'none', 'int8', 'int4', "
+                f"names of the form {cls.name_pattern} (e.g. 'int4-g128-asym'), or a dict with keys "
+                f"{_choices(f.name for f in fields(cls))}"
+            )
         return super().parse(value)
 
     def __post_init__(self):
@@ -368,6 +374,8 @@ def describe_options() -> list[tuple[str, str, str]]:
             rows.append((name, "'none'", "not implemented yet"))
         else:
             shorts = _choices(("none", *cls.shorthands))
+            if getattr(cls, "name_pattern", None):
+                shorts += ", " + cls.name_pattern
             keys = ", ".join(f.name for f in fields(cls))
             rows.append((name, f"{shorts} or dict({keys})", (cls.__doc__ or "").strip().splitlines()[0]))
     rows.append(("codegen", _choices(CODEGEN_CHOICES), "how the transformed graph runs"))

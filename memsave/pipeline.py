@@ -19,6 +19,7 @@ from memsave.debug import DebugDump
 from memsave.graph.invariants import GraphInvariantError, check_invariants, graph_signature
 from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
+from memsave.codegen.fuse import fuse_dequant_matmul
 from memsave.passes.cleanup import eliminate_dead_code
 from memsave.passes.fold_weights import fold_weights
 from memsave.passes.quantize import insert_qdq
@@ -40,6 +41,9 @@ def run_pipeline(runner: PassRunner) -> None:
     runner.run("fold_weights", fold_weights, config.quantize)
     # Nothing reads the full-precision originals any more: free them.
     runner.run("release_weights", release_weights, config.quantize)
+    # dequantize → matmul becomes one quantized-linear op: no full weight is materialized, and
+    # codegen can pick a fast kernel for it. Last, so it sees every dequantize.
+    runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize)
     # Later issues add, in this order: prune → factorize (before quantize, so survivors and
     # factors get quantized), chunk, precision, then plan_memory last (it plans the final
     # graph's buffers). Recompute is the partition function of training graphs (backend.py),

@@ -59,7 +59,9 @@ def test_per_layer_patterns():
 def test_graph_gets_visible_qdq_nodes_then_packed_constants(tmp_path):
     model = build_mlp(sizes=(64, 128, 32))
     _, _, (report,) = compile_and_run(model, torch.randn(4, 64), quantize="int8", debug_dir=str(tmp_path))
-    assert [r.name for r in report.records] == ["cleanup", "quantize", "fold_weights", "release_weights"]
+    assert [r.name for r in report.records] == [
+        "cleanup", "quantize", "fold_weights", "release_weights", "fuse_dequant_matmul"
+    ]
     (folder,) = list(tmp_path.iterdir())
     after_quantize = (folder / "02_quantize.py").read_text()
     after_fold = (folder / "03_fold_weights.py").read_text()
@@ -70,10 +72,17 @@ def test_graph_gets_visible_qdq_nodes_then_packed_constants(tmp_path):
     # The weight-side quantize became stored constants.
     assert "quantize_affine" not in after_fold.replace("dequantize_affine", "")
     assert after_fold.count("torch.ops.memsave.dequantize_affine.default") == 2
-    quantize, fold, release = report.records[1:]
+    quantize, fold, release, fuse = report.records[1:]
     assert quantize.nodes_added == 2 * 3  # per linear: the scale constant, quantize, dequantize (symmetric: no offset)
     assert fold.weight_bytes_after < fold.weight_bytes_before / 3  # fp32 → int8 codes + fp16 scales
     assert release.details["released"] == ["layers.0.weight", "layers.1.weight"]
+    # dequantize → permute → addmm became one linear_affine per layer; the dequantized weights
+    # are no longer materialized, which the estimate shows.
+    after_fuse = (folder / "05_fuse_dequant_matmul.py").read_text()
+    assert after_fuse.count("torch.ops.memsave.linear_affine.default") == 2
+    assert "dequantize_affine" not in after_fuse and "addmm" not in after_fuse
+    assert fuse.peak_activation_bytes_after < fuse.peak_activation_bytes_before
+    assert fuse.error.sqnr_db == quantize.error.sqnr_db or abs(fuse.error.sqnr_db - quantize.error.sqnr_db) < 0.1
 
 
 def test_compiled_output_is_exactly_the_quantized_model():
@@ -115,7 +124,7 @@ def test_full_precision_weights_are_really_freed():
         ids = decoder_inputs(model, batch=1, seq=8)
         _, out, (report,) = compile_and_run(model, *ids, quantize="int4-g32-asym-mse")
         del out
-    (quantize, fold, release) = report.records[1:]
+    (quantize, fold, release, fuse) = report.records[1:]
     held = live_tensor_bytes(list(model.parameters()) + list(model.buffers()))
     compressed = fold.weight_bytes_after - (held - 0)  # packed codes + scales/offsets in the graph
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -227,3 +236,25 @@ def test_no_global_hook_until_a_weight_is_released():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_linear_affine_passes_opcheck_and_matches_its_definition():
+    from memsave.ops import linear_affine, quantize_weight
+
+    w, x, b = torch.randn(48, 80), torch.randn(3, 5, 80), torch.randn(48)
+    packed, scale, offset = quantize_weight(w, 4, 32, symmetric=False)
+    args = (x, packed, scale, offset, b, 4, 32, 80)
+    torch.library.opcheck(memsave_ops.linear_affine.default, args)
+    dq = dequantize_affine(packed, scale, offset, 4, 32, 80, torch.float32)
+    torch.testing.assert_close(linear_affine(*args), torch.nn.functional.linear(x, dq, b))
+
+
+def test_inductor_runs_the_fused_quantized_graph():
+    model = build_decoder("tiny")
+    ids = decoder_inputs(model, batch=2, seq=16)
+    reference = build_decoder("tiny")
+    _, fx_out, _ = compile_and_run(reference, *ids, quantize="int4")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memsave", options={"quantize": "int4"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*ids), fx_out, rtol=1e-4, atol=1e-4)

@@ -20,6 +20,7 @@ later issues plug into.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Callable, Sequence
 
@@ -80,7 +81,29 @@ def lower_inductor(
         kwargs["is_backward"] = True
     else:
         kwargs["is_inference"] = stage == "inference"
-    return compile_fx_inner(gm, list(example_inputs), **kwargs)
+    with _allow_constants(gm, example_inputs):
+        return compile_fx_inner(gm, list(example_inputs), **kwargs)
+
+
+@contextlib.contextmanager
+def _allow_constants(gm: fx.GraphModule, example_inputs: Sequence[Any]):
+    """Let Inductor's fake-tensor propagation read memsave's constants (packed weights, scales).
+
+    They are real tensors behind get_attr nodes; Inductor re-propagates fake tensors through
+    the graph with the compile's fake mode, which refuses real tensors unless told otherwise
+    (Inductor's own freezing path forces the same switch).
+    """
+    has_constants = any(n.op == "get_attr" for n in gm.graph.nodes)
+    fake_mode = torch._guards.detect_fake_mode(list(example_inputs)) if has_constants else None
+    if fake_mode is None:
+        yield
+        return
+    before = fake_mode.allow_non_fake_inputs
+    fake_mode.allow_non_fake_inputs = True
+    try:
+        yield
+    finally:
+        fake_mode.allow_non_fake_inputs = before
 
 
 def inductor_joint_graph_passes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:

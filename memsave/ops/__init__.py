@@ -11,4 +11,5 @@ from memsave.ops.affine import (  # noqa: F401  (registers memsave::quantize_aff
     quantize_affine,
     quantize_weight,
 )
+from memsave.ops.linear import linear_affine  # noqa: F401  (registers memsave::linear_affine)
 from memsave.ops.pack import pack_bits, packed_length, unpack_bits  # noqa: F401

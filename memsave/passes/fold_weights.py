@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
+
 from memsave.graph.rewrite import GraphBuilder
 from memsave.passes.base import PassContext, PassResult
 from memsave.weights import WEIGHTS

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
+
 from memsave.config import QuantizeConfig
 from memsave.graph.meta import node_val
 from memsave.graph.rewrite import GraphBuilder, users_are

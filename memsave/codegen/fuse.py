@@ -1,0 +1,90 @@
+"""Fuse dequantize → matmul into one quantized-linear op, so no full weight is materialized.
+
+Before (what quantize + fold_weights leave):
+
+    dq = memsave.dequantize_affine(packed, scale, offset, bits, group, K, dtype)   # (N, K)
+    t  = aten.permute(dq, [1, 0])
+    y  = aten.mm(x, t)            # or aten.addmm(bias, x, t)
+
+After:
+
+    y  = memsave.linear_affine(x, packed, scale, offset, bias, bits, group, K)
+
+Run as the pipeline's last step, so the report and the estimate describe what runs; kernel
+selection (`codegen/kernels.py`) then picks the fastest implementation of linear_affine for
+each node. A dequantize with any other user (an embedding, a weight also used elsewhere) is
+left as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
+
+from memsave.graph.rewrite import GraphBuilder
+from memsave.passes.base import PassContext, PassResult
+
+aten = torch.ops.aten
+memsave_ops = torch.ops.memsave
+
+
+def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassResult:
+    builder = GraphBuilder(gm, "fuse_dequant_matmul")
+    fused = 0
+    for dq in list(gm.graph.nodes):
+        if dq.op != "call_function" or dq.target != memsave_ops.dequantize_affine.default:
+            continue
+        packed, scale, offset, bits, group, k, dtype = dq.args
+        transposes = list(dq.users)
+        if not transposes or not all(_is_transpose(t) for t in transposes):
+            continue
+        matmuls = [m for t in transposes for m in t.users]
+        if not all(_fusable_matmul(m, t) for t in transposes for m in t.users):
+            continue
+        for mm in matmuls:
+            x, bias = (mm.args[0], None) if mm.target == aten.mm.default else (mm.args[1], mm.args[0])
+            if _node_dtype(x) != dtype:
+                continue
+            linear = builder.call(
+                memsave_ops.linear_affine.default, (x, packed, scale, offset, bias, bits, group, k), before=mm
+            )
+            mm.replace_all_uses_with(linear)
+            gm.graph.erase_node(mm)
+            fused += 1
+        for t in transposes:
+            if not t.users:
+                gm.graph.erase_node(t)
+        if not dq.users:
+            gm.graph.erase_node(dq)
+    gm.recompile()
+    return PassResult(bool(fused), (f"fused {fused} dequantize→matmul pairs into linear_affine",) if fused else ())
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    return node.target == aten.t.default or (node.target == aten.permute.default and list(node.args[1]) == [1, 0])
+
+
+def _fusable_matmul(mm: fx.Node, t: fx.Node) -> bool:
+    if mm.op != "call_function":
+        return False
+    if mm.target == aten.mm.default:
+        return mm.args[1] is t and mm.args[0] is not t
+    if mm.target == aten.addmm.default:
+        # Only plain bias + x @ W.T: beta/alpha other than 1 are left alone.
+        plain = mm.kwargs.get("beta", 1) == 1 and mm.kwargs.get("alpha", 1) == 1
+        return plain and mm.args[2] is t and mm.args[1] is not t and _is_1d(mm.args[0])
+    return False
+
+
+def _is_1d(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 1
+
+
+def _node_dtype(node) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
