@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_explain(model, *inputs, train=args.train, **options)
     print(report)
     print(f"\n(compiled and measured in {time.perf_counter() - start:.1f} s)")
+    if args.command == "demo" and not options:
+        print("try a lossy recipe: memsave demo -o quantize=int8   (or int4, int4-g128-asym, ...)")
     return 0
 
 

@@ -9,6 +9,7 @@ invariant check and the error against the untransformed graph on the example inp
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -137,6 +138,7 @@ class PassRunner:
         self.report.records.append(record)
 
     def finish(self) -> GraphReport:
+        self.report.constants = [weakref.ref(t) for t in self.gm.buffers()]
         self.dump.report(self.report)
         return self.report
 

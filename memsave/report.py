@@ -72,6 +72,12 @@ class GraphReport:
     codegen: str = ""
     notes: list[str] = field(default_factory=list)
     weights: dict[str, str] = field(default_factory=dict)  # placeholder -> the model's name for it
+    # Weak references to the constants (packed weights, scales) the compiled graph holds, so
+    # their bytes can be measured without the report keeping them alive.
+    constants: list = field(default_factory=list, repr=False)
+
+    def constant_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (ref() for ref in self.constants) if t is not None]
 
     @property
     def title(self) -> str:

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Any, Callable
+
 import torch.fx as fx
 
 from memsave.graph.meta import aliased_input, is_getitem, iter_tensors, node_val, tensor_storage_bytes
 
 WEIGHT_TAG = "memsave_weight"  # node.meta key set on placeholders that hold parameters/buffers
+
+# Temporary bytes an op allocates and frees inside itself (beyond its outputs), by op. Ops
+# register here (e.g. memsave::linear_affine's reference materializes its weight); the walk
+# adds them at the moment the op runs.
+WORKSPACE: dict[Any, Callable[[fx.Node], int]] = {}
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,10 @@ def estimate_memory(gm: fx.GraphModule) -> MemoryEstimate:
             live += st.nbytes
             if not st.is_output:
                 dying.setdefault(st.last_use, []).append(st)
-        if live > peak:
-            peak, peak_node = live, node.name
-        timeline.append((node.name, live))
+        workspace = WORKSPACE[node.target](node) if node.op == "call_function" and node.target in WORKSPACE else 0
+        if live + workspace > peak:
+            peak, peak_node = live + workspace, node.name
+        timeline.append((node.name, live + workspace))
         for st in dying.pop(position[node], []):
             live -= st.nbytes
     output_bytes = sum(

@@ -147,9 +147,16 @@ def dequantize_affine(
     n = packed.shape[0]
     groups = num_groups(in_features, group_size)
     codes = unpack_bits(packed, bits, groups * group_size).reshape(n, groups, group_size)
-    w = codes.float() * scale.float().unsqueeze(-1) + _offset(scale, offset, bits).unsqueeze(-1)
+    # One fp32 buffer, scaled and shifted in place: the reference should not cost more than
+    # the weight it produces.
+    w = codes.to(torch.float32)
+    del codes
+    w.mul_(scale.float().unsqueeze(-1)).add_(_offset(scale, offset, bits).unsqueeze(-1))
+    w = w.reshape(n, -1)
+    if w.shape[1] != in_features:
+        w = w[:, :in_features]
     # Contiguous, as the fake kernel says: a padded last group would otherwise leave a strided slice.
-    return w.reshape(n, -1)[:, :in_features].to(dtype).contiguous()
+    return w.to(dtype).contiguous()
 
 
 @dequantize_affine.register_fake

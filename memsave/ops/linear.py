@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from memsave.memory.estimate import WORKSPACE
 from memsave.ops.affine import dequantize_affine
 
 
@@ -35,3 +36,13 @@ def linear_affine(
 @linear_affine.register_fake
 def _(x, packed, scale, offset, bias, bits, group_size, in_features):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _reference_workspace(node) -> int:
+    # The reference dequantizes the whole (N, K) weight in the activation dtype for the call.
+    x = node.args[0].meta["val"]
+    n, k = node.args[1].meta["val"].shape[0], node.args[7]
+    return int(n) * int(k) * x.element_size()
+
+
+WORKSPACE[torch.ops.memsave.linear_affine.default] = _reference_workspace

@@ -39,18 +39,35 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: (..., packed_length(n, bits)) uint8 → (..., n) uint8 codes."""
+    """Inverse of pack_bits: (..., packed_length(n, bits)) uint8 → (..., n) uint8 codes.
+
+    Widths that divide 8 (1, 2, 4, 8) never straddle a byte and unpack with byte shifts, one
+    byte per code of temporary memory; other widths go through 64-bit words, a few rows at a
+    time so the temporaries stay small.
+    """
     _check_bits(bits)
     if packed.dtype != torch.uint8:
         raise TypeError(f"unpack_bits: packed must be uint8, got {packed.dtype}")
     if bits == 8:
         return packed[..., :n]
-    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bits)  # (..., chunks, bits)
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., bytes, per_byte)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    flat = packed.reshape(-1, packed.shape[-1])
+    rows = max(1, (1 << 20) // max(1, flat.shape[-1]))  # ~8 MiB of 64-bit temporaries at most
+    out = torch.cat([_unpack_words(flat[i : i + rows], bits, n) for i in range(0, flat.shape[0], rows)])
+    return out.reshape(*packed.shape[:-1], n)
+
+
+def _unpack_words(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    p = packed.to(torch.int64).reshape(packed.shape[0], -1, bits)  # (rows, chunks, bits)
     byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
-    word = (p << byte_shifts).sum(-1)  # (..., chunks)
+    word = (p << byte_shifts).sum(-1)  # (rows, chunks)
     shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
-    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., chunks, 8)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (rows, chunks, 8)
+    return codes.reshape(packed.shape[0], -1)[:, :n].to(torch.uint8)
 
 
 def _check_bits(bits: int) -> None:
