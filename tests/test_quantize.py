@@ -76,12 +76,14 @@ def test_graph_gets_visible_qdq_nodes_then_packed_constants(tmp_path):
     assert quantize.nodes_added == 2 * 3  # per linear: the scale constant, quantize, dequantize (symmetric: no offset)
     assert fold.weight_bytes_after < fold.weight_bytes_before / 3  # fp32 → int8 codes + fp16 scales
     assert release.details["released"] == ["layers.0.weight", "layers.1.weight"]
-    # dequantize → permute → addmm became one linear_affine per layer; the dequantized weights
-    # are no longer materialized, which the estimate shows.
+    # dequantize → permute → addmm became one linear_affine per layer. Its reference kernel
+    # still materializes one layer's weight while it runs, which the estimate counts: never
+    # more than the unfused graph, which kept a dequantized weight alive across its matmul.
     after_fuse = (folder / "05_fuse_dequant_matmul.py").read_text()
     assert after_fuse.count("torch.ops.memsave.linear_affine.default") == 2
     assert "dequantize_affine" not in after_fuse and "addmm" not in after_fuse
-    assert fuse.peak_activation_bytes_after < fuse.peak_activation_bytes_before
+    assert fuse.peak_activation_bytes_after <= fuse.peak_activation_bytes_before
+    assert fuse.peak_activation_bytes_after >= report.records[0].peak_activation_bytes_after + 128 * 64 * 4
     assert fuse.error.sqnr_db == quantize.error.sqnr_db or abs(fuse.error.sqnr_db - quantize.error.sqnr_db) < 0.1
 
 
