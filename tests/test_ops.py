@@ -126,12 +126,14 @@ def test_kernel_seam_swaps_in_a_registered_kernel(monkeypatch):
                        packed.new_empty((packed.shape[0], in_features), dtype=dtype))
     kernels.register_kernel(
         memsave_ops.dequantize_affine.default,
-        kernels.Kernel("test-fast", torch.ops.memsave_test.dequantize_affine_fast.default, lambda node: node.args[3] == 4),
+        kernels.Kernel.retarget(
+            "test-fast", torch.ops.memsave_test.dequantize_affine_fast.default, lambda node: node.args[3] == 4
+        ),
     )
     with pytest.raises(ValueError, match="does not match reference"):
         kernels.register_kernel(
             memsave_ops.dequantize_affine.default,
-            kernels.Kernel("wrong", memsave_ops.quantize_affine.default, lambda node: True),
+            kernels.Kernel.retarget("wrong", memsave_ops.quantize_affine.default, lambda node: True),
         )
     w, x = torch.randn(16, 96), torch.randn(5, 96)
     packed, scale, _ = quantize_weight(w, 4, 32, symmetric=True)

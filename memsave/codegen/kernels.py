@@ -1,12 +1,18 @@
 """The seam where fast kernels replace memsave's reference ops.
 
 Every memsave op (`memsave/ops/`) is a torch.library custom op whose default implementation
-is the plain-torch reference. A fast implementation (a Triton kernel on GPU, an ATen packed
-kernel on CPU) registers here as another custom op with the same inputs and outputs, plus a
-predicate saying when it applies (device, dtype, shapes, whether Triton is usable). Just
-before lowering, `select_kernels` retargets each reference-op node to the first registered
-kernel whose predicate accepts it; nodes no kernel accepts keep the reference op. The choice
-is recorded on the node (`meta["memsave_kernel"]`) so debug dumps show it.
+is the plain-torch reference. A fast implementation registers here against the reference op:
+
+- `Kernel.retarget(name, op, applies)`: a custom op with the same schema (a Triton kernel
+  reading memsave's own packed format); selecting it only changes the node's target.
+- `Kernel(name, applies, lower)`: a kernel that needs its own weight layout (e.g. an ATen
+  packed CPU kernel); `lower(gm, node)` rewrites the node and its constants.
+
+`applies(node)` looks at the node's metadata (device, dtype, shapes, bits) and says whether
+the kernel can run it exactly as the reference would. Just before lowering,
+`select_kernels` gives each reference-op node to the first registered kernel that applies;
+nodes no kernel takes keep the reference. The choice is recorded on the node
+(`meta["memsave_kernel"]`) and shows in debug dumps.
 """
 
 from __future__ import annotations
@@ -23,8 +29,16 @@ KERNEL_TAG = "memsave_kernel"
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    op: torch._ops.OpOverload  # same schema as the reference op it replaces
-    applies: Callable[[fx.Node], bool]  # looks at node.meta["val"] of args/outputs
+    applies: Callable[[fx.Node], bool]
+    lower: Callable[[fx.GraphModule, fx.Node], None]
+    op: torch._ops.OpOverload | None = None  # set for same-schema kernels (checked at registration)
+
+    @classmethod
+    def retarget(cls, name: str, op: torch._ops.OpOverload, applies: Callable[[fx.Node], bool]) -> Kernel:
+        def lower(gm: fx.GraphModule, node: fx.Node) -> None:
+            node.target = op
+
+        return cls(name, applies, lower, op)
 
 
 _KERNELS: dict[torch._ops.OpOverload, list[Kernel]] = {}
@@ -32,31 +46,48 @@ _KERNELS: dict[torch._ops.OpOverload, list[Kernel]] = {}
 
 def register_kernel(reference: torch._ops.OpOverload, kernel: Kernel) -> None:
     """Offer `kernel` for nodes of `reference`; earlier registrations are preferred."""
-    if str(reference._schema.arguments) != str(kernel.op._schema.arguments):
+    if kernel.op is not None and _arguments(reference) != _arguments(kernel.op):
         raise ValueError(
             f"kernel {kernel.name!r}: schema {kernel.op._schema} does not match reference {reference._schema}"
         )
+    if any(k.name == kernel.name for k in _KERNELS.get(reference, ())):
+        return  # registering twice (e.g. a module imported again) changes nothing
     _KERNELS.setdefault(reference, []).append(kernel)
+
+
+def _arguments(op: torch._ops.OpOverload) -> list[tuple[str, str]]:
+    return [(a.name, str(a.type)) for a in op._schema.arguments]
 
 
 def kernels_for(reference: torch._ops.OpOverload) -> list[Kernel]:
     return list(_KERNELS.get(reference, ()))
 
 
-def select_kernels(gm: fx.GraphModule) -> int:
-    """Retarget reference-op nodes to applicable fast kernels; returns how many were swapped."""
-    swapped = 0
-    for node in gm.graph.nodes:
+def select_kernels(gm: fx.GraphModule) -> dict[str, int]:
+    """Give each reference-op node to the first kernel that applies; returns counts by kernel."""
+    chosen: dict[str, int] = {}
+    for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _KERNELS:
             continue
         for kernel in _KERNELS[node.target]:
             if kernel.applies(node):
-                node.target = kernel.op
+                kernel.lower(gm, node)
                 node.meta[KERNEL_TAG] = kernel.name
-                swapped += 1
+                chosen[kernel.name] = chosen.get(kernel.name, 0) + 1
                 break
         else:
             node.meta[KERNEL_TAG] = "reference"
-    if swapped:
+            chosen["reference"] = chosen.get("reference", 0) + 1
+    if any(name != "reference" for name in chosen):
+        _drop_unused_constants(gm)
         gm.recompile()
-    return swapped
+    return chosen
+
+
+def _drop_unused_constants(gm: fx.GraphModule) -> None:
+    """A kernel with its own layout leaves the old constants unread: free them."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+            if "." not in node.target and node.target in gm._buffers:
+                del gm._buffers[node.target]
