@@ -16,6 +16,7 @@ right for dropout under recomputation). AOTAutograd calls back into this file:
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import re
 import time
@@ -26,6 +27,8 @@ import torch
 import torch.fx as fx
 
 import memsave.ops  # noqa: F401  (registers memsave's custom ops before any graph holds them)
+from memsave.codegen import cpu
+from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes, lower
 from memsave.config import Config, OptionError
 from memsave.graph.meta import hint_int
@@ -36,6 +39,11 @@ from memsave.report import PassRecord, publish
 from memsave.weights import is_released
 
 _graph_ids = itertools.count()
+cpu.register()  # ATen packed-weight kernels for quantized linears on CPU
+if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    from memsave.codegen import triton as triton_kernels
+
+    triton_kernels.register()  # Triton quantized-linear kernels (GEMV for decode, GEMM for prefill)
 
 
 def memsave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options=None, mode=None, **_: Any):
@@ -188,6 +196,8 @@ class GraphCompilation:
         return PassContext(self.config, stage, self.graph_id, weights, real)
 
     def _finish(self, runner: PassRunner) -> None:
+        # Codegen's kernel choice, recorded like a pass: what runs, and (debug) its error.
+        runner.run("select_kernels", select_kernels_pass, True)
         publish(runner.finish())
         # A released weight must not be read by any graph that runs (see weights.py).
         for node in runner.gm.graph.nodes:

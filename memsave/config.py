@@ -156,7 +156,10 @@ class QuantizeConfig(FamilyConfig):
     an error-minimizing clip search per group. include/exclude: glob patterns over weight names
     (e.g. "layers.*.mlp.*"); overrides: {pattern: {field: value}} for per-layer schemes.
     embeddings: also quantize embedding tables. free_weights: release the full-precision
-    originals once every use in the graph reads the compressed copy.
+    originals once every use in the graph reads the compressed copy. compute_dtype: None runs
+    quantized matmuls in the activations' dtype (exact w.r.t. the dequantized weights);
+    "bfloat16"/"float16" casts their inputs (explicit casts in the graph, error reported),
+    which is what the fast CPU kernels need for fp32 models.
     """
 
     family: ClassVar[str] = "quantize"
@@ -176,6 +179,7 @@ class QuantizeConfig(FamilyConfig):
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     embeddings: bool = False
     free_weights: bool = True
+    compute_dtype: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> FamilyConfig | None:
@@ -196,6 +200,7 @@ class QuantizeConfig(FamilyConfig):
         self._check_choice("method", self.method, QUANT_METHODS)
         for name in ("symmetric", "embeddings", "free_weights"):
             self._check_choice(name, getattr(self, name), (True, False))
+        self._check_choice("compute_dtype", self.compute_dtype, (None, "bfloat16", "float16"))
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):

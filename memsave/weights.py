@@ -14,7 +14,8 @@ entry stale, and it is rebuilt on next use.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, TypeVar
+import weakref
+from typing import Any, Callable, Hashable, TypeVar
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -23,12 +24,25 @@ from torch.utils.weak import WeakIdKeyDictionary
 T = TypeVar("T")
 
 
+class _Derived:
+    """A cache entry given up for a converted form; rebuilt from it on demand."""
+
+    def __init__(self, source_key: Hashable, rebuild: Callable[[Any], Any]):
+        self.source_key, self.rebuild = source_key, rebuild
+
+
 class WeightCache:
     def __init__(self) -> None:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # value tensor -> (weak ref to its weight, key): which weight a cached tensor belongs to.
+        self._owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.builds = 0  # how many times a build function ran (tests and reports read this)
 
-    def get_or_build(self, weight: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
+    def get_or_build(
+        self, weight: torch.Tensor, key: Hashable, build: Callable[[], T], *, reads_weight: bool = True
+    ) -> T:
+        """The cached value for (weight, key), built once. reads_weight=False says `build` works
+        from other cached values only, so it may run after the weight was released."""
         per_weight = self._entries.get(weight)
         if per_weight is None:
             per_weight = {}
@@ -36,20 +50,70 @@ class WeightCache:
         entry = per_weight.get(key)
         version = weight._version
         if entry is not None and entry[0] == version:
-            return entry[1]
+            value = entry[1]
+            if isinstance(value, _Derived):
+                # Rebuilt for this compile only; the converted form stays the one copy held.
+                source = per_weight[value.source_key][1]
+                with unset_fake_temporarily(), torch.no_grad():
+                    rebuilt = value.rebuild(source)
+                self._remember_owner(weight, key, rebuilt)  # so a kernel finds its layout again
+                return rebuilt
+            return value
+        if reads_weight and is_released(weight):
+            # Its storage is gone: building from it would read freed memory.
+            raise RuntimeError(
+                f"memsave: weight {_RELEASED[weight]!r} was released after compression, and its "
+                f"compressed form for {key!r} is not cached; compile with "
+                "options={'quantize': {..., 'free_weights': False}} to keep the original"
+            )
         # Passes run while AOTAutograd's fake mode is active; weights are real tensors, and so
         # must be the work done on them.
         with unset_fake_temporarily(), torch.no_grad():
             value = build()
         self.builds += 1
         per_weight[key] = (weight._version, value)
+        self._remember_owner(weight, key, value)
         return value
+
+    def owner(self, value: torch.Tensor) -> tuple[torch.Tensor, Hashable] | None:
+        """The weight (and key) a cached tensor was built for, if it came from this cache."""
+        found = self._owners.get(value)
+        if found is None:
+            return None
+        weight = found[0]()
+        return (weight, found[1]) if weight is not None else None
+
+    def convert(
+        self,
+        weight: torch.Tensor,
+        to_key: Hashable,
+        build: Callable[[], T],
+        rebuild: dict[Hashable, Callable[[T], Any]],
+    ) -> T:
+        """Store `build()` under `to_key` and give up the entries in `rebuild` for it.
+
+        For kernels with their own weight layout: the converted copy becomes the one held,
+        and each given-up entry is rebuilt from it by `rebuild[key]` when a later compile asks
+        for it (transiently). Converting again returns the stored copy.
+        """
+        value = self.get_or_build(weight, to_key, build, reads_weight=False)
+        per_weight = self._entries[weight]
+        for key, fn in rebuild.items():
+            if key in per_weight and not isinstance(per_weight[key][1], _Derived):
+                per_weight[key] = (per_weight[key][0], _Derived(to_key, fn))
+        return value
+
+    def _remember_owner(self, weight: torch.Tensor, key: Hashable, value: Any) -> None:
+        for t in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(t, torch.Tensor):
+                self._owners[t] = (weakref.ref(weight), key)
 
     def __contains__(self, weight: torch.Tensor) -> bool:
         return weight in self._entries
 
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
+        self._owners = WeakIdKeyDictionary()
 
 
 # The process-wide cache every pass uses.

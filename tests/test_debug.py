@@ -22,7 +22,7 @@ def test_debug_dir_has_code_after_every_pass_and_the_table(tmp_path):
     folders = sorted(os.listdir(tmp_path))
     assert [f.split("_", 2)[2] for f in folders] == ["backward", "forward", "joint"]
     joint = tmp_path / next(f for f in folders if f.endswith("joint"))
-    assert sorted(os.listdir(joint)) == ["00_input.py", "01_cleanup.py", "report.md"]
+    assert sorted(os.listdir(joint)) == ["00_input.py", "01_cleanup.py", "02_select_kernels.py", "report.md"]
     code = (joint / "01_cleanup.py").read_text()
     assert "after: cleanup" in code and "torch.ops.aten.addmm" in code
     table = (joint / "report.md").read_text()
@@ -68,7 +68,7 @@ def test_explain_reports_passes_memory_and_error():
     model = build_decoder("tiny")
     report = explain(model, *decoder_inputs(model, batch=2, seq=16), codegen="fx")
     (graph,) = report.graphs
-    assert graph.stage == "inference" and [r.name for r in graph.records] == ["cleanup"]
+    assert graph.stage == "inference" and [r.name for r in graph.records] == ["cleanup", "select_kernels"]
     assert graph.records[0].error.short() == "exact"  # cleanup changed nothing numerically
     # Nothing lossy ran: only fp32 rounding differs (decompositions reorder some arithmetic).
     assert report.output_error.sqnr_db > 100 and report.output_error.max_abs < 1e-5

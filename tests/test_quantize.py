@@ -60,7 +60,7 @@ def test_graph_gets_visible_qdq_nodes_then_packed_constants(tmp_path):
     model = build_mlp(sizes=(64, 128, 32))
     _, _, (report,) = compile_and_run(model, torch.randn(4, 64), quantize="int8", debug_dir=str(tmp_path))
     assert [r.name for r in report.records] == [
-        "cleanup", "quantize", "fold_weights", "release_weights", "fuse_dequant_matmul"
+        "cleanup", "quantize", "fold_weights", "release_weights", "fuse_dequant_matmul", "select_kernels"
     ]
     (folder,) = list(tmp_path.iterdir())
     after_quantize = (folder / "02_quantize.py").read_text()
@@ -72,7 +72,7 @@ def test_graph_gets_visible_qdq_nodes_then_packed_constants(tmp_path):
     # The weight-side quantize became stored constants.
     assert "quantize_affine" not in after_fold.replace("dequantize_affine", "")
     assert after_fold.count("torch.ops.memsave.dequantize_affine.default") == 2
-    quantize, fold, release, fuse = report.records[1:]
+    quantize, fold, release, fuse, _ = report.records[1:]
     assert quantize.nodes_added == 2 * 3  # per linear: the scale constant, quantize, dequantize (symmetric: no offset)
     assert fold.weight_bytes_after < fold.weight_bytes_before / 3  # fp32 → int8 codes + fp16 scales
     assert release.details["released"] == ["layers.0.weight", "layers.1.weight"]
@@ -126,7 +126,7 @@ def test_full_precision_weights_are_really_freed():
         ids = decoder_inputs(model, batch=1, seq=8)
         _, out, (report,) = compile_and_run(model, *ids, quantize="int4-g32-asym-mse")
         del out
-    (quantize, fold, release, fuse) = report.records[1:]
+    (quantize, fold, release, fuse, _) = report.records[1:]
     held = live_tensor_bytes(list(model.parameters()) + list(model.buffers()))
     compressed = fold.weight_bytes_after - (held - 0)  # packed codes + scales/offsets in the graph
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -260,3 +260,11 @@ def test_inductor_runs_the_fused_quantized_graph():
     compiled = torch.compile(model, backend="memsave", options={"quantize": "int4"})
     with torch.no_grad():
         torch.testing.assert_close(compiled(*ids), fx_out, rtol=1e-4, atol=1e-4)
+
+
+def test_work_on_a_released_weight_is_refused_not_a_crash():
+    model = build_mlp()
+    compile_and_run(model, torch.randn(2, 64), quantize="int8")
+    released = model.layers[0].weight
+    with pytest.raises(RuntimeError, match=r"weight 'layers.0.weight' was released after compression"):
+        WEIGHTS.get_or_build(released, "something-new", lambda: released * 2)

@@ -6,7 +6,8 @@ is the plain-torch reference. A fast implementation registers here against the r
 - `Kernel.retarget(name, op, applies)`: a custom op with the same schema (a Triton kernel
   reading memsave's own packed format); selecting it only changes the node's target.
 - `Kernel(name, applies, lower)`: a kernel that needs its own weight layout (e.g. an ATen
-  packed CPU kernel); `lower(gm, node)` rewrites the node and its constants.
+  packed CPU kernel); `lower(gm, node)` rewrites the node and its constants and returns the
+  node that now runs the kernel.
 
 `applies(node)` looks at the node's metadata (device, dtype, shapes, bits) and says whether
 the kernel can run it exactly as the reference would. Just before lowering,
@@ -30,13 +31,14 @@ KERNEL_TAG = "memsave_kernel"
 class Kernel:
     name: str
     applies: Callable[[fx.Node], bool]
-    lower: Callable[[fx.GraphModule, fx.Node], None]
+    lower: Callable[[fx.GraphModule, fx.Node], fx.Node]  # returns the node that now runs the kernel
     op: torch._ops.OpOverload | None = None  # set for same-schema kernels (checked at registration)
 
     @classmethod
     def retarget(cls, name: str, op: torch._ops.OpOverload, applies: Callable[[fx.Node], bool]) -> Kernel:
-        def lower(gm: fx.GraphModule, node: fx.Node) -> None:
+        def lower(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
             node.target = op
+            return node
 
         return cls(name, applies, lower, op)
 
@@ -71,8 +73,7 @@ def select_kernels(gm: fx.GraphModule) -> dict[str, int]:
             continue
         for kernel in _KERNELS[node.target]:
             if kernel.applies(node):
-                kernel.lower(gm, node)
-                node.meta[KERNEL_TAG] = kernel.name
+                kernel.lower(gm, node).meta[KERNEL_TAG] = kernel.name
                 chosen[kernel.name] = chosen.get(kernel.name, 0) + 1
                 break
         else:
@@ -91,3 +92,14 @@ def _drop_unused_constants(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
             if "." not in node.target and node.target in gm._buffers:
                 del gm._buffers[node.target]
+
+
+def select_kernels_pass(gm: fx.GraphModule, config: object, ctx: object):
+    """select_kernels as a recorded pipeline step: the report shows which kernels run, and in
+    debug mode the invariants and the error against the untransformed graph are checked after it."""
+    from memsave.passes.base import PassResult
+
+    chosen = select_kernels(gm)
+    fast = {name: count for name, count in chosen.items() if name != "reference"}
+    notes = ("kernels: " + ", ".join(f"{name} ×{count}" for name, count in sorted(chosen.items())),) if chosen else ()
+    return PassResult(bool(fast), notes, {"kernels": chosen})

@@ -13,9 +13,9 @@ Both return a *boxed* callable (`f(args: list)`, `f._boxed_call = True`) that em
 argument list before it runs, so a backward frees each saved activation right after its last
 use instead of holding all of them until it returns.
 
-Before either, `codegen.kernels.select_kernels` swaps memsave reference ops for fast kernels
-where one is registered and applies (Triton on GPU, ATen packed kernels on CPU): the seam
-later issues plug into.
+Before either, the backend runs `select_kernels`, which swaps memsave reference ops for fast
+kernels where one is registered and applies (ATen packed kernels on CPU, `codegen/cpu.py`;
+Triton on GPU): the seam every kernel plugs into.
 """
 
 from __future__ import annotations
@@ -137,9 +137,6 @@ def lower(
     num_user_outputs: int | None = None,
     static_input_idxs: Sequence[int] = (),
 ) -> Callable[[list], Any]:
-    from memsave.codegen.kernels import select_kernels
-
-    select_kernels(gm)
     if codegen == "fx":
         return lower_fx(gm)
     if codegen == "inductor":

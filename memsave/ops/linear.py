@@ -39,10 +39,11 @@ def _(x, packed, scale, offset, bias, bits, group_size, in_features):
 
 
 def _reference_workspace(node) -> int:
-    # The reference dequantizes the whole (N, K) weight in the activation dtype for the call.
+    # The reference dequantizes the whole (N, K) weight for the call: in fp32, then a copy in
+    # the activation dtype when that is narrower.
     x = node.args[0].meta["val"]
-    n, k = node.args[1].meta["val"].shape[0], node.args[7]
-    return int(n) * int(k) * x.element_size()
+    weights = int(node.args[1].meta["val"].shape[0]) * int(node.args[7])
+    return weights * (4 + (x.element_size() if x.dtype != torch.float32 else 0))
 
 
 WORKSPACE[torch.ops.memsave.linear_affine.default] = _reference_workspace

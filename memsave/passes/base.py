@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from memsave.config import Config
 
 STAGES = ("inference", "joint", "forward", "backward")
+# node.meta key on a quantize node: the weight-cache key of the scales it uses, under which
+# fold_weights caches the packed codes.
+QPARAMS_KEY = "memsave_qparams_key"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch.fx as fx
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
 from memsave.graph.rewrite import GraphBuilder
-from memsave.passes.base import PassContext, PassResult
+from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
 from memsave.weights import WEIGHTS
 
 memsave_ops = torch.ops.memsave
@@ -37,7 +37,11 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
         if weight is None or not all(_is_constant(a) for a in rest):
             continue
         constants = [getattr(gm, a.target) if isinstance(a, fx.Node) else a for a in rest]
-        key = ("packed", node.target.name(), *[_key(c) for c in constants])
+        # Keyed by how the scales were chosen, not by the scale tensors' identity: a recompile
+        # may get those rebuilt (see WeightCache.convert) and must still find the codes.
+        key = ("packed", node.target.name(), node.meta.get(QPARAMS_KEY), *[c for c in constants if not isinstance(c, torch.Tensor)])
+        if node.meta.get(QPARAMS_KEY) is None:
+            continue  # a quantize node this pass did not make: its scales' provenance is unknown
         packed = WEIGHTS.get_or_build(weight, key, lambda: node.target(weight, *constants))
         constant = builder.constant("memsave_packed", packed, before=node)
         constant.meta["memsave_weight_of"] = ctx.weights[weight_node.name].name if weight_node.name in ctx.weights else None
@@ -50,9 +54,4 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
 
 def _is_constant(arg) -> bool:
     return not isinstance(arg, fx.Node) or arg.op == "get_attr"
-
-
-def _key(value):
-    # Constants are keyed by identity: they come from the same weight-cache entry every time.
-    return id(value) if isinstance(value, torch.Tensor) else value
 

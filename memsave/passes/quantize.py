@@ -30,7 +30,7 @@ from memsave.config import QuantizeConfig
 from memsave.graph.meta import node_val
 from memsave.graph.rewrite import GraphBuilder, users_are
 from memsave.ops.affine import choose_qparams_affine, choose_qparams_mse
-from memsave.passes.base import PassContext, PassResult
+from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
 from memsave.weights import WEIGHTS
 
 aten = torch.ops.aten
@@ -62,23 +62,32 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             continue
         k = val.shape[1]
         group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
-        scale, offset = WEIGHTS.get_or_build(
-            weight, ("qparams", scheme.bits, group, scheme.symmetric, scheme.method),
-            lambda: _choose(weight, scheme, group),
-        )
+        qparams_key = ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
+        scale, offset = WEIGHTS.get_or_build(weight, qparams_key, lambda: _choose(weight, scheme, group))
         first_use = min(uses, key=position.__getitem__)
         scale_node = builder.constant("memsave_scale", scale, before=first_use)
         offset_node = builder.constant("memsave_offset", offset, before=first_use) if offset is not None else None
         q = builder.call(
             memsave_ops.quantize_affine.default, (node, scale_node, offset_node, scheme.bits, group), before=first_use
         )
-        dq = builder.call(
-            memsave_ops.dequantize_affine.default,
-            (q, scale_node, offset_node, scheme.bits, group, k, val.dtype),
-            before=first_use,
-        )
+        q.meta[QPARAMS_KEY] = qparams_key  # fold_weights caches the packed codes under it
+        compute = getattr(torch, scheme.compute_dtype) if scheme.compute_dtype else val.dtype
+        dequantized: dict[torch.dtype, fx.Node] = {}
+
+        def dequantize(dtype: torch.dtype) -> fx.Node:
+            if dtype not in dequantized:
+                dequantized[dtype] = builder.call(
+                    memsave_ops.dequantize_affine.default,
+                    (q, scale_node, offset_node, scheme.bits, group, k, dtype),
+                    before=first_use,
+                )
+            return dequantized[dtype]
+
         for use in uses:
-            use.replace_input_with(node, dq)
+            if compute != val.dtype and _is_transpose(use):
+                _compute_in(builder, use, node, dequantize(compute), compute)
+            else:
+                use.replace_input_with(node, dequantize(val.dtype))
         quantized.append(f"{name}: {scheme.describe()}" + (f" (group {group})" if group != scheme.group_size and scheme.group_size else ""))
     gm.recompile()
     notes = tuple([f"quantized {len(quantized)} weights"] + [f"skipped {s}" for s in skipped])
@@ -98,6 +107,28 @@ def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
         elif embeddings and user.target == aten.embedding.default and user.args[0] is weight:
             uses.append(user)
     return uses
+
+
+def _compute_in(builder: GraphBuilder, transpose: fx.Node, weight: fx.Node, dq: fx.Node, dtype: torch.dtype) -> None:
+    """Rewrite `transpose(w)` → matmuls to run in `dtype`: cast x (and bias) in, the result back.
+
+        t = permute(w); y = mm(x, t)
+    becomes
+        t = permute(dq_bf16); y16 = mm(to_bf16(x), t); y = to_fp32(y16)
+    """
+    transpose_bf = builder.call(transpose.target, (dq, *transpose.args[1:]), before=transpose)
+    for mm in list(transpose.users):
+        args = list(mm.args)
+        for i, arg in enumerate(args):
+            if arg is transpose:
+                args[i] = transpose_bf
+            elif isinstance(arg, fx.Node):
+                args[i] = builder.call(aten._to_copy.default, (arg,), {"dtype": dtype}, before=mm)
+        narrow = builder.call(mm.target, tuple(args), dict(mm.kwargs), before=mm)
+        back = builder.call(aten._to_copy.default, (narrow,), {"dtype": mm.meta["val"].dtype}, before=mm)
+        mm.replace_all_uses_with(back)
+        builder.gm.graph.erase_node(mm)
+    builder.gm.graph.erase_node(transpose)
 
 
 def _is_transpose(node: fx.Node) -> bool:
