@@ -5,16 +5,19 @@
     report = memsave.explain(model, *example_inputs)                   # what each pass did
 """
 
+from memsave.calibrate import calibrate
 from memsave.config import Config, DEFAULT_RECIPE, PASS_FAMILIES
 from memsave.explain import Explanation, explain
 from memsave.memory.estimate import MemoryEstimate, estimate_memory
 from memsave.memory.track import MemoryStats, MemoryTracker, measure_peak
 from memsave.report import GraphReport, PassRecord, collect, recent_reports
+from memsave.serialize import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config",
+    "calibrate",
     "DEFAULT_RECIPE",
     "Explanation",
     "explain",
@@ -28,4 +31,5 @@ __all__ = [
     "estimate_memory",
     "measure_peak",
     "recent_reports",
+    "save", "load",
 ]

@@ -127,12 +127,12 @@ class RecomputeConfig(FamilyConfig):
 
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_GROUPS = (None, 32, 64, 128, 256)
-QUANT_METHODS = ("rtn", "mse")
+QUANT_METHODS = ("rtn", "mse", "awq")
 
 
 def _parse_quant_name(name: str) -> dict[str, Any] | None:
     """`int4`, `int4-g64`, `int3-g32-asym-mse`, `int8-sym`, ... → QuantizeConfig fields."""
-    m = re.fullmatch(r"int([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse))?", name)
+    m = re.fullmatch(r"int([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse|awq))?", name)
     if m is None:
         return None
     bits, group, sym, method = m.groups()
@@ -153,21 +153,24 @@ class QuantizeConfig(FamilyConfig):
     bits: 2, 3, 4 or 8. group_size: None (one group per output row, "per channel") or 32, 64,
     128, 256 input features per group. symmetric: codes centred on zero (no stored offset) or
     asymmetric (min/max range, fp16 offset per group). method: "rtn" round-to-nearest, "mse"
-    an error-minimizing clip search per group. include/exclude: glob patterns over weight names
+    an error-minimizing clip search per group, "awq" activation-aware channel scaling searched
+    on calibration data (run memsave.calibrate(model, batches) before compiling). include/exclude: glob patterns over weight names
     (e.g. "layers.*.mlp.*"); overrides: {pattern: {field: value}} for per-layer schemes.
     embeddings: also quantize embedding tables. free_weights: release the full-precision
     originals once every use in the graph reads the compressed copy. compute_dtype: None runs
     quantized matmuls in the activations' dtype (exact w.r.t. the dequantized weights);
     "bfloat16"/"float16" casts their inputs (explicit casts in the graph, error reported),
-    which is what the fast CPU kernels need for fp32 models.
+    which is what the fast CPU kernels need for fp32 models. activations: "int8" quantizes the
+    linears' inputs per token at run time too (W8A8, short name "w8a8").
     """
 
     family: ClassVar[str] = "quantize"
-    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse]'"
+    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq]'"
     # int4 alone is memsave's int4 recipe; see README for why this one.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {
         "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn"},
         "int4": {"bits": 4, "group_size": 64, "symmetric": False, "method": "mse"},  # 4.5 bits/weight
+        "w8a8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn", "activations": "int8"},
     }
 
     bits: int = 8
@@ -180,6 +183,7 @@ class QuantizeConfig(FamilyConfig):
     embeddings: bool = False
     free_weights: bool = True
     compute_dtype: str | None = None
+    activations: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> FamilyConfig | None:
@@ -201,6 +205,14 @@ class QuantizeConfig(FamilyConfig):
         for name in ("symmetric", "embeddings", "free_weights"):
             self._check_choice(name, getattr(self, name), (True, False))
         self._check_choice("compute_dtype", self.compute_dtype, (None, "bfloat16", "float16"))
+        self._check_choice("activations", self.activations, (None, "int8"))
+        if self.activations == "int8" and (
+            self.bits != 8 or not self.symmetric or self.group_size is not None or self.compute_dtype is not None
+        ):
+            raise OptionError(
+                "options['quantize']: activations='int8' (W8A8) needs int8 per-channel symmetric weights "
+                "(bits=8, group_size=None, symmetric=True) and no compute_dtype; use the short name 'w8a8'"
+            )
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -239,7 +251,8 @@ class QuantizeConfig(FamilyConfig):
 
     def describe(self) -> str:
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'} {self.method}"
+        acts = ", int8 activations" if self.activations == "int8" else ""
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'} {self.method}{acts}"
 
 
 @dataclass(frozen=True)

@@ -137,11 +137,19 @@ WEIGHTS = WeightCache()
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def can_release(weight: torch.Tensor) -> bool:
+    """False for storages that cannot shrink, e.g. memory-mapped from a safetensors file
+    (those pages are file-backed: the OS drops them under pressure without our help)."""
+    return weight.untyped_storage().resizable()
+
+
 def release(weight: torch.Tensor, name: str) -> int:
     """Free a weight's storage; returns the bytes freed (0 if it was already released)."""
     if weight in _RELEASED:
         return 0
     storage = weight.untyped_storage()
+    if not storage.resizable():
+        raise ValueError(f"memsave: cannot release {name!r}: its storage is not resizable (memory-mapped?)")
     nbytes = storage.nbytes()
     install_eager_guard()
     with unset_fake_temporarily():

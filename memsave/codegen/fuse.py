@@ -18,6 +18,8 @@ left as it is.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -47,6 +49,15 @@ def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) ->
             x, bias = (mm.args[0], None) if mm.target == aten.mm.default else (mm.args[1], mm.args[0])
             if _node_dtype(x) != dtype:
                 continue
+            activations = _per_token_source(x)
+            if activations is not None and bits == 8 and offset is None and group == k:
+                # W8A8: quantized activations × int8 weights in one integer matmul.
+                linear = builder.call(memsave_ops.linear_w8a8.default, (activations, packed, scale, bias), before=mm)
+                mm.replace_all_uses_with(linear)
+                gm.graph.erase_node(mm)
+                _erase_dead(gm, x)
+                fused += 1
+                continue
             linear = builder.call(
                 memsave_ops.linear_affine.default, (x, packed, scale, offset, bias, bits, group, k), before=mm
             )
@@ -60,6 +71,27 @@ def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) ->
             gm.graph.erase_node(dq)
     gm.recompile()
     return PassResult(bool(fused), (f"fused {fused} dequantize→matmul pairs into linear_affine",) if fused else ())
+
+
+def _per_token_source(x) -> fx.Node | None:
+    """x0 if x is dequantize_per_token(quantize_per_token(x0)), else None."""
+    if not (isinstance(x, fx.Node) and x.target == memsave_ops.dequantize_per_token.default):
+        return None
+    codes, scales = x.args[0], x.args[1]
+    if not all(isinstance(n, fx.Node) and n.target is operator.getitem for n in (codes, scales)):
+        return None
+    q = codes.args[0]
+    if q is not scales.args[0] or q.target != memsave_ops.quantize_per_token.default:
+        return None
+    return q.args[0]
+
+
+def _erase_dead(gm: fx.GraphModule, node) -> None:
+    if isinstance(node, fx.Node) and node.op == "call_function" and not node.users:
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        gm.graph.erase_node(node)
+        for a in inputs:
+            _erase_dead(gm, a)
 
 
 def _is_transpose(node: fx.Node) -> bool:

@@ -13,3 +13,21 @@ from memsave.ops.affine import (  # noqa: F401  (registers memsave::quantize_aff
 )
 from memsave.ops.linear import linear_affine  # noqa: F401  (registers memsave::linear_affine)
 from memsave.ops.pack import pack_bits, packed_length, unpack_bits  # noqa: F401
+from memsave.ops.w8a8 import dequantize_per_token, linear_w8a8, quantize_per_token  # noqa: F401
+from memsave.ops.log import (  # noqa: F401  (registers memsave::quantize_log / dequantize_log / linear_log)
+    choose_logparams,
+    choose_logparams_mse,
+    dequantize_log,
+    linear_log,
+    log_bits_per_weight,
+    quantize_log,
+    quantize_weight_log,
+)
+from memsave.ops.vq import (  # noqa: F401  (registers memsave::quantize_vq / dequantize_vq / linear_vq)
+    dequantize_vq,
+    kmeans_codebook,
+    linear_vq,
+    quantize_vq,
+    quantize_weight_vq,
+    vq_bits_per_weight,
+)

@@ -32,21 +32,23 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in FOLDABLE:
             continue
-        weight_node, *rest = node.args
-        weight = ctx.weight_tensor(weight_node.name) if isinstance(weight_node, fx.Node) else None
-        if weight is None or not all(_is_constant(a) for a in rest):
+        source, *rest = node.args
+        weight_node = _root_weight(source, ctx)
+        if weight_node is None or not all(_is_constant(a) for a in rest):
             continue
+        weight = ctx.weight_tensor(weight_node.name)
         constants = [getattr(gm, a.target) if isinstance(a, fx.Node) else a for a in rest]
         # Keyed by how the scales were chosen, not by the scale tensors' identity: a recompile
         # may get those rebuilt (see WeightCache.convert) and must still find the codes.
         key = ("packed", node.target.name(), node.meta.get(QPARAMS_KEY), *[c for c in constants if not isinstance(c, torch.Tensor)])
         if node.meta.get(QPARAMS_KEY) is None:
             continue  # a quantize node this pass did not make: its scales' provenance is unknown
-        packed = WEIGHTS.get_or_build(weight, key, lambda: node.target(weight, *constants))
+        packed = WEIGHTS.get_or_build(weight, key, lambda: node.target(_evaluate(source, gm, ctx), *constants))
         constant = builder.constant("memsave_packed", packed, before=node)
-        constant.meta["memsave_weight_of"] = ctx.weights[weight_node.name].name if weight_node.name in ctx.weights else None
+        constant.meta["memsave_weight_of"] = ctx.weights[weight_node.name].name
         node.replace_all_uses_with(constant)
         gm.graph.erase_node(node)
+        _erase_if_dead(gm, source)
         folded += 1
     gm.recompile()
     return PassResult(bool(folded), (f"packed {folded} weights at compile time",) if folded else ())
@@ -54,4 +56,36 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
 
 def _is_constant(arg) -> bool:
     return not isinstance(arg, fx.Node) or arg.op == "get_attr"
+
+
+def _root_weight(source, ctx: PassContext) -> fx.Node | None:
+    """The weight placeholder an expression of one weight and constants is computed from
+    (the weight itself, or e.g. W·s for AWQ); None if it reads anything else."""
+    if not isinstance(source, fx.Node):
+        return None
+    if source.op == "placeholder":
+        return source if ctx.weight_tensor(source.name) is not None and source.name in ctx.weights else None
+    if source.op != "call_function":
+        return None
+    roots = {_root_weight(a, ctx) for a in source.args if isinstance(a, fx.Node) and a.op != "get_attr"}
+    others_constant = all(_is_constant(a) or _root_weight(a, ctx) is not None for a in source.args)
+    return roots.pop() if len(roots) == 1 and None not in roots and others_constant else None
+
+
+def _evaluate(source: fx.Node, gm: fx.GraphModule, ctx: PassContext):
+    """The real value of a weight expression (runs on real tensors, inside the cache's build)."""
+    if source.op == "placeholder":
+        return ctx.weight_tensor(source.name)
+    if source.op == "get_attr":
+        return getattr(gm, source.target)
+    args = [_evaluate(a, gm, ctx) if isinstance(a, fx.Node) else a for a in source.args]
+    return source.target(*args, **source.kwargs)
+
+
+def _erase_if_dead(gm: fx.GraphModule, node) -> None:
+    if isinstance(node, fx.Node) and node.op == "call_function" and not node.users:
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        gm.graph.erase_node(node)
+        for a in inputs:
+            _erase_if_dead(gm, a)
 

@@ -21,15 +21,22 @@ training graphs keep full-precision weights (the weights are what they learn).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import operator
+
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
+from memsave.calibrate import CALIBRATION
 from memsave.config import QuantizeConfig
 from memsave.graph.meta import node_val
 from memsave.graph.rewrite import GraphBuilder, users_are
 from memsave.ops.affine import choose_qparams_affine, choose_qparams_mse
+from memsave.ops.awq import choose_awq
 from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
 from memsave.weights import WEIGHTS
 
@@ -43,6 +50,9 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
         return PassResult(False, ("training graph: weights stay in full precision",))
     builder = GraphBuilder(gm, "quantize")
     quantized, skipped = [], []
+    errors: dict[str, float] = {}  # weight name -> SQNR (dB) of its quantized form
+    alphas: dict[str, float] = {}  # weight name -> AWQ's chosen exponent
+    skipped_awq: list[str] = []
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         if node.op != "placeholder" or node.name not in ctx.weights:
@@ -62,13 +72,43 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             continue
         k = val.shape[1]
         group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
+        stats = CALIBRATION.get(weight) if scheme.method == "awq" else None
+        if scheme.method == "awq" and stats is None:
+            skipped_awq.append(name)
+            scheme = dataclasses.replace(scheme, method="mse")
         qparams_key = ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
-        scale, offset = WEIGHTS.get_or_build(weight, qparams_key, lambda: _choose(weight, scheme, group))
         first_use = min(uses, key=position.__getitem__)
+        quantized_input, column_scale = node, None
+        if stats is not None:
+            found: list = []
+
+            def search():
+                found.extend(choose_awq(weight, stats.mean_abs, stats.sample, scheme.bits, group, scheme.symmetric))
+                return found[0], found[3]
+
+            column_scale, alpha = WEIGHTS.get_or_build(weight, ("awq",) + qparams_key, search)
+            scale, offset = WEIGHTS.get_or_build(weight, qparams_key, lambda: (found[1], found[2]))
+            s_node = builder.constant("memsave_awq_scale", column_scale, before=first_use)
+            # W·s is what gets quantized; fold_weights evaluates it at compile time.
+            quantized_input = builder.call(aten.mul.Tensor, (node, s_node), before=first_use)
+            with unset_fake_temporarily():  # passes run under the compile's fake mode
+                inverse_value = (1 / column_scale).to(val.dtype)
+            inverse = builder.constant("memsave_awq_inverse", inverse_value, before=first_use)
+            for use in uses:
+                for mm in list(use.users) if _is_transpose(use) else []:
+                    x_index = 0 if mm.target == aten.mm.default else 1
+                    x = mm.args[x_index]
+                    # x / s undoes the channel scaling exactly: (x / s)(W·s)ᵀ = x Wᵀ.
+                    mm.replace_input_with(x, builder.call(aten.mul.Tensor, (x, inverse), before=mm))
+            alphas[name] = alpha
+        else:
+            scale, offset = WEIGHTS.get_or_build(weight, qparams_key, lambda: _choose(weight, scheme, group))
         scale_node = builder.constant("memsave_scale", scale, before=first_use)
         offset_node = builder.constant("memsave_offset", offset, before=first_use) if offset is not None else None
         q = builder.call(
-            memsave_ops.quantize_affine.default, (node, scale_node, offset_node, scheme.bits, group), before=first_use
+            memsave_ops.quantize_affine.default,
+            (quantized_input, scale_node, offset_node, scheme.bits, group),
+            before=first_use,
         )
         q.meta[QPARAMS_KEY] = qparams_key  # fold_weights caches the packed codes under it
         compute = getattr(torch, scheme.compute_dtype) if scheme.compute_dtype else val.dtype
@@ -83,15 +123,34 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
                 )
             return dequantized[dtype]
 
+        if scheme.activations == "int8":
+            for use in uses:
+                for mm in list(use.users) if _is_transpose(use) else []:
+                    _quantize_activations(builder, mm)
         for use in uses:
             if compute != val.dtype and _is_transpose(use):
                 _compute_in(builder, use, node, dequantize(compute), compute)
             else:
                 use.replace_input_with(node, dequantize(val.dtype))
+        sqnr = WEIGHTS.get_or_build(
+            weight, ("sqnr", qparams_key), lambda: _weight_sqnr(weight, scale, offset, scheme.bits, group, column_scale)
+        )
         quantized.append(f"{name}: {scheme.describe()}" + (f" (group {group})" if group != scheme.group_size and scheme.group_size else ""))
+        errors[name] = sqnr
     gm.recompile()
-    notes = tuple([f"quantized {len(quantized)} weights"] + [f"skipped {s}" for s in skipped])
-    return PassResult(bool(quantized), notes, {"quantized": quantized, "skipped": skipped})
+    worst_first = sorted(errors.items(), key=lambda item: item[1])
+    notes = tuple(
+        [f"quantized {len(quantized)} weights; weight SQNR per layer, worst first:"]
+        + [f"  {name}: {db:.1f} dB" + (f" (awq alpha {alphas[name]:.1f})" if name in alphas else "") for name, db in worst_first]
+        + [f"skipped {s}" for s in skipped]
+        + (
+            [f"awq: no calibration statistics for {', '.join(skipped_awq)} (run memsave.calibrate first): used mse"]
+            if skipped_awq
+            else []
+        )
+    )
+    details = {"quantized": quantized, "skipped": skipped, "sqnr_db": errors, "awq_alpha": alphas}
+    return PassResult(bool(quantized), notes, details)
 
 
 def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
@@ -107,6 +166,17 @@ def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
         elif embeddings and user.target == aten.embedding.default and user.args[0] is weight:
             uses.append(user)
     return uses
+
+
+def _quantize_activations(builder: GraphBuilder, mm: fx.Node) -> None:
+    """x → dequantize_per_token(quantize_per_token(x)) in front of a matmul (W8A8)."""
+    index = 0 if mm.target == aten.mm.default else 1
+    x = mm.args[index]
+    q = builder.call(memsave_ops.quantize_per_token.default, (x,), before=mm)
+    codes = builder.call(operator.getitem, (q, 0), before=mm)
+    scales = builder.call(operator.getitem, (q, 1), before=mm)
+    dq = builder.call(memsave_ops.dequantize_per_token.default, (codes, scales, x.meta["val"].dtype), before=mm)
+    mm.replace_input_with(x, dq)
 
 
 def _compute_in(builder: GraphBuilder, transpose: fx.Node, weight: fx.Node, dq: fx.Node, dtype: torch.dtype) -> None:
@@ -136,6 +206,16 @@ def _is_transpose(node: fx.Node) -> bool:
     if node.target == aten.t.default:
         return True
     return node.target == aten.permute.default and list(node.args[1]) == [1, 0]
+
+
+def _weight_sqnr(weight: torch.Tensor, scale, offset, bits: int, group: int, column_scale=None) -> float:
+    """10·log10(‖w‖² / ‖w − ŵ‖²): how much of the weight survives quantization."""
+    k = weight.shape[1]
+    s = column_scale if column_scale is not None else torch.ones(k)
+    packed = memsave_ops.quantize_affine(weight.float() * s, scale, offset, bits, group)
+    error = memsave_ops.dequantize_affine(packed, scale, offset, bits, group, k, torch.float32) / s - weight.float()
+    noise, signal = error.pow(2).sum().item(), weight.float().pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def _choose(weight: torch.Tensor, scheme: QuantizeConfig, group: int):

@@ -16,13 +16,13 @@ import torch.fx as fx
 from memsave.config import QuantizeConfig
 from memsave.passes.base import PassContext, PassResult
 from memsave.report import fmt_bytes
-from memsave.weights import WEIGHTS, is_released, release
+from memsave.weights import WEIGHTS, can_release, is_released, release
 
 
 def release_weights(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> PassResult:
     if not config.free_weights or ctx.stage != "inference":
         return PassResult(False)
-    freed, names = 0, []
+    freed, names, mapped = 0, [], []
     for node in gm.graph.nodes:
         if node.op != "placeholder" or node.name not in ctx.weights or node.users:
             continue
@@ -30,7 +30,15 @@ def release_weights(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext
         # Only weights memsave compressed: an unused weight it never touched stays as it is.
         if weight is None or weight not in WEIGHTS or is_released(weight):
             continue
+        if not can_release(weight):
+            mapped.append(ctx.weights[node.name].name)
+            continue
         freed += release(weight, ctx.weights[node.name].name)
         names.append(ctx.weights[node.name].name)
     notes = (f"released {len(names)} full-precision weights ({fmt_bytes(freed)})",) if names else ()
-    return PassResult(bool(names), notes, {"released": names, "released_bytes": freed})
+    if mapped:
+        notes += (
+            f"kept {len(mapped)} weights whose storage cannot be freed (memory-mapped from a file, e.g. "
+            "safetensors); their pages are file-backed and the graph no longer reads them",
+        )
+    return PassResult(bool(names), notes, {"released": names, "released_bytes": freed, "not_releasable": mapped})

@@ -1,0 +1,82 @@
+"""Calibration: what the inputs of each linear layer look like on real data.
+
+    memsave.calibrate(model, batches)              # before torch.compile
+    compiled = torch.compile(model, backend="memsave", options={"quantize": {"bits": 4, "method": "awq"}})
+
+Runs the model eagerly on the calibration batches (each an input tuple, a tensor, or a dict of
+keyword arguments) with hooks on every nn.Linear, and records per weight: the mean |x| of each
+input channel and a fixed-size random sample of input rows (seeded, so calibration is
+reproducible). Calibration-based quantization methods (method="awq") read these statistics
+when they compress that weight; they are kept per weight object, weakly, like the weight cache.
+A progress line on stderr shows how far it is.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+@dataclass
+class ActivationStats:
+    mean_abs: torch.Tensor  # (K,) mean |x| per input channel
+    sample: torch.Tensor  # (S, K) input rows, a seeded random subset
+    tokens: int  # rows seen
+
+
+# weight parameter -> ActivationStats of the inputs it multiplied.
+CALIBRATION: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def calibrate(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    *,
+    sample_rows: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> int:
+    """Record input statistics of every nn.Linear in `model`; returns how many layers."""
+    model = getattr(model, "_orig_mod", model)
+    sums: dict[torch.nn.Linear, torch.Tensor] = {}
+    counts: dict[torch.nn.Linear, int] = {}
+    samples: dict[torch.nn.Linear, list[torch.Tensor]] = {}
+    generator = torch.Generator().manual_seed(seed)
+
+    def record(module: torch.nn.Linear, args) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, K)
+        sums[module] = sums.get(module, 0) + x.abs().sum(0)
+        counts[module] = counts.get(module, 0) + x.shape[0]
+        keep = torch.randperm(x.shape[0], generator=generator)[:sample_rows]
+        samples.setdefault(module, []).append(x[keep].clone())
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_pre_hook(record) for m in linears]
+    batches = list(batches)
+    if not batches:
+        raise ValueError("memsave.calibrate: no calibration batches given")
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches, 1):
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                if progress:
+                    print(f"\rmemsave calibrate: {i}/{len(batches)} batches", end="", file=sys.stderr, flush=True)
+    finally:
+        for h in handles:
+            h.remove()
+        if progress:
+            print(file=sys.stderr)
+    for module in sums:
+        rows = torch.cat(samples[module])
+        keep = torch.randperm(rows.shape[0], generator=generator)[:sample_rows]
+        CALIBRATION[module.weight] = ActivationStats(sums[module] / counts[module], rows[keep], counts[module])
+    return len(sums)

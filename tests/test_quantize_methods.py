@@ -1,0 +1,127 @@
+"""Quantization schemes and methods beyond round-to-nearest weights: per-layer error in the
+report, activation-aware scaling (AWQ) with calibration, and W8A8 dynamic int8 activations."""
+
+import math
+
+import pytest
+import torch
+
+import memsave
+from memsave.calibrate import CALIBRATION, calibrate
+from memsave.config import Config, QuantizeConfig
+from memsave.models import build_decoder, build_mlp, decoder_inputs
+from memsave.ops import dequantize_affine, quantize_affine
+from memsave.ops.affine import choose_qparams_mse
+from memsave.ops.awq import choose_awq
+from memsave.ops.w8a8 import dequantize_per_token, linear_w8a8, quantize_per_token
+from memsave.report import ErrorStats
+
+memsave_ops = torch.ops.memsave
+
+
+def compile_and_run(model, *inputs, **options):
+    compiled = torch.compile(model, backend="memsave", options={"codegen": "fx", **options})
+    with memsave.collect() as reports, torch.no_grad():
+        out = compiled(*inputs)
+    return out, reports
+
+
+def test_report_lists_each_layers_error_worst_first():
+    model = build_mlp(sizes=(64, 128, 32))
+    _, (report,) = compile_and_run(model, torch.randn(4, 64), quantize={"bits": 4, "group_size": 32, "overrides": {"layers.1.*": {"bits": 8}}})
+    quantize = report.records[1]
+    sqnr = quantize.details["sqnr_db"]
+    assert set(sqnr) == {"layers.0.weight", "layers.1.weight"}
+    assert sqnr["layers.1.weight"] > sqnr["layers.0.weight"] + 15  # 8 bits vs 4: ~24 dB apart
+    lines = [n for n in quantize.notes if n.startswith("  ")]
+    assert lines[0].startswith("  layers.0.weight:") and lines[0].endswith("dB")  # worst first
+
+
+# -- AWQ --------------------------------------------------------------------------------------
+
+
+def test_awq_beats_plain_quantization_when_some_channels_carry_large_activations():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    x = torch.randn(256, 128, generator=g)
+    x[:, :8] *= 30  # a few outlier input channels, as in real LLM activations
+    s, scale, offset, alpha = choose_awq(w, x.abs().mean(0), x, 4, 32, symmetric=False)
+
+    def output_error(w_hat):
+        return (x @ w_hat.t() - x @ w.t()).pow(2).sum().item()
+
+    plain_scale, plain_offset = choose_qparams_mse(w, 4, 32, False)
+    plain = dequantize_affine(quantize_affine(w, plain_scale, plain_offset, 4, 32), plain_scale, plain_offset, 4, 32, 128, torch.float32)
+    awq = dequantize_affine(quantize_affine(w * s, scale, offset, 4, 32), scale, offset, 4, 32, 128, torch.float32) / s
+    assert alpha > 0
+    assert output_error(awq) < 0.8 * output_error(plain)
+
+
+def test_calibrate_records_every_linear_and_awq_uses_it():
+    model = build_decoder("tiny")
+    batches = [decoder_inputs(model, batch=2, seq=16, seed=s) for s in range(3)]
+    assert calibrate(model, batches, progress=False) == 15  # 7 per block × 2 + lm_head
+    stats = CALIBRATION[model.layers[0].mlp.down_proj.weight]
+    assert stats.mean_abs.shape == (176,) and stats.sample.shape == (96, 176) and stats.tokens == 96
+    ids = decoder_inputs(model, batch=1, seq=16, seed=10)
+    with torch.no_grad():
+        expected = model(*ids)
+    out, (report,) = compile_and_run(model, *ids, quantize="int4-g32-asym-awq")
+    quantize = report.records[1]
+    assert len(quantize.details["awq_alpha"]) == 15
+    assert any("awq alpha" in n for n in quantize.notes)
+    # The graph shows the compensation explicitly: x · (1/s) in front of each quantized matmul.
+    assert ErrorStats.between([expected], [out]).sqnr_db > 12
+
+
+def test_awq_without_calibration_falls_back_to_mse_and_says_so():
+    model = build_mlp()
+    _, (report,) = compile_and_run(model, torch.randn(4, 64), quantize={"bits": 4, "group_size": 32, "method": "awq"})
+    assert any("no calibration statistics" in n and "used mse" in n for n in report.records[1].notes)
+
+
+# -- W8A8 -------------------------------------------------------------------------------------
+
+
+def test_w8a8_options():
+    assert Config.from_options({"quantize": "w8a8"}).quantize == QuantizeConfig(bits=8, activations="int8")
+    with pytest.raises(ValueError, match="W8A8.*needs int8 per-channel symmetric"):
+        QuantizeConfig(bits=4, activations="int8")
+    with pytest.raises(ValueError, match=r"\['activations'\]: invalid value 'int4'"):
+        QuantizeConfig(activations="int4")
+
+
+def test_per_token_ops_and_the_integer_linear():
+    x = torch.randn(3, 5, 40)
+    codes, scale = quantize_per_token(x)
+    assert codes.dtype == torch.int8 and scale.shape == (3, 5, 1)
+    assert (dequantize_per_token(codes, scale, torch.float32) - x).abs().max() <= scale.max() / 2 + 1e-6
+    torch.library.opcheck(memsave_ops.quantize_per_token.default, (x,))
+    torch.library.opcheck(memsave_ops.dequantize_per_token.default, (codes, scale, torch.float32))
+    w = torch.randn(24, 40)
+    from memsave.ops import quantize_weight
+
+    packed, w_scale, _ = quantize_weight(w, 8, None, symmetric=True)
+    bias = torch.randn(24)
+    y = linear_w8a8(x, packed, w_scale, bias)
+    torch.library.opcheck(memsave_ops.linear_w8a8.default, (x, packed, w_scale, bias))
+    # The same numbers as the explicit Q/DQ graph: dequantized activations × dequantized weights.
+    w_dq = dequantize_affine(packed, w_scale, None, 8, 40, 40, torch.float64)
+    x_dq = dequantize_per_token(codes, scale, torch.float64)
+    exact = x_dq @ w_dq.t() + bias.double()
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_end_to_end_fuses_into_integer_matmuls():
+    model = build_decoder("tiny")
+    ids = decoder_inputs(model, batch=2, seq=16)
+    with torch.no_grad():
+        expected = model(*ids)
+    out, (report,) = compile_and_run(model, *ids, quantize="w8a8")
+    records = {r.name: r for r in report.records}
+    assert records["fuse_dequant_matmul"].notes[0].startswith("fused 15 ")
+    assert records["quantize"].details["quantized"][0].endswith("int8 activations")
+    # Fusing changed nothing numerically beyond fp32 rounding of the integer sums.
+    assert abs(records["fuse_dequant_matmul"].error.sqnr_db - records["quantize"].error.sqnr_db) < 0.5
+    assert ErrorStats.between([expected], [out]).sqnr_db > 30
+    assert not math.isinf(records["quantize"].error.sqnr_db)
