@@ -111,6 +111,14 @@ class WeightCache:
     def __contains__(self, weight: torch.Tensor) -> bool:
         return weight in self._entries
 
+    def has(self, weight: torch.Tensor, key: Hashable) -> bool:
+        """Whether (weight, key) is cached and current."""
+        entry = self._entries.get(weight, {}).get(key)
+        return entry is not None and entry[0] == weight._version
+
+    def keys(self, weight: torch.Tensor) -> list[Hashable]:
+        return list(self._entries.get(weight, {}))
+
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
         self._owners = WeakIdKeyDictionary()

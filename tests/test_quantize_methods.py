@@ -125,3 +125,27 @@ def test_w8a8_end_to_end_fuses_into_integer_matmuls():
     assert abs(records["fuse_dequant_matmul"].error.sqnr_db - records["quantize"].error.sqnr_db) < 0.5
     assert ErrorStats.between([expected], [out]).sqnr_db > 30
     assert not math.isinf(records["quantize"].error.sqnr_db)
+
+
+def test_an_awq_model_saves_loads_and_compiles_without_calibration(tmp_path):
+    from memsave.models import Decoder
+    from memsave.weights import WEIGHTS
+
+    model = build_decoder("tiny")
+    calibrate(model, [decoder_inputs(model, batch=2, seq=16, seed=s) for s in range(2)], progress=False)
+    ids = decoder_inputs(model, batch=1, seq=16, seed=5)
+    options = {"codegen": "fx", "quantize": "int4-g32-asym-awq", "debug": False}
+    compiled = torch.compile(model, backend="memsave", options=options)
+    with torch.no_grad():
+        expected = compiled(*ids)
+    memsave.save(compiled, tmp_path / "awq.safetensors")
+    torch._dynamo.reset()
+    with torch.device("meta"):
+        fresh = Decoder(model.config).eval()
+    memsave.load(fresh, tmp_path / "awq.safetensors")
+    builds = WEIGHTS.builds
+    with memsave.collect() as reports, torch.no_grad():
+        out = torch.compile(fresh, backend="memsave", options=options)(*ids)
+    assert torch.equal(out, expected)
+    assert WEIGHTS.builds == builds  # AWQ's scales came from the file, not a new search
+    assert not any("no calibration statistics" in n for n in reports[0].records[1].notes)

@@ -118,10 +118,17 @@ def choose_logparams_mse(
     check_qparams(bits, group_size, w.shape[-1])
     g = _grouped(w.detach().float(), group_size)
     lo, hi, nonzero = _log_range(g)
+    a = g.abs()  # signs are kept exactly: the error is that of the magnitudes (g may view w)
+    la = a.log()
     best_err = best_lz = best_s = None
     for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
         lz, s = _params_for_width(lo, hi, nonzero, ratio, bits)
-        err = (_fake_quantize(g, lz, s, bits) - g).pow_(2).sum(-1)
+        lz, s = lz.float().unsqueeze(-1), s.float().unsqueeze(-1)
+        # As _codes/_decode compute it: the nearest level, or 0 below half the smallest one.
+        mag = torch.clamp(torch.round((la - lz) / s), 0, levels(bits) - 1).mul_(s).add_(lz).exp_()
+        mag.masked_fill_(la < lz - LN2, 0)
+        err = mag.sub_(a).pow_(2).sum(-1)
+        lz, s = lz.squeeze(-1).to(QPARAM_DTYPE), s.squeeze(-1).to(QPARAM_DTYPE)
         if best_err is None:
             best_err, best_lz, best_s = err, lz, s
         else:
@@ -153,12 +160,10 @@ def _decode(codes: torch.Tensor, log_zmin: torch.Tensor, step: torch.Tensor, bit
     return v.mul_(factor)
 
 
-def _fake_quantize(g: torch.Tensor, log_zmin: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    return _decode(_codes(g, log_zmin, step, bits), log_zmin, step, bits)
-
-
 @torch.library.custom_op("memsave::quantize_log", mutates_args=())
-def quantize_log(w: torch.Tensor, log_zmin: torch.Tensor, step: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def quantize_log(
+    w: torch.Tensor, log_zmin: torch.Tensor, step: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
     """(N, K) float weight → (N, packed_length(G·group_size, bits)) uint8 sign+log codes."""
     check_qparams(bits, group_size, w.shape[-1])
     codes = _codes(_grouped(w.float(), group_size), log_zmin, step, bits)

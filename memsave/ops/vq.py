@@ -16,9 +16,9 @@ The codebook comes from `kmeans_codebook`: Lloyd's algorithm, vectorized in torc
 (the distance matrix of a chunk of vectors is ~CHUNK_ELEMS floats at a time), deterministic
 for a seed:
 - training set: all vectors, or a seeded sample (with replacement) of
-  `max_points_per_centroid`·C of them when there are more (faiss's rule, 256 per centroid: a codebook of 256 learns from 65,536
-  vectors, which costs the same whatever the matrix's size); every vector is then assigned
-  to its nearest centroid;
+  `max_points_per_centroid`·C of them when there are more (faiss's rule, 256 per centroid:
+  a codebook of 256 learns from 65,536 vectors, which costs the same whatever the matrix's
+  size); every vector is then assigned to its nearest centroid;
 - init: k-means++ on the training set with a seeded torch.Generator;
 - each iteration assigns every training vector to its nearest centroid (squared distance
   ‖c‖² − 2·x·c, ties to the lowest index) and moves each centroid to the mean of its
@@ -29,8 +29,11 @@ for a seed:
 - the centroids are rounded to fp16 and the indices are those of the nearest fp16 centroid,
   i.e. exactly what `quantize_vq(w, codebook)` stores.
 
-Padded vectors (K not a multiple of dim) take part with their zero padding, both in training
-and in the nearest-centroid search.
+"Nearest" is by ‖c‖² − 2·x·c in fp32 (one matmul per chunk), which can break a near-tie
+differently from ‖x − c‖² by the rounding of ‖x‖² and ‖c‖², nothing more. Padded vectors
+(K not a multiple of dim) take part with their zero padding, both in training and in the
+nearest-centroid search. One codebook per matrix: rows of very different scales share it
+(a per-row scale, or a codebook per block of rows, would be the next refinement).
 """
 
 from __future__ import annotations

@@ -72,14 +72,18 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             continue
         k = val.shape[1]
         group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
+        qparams_key = ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
         stats = CALIBRATION.get(weight) if scheme.method == "awq" else None
-        if scheme.method == "awq" and stats is None:
+        # AWQ needs calibration statistics, unless its result is cached already (a recompile,
+        # or a model loaded with memsave.load).
+        awq_cached = scheme.method == "awq" and WEIGHTS.has(weight, ("awq",) + qparams_key)
+        if scheme.method == "awq" and stats is None and not awq_cached:
             skipped_awq.append(name)
             scheme = dataclasses.replace(scheme, method="mse")
-        qparams_key = ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
+            qparams_key = ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
         first_use = min(uses, key=position.__getitem__)
         quantized_input, column_scale = node, None
-        if stats is not None:
+        if scheme.method == "awq":
             found: list = []
 
             def search():
