@@ -36,6 +36,12 @@ def _randn(*shape, seed=0, scale=0.02):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def _non_increasing(history: list[float], w: torch.Tensor) -> bool:
+    """Up to fp32 rounding: relative 1e-6, absolute 1e-7 of the mean squared weight."""
+    slack = 1e-7 * float(w.float().pow(2).mean())
+    return all(b <= a * (1 + 1e-6) + slack for a, b in zip(history, history[1:]))
+
+
 def _per_weight(p: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
     """(N, G) per-group parameter → (N, K) per weight."""
     return p.float().repeat_interleave(group_size, dim=1)[:, :k]
@@ -270,7 +276,7 @@ def test_kmeans_never_increases_the_training_mse(dim, c, max_points):
     history: list[float] = []
     kmeans_codebook(w, dim, c, iters=25, max_points_per_centroid=max_points, history=history)
     assert 2 <= len(history) <= 25
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:])), history
+    assert _non_increasing(history, w), history
     assert history[-1] < history[0]
 
 
@@ -282,7 +288,7 @@ def test_kmeans_reseeds_empty_clusters_and_recovers_exact_clusters():
     w = points[choice].reshape(40, 32)
     history: list[float] = []
     codebook, indices = kmeans_codebook(w, 2, 8, iters=25, history=history)
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))
+    assert _non_increasing(history, w), history
     dq = dequantize_vq(pack_bits(indices, 3), codebook, 3, 2, 32, torch.float32)
     assert torch.equal(dq, w)
     # Fewer vectors than centroids: still C finite centroids, and an exact result.
@@ -330,7 +336,9 @@ def test_vq_dequantize_is_a_codebook_gather(dtype):
 )
 def test_vq_any_shape_round_trips(n, k, dim, c, seed):
     w = _randn(n, k, seed=seed)
-    codebook, indices = kmeans_codebook(w, dim, c, iters=3, seed=seed)
+    history: list[float] = []
+    codebook, indices = kmeans_codebook(w, dim, c, iters=4, seed=seed, max_points_per_centroid=2, history=history)
+    assert _non_increasing(history, w), history
     bits = vq_ops.index_bits_for(c)
     packed = quantize_vq(w, codebook)
     assert torch.equal(unpack_bits(packed, bits, indices.shape[1]), indices)

@@ -19,13 +19,14 @@ for a seed:
   `max_points_per_centroid`·C of them when there are more (faiss's rule, 256 per centroid:
   a codebook of 256 learns from 65,536 vectors, which costs the same whatever the matrix's
   size); every vector is then assigned to its nearest centroid;
-- init: k-means++ on the training set with a seeded torch.Generator;
+- init: k-means++ with a seeded torch.Generator, on (a seeded subset of at most 16·C of)
+  the training vectors;
 - each iteration assigns every training vector to its nearest centroid (squared distance
   ‖c‖² − 2·x·c, ties to the lowest index) and moves each centroid to the mean of its
   vectors (sums in fp64); a centroid left with no vectors is re-seeded at the training
   vector farthest from its centroid (distinct vectors for distinct empty clusters, farthest
-  first). Neither step can increase the training MSE, which `history` records once per
-  assignment; iterations stop early once no assignment changes;
+  first). Neither step can increase the training MSE (up to fp32 rounding), which
+  `history` records once per assignment; iterations stop early once no assignment changes;
 - the centroids are rounded to fp16 and the indices are those of the nearest fp16 centroid,
   i.e. exactly what `quantize_vq(w, codebook)` stores.
 
@@ -47,6 +48,7 @@ from memsave.ops.pack import pack_bits, packed_length, unpack_bits
 CODEBOOK_DTYPE = torch.float16
 CHUNK_ELEMS = 1 << 20  # elements of a chunk's (vectors × centroids) distance matrix
 DEQUANT_CHUNK_ELEMS = 1 << 18  # weights per block in the dequantize reference
+INIT_POINTS_PER_CENTROID = 16  # k-means++ seeds from at most this many training vectors per centroid
 
 
 def index_bits_for(n_centroids: int) -> int:
@@ -106,20 +108,20 @@ def nearest_centroids(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Te
 def _kmeans_pp(x: torch.Tensor, n_centroids: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding: each next centroid drawn with probability ∝ squared distance."""
     m = x.shape[0]
-    c = torch.empty((n_centroids, x.shape[1]), dtype=x.dtype)
-    first = int(torch.randint(m, (1,), generator=gen))
-    c[0] = x[first]
-    dist = (x - c[0]).pow_(2).sum(1).double()
+    c = torch.empty((n_centroids, x.shape[1]), dtype=x.dtype, device=x.device)
+    c[0] = x[int(torch.randint(m, (1,), generator=gen))]
+    dist = (x - c[0]).pow_(2).sum(1)
     for i in range(1, n_centroids):
-        cdf = dist.cumsum(0)
+        cdf = dist.cumsum(0, dtype=torch.float64)
         total = float(cdf[-1])
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
         if total > 0:  # inverse-CDF draw: cheaper than torch.multinomial, same distribution
-            j = min(int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=torch.float64), right=True)), m - 1)
+            target = torch.tensor([u * total], dtype=torch.float64, device=x.device)
+            j = min(int(torch.searchsorted(cdf, target, right=True)), m - 1)
         else:  # fewer distinct vectors than centroids: the rest duplicate one
             j = min(int(u * m), m - 1)
         c[i] = x[j]
-        torch.minimum(dist, (x - c[i]).pow_(2).sum(1).double(), out=dist)
+        torch.minimum(dist, (x - c[i]).pow_(2).sum(1), out=dist)
     return c
 
 
@@ -137,54 +139,46 @@ def kmeans_codebook(
 
     `indices` are the nearest fp16 centroids: pack_bits(indices, index_bits_for(C)) equals
     quantize_vq(w, codebook). `history`, if given, receives the training MSE (per weight) of
-    each assignment step, in order — non-increasing.
+    each assignment step, in order — non-increasing, up to fp32 rounding (~1e-7 of the mean
+    squared weight: fp32 centroids, nearest by ‖c‖² − 2·x·c).
     """
     check_vq(dim, n_centroids, w.shape[-1])
     n = w.shape[0]
     vectors = _vectors(w.detach(), dim)
     m = vectors.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU whatever w's device: same draws everywhere
     limit = max_points_per_centroid * n_centroids
     # A sample with replacement: randint costs `limit` indices, randperm would cost m.
-    x = vectors if m <= limit else vectors[torch.randint(m, (limit,), generator=gen)]
+    x = vectors if m <= limit else vectors[torch.randint(m, (limit,), generator=gen).to(vectors.device)]
     mt = x.shape[0]
-    c = _kmeans_pp(x, n_centroids, gen)
+    # k-means++ seeds from (at most) INIT_POINTS_PER_CENTROID·C of the training vectors: it
+    # is sequential, C small passes, and an initialization needs no more.
+    init = x if mt <= INIT_POINTS_PER_CENTROID * n_centroids else x[
+        torch.randperm(mt, generator=gen)[: INIT_POINTS_PER_CENTROID * n_centroids].to(x.device)
+    ]
+    c = _kmeans_pp(init, n_centroids, gen)
+    del init
     step = _chunk(n_centroids)
-    assign = torch.empty(mt, dtype=torch.int16)
-    for it in range(iters):
+    assign = torch.empty(mt, dtype=torch.int64, device=x.device)
+    previous = None
+    for _ in range(iters):
         prepared = _prepare(c)
-        sums = torch.zeros((n_centroids, dim), dtype=torch.float64)
-        sse = 0.0
-        changed = it == 0
-        worst_err = torch.empty(0)
-        worst_idx = torch.empty(0, dtype=torch.int64)
-        for i in range(0, mt, step):
-            xc = x[i : i + step]
-            idx = _nearest(xc, prepared)
-            err = (xc - c[idx]).pow_(2).sum(1)
-            if not changed and not torch.equal(assign[i : i + step], idx.to(torch.int16)):
-                changed = True
-            assign[i : i + step] = idx
-            sums.index_add_(0, idx, xc.double())
-            sse += float(err.sum(dtype=torch.float64))
-            # Keep the farthest vectors seen so far: candidates to re-seed empty clusters.
-            k = min(n_centroids, err.shape[0])
-            top = err.topk(k)
-            merged = torch.cat([worst_err, top.values])
-            merged_idx = torch.cat([worst_idx, top.indices + i])
-            keep = merged.topk(min(n_centroids, merged.shape[0]))
-            worst_err, worst_idx = keep.values, merged_idx[keep.indices]
+        for i in range(0, mt, step):  # only the distances need chunks; the rest is per training set
+            assign[i : i + step] = _nearest(x[i : i + step], prepared)
+        err = (x - c[assign]).pow_(2).sum(1)
         if history is not None:
-            history.append(sse / x.numel())
-        if not changed:
+            history.append(float(err.sum(dtype=torch.float64)) / x.numel())
+        if previous is not None and torch.equal(previous, assign):
             break  # same assignment as the last step: the centroids are already its means
-        counts = torch.bincount(assign.long(), minlength=n_centroids)
+        previous = assign.clone()
+        counts = torch.bincount(assign, minlength=n_centroids)
+        sums = torch.zeros((n_centroids, dim), dtype=torch.float64, device=x.device).index_add_(0, assign, x.double())
         full = counts > 0
-        new = torch.where(full.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).double(), c.double())
-        empty = (~full).nonzero().flatten()
-        if empty.numel():
-            reseed = worst_idx[: empty.numel()]  # farthest first
-            new[empty[: reseed.numel()]] = x[reseed].double()
+        new = torch.where(full.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), c.double())
+        if not bool(full.all()):  # re-seed empty clusters at the farthest vectors, farthest first
+            empty = (~full).nonzero().flatten()
+            far = err.topk(min(empty.numel(), mt)).indices
+            new[empty[: far.numel()]] = x[far].double()
         c = new.float()
     codebook = c.to(CODEBOOK_DTYPE)
     indices = nearest_centroids(vectors, codebook).reshape(n, -1)
