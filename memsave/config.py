@@ -128,15 +128,19 @@ class RecomputeConfig(FamilyConfig):
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_GROUPS = (None, 32, 64, 128, 256)
 QUANT_METHODS = ("rtn", "mse", "awq")
+QUANT_SCHEMES = ("affine", "log", "vq")
 
 
 def _parse_quant_name(name: str) -> dict[str, Any] | None:
-    """`int4`, `int4-g64`, `int3-g32-asym-mse`, `int8-sym`, ... → QuantizeConfig fields."""
-    m = re.fullmatch(r"int([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse|awq))?", name)
+    """`int4`, `int4-g64`, `int3-g32-asym-mse`, `log4-g128`, `vq2`, ... → QuantizeConfig fields."""
+    vq = re.fullmatch(r"vq([2348])", name)
+    if vq is not None:
+        return {"scheme": "vq", "bits": int(vq.group(1))}
+    m = re.fullmatch(r"(int|log)([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse|awq))?", name)
     if m is None:
         return None
-    bits, group, sym, method = m.groups()
-    fields_: dict[str, Any] = {"bits": int(bits)}
+    kind, bits, group, sym, method = m.groups()
+    fields_: dict[str, Any] = {"bits": int(bits), "scheme": "affine" if kind == "int" else "log"}
     if group is not None:
         fields_["group_size"] = int(group)
     if sym is not None:
@@ -148,8 +152,10 @@ def _parse_quant_name(name: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class QuantizeConfig(FamilyConfig):
-    """Weight-only affine quantization of linear (and optionally embedding) weights.
+    """Weight quantization of linear (and optionally embedding) weights.
 
+    scheme: "affine" (linear levels), "log" (logarithmic levels, sign kept) or "vq" (k-means
+    codebook of 2^(bits·d) vectors of d consecutive weights, d the largest with bits·d ≤ 8).
     bits: 2, 3, 4 or 8. group_size: None (one group per output row, "per channel") or 32, 64,
     128, 256 input features per group. symmetric: codes centred on zero (no stored offset) or
     asymmetric (min/max range, fp16 offset per group). method: "rtn" round-to-nearest, "mse"
@@ -165,7 +171,7 @@ class QuantizeConfig(FamilyConfig):
     """
 
     family: ClassVar[str] = "quantize"
-    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq]'"
+    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq]', 'log<bits>[-g<group>][-mse]', 'vq<bits>'"
     # int4 alone is memsave's int4 recipe; see README for why this one.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {
         "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn"},
@@ -173,6 +179,7 @@ class QuantizeConfig(FamilyConfig):
         "w8a8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn", "activations": "int8"},
     }
 
+    scheme: str = "affine"
     bits: int = 8
     group_size: int | None = None
     symmetric: bool = True
@@ -199,6 +206,7 @@ class QuantizeConfig(FamilyConfig):
         return super().parse(value)
 
     def __post_init__(self):
+        self._check_choice("scheme", self.scheme, QUANT_SCHEMES)
         self._check_choice("bits", self.bits, QUANT_BITS)
         self._check_choice("group_size", self.group_size, QUANT_GROUPS)
         self._check_choice("method", self.method, QUANT_METHODS)
@@ -206,6 +214,11 @@ class QuantizeConfig(FamilyConfig):
             self._check_choice(name, getattr(self, name), (True, False))
         self._check_choice("compute_dtype", self.compute_dtype, (None, "bfloat16", "float16"))
         self._check_choice("activations", self.activations, (None, "int8"))
+        if self.scheme != "affine" and (self.method == "awq" or self.activations or self.compute_dtype):
+            raise OptionError(
+                f"options['quantize']: scheme {self.scheme!r} supports methods 'rtn'/'mse' only, without "
+                "activations or compute_dtype (those need the affine scheme)"
+            )
         if self.activations == "int8" and (
             self.bits != 8 or not self.symmetric or self.group_size is not None or self.compute_dtype is not None
         ):
@@ -250,7 +263,11 @@ class QuantizeConfig(FamilyConfig):
         return scheme
 
     def describe(self) -> str:
+        if self.scheme == "vq":
+            return f"vq {self.bits} bits/weight"
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        if self.scheme == "log":
+            return f"log{self.bits} {group} {self.method}"
         acts = ", int8 activations" if self.activations == "int8" else ""
         return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'} {self.method}{acts}"
 

@@ -149,3 +149,48 @@ def test_an_awq_model_saves_loads_and_compiles_without_calibration(tmp_path):
     assert torch.equal(out, expected)
     assert WEIGHTS.builds == builds  # AWQ's scales came from the file, not a new search
     assert not any("no calibration statistics" in n for n in reports[0].records[1].notes)
+
+
+# -- log and vector quantization through the pass ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, scheme, min_sqnr",
+    [("log4-g64-mse", "log", 14.0), ("vq4", "vq", 16.0), ("vq2", "vq", 6.0), ("log8", "log", 25.0)],
+)
+def test_log_and_vq_schemes_compile_fuse_and_compute_their_reference(name, scheme, min_sqnr):
+    from memsave.ops.schemes import SCHEMES, QuantSpec
+
+    model = build_decoder("tiny")
+    ids = decoder_inputs(model, batch=2, seq=16)
+    with torch.no_grad():
+        expected = model(*ids)
+    out, (report,) = compile_and_run(model, *ids, quantize=name)
+    records = {r.name: r for r in report.records}
+    assert records["fuse_dequant_matmul"].notes[0].startswith("fused 15 ")
+    assert all(q.split(": ")[1].startswith(scheme) for q in records["quantize"].details["quantized"])
+    assert ErrorStats.between([expected], [out]).sqnr_db > min_sqnr
+    # Exactly the model whose linear weights are dequantize(quantize(w)) under the same scheme.
+    config = Config.from_options({"quantize": name}).quantize
+    reference = build_decoder("tiny")
+    rules = SCHEMES[scheme]
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                k = w.shape[1]
+                group = k if config.group_size is None or config.group_size >= k else config.group_size
+                spec = QuantSpec(scheme, config.bits, group, config.symmetric, config.method)
+                params = rules.choose(w, spec)
+                codes = rules.quantize(w, *params, *rules.quantize_extra(spec))
+                w.copy_(rules.dequantize(codes, *params, *rules.dequantize_extra(spec), k, w.dtype))
+        torch.testing.assert_close(out, reference(*ids), rtol=1e-5, atol=1e-5)
+
+
+def test_log_and_vq_options():
+    assert Config.from_options({"quantize": "vq2"}).quantize == QuantizeConfig(scheme="vq", bits=2)
+    assert Config.from_options({"quantize": "log4-g128"}).quantize == QuantizeConfig(scheme="log", bits=4, group_size=128)
+    with pytest.raises(ValueError, match="scheme 'vq' supports methods 'rtn'/'mse' only"):
+        QuantizeConfig(scheme="vq", method="awq")
+    with pytest.raises(ValueError, match=r"\['scheme'\]: invalid value 'nf4'; valid choices: 'affine', 'log', 'vq'"):
+        QuantizeConfig(scheme="nf4")

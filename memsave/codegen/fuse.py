@@ -26,6 +26,7 @@ import torch.fx as fx
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
 from memsave.graph.rewrite import GraphBuilder
+from memsave.ops.schemes import DEQUANTIZE_TO_LINEAR
 from memsave.passes.base import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -36,9 +37,11 @@ def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) ->
     builder = GraphBuilder(gm, "fuse_dequant_matmul")
     fused = 0
     for dq in list(gm.graph.nodes):
-        if dq.op != "call_function" or dq.target != memsave_ops.dequantize_affine.default:
+        if dq.op != "call_function" or dq.target not in DEQUANTIZE_TO_LINEAR:
             continue
-        packed, scale, offset, bits, group, k, dtype = dq.args
+        linear_op, n_params = DEQUANTIZE_TO_LINEAR[dq.target]
+        codes, params = dq.args[0], dq.args[1 : 1 + n_params]
+        extras, (k, dtype) = dq.args[1 + n_params : -2], dq.args[-2:]
         transposes = list(dq.users)
         if not transposes or not all(_is_transpose(t) for t in transposes):
             continue
@@ -50,17 +53,15 @@ def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) ->
             if _node_dtype(x) != dtype:
                 continue
             activations = _per_token_source(x)
-            if activations is not None and bits == 8 and offset is None and group == k:
+            if activations is not None and _is_int8_per_channel(dq):
                 # W8A8: quantized activations × int8 weights in one integer matmul.
-                linear = builder.call(memsave_ops.linear_w8a8.default, (activations, packed, scale, bias), before=mm)
+                linear = builder.call(memsave_ops.linear_w8a8.default, (activations, codes, params[0], bias), before=mm)
                 mm.replace_all_uses_with(linear)
                 gm.graph.erase_node(mm)
                 _erase_dead(gm, x)
                 fused += 1
                 continue
-            linear = builder.call(
-                memsave_ops.linear_affine.default, (x, packed, scale, offset, bias, bits, group, k), before=mm
-            )
+            linear = builder.call(linear_op, (x, codes, *params, bias, *extras, k), before=mm)
             mm.replace_all_uses_with(linear)
             gm.graph.erase_node(mm)
             fused += 1
@@ -70,7 +71,14 @@ def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) ->
         if not dq.users:
             gm.graph.erase_node(dq)
     gm.recompile()
-    return PassResult(bool(fused), (f"fused {fused} dequantize→matmul pairs into linear_affine",) if fused else ())
+    return PassResult(bool(fused), (f"fused {fused} dequantize→matmul pairs into quantized linears",) if fused else ())
+
+
+def _is_int8_per_channel(dq: fx.Node) -> bool:
+    if dq.target != memsave_ops.dequantize_affine.default:
+        return False
+    _, _, offset, bits, group, k, _ = dq.args
+    return bits == 8 and offset is None and group == k
 
 
 def _per_token_source(x) -> fx.Node | None:

@@ -19,11 +19,12 @@ import torch.fx as fx
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
 from memsave.graph.rewrite import GraphBuilder
+from memsave.ops.schemes import QUANTIZE_OPS
 from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
 from memsave.weights import WEIGHTS
 
 memsave_ops = torch.ops.memsave
-FOLDABLE = (memsave_ops.quantize_affine.default,)
+FOLDABLE = QUANTIZE_OPS  # every scheme's weight-side quantize
 
 
 def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassResult:

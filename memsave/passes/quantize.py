@@ -35,8 +35,8 @@ from memsave.calibrate import CALIBRATION
 from memsave.config import QuantizeConfig
 from memsave.graph.meta import node_val
 from memsave.graph.rewrite import GraphBuilder, users_are
-from memsave.ops.affine import choose_qparams_affine, choose_qparams_mse
 from memsave.ops.awq import choose_awq
+from memsave.ops.schemes import SCHEMES, QuantSpec
 from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
 from memsave.weights import WEIGHTS
 
@@ -72,59 +72,34 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             continue
         k = val.shape[1]
         group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
-        qparams_key = ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
-        stats = CALIBRATION.get(weight) if scheme.method == "awq" else None
         # AWQ needs calibration statistics, unless its result is cached already (a recompile,
         # or a model loaded with memsave.load).
-        awq_cached = scheme.method == "awq" and WEIGHTS.has(weight, ("awq",) + qparams_key)
-        if scheme.method == "awq" and stats is None and not awq_cached:
+        if scheme.method == "awq" and weight not in CALIBRATION and not WEIGHTS.has(weight, ("awq",) + _params_key(scheme, group)):
             skipped_awq.append(name)
             scheme = dataclasses.replace(scheme, method="mse")
-            qparams_key = ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
+        spec = QuantSpec(scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
+        rules, key = SCHEMES[spec.scheme], _params_key(scheme, group)
         first_use = min(uses, key=position.__getitem__)
         quantized_input, column_scale = node, None
-        if scheme.method == "awq":
-            found: list = []
-
-            def search():
-                found.extend(choose_awq(weight, stats.mean_abs, stats.sample, scheme.bits, group, scheme.symmetric))
-                return found[0], found[3]
-
-            column_scale, alpha = WEIGHTS.get_or_build(weight, ("awq",) + qparams_key, search)
-            scale, offset = WEIGHTS.get_or_build(weight, qparams_key, lambda: (found[1], found[2]))
-            s_node = builder.constant("memsave_awq_scale", column_scale, before=first_use)
-            # W·s is what gets quantized; fold_weights evaluates it at compile time.
-            quantized_input = builder.call(aten.mul.Tensor, (node, s_node), before=first_use)
-            with unset_fake_temporarily():  # passes run under the compile's fake mode
-                inverse_value = (1 / column_scale).to(val.dtype)
-            inverse = builder.constant("memsave_awq_inverse", inverse_value, before=first_use)
-            for use in uses:
-                for mm in list(use.users) if _is_transpose(use) else []:
-                    x_index = 0 if mm.target == aten.mm.default else 1
-                    x = mm.args[x_index]
-                    # x / s undoes the channel scaling exactly: (x / s)(W·s)ᵀ = x Wᵀ.
-                    mm.replace_input_with(x, builder.call(aten.mul.Tensor, (x, inverse), before=mm))
+        if spec.method == "awq":
+            params, column_scale, alpha = _awq(weight, spec, key)
+            quantized_input = _apply_awq(builder, node, uses, column_scale, val.dtype, first_use)
             alphas[name] = alpha
         else:
-            scale, offset = WEIGHTS.get_or_build(weight, qparams_key, lambda: _choose(weight, scheme, group))
-        scale_node = builder.constant("memsave_scale", scale, before=first_use)
-        offset_node = builder.constant("memsave_offset", offset, before=first_use) if offset is not None else None
-        q = builder.call(
-            memsave_ops.quantize_affine.default,
-            (quantized_input, scale_node, offset_node, scheme.bits, group),
-            before=first_use,
-        )
-        q.meta[QPARAMS_KEY] = qparams_key  # fold_weights caches the packed codes under it
+            params = WEIGHTS.get_or_build(weight, key, lambda: rules.choose(weight, spec))
+        param_nodes = [
+            builder.constant(f"memsave_{spec.scheme}_param", p, before=first_use) if p is not None else None
+            for p in params
+        ]
+        q = builder.call(rules.quantize, (quantized_input, *param_nodes, *rules.quantize_extra(spec)), before=first_use)
+        q.meta[QPARAMS_KEY] = key  # fold_weights caches the packed codes under it
         compute = getattr(torch, scheme.compute_dtype) if scheme.compute_dtype else val.dtype
         dequantized: dict[torch.dtype, fx.Node] = {}
 
         def dequantize(dtype: torch.dtype) -> fx.Node:
             if dtype not in dequantized:
-                dequantized[dtype] = builder.call(
-                    memsave_ops.dequantize_affine.default,
-                    (q, scale_node, offset_node, scheme.bits, group, k, dtype),
-                    before=first_use,
-                )
+                args = (q, *param_nodes, *rules.dequantize_extra(spec), k, dtype)
+                dequantized[dtype] = builder.call(rules.dequantize, args, before=first_use)
             return dequantized[dtype]
 
         if scheme.activations == "int8":
@@ -136,11 +111,10 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
                 _compute_in(builder, use, node, dequantize(compute), compute)
             else:
                 use.replace_input_with(node, dequantize(val.dtype))
-        sqnr = WEIGHTS.get_or_build(
-            weight, ("sqnr", qparams_key), lambda: _weight_sqnr(weight, scale, offset, scheme.bits, group, column_scale)
+        errors[name] = WEIGHTS.get_or_build(
+            weight, ("sqnr", key), lambda: _weight_sqnr(weight, rules, spec, params, column_scale)
         )
         quantized.append(f"{name}: {scheme.describe()}" + (f" (group {group})" if group != scheme.group_size and scheme.group_size else ""))
-        errors[name] = sqnr
     gm.recompile()
     worst_first = sorted(errors.items(), key=lambda item: item[1])
     notes = tuple(
@@ -155,6 +129,42 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
     )
     details = {"quantized": quantized, "skipped": skipped, "sqnr_db": errors, "awq_alpha": alphas}
     return PassResult(bool(quantized), notes, details)
+
+
+def _params_key(scheme: QuantizeConfig, group: int) -> tuple:
+    """The weight-cache key of a weight's side parameters (memsave.save relies on the affine form)."""
+    if scheme.scheme == "affine":
+        return ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
+    return ("params", scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
+
+
+def _awq(weight: torch.Tensor, spec: QuantSpec, key: tuple):
+    """AWQ's channel scales and the affine parameters of W·s, once per weight (cached)."""
+    found: list = []
+
+    def search():
+        stats = CALIBRATION[weight]
+        found.extend(choose_awq(weight, stats.mean_abs, stats.sample, spec.bits, spec.group, spec.symmetric))
+        return found[0], found[3]
+
+    column_scale, alpha = WEIGHTS.get_or_build(weight, ("awq",) + key, search)
+    params = WEIGHTS.get_or_build(weight, key, lambda: (found[1], found[2]))
+    return params, column_scale, alpha
+
+
+def _apply_awq(builder: GraphBuilder, node: fx.Node, uses, column_scale, dtype, first_use) -> fx.Node:
+    """W·s goes to the quantizer (fold_weights evaluates it at compile time), and each matmul's
+    input gets x · (1/s), which undoes the scaling exactly: (x / s)(W·s)ᵀ = x Wᵀ."""
+    s_node = builder.constant("memsave_awq_scale", column_scale, before=first_use)
+    scaled = builder.call(aten.mul.Tensor, (node, s_node), before=first_use)
+    with unset_fake_temporarily():  # passes run under the compile's fake mode
+        inverse_value = (1 / column_scale).to(dtype)
+    inverse = builder.constant("memsave_awq_inverse", inverse_value, before=first_use)
+    for use in uses:
+        for mm in list(use.users) if _is_transpose(use) else []:
+            x = mm.args[0 if mm.target == aten.mm.default else 1]
+            mm.replace_input_with(x, builder.call(aten.mul.Tensor, (x, inverse), before=mm))
+    return scaled
 
 
 def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
@@ -212,17 +222,11 @@ def _is_transpose(node: fx.Node) -> bool:
     return node.target == aten.permute.default and list(node.args[1]) == [1, 0]
 
 
-def _weight_sqnr(weight: torch.Tensor, scale, offset, bits: int, group: int, column_scale=None) -> float:
+def _weight_sqnr(weight: torch.Tensor, rules, spec: QuantSpec, params, column_scale=None) -> float:
     """10·log10(‖w‖² / ‖w − ŵ‖²): how much of the weight survives quantization."""
     k = weight.shape[1]
     s = column_scale if column_scale is not None else torch.ones(k)
-    packed = memsave_ops.quantize_affine(weight.float() * s, scale, offset, bits, group)
-    error = memsave_ops.dequantize_affine(packed, scale, offset, bits, group, k, torch.float32) / s - weight.float()
-    noise, signal = error.pow(2).sum().item(), weight.float().pow(2).sum().item()
+    codes = rules.quantize(weight.float() * s, *params, *rules.quantize_extra(spec))
+    w_hat = rules.dequantize(codes, *params, *rules.dequantize_extra(spec), k, torch.float32) / s
+    noise, signal = (w_hat - weight.float()).pow(2).sum().item(), weight.float().pow(2).sum().item()
     return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
-def _choose(weight: torch.Tensor, scheme: QuantizeConfig, group: int):
-    if scheme.method == "mse":
-        return choose_qparams_mse(weight, scheme.bits, group, scheme.symmetric)
-    return choose_qparams_affine(weight, scheme.bits, group, scheme.symmetric)
