@@ -26,6 +26,7 @@ class ActivationStats:
     mean_abs: torch.Tensor  # (K,) mean |x| per input channel
     sample: torch.Tensor  # (S, K) input rows, a seeded random subset
     tokens: int  # rows seen
+    gram: torch.Tensor | None = None  # (K, K) mean of xᵀx over all rows (GPTQ's Hessian / 2)
 
 
 # weight parameter -> ActivationStats of the inputs it multiplied.
@@ -39,12 +40,18 @@ def calibrate(
     sample_rows: int = 512,
     seed: int = 0,
     progress: bool = True,
+    hessian: bool = True,
 ) -> int:
-    """Record input statistics of every nn.Linear in `model`; returns how many layers."""
+    """Record input statistics of every nn.Linear in `model`; returns how many layers.
+
+    hessian: also accumulate each layer's (K, K) input Gram matrix, which GPTQ needs
+    (K² floats per layer: 127 MB for K = 5632; turn it off for large models that use AWQ only).
+    """
     model = getattr(model, "_orig_mod", model)
     sums: dict[torch.nn.Linear, torch.Tensor] = {}
     counts: dict[torch.nn.Linear, int] = {}
     samples: dict[torch.nn.Linear, list[torch.Tensor]] = {}
+    grams: dict[torch.nn.Linear, torch.Tensor] = {}
     generator = torch.Generator().manual_seed(seed)
 
     def record(module: torch.nn.Linear, args) -> None:
@@ -53,6 +60,9 @@ def calibrate(
         counts[module] = counts.get(module, 0) + x.shape[0]
         keep = torch.randperm(x.shape[0], generator=generator)[:sample_rows]
         samples.setdefault(module, []).append(x[keep].clone())
+        if hessian:
+            xd = x.double()
+            grams[module] = grams.get(module, 0) + xd.t() @ xd
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     handles = [m.register_forward_pre_hook(record) for m in linears]
@@ -78,5 +88,6 @@ def calibrate(
     for module in sums:
         rows = torch.cat(samples[module])
         keep = torch.randperm(rows.shape[0], generator=generator)[:sample_rows]
-        CALIBRATION[module.weight] = ActivationStats(sums[module] / counts[module], rows[keep], counts[module])
+        gram = (grams[module] / counts[module]).float() if module in grams else None
+        CALIBRATION[module.weight] = ActivationStats(sums[module] / counts[module], rows[keep], counts[module], gram)
     return len(sums)

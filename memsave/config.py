@@ -127,7 +127,7 @@ class RecomputeConfig(FamilyConfig):
 
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_GROUPS = (None, 32, 64, 128, 256)
-QUANT_METHODS = ("rtn", "mse", "awq")
+QUANT_METHODS = ("rtn", "mse", "awq", "gptq")
 QUANT_SCHEMES = ("affine", "log", "vq")
 
 
@@ -136,7 +136,7 @@ def _parse_quant_name(name: str) -> dict[str, Any] | None:
     vq = re.fullmatch(r"vq([2348])", name)
     if vq is not None:
         return {"scheme": "vq", "bits": int(vq.group(1))}
-    m = re.fullmatch(r"(int|log)([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse|awq))?", name)
+    m = re.fullmatch(r"(int|log)([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse|awq|gptq))?", name)
     if m is None:
         return None
     kind, bits, group, sym, method = m.groups()
@@ -160,7 +160,8 @@ class QuantizeConfig(FamilyConfig):
     128, 256 input features per group. symmetric: codes centred on zero (no stored offset) or
     asymmetric (min/max range, fp16 offset per group). method: "rtn" round-to-nearest, "mse"
     an error-minimizing clip search per group, "awq" activation-aware channel scaling searched
-    on calibration data (run memsave.calibrate(model, batches) before compiling). include/exclude: glob patterns over weight names
+    on calibration data, "gptq" error-compensating rounding with the inputs' Hessian (both need
+    memsave.calibrate(model, batches) before compiling; without it they fall back to "mse"). include/exclude: glob patterns over weight names
     (e.g. "layers.*.mlp.*"); overrides: {pattern: {field: value}} for per-layer schemes.
     embeddings: also quantize embedding tables. free_weights: release the full-precision
     originals once every use in the graph reads the compressed copy. compute_dtype: None runs
@@ -171,11 +172,13 @@ class QuantizeConfig(FamilyConfig):
     """
 
     family: ClassVar[str] = "quantize"
-    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq]', 'log<bits>[-g<group>][-mse]', 'vq<bits>'"
+    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq/-gptq]', 'log<bits>[-g<group>][-mse]', 'vq<bits>'"
     # int4 alone is memsave's int4 recipe; see README for why this one.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {
         "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn"},
-        "int4": {"bits": 4, "group_size": 64, "symmetric": False, "method": "mse"},  # 4.5 bits/weight
+        # memsave's int4 recipe (4.5 bits/weight): GPTQ when memsave.calibrate ran, otherwise
+        # the MSE search. Chosen by benchmarks/bench_quant_fidelity.py on the real MiniLM.
+        "int4": {"bits": 4, "group_size": 64, "symmetric": False, "method": "gptq"},
         "w8a8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn", "activations": "int8"},
     }
 
@@ -214,7 +217,7 @@ class QuantizeConfig(FamilyConfig):
             self._check_choice(name, getattr(self, name), (True, False))
         self._check_choice("compute_dtype", self.compute_dtype, (None, "bfloat16", "float16"))
         self._check_choice("activations", self.activations, (None, "int8"))
-        if self.scheme != "affine" and (self.method == "awq" or self.activations or self.compute_dtype):
+        if self.scheme != "affine" and (self.method in ("awq", "gptq") or self.activations or self.compute_dtype):
             raise OptionError(
                 f"options['quantize']: scheme {self.scheme!r} supports methods 'rtn'/'mse' only, without "
                 "activations or compute_dtype (those need the affine scheme)"

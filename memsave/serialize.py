@@ -88,10 +88,8 @@ def qparams_key(bits: int, group: int, symmetric: bool, method: str) -> tuple:
 
 
 def packed_key(qkey: tuple) -> tuple:
-    """fold_weights.py: ("packed", op name, qparams key, *non-tensor args of quantize_affine)."""
-    _, bits, group, symmetric, _ = qkey
-    # quantize_affine(w, scale, offset, bits, group): offset is None (not a tensor) when symmetric.
-    return ("packed", "memsave::quantize_affine", qkey, *((None,) if symmetric else ()), bits, group)
+    """fold_weights.py: ("packed", qparams key) → the packed codes."""
+    return ("packed", qkey)
 
 
 def cpu_int4_key(qkey: tuple) -> tuple:

@@ -25,7 +25,7 @@ def compile_and_run(model, *inputs, **options):
     "name, expected",
     [
         ("int8", QuantizeConfig(bits=8, group_size=None, symmetric=True, method="rtn")),
-        ("int4", QuantizeConfig(bits=4, group_size=64, symmetric=False, method="mse")),
+        ("int4", QuantizeConfig(bits=4, group_size=64, symmetric=False, method="gptq")),
         ("int4-g128", QuantizeConfig(bits=4, group_size=128)),
         ("int3-g32-asym-mse", QuantizeConfig(bits=3, group_size=32, symmetric=False, method="mse")),
         ("int2-g32-sym", QuantizeConfig(bits=2, group_size=32, symmetric=True)),
@@ -40,8 +40,8 @@ def test_bad_quantize_options_name_the_choices():
         Config.from_options({"quantize": {"bits": 5}})
     with pytest.raises(ValueError, match=r"\['group_size'\]: invalid value 100; valid choices: None, 32, 64, 128, 256"):
         Config.from_options({"quantize": {"group_size": 100}})
-    with pytest.raises(ValueError, match=r"\['method'\]: invalid value 'gptq'"):
-        Config.from_options({"quantize": {"method": "gptq"}})
+    with pytest.raises(ValueError, match=r"\['method'\]: invalid value 'smoothquant'; valid choices: 'rtn', 'mse', 'awq', 'gptq'"):
+        Config.from_options({"quantize": {"method": "smoothquant"}})
     with pytest.raises(ValueError, match=r"\['overrides'\]\['x'\]: unknown key 'bitz'"):
         Config.from_options({"quantize": {"overrides": {"x": {"bitz": 3}}}})
     with pytest.raises(ValueError, match=r"unknown value 'int5'"):

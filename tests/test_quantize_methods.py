@@ -194,3 +194,46 @@ def test_log_and_vq_options():
         QuantizeConfig(scheme="vq", method="awq")
     with pytest.raises(ValueError, match=r"\['scheme'\]: invalid value 'nf4'; valid choices: 'affine', 'log', 'vq'"):
         QuantizeConfig(scheme="nf4")
+
+
+# -- GPTQ -------------------------------------------------------------------------------------
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    from memsave.ops.gptq import quantize_affine_gptq
+
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(96, 96, generator=g)
+    x = torch.randn(512, 96, generator=g) @ mix  # correlated input channels, as in real layers
+    w = torch.randn(48, 96, generator=g)
+    scale, offset = choose_qparams_mse(w, 4, 32, False)
+    rtn = quantize_affine(w, scale, offset, 4, 32)
+    gptq = quantize_affine_gptq(w, scale, offset, x.t() @ x / x.shape[0], 4, 32)
+    assert gptq.shape == rtn.shape and gptq.dtype == torch.uint8
+
+    def output_error(codes):
+        w_hat = dequantize_affine(codes, scale, offset, 4, 32, 96, torch.float32)
+        return (x @ (w_hat - w).t()).pow(2).sum().item()
+
+    assert output_error(gptq) < 0.7 * output_error(rtn)
+    torch.library.opcheck(memsave_ops.quantize_affine_gptq.default, (w, scale, offset, x.t() @ x, 4, 32))
+    with pytest.raises(ValueError, match=r"hessian must be \(96, 96\)"):
+        quantize_affine_gptq(w, scale, offset, torch.eye(5), 4, 32)
+
+
+def test_gptq_through_the_pass_with_calibration_and_without():
+    model = build_decoder("tiny")
+    calibrate(model, [decoder_inputs(model, batch=4, seq=32, seed=s) for s in range(3)], progress=False)
+    assert CALIBRATION[model.lm_head.weight].gram.shape == (64, 64)
+    ids = decoder_inputs(model, batch=1, seq=16, seed=11)
+    with torch.no_grad():
+        expected = model(*ids)
+    out, (report,) = compile_and_run(model, *ids, quantize="int4")  # the int4 recipe is GPTQ
+    records = {r.name: r for r in report.records}
+    assert all("gptq" in q for q in records["quantize"].details["quantized"])
+    assert ErrorStats.between([expected], [out]).sqnr_db > 14
+    assert records["fold_weights"].weight_bytes_after < records["quantize"].weight_bytes_after  # Hessians dropped
+    torch._dynamo.reset()
+    uncalibrated = build_mlp()
+    _, (report,) = compile_and_run(uncalibrated, torch.randn(4, 64), quantize="int4")
+    assert any("(gptq)" in n and "used mse" in n for n in report.records[1].notes)

@@ -164,15 +164,14 @@ def test_cpu_int4_layout_is_restored_exactly(round_trips):
     rt = round_trips("kernel-int4")
     first = load_file(rt.saved)
     h = header(rt.saved)
-    # Why the kernel's scales/zeros are stored: for this model, the fp16 generic form rebuilt
-    # from them converts back to different bf16 zeros in some groups.
-    differs = []
     for name, info in h["weights"].items():
         assert info["layout"] == "cpu_int4"
         sz = first[name + ".memsave_cpu_int4_scales_zeros"]
         assert sz.dtype == torch.bfloat16 and sz.shape == (info["in_features"] // 64, info["out_features"], 2)
-        differs.append(not torch.equal(int4_scales_zeros(*qparams_from_int4(sz, False)), sz))
-    assert any(differs)
+    # Why the kernel's scales/zeros are stored rather than rebuilt from the fp16 generic form:
+    # that round trip is lossy (bf16 zero → fp16 offset → bf16 zero), e.g. for this group.
+    sz = torch.tensor([[[0.019775390625, 0.01129150390625]]], dtype=torch.bfloat16)
+    assert not torch.equal(int4_scales_zeros(*qparams_from_int4(sz, False)), sz)
     # The loaded model holds the kernel layout, like the saved one: one copy of each weight.
     for name in h["weights"]:
         keys = list(WEIGHTS._entries[rt.loaded.get_parameter(name)])

@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from memsave.graph.rewrite import drop_unused_constants
+
 KERNEL_TAG = "memsave_kernel"
 
 
@@ -80,18 +82,9 @@ def select_kernels(gm: fx.GraphModule) -> dict[str, int]:
             node.meta[KERNEL_TAG] = "reference"
             chosen["reference"] = chosen.get("reference", 0) + 1
     if any(name != "reference" for name in chosen):
-        _drop_unused_constants(gm)
+        drop_unused_constants(gm)  # a kernel with its own layout leaves the old constants unread
         gm.recompile()
     return chosen
-
-
-def _drop_unused_constants(gm: fx.GraphModule) -> None:
-    """A kernel with its own layout leaves the old constants unread: free them."""
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-            if "." not in node.target and node.target in gm._buffers:
-                del gm._buffers[node.target]
 
 
 def select_kernels_pass(gm: fx.GraphModule, config: object, ctx: object):

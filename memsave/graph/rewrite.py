@@ -62,3 +62,12 @@ def _unique_attr(gm: fx.GraphModule, name: str) -> str:
 
 def users_are(node: fx.Node, targets: tuple[Any, ...]) -> bool:
     return bool(node.users) and all(u.op == "call_function" and u.target in targets for u in node.users)
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes nothing reads and free the buffers behind them."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+            if "." not in node.target and node.target in gm._buffers:
+                del gm._buffers[node.target]

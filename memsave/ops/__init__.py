@@ -11,6 +11,7 @@ from memsave.ops.affine import (  # noqa: F401  (registers memsave::quantize_aff
     quantize_affine,
     quantize_weight,
 )
+from memsave.ops.gptq import quantize_affine_gptq  # noqa: F401  (registers memsave::quantize_affine_gptq)
 from memsave.ops.linear import linear_affine  # noqa: F401  (registers memsave::linear_affine)
 from memsave.ops.pack import pack_bits, packed_length, unpack_bits  # noqa: F401
 from memsave.ops.w8a8 import dequantize_per_token, linear_w8a8, quantize_per_token  # noqa: F401

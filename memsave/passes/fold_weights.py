@@ -18,13 +18,13 @@ import torch.fx as fx
 
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
-from memsave.graph.rewrite import GraphBuilder
+from memsave.graph.rewrite import GraphBuilder, drop_unused_constants
 from memsave.ops.schemes import QUANTIZE_OPS
 from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
 from memsave.weights import WEIGHTS
 
 memsave_ops = torch.ops.memsave
-FOLDABLE = QUANTIZE_OPS  # every scheme's weight-side quantize
+FOLDABLE = QUANTIZE_OPS + (memsave_ops.quantize_affine_gptq.default,)  # every weight-side quantize
 
 
 def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassResult:
@@ -39,11 +39,12 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
             continue
         weight = ctx.weight_tensor(weight_node.name)
         constants = [getattr(gm, a.target) if isinstance(a, fx.Node) else a for a in rest]
-        # Keyed by how the scales were chosen, not by the scale tensors' identity: a recompile
-        # may get those rebuilt (see WeightCache.convert) and must still find the codes.
-        key = ("packed", node.target.name(), node.meta.get(QPARAMS_KEY), *[c for c in constants if not isinstance(c, torch.Tensor)])
+        # Keyed by how the weight was quantized (scheme, bits, group, method), not by the scale
+        # tensors' identity: a recompile may get those rebuilt (see WeightCache.convert) and
+        # must still find the codes.
         if node.meta.get(QPARAMS_KEY) is None:
             continue  # a quantize node this pass did not make: its scales' provenance is unknown
+        key = ("packed", node.meta[QPARAMS_KEY])
         packed = WEIGHTS.get_or_build(weight, key, lambda: node.target(_evaluate(source, gm, ctx), *constants))
         constant = builder.constant("memsave_packed", packed, before=node)
         constant.meta["memsave_weight_of"] = ctx.weights[weight_node.name].name
@@ -51,6 +52,7 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
         gm.graph.erase_node(node)
         _erase_if_dead(gm, source)
         folded += 1
+    drop_unused_constants(gm)  # e.g. GPTQ's Hessians: needed to pick codes, not to run
     gm.recompile()
     return PassResult(bool(folded), (f"packed {folded} weights at compile time",) if folded else ())
 

@@ -72,10 +72,10 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             continue
         k = val.shape[1]
         group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
-        # AWQ needs calibration statistics, unless its result is cached already (a recompile,
-        # or a model loaded with memsave.load).
-        if scheme.method == "awq" and weight not in CALIBRATION and not WEIGHTS.has(weight, ("awq",) + _params_key(scheme, group)):
-            skipped_awq.append(name)
+        # AWQ and GPTQ need calibration statistics, unless their result is cached already (a
+        # recompile, or a model loaded with memsave.load).
+        if scheme.method in ("awq", "gptq") and not _calibrated(weight, scheme, group):
+            skipped_awq.append(f"{name} ({scheme.method})")
             scheme = dataclasses.replace(scheme, method="mse")
         spec = QuantSpec(scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
         rules, key = SCHEMES[spec.scheme], _params_key(scheme, group)
@@ -86,12 +86,25 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             quantized_input = _apply_awq(builder, node, uses, column_scale, val.dtype, first_use)
             alphas[name] = alpha
         else:
-            params = WEIGHTS.get_or_build(weight, key, lambda: rules.choose(weight, spec))
+            params = WEIGHTS.get_or_build(weight, key, lambda: rules.choose(weight, dataclasses.replace(spec, method="mse" if spec.method == "gptq" else spec.method)))
         param_nodes = [
             builder.constant(f"memsave_{spec.scheme}_param", p, before=first_use) if p is not None else None
             for p in params
         ]
-        q = builder.call(rules.quantize, (quantized_input, *param_nodes, *rules.quantize_extra(spec)), before=first_use)
+        quantize_op, extra_nodes, packed = rules.quantize, [], None
+        if spec.method == "gptq":
+            # GPTQ picks the codes with the inputs' Hessian (a compile-time constant that
+            # fold_weights drops); computed here once so the per-layer error below is GPTQ's.
+            hessian = _hessian(weight)
+            packed = WEIGHTS.get_or_build(
+                weight, ("packed", key),
+                lambda: memsave_ops.quantize_affine_gptq(weight, *params, hessian, *rules.quantize_extra(spec)),
+            )
+            quantize_op = memsave_ops.quantize_affine_gptq.default
+            extra_nodes = [builder.constant("memsave_gptq_hessian", hessian, before=first_use)]
+        q = builder.call(
+            quantize_op, (quantized_input, *param_nodes, *extra_nodes, *rules.quantize_extra(spec)), before=first_use
+        )
         q.meta[QPARAMS_KEY] = key  # fold_weights caches the packed codes under it
         compute = getattr(torch, scheme.compute_dtype) if scheme.compute_dtype else val.dtype
         dequantized: dict[torch.dtype, fx.Node] = {}
@@ -112,7 +125,7 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             else:
                 use.replace_input_with(node, dequantize(val.dtype))
         errors[name] = WEIGHTS.get_or_build(
-            weight, ("sqnr", key), lambda: _weight_sqnr(weight, rules, spec, params, column_scale)
+            weight, ("sqnr", key), lambda: _weight_sqnr(weight, rules, spec, params, column_scale, packed)
         )
         quantized.append(f"{name}: {scheme.describe()}" + (f" (group {group})" if group != scheme.group_size and scheme.group_size else ""))
     gm.recompile()
@@ -122,7 +135,7 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
         + [f"  {name}: {db:.1f} dB" + (f" (awq alpha {alphas[name]:.1f})" if name in alphas else "") for name, db in worst_first]
         + [f"skipped {s}" for s in skipped]
         + (
-            [f"awq: no calibration statistics for {', '.join(skipped_awq)} (run memsave.calibrate first): used mse"]
+            [f"no calibration statistics for {', '.join(skipped_awq)} (run memsave.calibrate first): used mse"]
             if skipped_awq
             else []
         )
@@ -136,6 +149,23 @@ def _params_key(scheme: QuantizeConfig, group: int) -> tuple:
     if scheme.scheme == "affine":
         return ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
     return ("params", scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
+
+
+def _calibrated(weight: torch.Tensor, scheme: QuantizeConfig, group: int) -> bool:
+    """Calibration statistics for this method, or its result already cached."""
+    key = _params_key(scheme, group)
+    stats = CALIBRATION.get(weight)
+    if scheme.method == "awq":
+        return stats is not None or WEIGHTS.has(weight, ("awq",) + key)
+    return (stats is not None and stats.gram is not None) or WEIGHTS.has(weight, ("packed", key))
+
+
+def _hessian(weight: torch.Tensor) -> torch.Tensor:
+    stats = CALIBRATION.get(weight)
+    if stats is not None and stats.gram is not None:
+        return stats.gram
+    # The codes are cached (e.g. memsave.load): the Hessian is not needed to pick them again.
+    return torch.empty(0)
 
 
 def _awq(weight: torch.Tensor, spec: QuantSpec, key: tuple):
@@ -222,11 +252,12 @@ def _is_transpose(node: fx.Node) -> bool:
     return node.target == aten.permute.default and list(node.args[1]) == [1, 0]
 
 
-def _weight_sqnr(weight: torch.Tensor, rules, spec: QuantSpec, params, column_scale=None) -> float:
+def _weight_sqnr(weight: torch.Tensor, rules, spec: QuantSpec, params, column_scale=None, codes=None) -> float:
     """10·log10(‖w‖² / ‖w − ŵ‖²): how much of the weight survives quantization."""
     k = weight.shape[1]
     s = column_scale if column_scale is not None else torch.ones(k)
-    codes = rules.quantize(weight.float() * s, *params, *rules.quantize_extra(spec))
+    if codes is None:
+        codes = rules.quantize(weight.float() * s, *params, *rules.quantize_extra(spec))
     w_hat = rules.dequantize(codes, *params, *rules.dequantize_extra(spec), k, torch.float32) / s
     noise, signal = (w_hat - weight.float()).pow(2).sum().item(), weight.float().pow(2).sum().item()
     return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
