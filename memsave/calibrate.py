@@ -6,7 +6,8 @@
 Runs the model eagerly on the calibration batches (each an input tuple, a tensor, or a dict of
 keyword arguments) with hooks on every nn.Linear, and records per weight: the mean |x| of each
 input channel and a fixed-size random sample of input rows (seeded, so calibration is
-reproducible). Calibration-based quantization methods (method="awq") read these statistics
+reproducible), the mean x² per input channel, and (hessian=True) the input Gram matrix.
+Calibration-based methods (AWQ, GPTQ, Wanda pruning, SVD-LLM factorization) read these statistics
 when they compress that weight; they are kept per weight object, weakly, like the weight cache.
 A progress line on stderr shows how far it is.
 """
@@ -27,6 +28,7 @@ class ActivationStats:
     sample: torch.Tensor  # (S, K) input rows, a seeded random subset
     tokens: int  # rows seen
     gram: torch.Tensor | None = None  # (K, K) mean of xᵀx over all rows (GPTQ's Hessian / 2)
+    sq_mean: torch.Tensor | None = None  # (K,) mean x² per input channel (Wanda's ‖x_j‖² / rows)
 
 
 # weight parameter -> ActivationStats of the inputs it multiplied.
@@ -49,6 +51,7 @@ def calibrate(
     """
     model = getattr(model, "_orig_mod", model)
     sums: dict[torch.nn.Linear, torch.Tensor] = {}
+    squares: dict[torch.nn.Linear, torch.Tensor] = {}
     counts: dict[torch.nn.Linear, int] = {}
     samples: dict[torch.nn.Linear, list[torch.Tensor]] = {}
     grams: dict[torch.nn.Linear, torch.Tensor] = {}
@@ -57,6 +60,7 @@ def calibrate(
     def record(module: torch.nn.Linear, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, K)
         sums[module] = sums.get(module, 0) + x.abs().sum(0)
+        squares[module] = squares.get(module, 0) + x.double().pow(2).sum(0)
         counts[module] = counts.get(module, 0) + x.shape[0]
         keep = torch.randperm(x.shape[0], generator=generator)[:sample_rows]
         samples.setdefault(module, []).append(x[keep].clone())
@@ -89,5 +93,6 @@ def calibrate(
         rows = torch.cat(samples[module])
         keep = torch.randperm(rows.shape[0], generator=generator)[:sample_rows]
         gram = (grams[module] / counts[module]).float() if module in grams else None
-        CALIBRATION[module.weight] = ActivationStats(sums[module] / counts[module], rows[keep], counts[module], gram)
+        sq_mean = (squares[module] / counts[module]).float()
+        CALIBRATION[module.weight] = ActivationStats(sums[module] / counts[module], rows[keep], counts[module], gram, sq_mean)
     return len(sums)

@@ -125,6 +125,48 @@ class RecomputeConfig(FamilyConfig):
         self._check_choice("policy", self.policy, self.POLICIES)
 
 
+class LayerSelection:
+    """include/exclude glob patterns over weight names and per-pattern overrides, shared by
+    the families that act per weight (quantize, prune, factorize). A subclass lists the
+    fields an override may change in `override_keys`."""
+
+    override_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _normalize_selection(self) -> None:
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not all(isinstance(p, str) for p in value):
+                raise OptionError(f"options[{self.family!r}][{name!r}]: expected glob patterns (strings), got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
+        normalized = []
+        for pattern, changes in items:
+            changes = dict(changes)
+            for key in changes:
+                if key not in self.override_keys:
+                    raise OptionError(
+                        f"options[{self.family!r}]['overrides'][{pattern!r}]: unknown key {key!r}; "
+                        f"valid keys: {_choices(self.override_keys)}"
+                    )
+            dataclasses.replace(self, overrides=(), **changes)  # validates the values
+            normalized.append((pattern, tuple(sorted(changes.items()))))
+        object.__setattr__(self, "overrides", tuple(normalized))
+
+    def for_weight(self, name: str):
+        """The config for one weight, or None when the filters leave it alone."""
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return None
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return None
+        config = self
+        for pattern, changes in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                config = dataclasses.replace(config, **dict(changes))
+        return config
+
+
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_GROUPS = (None, 32, 64, 128, 256)
 QUANT_METHODS = ("rtn", "mse", "awq", "gptq")
@@ -151,7 +193,7 @@ def _parse_quant_name(name: str) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class QuantizeConfig(FamilyConfig):
+class QuantizeConfig(LayerSelection, FamilyConfig):
     """Weight quantization of linear (and optionally embedding) weights.
 
     scheme: "affine" (linear levels), "log" (logarithmic levels, sign kept) or "vq" (k-means
@@ -195,6 +237,8 @@ class QuantizeConfig(FamilyConfig):
     compute_dtype: str | None = None
     activations: str | None = None
 
+    override_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "method")
+
     @classmethod
     def parse(cls, value: Any) -> FamilyConfig | None:
         if isinstance(value, str) and value.strip().lower() not in cls.shorthands:
@@ -229,41 +273,7 @@ class QuantizeConfig(FamilyConfig):
                 "options['quantize']: activations='int8' (W8A8) needs int8 per-channel symmetric weights "
                 "(bits=8, group_size=None, symmetric=True) and no compute_dtype; use the short name 'w8a8'"
             )
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            if not all(isinstance(p, str) for p in value):
-                raise OptionError(f"options['quantize'][{name!r}]: expected glob patterns (strings), got {value!r}")
-            object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "overrides", self._normalize_overrides(self.overrides))
-
-    def _normalize_overrides(self, overrides) -> tuple:
-        items = overrides.items() if isinstance(overrides, dict) else overrides
-        allowed = ("bits", "group_size", "symmetric", "method")
-        normalized = []
-        for pattern, changes in items:
-            changes = dict(changes)
-            for key in changes:
-                if key not in allowed:
-                    raise OptionError(
-                        f"options['quantize']['overrides'][{pattern!r}]: unknown key {key!r}; valid keys: {_choices(allowed)}"
-                    )
-            dataclasses.replace(self, overrides=(), **changes)  # validates the values
-            normalized.append((pattern, tuple(sorted(changes.items()))))
-        return tuple(normalized)
-
-    def for_weight(self, name: str) -> QuantizeConfig | None:
-        """The scheme for one weight, or None when the filters leave it unquantized."""
-        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
-            return None
-        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-            return None
-        scheme = self
-        for pattern, changes in self.overrides:
-            if fnmatch.fnmatchcase(name, pattern):
-                scheme = dataclasses.replace(scheme, **dict(changes))
-        return scheme
+        self._normalize_selection()
 
     def describe(self) -> str:
         if self.scheme == "vq":
@@ -273,6 +283,174 @@ class QuantizeConfig(FamilyConfig):
             return f"log{self.bits} {group} {self.method}"
         acts = ", int8 activations" if self.activations == "int8" else ""
         return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'} {self.method}{acts}"
+
+
+PRUNE_STRUCTURES = ("unstructured", "structured", "2:4", "4:8")
+PRUNE_METHODS = ("magnitude", "wanda")
+
+
+def _parse_prune_name(name: str) -> dict[str, Any] | None:
+    """`2:4`, `wanda-2:4`, `magnitude-unstructured-50`, `structured-25`, ... → PruneConfig fields."""
+    m = re.fullmatch(r"(?:(magnitude|wanda)-)?(unstructured|structured|2:4|4:8)(?:-(\d{1,2}))?", name)
+    if m is None:
+        return None
+    method, structure, percent = m.groups()
+    fields_: dict[str, Any] = {"structure": structure}
+    if method is not None:
+        fields_["method"] = method
+    if percent is not None:
+        fields_["sparsity"] = int(percent) / 100
+    return fields_
+
+
+@dataclass(frozen=True)
+class PruneConfig(LayerSelection, FamilyConfig):
+    """Weight pruning of linear layers, stored so that it saves memory.
+
+    structure: "unstructured" (any weights; stored as bitmask + values where that is smaller
+    than dense, otherwise left dense and reported), "2:4"/"4:8" (n of every m consecutive
+    input weights kept; packed values + position indices; sparsity is implied), or
+    "structured" (whole MLP neurons / output channels removed and the next layer's inputs
+    shrunk to match: a smaller dense model). method: "magnitude" (|W|) or "wanda" (|W| times
+    the input channel's RMS on calibration data; needs memsave.calibrate). sparsity: the
+    fraction of weights (structured: of channels) removed, in [0, 1). include/exclude: glob
+    patterns over weight names (layers in exclude stay dense); overrides: {pattern: {field:
+    value}}. free_weights: release the dense originals once the graph reads only the pruned form.
+    """
+
+    family: ClassVar[str] = "prune"
+    name_pattern: ClassVar[str] = "'[magnitude-|wanda-]<unstructured|structured|2:4|4:8>[-<percent>]'"
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
+    override_keys: ClassVar[tuple[str, ...]] = ("structure", "method", "sparsity")
+
+    structure: str = "unstructured"
+    method: str = "magnitude"
+    sparsity: float = 0.5
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    free_weights: bool = True
+
+    @classmethod
+    def parse(cls, value: Any) -> FamilyConfig | None:
+        if isinstance(value, str) and value.strip().lower() not in OFF_VALUES:
+            fields_ = _parse_prune_name(value.strip().lower())
+            if fields_ is None:
+                raise OptionError(
+                    f"options['prune']: unknown value {value!r}; valid choices: 'none', names of the form "
+                    f"{cls.name_pattern} (e.g. 'wanda-2:4', 'magnitude-unstructured-50'), or a dict with keys "
+                    f"{_choices(f.name for f in fields(cls))}"
+                )
+            return cls(**fields_)
+        return super().parse(value)
+
+    def __post_init__(self):
+        self._check_choice("structure", self.structure, PRUNE_STRUCTURES)
+        self._check_choice("method", self.method, PRUNE_METHODS)
+        self._check_choice("free_weights", self.free_weights, (True, False))
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise OptionError(
+                f"options['prune']['sparsity']: {self.sparsity!r} is not a fraction in [0, 1) "
+                "(the share of weights removed; 1 would remove all)"
+            )
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        self._normalize_selection()
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if ":" not in self.structure:
+            return None
+        n, m = self.structure.split(":")
+        return int(n), int(m)
+
+    @property
+    def effective_sparsity(self) -> float:
+        nm = self.n_m
+        return 1 - nm[0] / nm[1] if nm else self.sparsity
+
+    def describe(self) -> str:
+        return f"{self.method} {self.structure} {self.effective_sparsity:.0%}"
+
+
+FACTORIZE_METHODS = ("svd", "svd-llm")
+
+
+def _parse_factorize_name(name: str) -> dict[str, Any] | None:
+    """`svd`, `svd-llm`, `svd-llm-20` (20% of the parameters removed) → FactorizeConfig fields."""
+    m = re.fullmatch(r"(svd|svd-llm)(?:-(\d{1,2}))?", name)
+    if m is None:
+        return None
+    fields_: dict[str, Any] = {"method": m.group(1)}
+    if m.group(2) is not None:
+        fields_["reduction"] = int(m.group(2)) / 100
+    return fields_
+
+
+@dataclass(frozen=True)
+class FactorizeConfig(LayerSelection, FamilyConfig):
+    """Low-rank factorization of linear weights, W (out×in) ≈ U·V: two smaller linears.
+
+    method: "svd" (truncated SVD of W) or "svd-llm" (SVD of W whitened by the Cholesky factor
+    of the inputs' second moment, as in SVD-LLM: minimizes the output error; needs
+    memsave.calibrate). reduction: the fraction of the selected layers' parameters removed, in
+    (0, 1). energy: instead of reduction, keep the smallest rank holding this share of the
+    (whitened) spectrum's energy, per layer. allocation: "uniform" (every layer at the same
+    reduction) or "sensitivity" (ranks allocated across layers to lose the least spectral
+    energy for the same total). A layer is factorized only where r·(out+in) < out·in.
+    include/exclude/overrides: as for quantize. free_weights: release the dense originals.
+    """
+
+    family: ClassVar[str] = "factorize"
+    name_pattern: ClassVar[str] = "'svd[-<percent>]', 'svd-llm[-<percent>]'"
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
+    override_keys: ClassVar[tuple[str, ...]] = ("reduction", "energy")
+
+    method: str = "svd-llm"
+    reduction: float | None = 0.25
+    energy: float | None = None
+    allocation: str = "uniform"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    free_weights: bool = True
+    damp: float = 0.01
+
+    @classmethod
+    def parse(cls, value: Any) -> FamilyConfig | None:
+        if isinstance(value, str) and value.strip().lower() not in OFF_VALUES:
+            fields_ = _parse_factorize_name(value.strip().lower())
+            if fields_ is None:
+                raise OptionError(
+                    f"options['factorize']: unknown value {value!r}; valid choices: 'none', names of the form "
+                    f"{cls.name_pattern} (e.g. 'svd-llm-20'), or a dict with keys {_choices(f.name for f in fields(cls))}"
+                )
+            return cls(**fields_)
+        return super().parse(value)
+
+    def __post_init__(self):
+        self._check_choice("method", self.method, FACTORIZE_METHODS)
+        self._check_choice("allocation", self.allocation, ("uniform", "sensitivity"))
+        self._check_choice("free_weights", self.free_weights, (True, False))
+        if self.energy is not None:
+            if not isinstance(self.energy, (int, float)) or isinstance(self.energy, bool) or not 0 < self.energy <= 1:
+                raise OptionError(f"options['factorize']['energy']: {self.energy!r} is not a fraction in (0, 1]")
+            object.__setattr__(self, "reduction", None)
+            if self.allocation != "uniform":
+                raise OptionError("options['factorize']: allocation='sensitivity' distributes a 'reduction'; it does not combine with 'energy'")
+        elif self.reduction is None:
+            raise OptionError("options['factorize']: give 'reduction' (share of parameters removed) or 'energy'")
+        elif isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)) or not 0 < self.reduction < 1:
+            raise OptionError(
+                f"options['factorize']['reduction']: {self.reduction!r} is not a fraction in (0, 1) "
+                "(the share of the layers' parameters removed)"
+            )
+        if not isinstance(self.damp, (int, float)) or not self.damp >= 0:
+            raise OptionError(f"options['factorize']['damp']: {self.damp!r} must be a number >= 0")
+        self._normalize_selection()
+
+    def describe(self) -> str:
+        target = f"energy {self.energy:g}" if self.energy is not None else f"-{self.reduction:.0%} params"
+        return f"{self.method} {target}"
 
 
 @dataclass(frozen=True)
@@ -298,8 +476,8 @@ def _unimplemented(name: str) -> type[NotImplementedFamily]:
 # One config class per family. A family is filled in by giving it a real FamilyConfig subclass.
 FAMILY_CONFIGS: dict[str, type[FamilyConfig]] = {
     "quantize": QuantizeConfig,
-    "prune": _unimplemented("prune"),
-    "factorize": _unimplemented("factorize"),
+    "prune": PruneConfig,
+    "factorize": FactorizeConfig,
     "recompute": RecomputeConfig,
     "pipeline": _unimplemented("pipeline"),
     "tensor_parallel": _unimplemented("tensor_parallel"),

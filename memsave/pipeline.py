@@ -22,7 +22,9 @@ from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
 from memsave.codegen.fuse import fuse_dequant_matmul
 from memsave.passes.cleanup import eliminate_dead_code
+from memsave.passes.factorize import factorize_weights
 from memsave.passes.fold_weights import fold_weights
+from memsave.passes.prune import prune_weights
 from memsave.passes.quantize import insert_qdq
 from memsave.passes.release_weights import release_weights
 from memsave.report import ErrorStats, GraphReport, PassRecord
@@ -37,19 +39,21 @@ def run_pipeline(runner: PassRunner) -> None:
     # Dead nodes first: every later count and estimate should describe the graph that runs.
     runner.run("cleanup", eliminate_dead_code, True)
     # Compress weights before anything else, so every later pass sizes the compressed graph.
+    # Prune, then factorize, then quantize: the survivors and the factors get quantized.
+    runner.run("prune", prune_weights, config.prune)
+    runner.run("factorize", factorize_weights, config.factorize)
     runner.run("quantize", insert_qdq, config.quantize)
     # The weight side of quantize is known at compile time: store packed codes instead.
     runner.run("fold_weights", fold_weights, config.quantize)
     # Nothing reads the full-precision originals any more: free them.
-    runner.run("release_weights", release_weights, config.quantize)
-    # dequantize → matmul becomes one quantized-linear op: no full weight is materialized, and
-    # codegen can pick a fast kernel for it. Last, so it sees every dequantize.
-    runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize)
-    # Later issues add, in this order: prune → factorize (before quantize, so survivors and
-    # factors get quantized), chunk, precision, then plan_memory last (it plans the final
-    # graph's buffers). Recompute is the partition function of training graphs (backend.py),
-    # and sharding runs after compression.
-
+    runner.run("release_weights", release_weights, config)
+    # dequantize → matmul (and densify → matmul for sparse weights) becomes one linear op on
+    # the stored form: no full weight is materialized, and codegen can pick a fast kernel for
+    # it. Last, so it sees every dequantize.
+    runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize or config.prune)
+    # Later issues add, in this order: chunk, precision, then plan_memory last (it plans the
+    # final graph's buffers). Recompute is the partition function of training graphs
+    # (backend.py), and sharding runs after compression.
 
 class PassRunner:
     """Runs passes on one graph and records what each did.

@@ -37,6 +37,9 @@ class WeightCache:
         # value tensor -> (weak ref to its weight, key): which weight a cached tensor belongs to.
         self._owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.builds = 0  # how many times a build function ran (tests and reports read this)
+        # Cached tensors that are weights in their own right (a pruned weight, low-rank factors,
+        # sparse values): later passes may compress them too, and release them once compressed.
+        self._derived: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def get_or_build(
         self, weight: torch.Tensor, key: Hashable, build: Callable[[], T], *, reads_weight: bool = True
@@ -119,9 +122,23 @@ class WeightCache:
     def keys(self, weight: torch.Tensor) -> list[Hashable]:
         return list(self._entries.get(weight, {}))
 
+    def mark_derived(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self._derived[t] = True
+
+    def derived(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """The derived weights cached for `weight` (see mark_derived)."""
+        found = []
+        for _, value in self._entries.get(weight, {}).values():
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t in self._derived:
+                    found.append(t)
+        return found
+
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
         self._owners = WeakIdKeyDictionary()
+        self._derived = WeakIdKeyDictionary()
 
 
 # The process-wide cache every pass uses.
@@ -178,8 +195,9 @@ def _refuse_released_weights(module: torch.nn.Module, args):
         if param is not None and param in _RELEASED:
             raise RuntimeError(
                 f"{type(module).__name__}.{pname} ({_RELEASED[param]}) was released by memsave after "
-                "it was compressed; run the compiled model instead, or compile with "
-                "options={'quantize': {..., 'free_weights': False}} to keep the original weights"
+                "it was compressed; run the compiled model instead, or compile with free_weights=False "
+                "in the compressing pass's options (e.g. options={'quantize': {..., 'free_weights': False}}) "
+                "to keep the original weights"
             )
     return None
 

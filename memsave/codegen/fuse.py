@@ -10,6 +10,9 @@ After:
 
     y  = memsave.linear_affine(x, packed, scale, offset, bias, bits, group, K)
 
+Sparse weights the same way: densify_nm → matmul becomes linear_nm, densify_bitmask → matmul
+becomes linear_bitmask (the values slot may itself be a dequantize: pruned, then quantized).
+
 Run as the pipeline's last step, so the report and the estimate describe what runs; kernel
 selection (`codegen/kernels.py`) then picks the fastest implementation of linear_affine for
 each node. A dequantize with any other user (an embedding, a weight also used elsewhere) is
@@ -25,28 +28,38 @@ import torch.fx as fx
 
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
+from memsave.graph.linears import is_transpose, plain_matmul_of
 from memsave.graph.rewrite import GraphBuilder
 from memsave.ops.schemes import DEQUANTIZE_TO_LINEAR
 from memsave.passes.base import PassContext, PassResult
 
 aten = torch.ops.aten
 memsave_ops = torch.ops.memsave
+# Ops that rebuild a full weight from its stored form → the linear op that multiplies with the
+# stored form directly, and how many side tensors follow the first argument. Both kinds share
+# one argument shape: rebuild(stored, *side, *extras, K, dtype) and
+# linear(x, stored, *side, bias, *extras, K).
+REBUILD_TO_LINEAR = {
+    **DEQUANTIZE_TO_LINEAR,
+    memsave_ops.densify_bitmask.default: (memsave_ops.linear_bitmask.default, 1),
+    memsave_ops.densify_nm.default: (memsave_ops.linear_nm.default, 1),
+}
 
 
 def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassResult:
     builder = GraphBuilder(gm, "fuse_dequant_matmul")
     fused = 0
     for dq in list(gm.graph.nodes):
-        if dq.op != "call_function" or dq.target not in DEQUANTIZE_TO_LINEAR:
+        if dq.op != "call_function" or dq.target not in REBUILD_TO_LINEAR:
             continue
-        linear_op, n_params = DEQUANTIZE_TO_LINEAR[dq.target]
+        linear_op, n_params = REBUILD_TO_LINEAR[dq.target]
         codes, params = dq.args[0], dq.args[1 : 1 + n_params]
         extras, (k, dtype) = dq.args[1 + n_params : -2], dq.args[-2:]
         transposes = list(dq.users)
-        if not transposes or not all(_is_transpose(t) for t in transposes):
+        if not transposes or not all(is_transpose(t) for t in transposes):
             continue
         matmuls = [m for t in transposes for m in t.users]
-        if not all(_fusable_matmul(m, t) for t in transposes for m in t.users):
+        if not all(plain_matmul_of(m, t) for t in transposes for m in t.users):
             continue
         for mm in matmuls:
             x, bias = (mm.args[0], None) if mm.target == aten.mm.default else (mm.args[1], mm.args[0])
@@ -71,7 +84,7 @@ def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) ->
         if not dq.users:
             gm.graph.erase_node(dq)
     gm.recompile()
-    return PassResult(bool(fused), (f"fused {fused} dequantize→matmul pairs into quantized linears",) if fused else ())
+    return PassResult(bool(fused), (f"fused {fused} dequantize/densify→matmul pairs into linears on the stored weights",) if fused else ())
 
 
 def _is_int8_per_channel(dq: fx.Node) -> bool:
@@ -100,29 +113,6 @@ def _erase_dead(gm: fx.GraphModule, node) -> None:
         gm.graph.erase_node(node)
         for a in inputs:
             _erase_dead(gm, a)
-
-
-def _is_transpose(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    return node.target == aten.t.default or (node.target == aten.permute.default and list(node.args[1]) == [1, 0])
-
-
-def _fusable_matmul(mm: fx.Node, t: fx.Node) -> bool:
-    if mm.op != "call_function":
-        return False
-    if mm.target == aten.mm.default:
-        return mm.args[1] is t and mm.args[0] is not t
-    if mm.target == aten.addmm.default:
-        # Only plain bias + x @ W.T: beta/alpha other than 1 are left alone.
-        plain = mm.kwargs.get("beta", 1) == 1 and mm.kwargs.get("alpha", 1) == 1
-        return plain and mm.args[2] is t and mm.args[1] is not t and _is_1d(mm.args[0])
-    return False
-
-
-def _is_1d(node) -> bool:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(val, torch.Tensor) and val.dim() == 1
 
 
 def _node_dtype(node) -> torch.dtype | None:

@@ -27,6 +27,10 @@ STAGES = ("inference", "joint", "forward", "backward")
 # node.meta key on a quantize node: the weight-cache key of the scales it uses, under which
 # fold_weights caches the packed codes.
 QPARAMS_KEY = "memsave_qparams_key"
+# node.meta key on a get_attr node holding a tensor made from a user's weight by a pass (a
+# pruned weight, a low-rank factor, sparse values): (the weight's name, a label such as "U").
+# Later weight passes treat such constants as weights (quantize stores the factors in int4).
+DERIVED_KEY = "memsave_derived"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,36 @@ class PassContext:
     def weight_tensor(self, placeholder: str) -> torch.Tensor | None:
         value = self.real_inputs.get(placeholder)
         return value if isinstance(value, torch.Tensor) else None
+
+    def weight_nodes(self, gm: fx.GraphModule) -> list[WeightNode]:
+        """The graph's weights with real values: parameter/buffer placeholders, and constants
+        a pass derived from them (DERIVED_KEY)."""
+        found = []
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and node.name in self.weights:
+                tensor = self.weight_tensor(node.name)
+                if tensor is not None:
+                    name = self.weights[node.name].name
+                    found.append(WeightNode(node, name, name, tensor))
+            elif node.op == "get_attr" and DERIVED_KEY in node.meta:
+                name, label = node.meta[DERIVED_KEY]
+                found.append(WeightNode(node, name, f"{name}[{label}]", getattr(gm, node.target)))
+        return found
+
+    def weight_node(self, gm: fx.GraphModule, node: fx.Node) -> WeightNode | None:
+        return next((w for w in self.weight_nodes(gm) if w.node is node), None)
+
+
+@dataclass(frozen=True)
+class WeightNode:
+    node: fx.Node
+    name: str  # the user's weight name (what include/exclude patterns match)
+    label: str  # for reports: the name, plus the part for derived weights ("...weight[U]")
+    tensor: torch.Tensor  # the real tensor (weight-cache key)
+
+    @property
+    def derived(self) -> bool:
+        return self.node.op == "get_attr"
 
 
 def tag(node: fx.Node, pass_name: str) -> fx.Node:

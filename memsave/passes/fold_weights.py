@@ -20,7 +20,7 @@ import memsave.ops  # noqa: F401  (registers the memsave ops this module refers 
 
 from memsave.graph.rewrite import GraphBuilder, drop_unused_constants
 from memsave.ops.schemes import QUANTIZE_OPS
-from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
+from memsave.passes.base import DERIVED_KEY, QPARAMS_KEY, PassContext, PassResult
 from memsave.weights import WEIGHTS
 
 memsave_ops = torch.ops.memsave
@@ -37,7 +37,8 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
         weight_node = _root_weight(source, ctx)
         if weight_node is None or not all(_is_constant(a) for a in rest):
             continue
-        weight = ctx.weight_tensor(weight_node.name)
+        found = ctx.weight_node(gm, weight_node)
+        weight = found.tensor
         constants = [getattr(gm, a.target) if isinstance(a, fx.Node) else a for a in rest]
         # Keyed by how the weight was quantized (scheme, bits, group, method), not by the scale
         # tensors' identity: a recompile may get those rebuilt (see WeightCache.convert) and
@@ -47,7 +48,7 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
         key = ("packed", node.meta[QPARAMS_KEY])
         packed = WEIGHTS.get_or_build(weight, key, lambda: node.target(_evaluate(source, gm, ctx), *constants))
         constant = builder.constant("memsave_packed", packed, before=node)
-        constant.meta["memsave_weight_of"] = ctx.weights[weight_node.name].name
+        constant.meta["memsave_weight_of"] = found.label
         node.replace_all_uses_with(constant)
         gm.graph.erase_node(node)
         _erase_if_dead(gm, source)
@@ -57,20 +58,27 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
     return PassResult(bool(folded), (f"packed {folded} weights at compile time",) if folded else ())
 
 
+def _is_weight_leaf(node: fx.Node, ctx: PassContext) -> bool:
+    if node.op == "placeholder":
+        return node.name in ctx.weights and ctx.weight_tensor(node.name) is not None
+    return node.op == "get_attr" and DERIVED_KEY in node.meta
+
+
 def _is_constant(arg) -> bool:
-    return not isinstance(arg, fx.Node) or arg.op == "get_attr"
+    return not isinstance(arg, fx.Node) or (arg.op == "get_attr" and DERIVED_KEY not in arg.meta)
 
 
 def _root_weight(source, ctx: PassContext) -> fx.Node | None:
-    """The weight placeholder an expression of one weight and constants is computed from
-    (the weight itself, or e.g. W·s for AWQ); None if it reads anything else."""
+    """The weight (a parameter placeholder, or a constant derived from one) an expression of
+    one weight and constants is computed from (the weight itself, or e.g. W·s for AWQ); None
+    if it reads anything else."""
     if not isinstance(source, fx.Node):
         return None
-    if source.op == "placeholder":
-        return source if ctx.weight_tensor(source.name) is not None and source.name in ctx.weights else None
+    if _is_weight_leaf(source, ctx):
+        return source
     if source.op != "call_function":
         return None
-    roots = {_root_weight(a, ctx) for a in source.args if isinstance(a, fx.Node) and a.op != "get_attr"}
+    roots = {_root_weight(a, ctx) for a in source.args if isinstance(a, fx.Node) and not _is_constant(a)}
     others_constant = all(_is_constant(a) or _root_weight(a, ctx) is not None for a in source.args)
     return roots.pop() if len(roots) == 1 and None not in roots and others_constant else None
 

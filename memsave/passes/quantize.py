@@ -34,6 +34,7 @@ import memsave.ops  # noqa: F401  (registers the memsave ops this module refers 
 from memsave.calibrate import CALIBRATION
 from memsave.config import QuantizeConfig
 from memsave.graph.meta import node_val
+from memsave.graph.linears import MATMULS, is_transpose
 from memsave.graph.rewrite import GraphBuilder, users_are
 from memsave.ops.awq import choose_awq
 from memsave.ops.schemes import SCHEMES, QuantSpec
@@ -42,7 +43,6 @@ from memsave.weights import WEIGHTS
 
 aten = torch.ops.aten
 memsave_ops = torch.ops.memsave
-_MATMULS = (aten.mm.default, aten.addmm.default)
 
 
 def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> PassResult:
@@ -54,21 +54,17 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
     alphas: dict[str, float] = {}  # weight name -> AWQ's chosen exponent
     skipped_awq: list[str] = []
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in list(gm.graph.nodes):
-        if node.op != "placeholder" or node.name not in ctx.weights:
-            continue
-        name = ctx.weights[node.name].name
-        scheme = config.for_weight(name)
+    for found in ctx.weight_nodes(gm):
+        # A derived weight (a pruned weight, a low-rank factor, sparse values) is quantized
+        # like the weight it came from, reported under its own label.
+        node, name, weight = found.node, found.label, found.tensor
+        scheme = config.for_weight(found.name)
         uses = _quantizable_uses(node, config.embeddings)
         if scheme is None or not uses:
             continue
         val = node_val(node)
         if not (isinstance(val, torch.Tensor) and val.dim() == 2 and val.dtype.is_floating_point):
             skipped.append(f"{name}: not a 2-D float weight")
-            continue
-        weight = ctx.weight_tensor(node.name)
-        if weight is None:
-            skipped.append(f"{name}: no real tensor at compile time")
             continue
         k = val.shape[1]
         group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
@@ -117,10 +113,10 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
 
         if scheme.activations == "int8":
             for use in uses:
-                for mm in list(use.users) if _is_transpose(use) else []:
+                for mm in list(use.users) if is_transpose(use) else []:
                     _quantize_activations(builder, mm)
         for use in uses:
-            if compute != val.dtype and _is_transpose(use):
+            if compute != val.dtype and is_transpose(use):
                 _compute_in(builder, use, node, dequantize(compute), compute)
             else:
                 use.replace_input_with(node, dequantize(val.dtype))
@@ -191,25 +187,43 @@ def _apply_awq(builder: GraphBuilder, node: fx.Node, uses, column_scale, dtype, 
         inverse_value = (1 / column_scale).to(dtype)
     inverse = builder.constant("memsave_awq_inverse", inverse_value, before=first_use)
     for use in uses:
-        for mm in list(use.users) if _is_transpose(use) else []:
+        for mm in list(use.users) if is_transpose(use) else []:
             x = mm.args[0 if mm.target == aten.mm.default else 1]
             mm.replace_input_with(x, builder.call(aten.mul.Tensor, (x, inverse), before=mm))
     return scaled
 
 
+# Ops that rebuild a weight from stored sparse parts; their first argument (the kept values)
+# is a weight in its own right, which quantize may store in fewer bits.
+SPARSE_VALUE_SLOTS = ("densify_bitmask", "densify_nm")
+
+
 def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
-    """Users through which the weight feeds a linear (t → mm/addmm) or, optionally, an embedding."""
+    """Users through which the weight feeds a linear (t → mm/addmm), a sparse weight's values
+    slot, or, optionally, an embedding."""
     uses = []
     for user in weight.users:
         if user.op != "call_function":
             continue
-        if _is_transpose(user) and users_are(user, _MATMULS):
+        if _is_sparse_values_slot(user, weight):
+            uses.append(user)
+            continue
+        if is_transpose(user) and users_are(user, MATMULS):
             uses.append(user)
         elif user.target == aten.linear.default and user.args[1] is weight:
             uses.append(user)
         elif embeddings and user.target == aten.embedding.default and user.args[0] is weight:
             uses.append(user)
     return uses
+
+
+def _is_sparse_values_slot(user: fx.Node, weight: fx.Node) -> bool:
+    packet = getattr(user.target, "overloadpacket", None)
+    return (
+        packet is not None
+        and packet._qualified_op_name in {f"memsave::{op}" for op in SPARSE_VALUE_SLOTS}
+        and user.args[0] is weight
+    )
 
 
 def _quantize_activations(builder: GraphBuilder, mm: fx.Node) -> None:
@@ -243,13 +257,6 @@ def _compute_in(builder: GraphBuilder, transpose: fx.Node, weight: fx.Node, dq: 
         mm.replace_all_uses_with(back)
         builder.gm.graph.erase_node(mm)
     builder.gm.graph.erase_node(transpose)
-
-
-def _is_transpose(node: fx.Node) -> bool:
-    # aten.t, or aten.permute(w, [1, 0]) as Inductor's decomposition table writes it.
-    if node.target == aten.t.default:
-        return True
-    return node.target == aten.permute.default and list(node.args[1]) == [1, 0]
 
 
 def _weight_sqnr(weight: torch.Tensor, rules, spec: QuantSpec, params, column_scale=None, codes=None) -> float:

@@ -3,7 +3,9 @@
 After `quantize` and `fold_weights`, a quantized weight's placeholder has no users: the graph
 reads the packed copy. Its full-precision tensor still sits in the user's module, and freeing
 it is the whole point. This pass frees it (see Note [Releasing full-precision weights] in
-memsave/weights.py) when the quantize config allows (`free_weights`), and reports the bytes.
+memsave/weights.py) when the configs of the compressing passes allow (`free_weights`), and
+reports the bytes. The same holds for prune and factorize, and for the intermediate forms
+they make (a fp32 low-rank factor that quantize then stored in int4).
 
 A weight with any other use left in the graph (an op memsave does not quantize, a tied weight
 used by an unquantized embedding) is kept.
@@ -13,32 +15,45 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from memsave.config import QuantizeConfig
+from memsave.config import Config
 from memsave.passes.base import PassContext, PassResult
 from memsave.report import fmt_bytes
 from memsave.weights import WEIGHTS, can_release, is_released, release
 
+COMPRESSING = ("prune", "factorize", "quantize")  # the families whose passes replace weights
 
-def release_weights(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> PassResult:
-    if not config.free_weights or ctx.stage != "inference":
+
+def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> PassResult:
+    """`config` is the whole recipe: weights are released only if every compressing family
+    that is on allows it (free_weights)."""
+    families = [getattr(config, f) for f in COMPRESSING if getattr(config, f) is not None]
+    if not families or not all(f.free_weights for f in families) or ctx.stage != "inference":
         return PassResult(False)
     freed, names, mapped = 0, [], []
+    held = {id(t) for t in gm.buffers()}
     for node in gm.graph.nodes:
-        if node.op != "placeholder" or node.name not in ctx.weights or node.users:
+        if node.op != "placeholder" or node.name not in ctx.weights:
             continue
-        weight = ctx.weight_tensor(node.name)
+        weight, name = ctx.weight_tensor(node.name), ctx.weights[node.name].name
         # Only weights memsave compressed: an unused weight it never touched stays as it is.
-        if weight is None or weight not in WEIGHTS or is_released(weight):
+        if weight is None or weight not in WEIGHTS:
+            continue
+        # A derived weight (e.g. a low-rank factor) that this graph no longer holds was
+        # compressed further (quantized): its uncompressed form goes too.
+        for part in WEIGHTS.derived(weight):
+            if id(part) not in held and part in WEIGHTS and not is_released(part) and can_release(part):
+                freed += release(part, f"{name} (derived)")
+        if node.users or is_released(weight):
             continue
         if not can_release(weight):
-            mapped.append(ctx.weights[node.name].name)
+            mapped.append(name)
             continue
-        freed += release(weight, ctx.weights[node.name].name)
-        names.append(ctx.weights[node.name].name)
-    notes = (f"released {len(names)} full-precision weights ({fmt_bytes(freed)})",) if names else ()
+        freed += release(weight, name)
+        names.append(name)
+    notes = (f"released {len(names)} full-precision weights ({fmt_bytes(freed)} incl. intermediate forms)",) if freed else ()
     if mapped:
         notes += (
             f"kept {len(mapped)} weights whose storage cannot be freed (memory-mapped from a file, e.g. "
             "safetensors); their pages are file-backed and the graph no longer reads them",
         )
-    return PassResult(bool(names), notes, {"released": names, "released_bytes": freed, "not_releasable": mapped})
+    return PassResult(bool(freed), notes, {"released": names, "released_bytes": freed, "not_releasable": mapped})

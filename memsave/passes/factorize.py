@@ -1,0 +1,149 @@
+"""Factorize: replace a linear's weight W (out×in) by a low-rank product U·V.
+
+    y = mm(x, t(W))            →   y = mm(mm(x, t(V)), t(U))          V: (r, in), U: (out, r)
+    y = addmm(b, x, t(W))      →   y = addmm(b, mm(x, t(V)), t(U))
+
+Two smaller linears, so every later pass and kernel handles them as they are (quantize stores
+U and V in int4 like any weight). Applied only where r·(out+in) < out·in, i.e. where it stores
+less.
+
+Rank: `reduction` keeps (1 − reduction) of each layer's parameters ("uniform"), or of the
+selected layers' total with ranks allocated by sensitivity (the layers whose spectrum decays
+slowly get more); `energy` keeps the smallest rank holding that share of the spectrum's
+energy. Method "svd" is the plain truncated SVD (the best rank-r approximation of W);
+"svd-llm" whitens by the Cholesky factor of the calibration inputs' second moment first, so
+the truncation minimizes the error of the layer's outputs on real inputs (SVD-LLM). Both are
+in ops/lowrank.py. The spectra and factors are cached per weight (weights.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from memsave.calibrate import CALIBRATION
+from memsave.config import FactorizeConfig
+from memsave.graph.linears import linear_uses
+from memsave.graph.rewrite import GraphBuilder
+from memsave.ops.lowrank import (
+    allocate_ranks,
+    factor_error,
+    max_useful_rank,
+    rank_for_energy,
+    rank_for_ratio,
+    spectrum,
+    svd_factors,
+    whitened_svd_factors,
+)
+from memsave.passes.base import DERIVED_KEY, PassContext, PassResult
+from memsave.report import fmt_bytes
+from memsave.weights import WEIGHTS
+
+aten = torch.ops.aten
+
+
+def factorize_weights(gm: fx.GraphModule, config: FactorizeConfig, ctx: PassContext) -> PassResult:
+    if ctx.stage != "inference":
+        return PassResult(False, ("training graph: weights stay dense",))
+    builder = GraphBuilder(gm, "factorize")
+    candidates, notes = [], []
+    for w in ctx.weight_nodes(gm):
+        # Derived weights (e.g. a structurally pruned layer) are factorized like the original.
+        cfg = config.for_weight(w.name)
+        if cfg is None or w.tensor.dim() != 2 or not w.tensor.dtype.is_floating_point:
+            continue
+        uses = linear_uses(w.node)
+        if uses is None:
+            notes.append(f"left {w.label} dense: not used only as a linear layer's weight")
+            continue
+        candidates.append((w, uses, cfg))
+    spectra = {w.label: _spectrum(w, cfg) for w, _, cfg in candidates}
+    ranks = _ranks(candidates, spectra, config)
+    layers = {}
+    for w, uses, cfg in candidates:
+        n, k = w.tensor.shape
+        rank = ranks[w.label]
+        dense = n * k * w.tensor.element_size()
+        if rank == 0 or rank > max_useful_rank(n, k):
+            notes.append(f"left {w.label} dense: rank {rank} would store as much as dense ({n}×{k})")
+            continue
+        u, v, error = _factors(w, cfg, rank)
+        _rewrite(builder, w, uses, u, v)
+        layers[w.label] = {
+            "rank": rank, "shape": (n, k), "bytes_before": dense,
+            "bytes_after": (u.numel() + v.numel()) * u.element_size(), "relative_error": error,
+        }
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    error_kind = "output" if config.method == "svd-llm" else "weight"
+    lines = [f"factorized {len(layers)} weights ({config.describe()}); per layer, worst {error_kind} error first:"] if layers else []
+    for label, info in sorted(layers.items(), key=lambda kv: -kv[1]["relative_error"]):
+        lines.append(
+            f"  {label}: rank {info['rank']} of {min(info['shape'])}, relative {error_kind} error "
+            f"{info['relative_error']:.3f}, {fmt_bytes(info['bytes_before'])} → {fmt_bytes(info['bytes_after'])}"
+        )
+    return PassResult(bool(layers), tuple(lines + notes), {"layers": layers})
+
+
+def _gram(w, cfg: FactorizeConfig) -> torch.Tensor | None:
+    if cfg.method == "svd":
+        return None
+    stats = CALIBRATION.get(w.tensor)
+    if stats is None or stats.gram is None:
+        raise RuntimeError(
+            f"memsave factorize: method 'svd-llm' needs the input Gram matrix of {w.label}: run "
+            "memsave.calibrate(model, batches) (with hessian=True, the default) before compiling, or use method 'svd'"
+        )
+    return stats.gram
+
+
+def _spectrum(w, cfg: FactorizeConfig) -> torch.Tensor:
+    key = ("spectrum", cfg.method, cfg.damp)
+    return WEIGHTS.get_or_build(w.tensor, key, lambda: spectrum(w.tensor.float(), _gram(w, cfg), cfg.damp))
+
+
+def _ranks(candidates, spectra, config: FactorizeConfig) -> dict[str, int]:
+    if config.allocation == "sensitivity":
+        layers = {w.label: (*w.tensor.shape, spectra[w.label]) for w, _, _ in candidates}
+        return allocate_ranks(layers, 1 - config.reduction) if layers else {}
+    ranks = {}
+    for w, _, cfg in candidates:
+        n, k = w.tensor.shape
+        if cfg.energy is not None:
+            ranks[w.label] = rank_for_energy(spectra[w.label], cfg.energy)
+        else:
+            ranks[w.label] = rank_for_ratio(n, k, 1 - cfg.reduction)
+    return ranks
+
+
+def _factors(w, cfg: FactorizeConfig, rank: int):
+    def build():
+        gram = _gram(w, cfg)
+        weight = w.tensor.float()
+        if cfg.method == "svd":
+            u, v = svd_factors(weight, rank)
+        else:
+            u, v = whitened_svd_factors(weight, gram, rank, cfg.damp)
+        # The error the method minimizes: of the weight (svd) or of the outputs (svd-llm).
+        error = factor_error(weight, u, v, gram)
+        return u.to(w.tensor.dtype).contiguous(), v.to(w.tensor.dtype).contiguous(), error
+
+    u, v, error = WEIGHTS.get_or_build(w.tensor, ("factor", cfg.method, rank, cfg.damp), build)
+    WEIGHTS.mark_derived(u, v)
+    return u, v, error
+
+
+def _rewrite(builder: GraphBuilder, w, uses, u: torch.Tensor, v: torch.Tensor) -> None:
+    first = min((use.transpose for use in uses), key=list(builder.gm.graph.nodes).index)
+    u_node = builder.constant("memsave_factor_u", u, before=first)
+    u_node.meta[DERIVED_KEY] = (w.name, "U" if not w.derived else f"{w.label.split('[')[-1][:-1]}·U")
+    v_node = builder.constant("memsave_factor_v", v, before=first)
+    v_node.meta[DERIVED_KEY] = (w.name, "V" if not w.derived else f"{w.label.split('[')[-1][:-1]}·V")
+    ut = builder.call(aten.permute.default, (u_node, [1, 0]), before=first)
+    vt = builder.call(aten.permute.default, (v_node, [1, 0]), before=first)
+    for use in uses:
+        mm = use.matmul
+        inner = builder.call(aten.mm.default, (use.x, vt), before=mm)
+        args = (inner, ut) if use.bias is None else (use.bias, inner, ut)
+        outer = builder.call(mm.target, args, dict(mm.kwargs), before=mm)
+        mm.replace_all_uses_with(outer)
