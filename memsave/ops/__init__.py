@@ -32,3 +32,17 @@ from memsave.ops.vq import (  # noqa: F401  (registers memsave::quantize_vq / de
     quantize_weight_vq,
     vq_bits_per_weight,
 )
+from memsave.ops.sparse import (  # noqa: F401  (registers memsave::densify_bitmask / linear_bitmask / densify_nm / linear_nm)
+    bitmask_bytes,
+    densify_bitmask,
+    densify_nm,
+    linear_bitmask,
+    linear_nm,
+    nm_bytes,
+    nm_from_dense,
+    nm_keep_mask,
+    pack_bitmask,
+    pack_nm,
+    unpack_bitmask,
+    unpack_nm,
+)

@@ -5,9 +5,13 @@
   prefill), `source.py`: hash-named source files in a cache directory, imported from there,
   `configs.py`: block sizes to autotune over, `launcher.py`: the launcher and the custom op
   `memsave::linear_affine_triton` (same schema as the reference).
+- `sparse_nm.py`: the kernel for memsave::linear_nm (n:m-sparse linear, op
+  `memsave::linear_nm_triton`); `sparse_semi_structured.py`: 2:4 on sparse tensor cores
+  through torch's semi-structured sparse tensors (not Triton; offered first where it applies).
 - `register()` offers the op to codegen's kernel registry (`codegen/kernels.py`) for
-  `memsave::linear_affine` nodes whose activations are on a CUDA device. It is not called on
-  import: whoever sets up codegen calls it when CUDA is available.
+  `memsave::linear_affine` nodes (and the sparse kernels for `memsave::linear_nm` nodes) whose
+  activations are on a CUDA device. It is not called on import: whoever sets up codegen calls
+  it when CUDA is available.
 
 Tests run the same kernels on CPU under TRITON_INTERPRET=1.
 """
@@ -84,3 +88,8 @@ def register() -> None:
 
     kernel = Kernel.retarget(KERNEL_NAME, torch.ops.memsave.linear_affine_triton.default, applies)
     register_kernel(torch.ops.memsave.linear_affine.default, kernel)
+    # memsave::linear_nm: 2:4 on sparse tensor cores where it applies, else the Triton kernel.
+    from memsave.codegen.triton import sparse_nm, sparse_semi_structured
+
+    sparse_semi_structured.register()
+    sparse_nm.register()
