@@ -106,23 +106,95 @@ class FamilyConfig:
             )
 
 
+RECOMPUTE_POLICIES = ("none", "min-cut", "budget", "sqrt", "selective")
+
+
+def _parse_recompute_name(name: str) -> dict[str, Any] | None:
+    """`budget` (half the saved bytes), `budget-25` (25%), `budget-min` → RecomputeConfig fields."""
+    m = re.fullmatch(r"budget(?:-(\d{1,3}|min))?", name)
+    if m is None:
+        return None
+    budget = m.group(1)
+    if budget is None:
+        return {"policy": "budget"}
+    return {"policy": "budget", "budget": "min" if budget == "min" else int(budget) / 100}
+
+
 @dataclass(frozen=True)
 class RecomputeConfig(FamilyConfig):
     """Which activations a training graph saves for backward and which it recomputes.
 
     policy:
-      "none"    save every activation the backward needs (no recomputation);
-      "min-cut" AOTAutograd-style max-flow/min-cut: recompute cheap ops when that saves bytes.
+      "none"      save every activation the backward needs (no recomputation);
+      "min-cut"   AOTAutograd-style max-flow/min-cut: recompute cheap ops when that saves bytes;
+      "budget"    memsave's solver: save at most `budget` bytes, recomputing what costs least
+                  (exact ILP on small graphs, a greedy heuristic on large ones; plans ranked by
+                  the simulated peak of forward + backward);
+      "sqrt"      segment checkpointing: save only the values crossing ~sqrt(n) evenly spaced
+                  block boundaries, recompute inside segments;
+      "selective" save matmul and attention outputs, recompute pointwise ops and norms.
+    budget (policy "budget" only; default 0.5): a fraction in (0, 1] of the bytes saved with no
+    recomputation, an int number of bytes, or "min" (the fewest saved bytes possible). Giving a
+    budget implies policy "budget". Outputs of random ops (dropout) are always saved.
     """
 
     family: ClassVar[str] = "recompute"
-    POLICIES: ClassVar[tuple[str, ...]] = ("none", "min-cut")
-    shorthands: ClassVar[dict[str, dict[str, Any]]] = {"min-cut": {"policy": "min-cut"}}
+    POLICIES: ClassVar[tuple[str, ...]] = RECOMPUTE_POLICIES
+    name_pattern: ClassVar[str] = "'budget[-<percent>]', 'budget-min'"
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {
+        "min-cut": {"policy": "min-cut"},
+        "sqrt": {"policy": "sqrt"},
+        "selective": {"policy": "selective"},
+    }
 
-    policy: str = "min-cut"
+    policy: str | None = None  # None: "budget" when a budget is given, else "min-cut"
+    budget: float | int | str | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> FamilyConfig | None:
+        if isinstance(value, str) and value.strip().lower() not in (*OFF_VALUES, *cls.shorthands):
+            fields_ = _parse_recompute_name(value.strip().lower())
+            if fields_ is None:
+                raise OptionError(
+                    f"options['recompute']: unknown value {value!r}; valid choices: "
+                    f"{_choices(('none', *cls.shorthands))}, names of the form {cls.name_pattern} "
+                    f"(e.g. 'budget-50'), or a dict with keys {_choices(f.name for f in fields(cls))}"
+                )
+            return cls(**fields_)
+        return super().parse(value)
 
     def __post_init__(self):
+        if self.policy is None:
+            object.__setattr__(self, "policy", "budget" if self.budget is not None else "min-cut")
         self._check_choice("policy", self.policy, self.POLICIES)
+        if self.policy != "budget":
+            if self.budget is not None:
+                raise OptionError(
+                    f"options['recompute']['budget']: a budget applies to policy 'budget' only, "
+                    f"not {self.policy!r} (leave 'policy' out to get 'budget')"
+                )
+            return
+        budget = 0.5 if self.budget is None else self.budget
+        if isinstance(budget, str) and budget.strip().lower() == "min":
+            budget = "min"
+        elif isinstance(budget, float) and 0 < budget <= 1:
+            pass
+        elif isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1024:
+            pass
+        else:
+            raise OptionError(
+                f"options['recompute']['budget']: invalid value {budget!r}; valid choices: a fraction in "
+                "(0, 1] of the bytes saved without recomputation (a float, e.g. 0.5), a number of bytes "
+                "(an int, at least 1024), or 'min'"
+            )
+        object.__setattr__(self, "budget", budget)
+
+    def describe(self) -> str:
+        if self.policy != "budget":
+            return self.policy
+        if isinstance(self.budget, float):
+            return f"budget {self.budget:.0%}"
+        return f"budget {self.budget}" + (" bytes" if isinstance(self.budget, int) else "")
 
 
 class LayerSelection:
@@ -319,7 +391,7 @@ class PruneConfig(LayerSelection, FamilyConfig):
     """
 
     family: ClassVar[str] = "prune"
-    name_pattern: ClassVar[str] = "'[magnitude-|wanda-]<unstructured|structured|2:4|4:8>[-<percent>]'"
+    name_pattern: ClassVar[str] = "'[magnitude-/wanda-]<unstructured/structured/2:4/4:8>[-<percent>]'"
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
     override_keys: ClassVar[tuple[str, ...]] = ("structure", "method", "sparsity")
 
@@ -394,7 +466,8 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
     of the inputs' second moment, as in SVD-LLM: minimizes the output error; needs
     memsave.calibrate). reduction: the fraction of the selected layers' parameters removed, in
     (0, 1). energy: instead of reduction, keep the smallest rank holding this share of the
-    (whitened) spectrum's energy, per layer. allocation: "uniform" (every layer at the same
+    (whitened) spectrum's energy, per layer. rank: instead of both, this rank for every
+    selected layer (per layer through overrides). allocation: "uniform" (every layer at the same
     reduction) or "sensitivity" (ranks allocated across layers to lose the least spectral
     energy for the same total). A layer is factorized only where r·(out+in) < out·in.
     include/exclude/overrides: as for quantize. free_weights: release the dense originals.
@@ -403,11 +476,12 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
     family: ClassVar[str] = "factorize"
     name_pattern: ClassVar[str] = "'svd[-<percent>]', 'svd-llm[-<percent>]'"
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
-    override_keys: ClassVar[tuple[str, ...]] = ("reduction", "energy")
+    override_keys: ClassVar[tuple[str, ...]] = ("reduction", "energy", "rank")
 
     method: str = "svd-llm"
     reduction: float | None = 0.25
     energy: float | None = None
+    rank: int | None = None
     allocation: str = "uniform"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -431,7 +505,14 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
         self._check_choice("method", self.method, FACTORIZE_METHODS)
         self._check_choice("allocation", self.allocation, ("uniform", "sensitivity"))
         self._check_choice("free_weights", self.free_weights, (True, False))
-        if self.energy is not None:
+        if self.rank is not None:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+                raise OptionError(f"options['factorize']['rank']: {self.rank!r} is not a positive integer")
+            object.__setattr__(self, "reduction", None)
+            object.__setattr__(self, "energy", None)
+            if self.allocation != "uniform":
+                raise OptionError("options['factorize']: allocation='sensitivity' distributes a 'reduction'; it does not combine with 'rank'")
+        elif self.energy is not None:
             if not isinstance(self.energy, (int, float)) or isinstance(self.energy, bool) or not 0 < self.energy <= 1:
                 raise OptionError(f"options['factorize']['energy']: {self.energy!r} is not a fraction in (0, 1]")
             object.__setattr__(self, "reduction", None)
@@ -449,6 +530,8 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
         self._normalize_selection()
 
     def describe(self) -> str:
+        if self.rank is not None:
+            return f"{self.method} rank {self.rank}"
         target = f"energy {self.energy:g}" if self.energy is not None else f"-{self.reduction:.0%} params"
         return f"{self.method} {target}"
 

@@ -46,7 +46,8 @@ def run_pipeline(runner: PassRunner) -> None:
     # The weight side of quantize is known at compile time: store packed codes instead.
     runner.run("fold_weights", fold_weights, config.quantize)
     # Nothing reads the full-precision originals any more: free them.
-    runner.run("release_weights", release_weights, config)
+    compressing = config.prune or config.factorize or config.quantize
+    runner.run("release_weights", release_weights, config if compressing else None)
     # dequantize → matmul (and densify → matmul for sparse weights) becomes one linear op on
     # the stored form: no full weight is materialized, and codegen can pick a fast kernel for
     # it. Last, so it sees every dequantize.

@@ -156,6 +156,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, quantize: Any = None) -> 
     for name, (tensor, kind) in entries.items():
         form = _compressed_form(name, tensor, config)
         if form is None:
+            if WEIGHTS.derived(tensor):
+                raise NotImplementedError(
+                    f"memsave.save: {name!r} was pruned or factorized; memsave.save stores quantized "
+                    "weights only (pruned and factorized forms are not in its file format yet)"
+                )
             if is_released(tensor):
                 raise RuntimeError(
                     f"memsave.save: {name!r} was released by memsave but no compressed form of it is "

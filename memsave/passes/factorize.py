@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memsave.calibrate import CALIBRATION
 from memsave.config import FactorizeConfig
@@ -58,7 +59,8 @@ def factorize_weights(gm: fx.GraphModule, config: FactorizeConfig, ctx: PassCont
             continue
         candidates.append((w, uses, cfg))
     spectra = {w.label: _spectrum(w, cfg) for w, _, cfg in candidates}
-    ranks = _ranks(candidates, spectra, config)
+    with unset_fake_temporarily():  # passes run under the compile's fake mode; spectra are real
+        ranks = _ranks(candidates, spectra, config)
     layers = {}
     for w, uses, cfg in candidates:
         n, k = w.tensor.shape
@@ -109,7 +111,14 @@ def _ranks(candidates, spectra, config: FactorizeConfig) -> dict[str, int]:
     ranks = {}
     for w, _, cfg in candidates:
         n, k = w.tensor.shape
-        if cfg.energy is not None:
+        if cfg.rank is not None:
+            if cfg.rank > min(n, k):
+                raise ValueError(
+                    f"memsave factorize: rank {cfg.rank} is larger than {w.label} allows ({n}×{k}: at most "
+                    f"{min(n, k)}, and below {max_useful_rank(n, k) + 1} to store less than dense)"
+                )
+            ranks[w.label] = cfg.rank
+        elif cfg.energy is not None:
             ranks[w.label] = rank_for_energy(spectra[w.label], cfg.energy)
         else:
             ranks[w.label] = rank_for_ratio(n, k, 1 - cfg.reduction)

@@ -40,7 +40,7 @@ def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> Pas
             continue
         # A derived weight (e.g. a low-rank factor) that this graph no longer holds was
         # compressed further (quantized): its uncompressed form goes too.
-        for part in WEIGHTS.derived(weight):
+        for part in _derived_tree(weight):
             if id(part) not in held and part in WEIGHTS and not is_released(part) and can_release(part):
                 freed += release(part, f"{name} (derived)")
         if node.users or is_released(weight):
@@ -57,3 +57,15 @@ def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> Pas
             "safetensors); their pages are file-backed and the graph no longer reads them",
         )
     return PassResult(bool(freed), notes, {"released": names, "released_bytes": freed, "not_releasable": mapped})
+
+
+def _derived_tree(weight) -> list:
+    """Derived weights of `weight`, and theirs (a pruned weight's low-rank factors), ..."""
+    found, todo = [], list(WEIGHTS.derived(weight))
+    while todo:
+        part = todo.pop()
+        if any(part is f for f in found):
+            continue
+        found.append(part)
+        todo.extend(WEIGHTS.derived(part))
+    return found
