@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     print(f"\n(compiled and measured in {time.perf_counter() - start:.1f} s)")
     if args.command == "demo" and not options:
-        print("try a lossy recipe: memsave demo -o quantize=int8   (or int4, int4-g128-asym, ...)")
+        print("try a lossy recipe: memsave demo -o quantize=int8   (or int4, int4-g128-asym, ...; -o prune=2:4, -o factorize=svd-20)")
     return 0
 
 
