@@ -4,12 +4,20 @@ This is AOTAutograd's partition function. What the forward saves for the backwar
 activation memory of training; what the backward recomputes instead is the extra compute.
 
 Policies (RecomputeConfig.policy):
-  "none"     save every intermediate the backward reads (AOTAutograd's default_partition);
-  "min-cut"  max-flow/min-cut over the joint graph, recomputing cheap ops where that saves
-             bytes (AOTAutograd's min_cut_rematerialization_partition, as Inductor uses it).
+  "none"      save every intermediate the backward reads (AOTAutograd's default_partition);
+  "min-cut"   max-flow/min-cut over the joint graph, recomputing cheap ops where that saves
+              bytes (AOTAutograd's min_cut_rematerialization_partition, as Inductor uses it);
+  "budget"    memsave's solver: saved bytes <= budget at the least recompute cost, plans
+              ranked by the simulated peak of forward + backward (recompute_plan.py);
+  "selective" save matmul and attention outputs, recompute pointwise ops and norms;
+  "sqrt"      save the values at ~sqrt(n) evenly spaced block boundaries.
+memsave's policies build the two graphs with AOTAutograd's own extraction from the list of
+saved values (recompute_graph.split), and save the outputs of random ops rather than
+recompute them, so gradients with dropout are exact.
 
-The result says exactly what is saved (name, shape, bytes) and how many nodes the backward
-recomputes, for the report and `memsave explain --train`.
+The result says exactly what is saved (name, shape, bytes), what the backward recomputes and
+its estimated extra flops, for the report and `memsave explain --train`. Saved bytes count
+activations only (unique storages): saved weights and inputs are alive anyway.
 """
 
 from __future__ import annotations
@@ -19,8 +27,16 @@ from typing import Any
 import torch.fx as fx
 
 from memsave.graph.meta import describe_val, node_tensor_bytes
-from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
+from memsave.passes.recompute_graph import (
+    JointGraph,
+    backward_flops,
+    saved_activation_bytes,
+    saved_outputs,
+    simulated_peak,
+    split,
+)
+from memsave.passes.recompute_plan import choose_budget_plan, no_recompute_plan, plan_selective, plan_sqrt
 from memsave.report import fmt_bytes
 
 
@@ -36,46 +52,67 @@ def partition(
     from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
     policy = getattr(config, "policy", "none") if config is not None else "none"
+    plan_details: dict[str, Any] = {}
+    budget_note = ""
     if policy == "none":
         fw, bw = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **partition_kwargs)
     elif policy == "min-cut":
         fw, bw = min_cut_rematerialization_partition(
             joint, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs, **partition_kwargs
         )
+    elif policy in ("budget", "selective", "sqrt"):
+        jg = JointGraph(
+            joint,
+            num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=partition_kwargs.get("static_lifetime_input_indices"),
+        )
+        plan_details["no_recompute_saved_bytes"] = no_recompute_plan(jg).saved_bytes
+        if policy == "budget":
+            choice = choose_budget_plan(jg, config.budget)
+            fw, bw, plan = choice.fw, choice.bw, choice.plan
+            plan_details.update(
+                budget_bytes=choice.budget_bytes,
+                budget_met=choice.budget_met,
+                candidates=choice.candidates,
+                solve_seconds=choice.seconds,
+            )
+            budget_note = f" of a {fmt_bytes(choice.budget_bytes)} budget ({config.describe()})"
+            if not choice.budget_met:
+                budget_note += f"; budget NOT met: {fmt_bytes(plan.saved_bytes)} is the fewest bytes this graph can save"
+        else:
+            plan = plan_selective(jg) if policy == "selective" else plan_sqrt(jg)
+            jg.check(plan)
+            fw, bw = split(jg, plan)
+        plan_details["plan"] = plan.source
     else:  # RecomputeConfig validates policies; this guards a config built around validation
         raise ValueError(f"recompute: unknown policy {policy!r}")
+
     saved = saved_for_backward(fw, num_fwd_outputs)
-    recomputed = recomputed_nodes(fw, bw)
-    saved_bytes = sum(b for _, _, b in saved)
-    fw_est, bw_est = estimate_memory(fw), estimate_memory(bw)
+    recomputed, extra_flops = backward_flops(fw, bw)
+    saved_bytes, saved_input_bytes = saved_activation_bytes(fw, num_fwd_outputs)
+    peak = simulated_peak(fw, bw, num_fwd_outputs)
     notes = (
-        f"policy {policy}: saves {len(saved)} tensors ({fmt_bytes(saved_bytes)}) for backward, "
-        f"recomputes {len(recomputed)} nodes",
+        f"policy {policy}: saves {len(saved)} tensors ({fmt_bytes(saved_bytes)} of activations{budget_note}) "
+        f"for backward, recomputes {len(recomputed)} nodes ({extra_flops / 1e6:.3g} MFLOP extra)",
     )
     details = {
         "policy": policy,
         "saved": saved,
         "saved_bytes": saved_bytes,
+        "saved_input_bytes": saved_input_bytes,
         "recomputed": recomputed,
-        "weight_bytes": fw_est.weight_bytes,
-        # The forward's peak, or the backward's peak on top of what the forward saved.
-        "peak_activation_bytes": max(fw_est.peak_activation_bytes, saved_bytes + bw_est.peak_activation_bytes),
+        "extra_flops": extra_flops,
+        "budget_bytes": plan_details.pop("budget_bytes", None),
+        "weight_bytes": peak["weight_bytes"],
+        # The simulated peak of forward then backward, saved tensors alive in between.
+        "peak_activation_bytes": peak["peak"],
+        "forward_peak_bytes": peak["forward_peak"],
+        "backward_peak_bytes": peak["backward_peak"],
+        **plan_details,
     }
     return fw, bw, PassResult(bool(recomputed), notes, details)
 
 
 def saved_for_backward(fw: fx.GraphModule, num_fwd_outputs: int) -> list[tuple[str, str, int]]:
     """(name, dtype[shape], bytes) of each forward output that exists only for the backward."""
-    output = next(n for n in reversed(fw.graph.nodes) if n.op == "output")
-    saved = output.args[0][num_fwd_outputs:]
-    return [
-        (n.name, describe_val(n.meta.get("val")), node_tensor_bytes(n))
-        for n in saved
-        if isinstance(n, fx.Node)
-    ]
-
-
-def recomputed_nodes(fw: fx.GraphModule, bw: fx.GraphModule) -> list[str]:
-    """Backward nodes that recompute a forward op (the partitioner keeps forward node names)."""
-    forward_ops = {n.name for n in fw.graph.nodes if n.op == "call_function"}
-    return [n.name for n in bw.graph.nodes if n.op == "call_function" and n.name in forward_ops]
+    return [(n.name, describe_val(n.meta.get("val")), node_tensor_bytes(n)) for n in saved_outputs(fw, num_fwd_outputs)]
