@@ -188,7 +188,7 @@ def test_saved_bytes_shrink_with_the_budget(model, dropout):
     # Recomputing nothing saves at most what AOTAutograd's default partition saves (it can
     # save less: backward-only work is placed where it keeps fewer bytes alive).
     assert saved["budget-100"] <= saved["none"]
-    assert partitioned(model, dropout, "budget-100")[0].details["extra_flops"] == 0
+    assert partitioned(model, dropout, "budget-100")[0].details["recomputed"] == []  # views at most
     assert saved["none"] >= saved["budget-50"] >= saved["budget-25"] >= saved["budget-min"]
     assert saved["budget-min"] == min(saved.values())
     assert saved["selective"] < saved["none"]

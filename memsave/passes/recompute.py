@@ -30,7 +30,7 @@ from memsave.graph.meta import describe_val, node_tensor_bytes
 from memsave.passes.base import PassContext, PassResult
 from memsave.passes.recompute_graph import (
     JointGraph,
-    backward_flops,
+    recomputed_in_backward,
     saved_activation_bytes,
     saved_outputs,
     simulated_peak,
@@ -88,19 +88,20 @@ def partition(
         raise ValueError(f"recompute: unknown policy {policy!r}")
 
     saved = saved_for_backward(fw, num_fwd_outputs)
-    recomputed, extra_flops = backward_flops(fw, bw)
+    recomputed, views, extra_flops = recomputed_in_backward(fw, bw)
     saved_bytes, saved_input_bytes = saved_activation_bytes(fw, num_fwd_outputs)
     peak = simulated_peak(fw, bw, num_fwd_outputs)
     notes = (
         f"policy {policy}: saves {len(saved)} tensors ({fmt_bytes(saved_bytes)} of activations{budget_note}) "
-        f"for backward, recomputes {len(recomputed)} nodes ({extra_flops / 1e6:.3g} MFLOP extra)",
+        f"for backward, recomputes {len(recomputed)} ops ({extra_flops / 1e6:.3g} MFLOP extra) and {views} views",
     )
     details = {
         "policy": policy,
         "saved": saved,
         "saved_bytes": saved_bytes,
         "saved_input_bytes": saved_input_bytes,
-        "recomputed": recomputed,
+        "recomputed": recomputed,  # ops only; views and getitems re-made in the backward are counted apart
+        "recomputed_views": views,
         "extra_flops": extra_flops,
         "budget_bytes": plan_details.pop("budget_bytes", None),
         "weight_bytes": peak["weight_bytes"],

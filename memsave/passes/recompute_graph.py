@@ -468,11 +468,12 @@ def simulated_peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int)
     }
 
 
-def backward_flops(fw: fx.GraphModule, bw: fx.GraphModule) -> tuple[list[str], int]:
-    """Backward nodes that recompute a forward op (the split keeps forward node names), and
-    their estimated flops."""
+def recomputed_in_backward(fw: fx.GraphModule, bw: fx.GraphModule) -> tuple[list[str], int, int]:
+    """Backward nodes that recompute a forward op (the partitioners keep forward node names):
+    (names of the ops, how many views and getitems are re-made besides, estimated flops)."""
     forward_ops = {n.name for n in fw.graph.nodes if n.op == "call_function"}
     nodes = [n for n in bw.graph.nodes if n.op == "call_function" and n.name in forward_ops]
-    return [n.name for n in nodes], sum(node_flops(n) for n in nodes)
+    ops = [n for n in nodes if not is_getitem(n) and aliased_input(n) is None]
+    return [n.name for n in ops], len(nodes) - len(ops), sum(node_flops(n) for n in ops)
 
 
