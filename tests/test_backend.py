@@ -229,3 +229,12 @@ def test_lowered_graphs_use_the_boxed_convention(monkeypatch):
         torch._dynamo.reset()
         torch.compile(model, backend="memsave", options={"codegen": codegen})(x).sum().backward()
     assert lowered == [("forward", True), ("backward", True)] * 2
+
+
+def test_training_with_dropout_through_inductor():
+    # Inductor's joint-graph rewrite of random ops needs V.fake_mode set around it.
+    model = build_decoder("tiny", dropout=0.2).train()
+    ids = decoder_inputs(model, batch=2, seq=8)
+    compiled = torch.compile(model, backend="memsave", options={"codegen": "inductor"})
+    compiled(*ids).float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

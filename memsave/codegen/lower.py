@@ -114,10 +114,19 @@ def inductor_joint_graph_passes(gm: fx.GraphModule, example_inputs: Sequence[Any
     passes = getattr(cfx, "_recursive_joint_graph_passes", None)
     if passes is None:
         return gm
-    if "input_device" in inspect.signature(passes).parameters:
-        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
-        return passes(gm, input_device=device)
-    return passes(gm)
+    from torch._inductor.virtualized import V
+
+    # Some rewrites (e.g. the one for random ops) run under V.fake_mode, which compile_fx sets
+    # around them; without it they fail with "'NullHandler' object does not support the
+    # context manager protocol".
+    fake_mode = torch._guards.detect_fake_mode(list(example_inputs)) or torch._guards.detect_fake_mode(
+        [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    )
+    with V.set_fake_mode(fake_mode) if fake_mode is not None else contextlib.nullcontext():
+        if "input_device" in inspect.signature(passes).parameters:
+            device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
+            return passes(gm, input_device=device)
+        return passes(gm)
 
 
 def _mutations_first() -> int:
