@@ -119,6 +119,10 @@ def test_wanda_keeps_the_largest_weight_times_input_rms_in_each_row():
     torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
     # Every row lost exactly half of its weights (Wanda compares within a row).
     assert all(i["nonzero"] == 0.5 for i in record(report, "prune").details["layers"].values())
+    # Released weights take their calibration statistics with them.
+    from memsave.calibrate import CALIBRATION
+
+    assert all(lin.weight not in CALIBRATION for lin in linears(model).values())
 
 
 def test_wanda_without_calibration_is_a_clear_error():
@@ -191,6 +195,10 @@ def test_structured_removes_mlp_channels_and_equals_zeroing_them():
         assert gate["bytes_after"] == kept[i] * model.layers[i].mlp.gate_proj.weight.shape[1] * 4
     # Attention projections are not channel groups (reshaped into heads, or feeding the residual).
     assert any("self_attn.q_proj.weight dense (structured)" in note for note in prune.notes)
+    assert any(
+        "self_attn.o_proj.weight dense (structured): add" in note and "combines the channels with" in note
+        for note in prune.notes
+    ), prune.notes
     assert prune.weight_bytes_after < prune.weight_bytes_before
 
 

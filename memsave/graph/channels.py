@@ -82,7 +82,7 @@ def find_group(producer: LinearUse, is_weight) -> tuple[ChannelGroup | None, str
     producers: dict[fx.Node, LinearUse] = {}
     work: list[fx.Node] = []
 
-    def add(node: fx.Node) -> str | None:
+    def add(node: fx.Node, read_by: fx.Node | None = None) -> str | None:
         if node in in_region:
             return None
         if _last_dim(node) != channels:
@@ -91,6 +91,8 @@ def find_group(producer: LinearUse, is_weight) -> tuple[ChannelGroup | None, str
         if linear is not None:
             producers[node] = linear
         elif not _is_channelwise(node):
+            if read_by is not None:  # e.g. the residual add: x + o_proj(...)
+                return f"{read_by.name} combines the channels with {node.name}, which no prunable linear computes"
             return f"{node.name} ({node.target}) mixes channels"
         in_region.add(node)
         work.append(node)
@@ -107,7 +109,7 @@ def find_group(producer: LinearUse, is_weight) -> tuple[ChannelGroup | None, str
                 if node.target in VIEWS and arg is not view_input:
                     continue
                 if arg is view_input or not _broadcast_over_channels(arg):
-                    why = why or add(arg)
+                    why = why or add(arg, read_by=node)
         # Forward: every user is a consumer's input or channel-wise.
         for user in node.users:
             if user.op == "output":

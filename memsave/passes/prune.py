@@ -73,7 +73,10 @@ def prune_weights(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext) -> 
     selected = {node: config.for_weight(w.name) for node, w in weights.items()}
     selected = {node: cfg for node, cfg in selected.items() if cfg is not None and cfg.sparsity + _nm_share(cfg) > 0}
 
-    structured = {n for n, cfg in selected.items() if cfg.structure == "structured"}
+    structured = {
+        n for n, cfg in selected.items()
+        if cfg.structure == "structured" and weights[n].tensor.dim() == 2 and weights[n].tensor.dtype.is_floating_point
+    }
     if structured:
         notes += _prune_structured(builder, ctx, weights, selected, structured, layers)
 
@@ -81,11 +84,11 @@ def prune_weights(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext) -> 
         if cfg.structure == "structured":
             continue
         w = weights[node]
+        if w.tensor.dim() != 2 or not w.tensor.dtype.is_floating_point:
+            continue  # biases, norms, buffers: nothing to prune
         uses = linear_uses(node)
         if uses is None:
             notes.append(f"left {w.name} dense: not used only as a linear layer's weight")
-            continue
-        if node_val(node).dim() != 2:
             continue
         if cfg.n_m is not None and node_val(node).shape[1] % cfg.n_m[1] != 0:
             raise ValueError(

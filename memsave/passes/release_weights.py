@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from memsave.calibrate import CALIBRATION
 from memsave.config import Config
 from memsave.passes.base import PassContext, PassResult
 from memsave.report import fmt_bytes
@@ -50,6 +51,9 @@ def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> Pas
             continue
         freed += release(weight, name)
         names.append(name)
+        # Its calibration statistics (Gram matrices, input samples) can only serve to compress
+        # it again, which a released weight cannot be: they go too.
+        CALIBRATION.pop(weight, None)
     notes = (f"released {len(names)} full-precision weights ({fmt_bytes(freed)} incl. intermediate forms)",) if freed else ()
     if mapped:
         notes += (
