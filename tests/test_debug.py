@@ -113,9 +113,9 @@ def test_cli_explain_model_from_a_file(tmp_path, capsys):
 
 def test_cli_rejects_bad_options_and_models(capsys):
     with pytest.raises(SystemExit) as info:
-        cli_main(["explain", "mlp", "-o", "recompute=sqrt"])
+        cli_main(["explain", "mlp", "-o", "recompute=checkpoint"])
     assert info.value.code == 2
-    assert "valid choices: 'none', 'min-cut'" in capsys.readouterr().err
+    assert "valid choices: 'none', 'min-cut', 'sqrt', 'selective'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown model 'nope'; valid names: decoder-tiny"):
         cli_main(["explain", "nope"])
 
