@@ -123,7 +123,7 @@ def nominal_bits(n: int, k: int, s: dict) -> float:
     if s["bits"] == 32:
         return 32.0
     group = k if s["group_size"] is None or s["group_size"] >= k else s["group_size"]
-    extra = 32 / n if s["method"] == "awq" else 0.0  # AWQ's fp32 1/s per input channel, kept for x · (1/s)
+    extra = 32 / n if s.get("method") == "awq" else 0.0  # AWQ's fp32 1/s per input channel, kept for x · (1/s)
     return bits_per_weight(n, k, s["bits"], group, s["symmetric"]) + extra
 
 
@@ -413,18 +413,12 @@ def extra_sections(results: dict) -> str:
                          f"{nn[t]:.3f} | {_f(st, 2)} | {ratio} | {_f(stored, 2)} |")
         rtn_worse = [m for m, t in pairs if scheme(m)["method"] == "rtn" and cos[m] < cos[t]]
         if rtn_worse:
-            lines += ["", "Why memsave's round-to-nearest trails torchao's (" + ", ".join(f"`{m}`" for m in rtn_worse)
-                      + "): torchao 0.18 chooses its qparams differently (read from its quantized tensors). "
-                      "Symmetric: scale = max|w| / (2^(b−1) − 0.5), so all 2^b codes are in use; memsave's "
-                      "max|w| / (2^(b−1) − 1) leaves the code −2^(b−1) unused, which costs little at 8 bits "
-                      "(0.4% coarser steps) and 7% at 4 bits — the weight SQNR column shows it. Asymmetric: "
-                      "torchao's range is [min(w, 0), max(w, 0)] with an integer zero point, so 0.0 lies exactly "
-                      "on the grid; memsave uses [min, max] with an fp16 offset = min. There memsave has the "
-                      "higher weight SQNR, yet torchao's embeddings are closer. A separate check (dequantized "
-                      "weights swapped into the eager model; it reproduces memsave's numbers exactly) traced that "
-                      "gap to the integer zero point alone — fp32 instead of fp16 scales and offsets changes "
-                      "nothing. Likely cause: on a grid not aligned to zero, a group's many near-zero weights "
-                      "all round the same way, so their errors add up instead of cancelling."]
+            lines += ["", "Where memsave's round-to-nearest trails torchao's (" + ", ".join(f"`{m}`" for m in rtn_worse)
+                      + "): both now use the same grid (symmetric scale max|w| / (2^(b−1) − 0.5), all 2^b "
+                      "codes in use; asymmetric range [min(w, 0), max(w, 0)] with an integer zero point), which "
+                      "the identical weight SQNR columns show. What differs is storage precision: memsave keeps "
+                      "fp16 scales (half the bytes of torchao's fp32 scales in memory, last column), so a few "
+                      "codes round differently; the error ratios of these pairs are within 1% of 1."]
 
     # Winner.
     if int4:
@@ -473,7 +467,7 @@ def render_scatter(results: dict, path: Path) -> None:
     from matplotlib.lines import Line2D
 
     colors = {"memsave": "tab:blue", "torchao": "tab:orange"}
-    markers = {"rtn": "o", "mse": "^", "hqq": "v"}
+    markers = {"rtn": "o", "mse": "^", "hqq": "v", "awq": "s", "gptq": "D"}
     dodge = {"memsave": -0.04, "torchao": 0.04}
     points = []
     for config in results["configs"]:
