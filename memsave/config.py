@@ -20,7 +20,7 @@ import fnmatch
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 try:  # Dynamo wraps backend exceptions in BackendCompilerFailed, except these.
     from torch._dynamo.exc import ShortenTraceback as _Unwrapped
@@ -67,6 +67,11 @@ class FamilyConfig:
     family: ClassVar[str]
     # short string -> dict of field values; subclasses fill this in.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Names with parameters (e.g. "int4-g128-asym"): a parser from name to field values (None
+    # when the name does not fit), the pattern and an example for the error message.
+    name_parser: ClassVar[Callable[[str], dict[str, Any] | None] | None] = None
+    name_pattern: ClassVar[str] = ""
+    name_example: ClassVar[str] = ""
 
     @classmethod
     def parse(cls, value: Any) -> FamilyConfig | None:
@@ -77,13 +82,17 @@ class FamilyConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
-            if value not in cls.shorthands:
+            if value in cls.shorthands:
+                return cls(**cls.shorthands[value])
+            fields_ = cls.name_parser(value) if cls.name_parser is not None else None
+            if fields_ is None:
+                names = f", names of the form {cls.name_pattern} (e.g. {cls.name_example!r})," if cls.name_pattern else ""
                 raise OptionError(
                     f"options[{cls.family!r}]: unknown value {value!r}; valid choices: "
-                    f"{_choices(('none', *cls.shorthands))} or a dict with keys "
+                    f"{_choices(('none', *cls.shorthands))}{names} or a dict with keys "
                     f"{_choices(f.name for f in fields(cls))}"
                 )
-            return cls(**cls.shorthands[value])
+            return cls(**fields_)
         if isinstance(value, dict):
             valid = {f.name for f in fields(cls)}
             for key in value:
@@ -141,6 +150,8 @@ class RecomputeConfig(FamilyConfig):
     family: ClassVar[str] = "recompute"
     POLICIES: ClassVar[tuple[str, ...]] = RECOMPUTE_POLICIES
     name_pattern: ClassVar[str] = "'budget[-<percent>]', 'budget-min'"
+    name_parser: ClassVar = staticmethod(_parse_recompute_name)
+    name_example: ClassVar[str] = 'budget-50'
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {
         "min-cut": {"policy": "min-cut"},
         "sqrt": {"policy": "sqrt"},
@@ -149,19 +160,6 @@ class RecomputeConfig(FamilyConfig):
 
     policy: str | None = None  # None: "budget" when a budget is given, else "min-cut"
     budget: float | int | str | None = None
-
-    @classmethod
-    def parse(cls, value: Any) -> FamilyConfig | None:
-        if isinstance(value, str) and value.strip().lower() not in (*OFF_VALUES, *cls.shorthands):
-            fields_ = _parse_recompute_name(value.strip().lower())
-            if fields_ is None:
-                raise OptionError(
-                    f"options['recompute']: unknown value {value!r}; valid choices: "
-                    f"{_choices(('none', *cls.shorthands))}, names of the form {cls.name_pattern} "
-                    f"(e.g. 'budget-50'), or a dict with keys {_choices(f.name for f in fields(cls))}"
-                )
-            return cls(**fields_)
-        return super().parse(value)
 
     def __post_init__(self):
         if self.policy is None:
@@ -287,6 +285,8 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
 
     family: ClassVar[str] = "quantize"
     name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq/-gptq]', 'log<bits>[-g<group>][-mse]', 'vq<bits>'"
+    name_parser: ClassVar = staticmethod(_parse_quant_name)
+    name_example: ClassVar[str] = 'int4-g128-asym'
     # int4 alone is memsave's int4 recipe; see README for why this one.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {
         "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn"},
@@ -310,19 +310,6 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
     activations: str | None = None
 
     override_keys: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "method")
-
-    @classmethod
-    def parse(cls, value: Any) -> FamilyConfig | None:
-        if isinstance(value, str) and value.strip().lower() not in cls.shorthands:
-            fields_ = _parse_quant_name(value.strip().lower())
-            if fields_ is not None:
-                return cls(**fields_)
-            raise OptionError(
-                f"options['quantize']: unknown value {value!r}; valid choices: 'none', 'int8', 'int4', "
-                f"names of the form {cls.name_pattern} (e.g. 'int4-g128-asym'), or a dict with keys "
-                f"{_choices(f.name for f in fields(cls))}"
-            )
-        return super().parse(value)
 
     def __post_init__(self):
         self._check_choice("scheme", self.scheme, QUANT_SCHEMES)
@@ -392,6 +379,8 @@ class PruneConfig(LayerSelection, FamilyConfig):
 
     family: ClassVar[str] = "prune"
     name_pattern: ClassVar[str] = "'[magnitude-/wanda-]<unstructured/structured/2:4/4:8>[-<percent>]'"
+    name_parser: ClassVar = staticmethod(_parse_prune_name)
+    name_example: ClassVar[str] = 'wanda-2:4'
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
     override_keys: ClassVar[tuple[str, ...]] = ("structure", "method", "sparsity")
 
@@ -402,19 +391,6 @@ class PruneConfig(LayerSelection, FamilyConfig):
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     free_weights: bool = True
-
-    @classmethod
-    def parse(cls, value: Any) -> FamilyConfig | None:
-        if isinstance(value, str) and value.strip().lower() not in OFF_VALUES:
-            fields_ = _parse_prune_name(value.strip().lower())
-            if fields_ is None:
-                raise OptionError(
-                    f"options['prune']: unknown value {value!r}; valid choices: 'none', names of the form "
-                    f"{cls.name_pattern} (e.g. 'wanda-2:4', 'magnitude-unstructured-50'), or a dict with keys "
-                    f"{_choices(f.name for f in fields(cls))}"
-                )
-            return cls(**fields_)
-        return super().parse(value)
 
     def __post_init__(self):
         self._check_choice("structure", self.structure, PRUNE_STRUCTURES)
@@ -475,6 +451,8 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
 
     family: ClassVar[str] = "factorize"
     name_pattern: ClassVar[str] = "'svd[-<percent>]', 'svd-llm[-<percent>]'"
+    name_parser: ClassVar = staticmethod(_parse_factorize_name)
+    name_example: ClassVar[str] = 'svd-llm-20'
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
     override_keys: ClassVar[tuple[str, ...]] = ("reduction", "energy", "rank")
 
@@ -488,18 +466,6 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
     overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     free_weights: bool = True
     damp: float = 0.01
-
-    @classmethod
-    def parse(cls, value: Any) -> FamilyConfig | None:
-        if isinstance(value, str) and value.strip().lower() not in OFF_VALUES:
-            fields_ = _parse_factorize_name(value.strip().lower())
-            if fields_ is None:
-                raise OptionError(
-                    f"options['factorize']: unknown value {value!r}; valid choices: 'none', names of the form "
-                    f"{cls.name_pattern} (e.g. 'svd-llm-20'), or a dict with keys {_choices(f.name for f in fields(cls))}"
-                )
-            return cls(**fields_)
-        return super().parse(value)
 
     def __post_init__(self):
         self._check_choice("method", self.method, FACTORIZE_METHODS)

@@ -32,3 +32,13 @@ def aten_inference_graph(model: torch.nn.Module, *inputs) -> tuple[fx.GraphModul
 def context_for(gm: fx.GraphModule, real_inputs: list, **config) -> PassContext:
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return PassContext(Config(debug=True, **config), "inference", 0, {}, dict(zip(names, real_inputs)))
+
+
+def compile_and_run(model, *inputs, **options):
+    """torch.compile with memsave (plain FX codegen), one no-grad call; the reports it made."""
+    import memsave
+
+    compiled = torch.compile(model, backend="memsave", options={"codegen": "fx", **options})
+    with memsave.collect() as reports, torch.no_grad():
+        out = compiled(*inputs)
+    return compiled, out, reports

@@ -6,19 +6,13 @@ import pytest
 import torch
 
 import memsave
+from helpers import compile_and_run
 from memsave.calibrate import calibrate
 from memsave.config import Config, FactorizeConfig
 from memsave.memory.track import MemoryTracker, live_tensor_bytes
 from memsave.models import build_decoder, build_mlp, decoder_inputs
 from memsave.report import ErrorStats
 from memsave.weights import WEIGHTS
-
-
-def compile_and_run(model, *inputs, **options):
-    compiled = torch.compile(model, backend="memsave", options={"codegen": "fx", **options})
-    with memsave.collect() as reports, torch.no_grad():
-        out = compiled(*inputs)
-    return compiled, out, reports
 
 
 def record(report, name):

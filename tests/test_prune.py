@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import memsave
+from helpers import compile_and_run
 from memsave.calibrate import calibrate
 from memsave.config import Config, PruneConfig
 from memsave.memory.track import MemoryTracker, live_tensor_bytes
@@ -14,13 +15,6 @@ from memsave.models import build_decoder, build_hf_llama, build_mlp, decoder_inp
 from memsave.weights import WEIGHTS
 
 memsave_ops = torch.ops.memsave
-
-
-def compile_and_run(model, *inputs, **options):
-    compiled = torch.compile(model, backend="memsave", options={"codegen": "fx", **options})
-    with memsave.collect() as reports, torch.no_grad():
-        out = compiled(*inputs)
-    return compiled, out, reports
 
 
 def linears(model):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import memsave
+from helpers import compile_and_run
 from memsave.config import Config, QuantizeConfig
 from memsave.memory.track import MemoryTracker, live_tensor_bytes
 from memsave.models import build_decoder, build_hf_llama, build_mlp, decoder_inputs, hf_inputs
@@ -12,13 +13,6 @@ from memsave.report import ErrorStats
 from memsave.weights import WEIGHTS
 
 memsave_ops = torch.ops.memsave
-
-
-def compile_and_run(model, *inputs, **options):
-    compiled = torch.compile(model, backend="memsave", options={"codegen": "fx", **options})
-    with memsave.collect() as reports, torch.no_grad():
-        out = compiled(*inputs)
-    return compiled, out, reports
 
 
 @pytest.mark.parametrize(
