@@ -59,7 +59,6 @@ requirement checks (bits per weight), the targets (int8 >= 0.9995; best int4 at 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -70,7 +69,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import DEFAULT_OUT, Benchmark, main, render_markdown
+from benchmarks.harness import Benchmark, main_with_extras, render_markdown
 
 # ----------------------------------------------------------------------------- configs
 
@@ -542,27 +541,4 @@ def write_extras(json_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--redraw", action="store_true")
-    parser.add_argument("--worker")
-    known, rest = parser.parse_known_args()
-    json_path = Path(known.out) / f"{BENCH.name}.json"
-    if known.redraw:
-        write_extras(json_path)
-        print(f"redrew {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
-        sys.exit(0)
-    if known.worker is not None:
-        main(BENCH)
-        sys.exit(0)
-    started = time.time()
-    code = 0
-    try:
-        main(BENCH)
-    except SystemExit as exc:  # main() exits 1 when a config failed; the report is written anyway
-        code = exc.code
-    if json_path.exists() and json_path.stat().st_mtime >= started:
-        write_extras(json_path)
-        print(f"added the requirement/target sections to {json_path.with_suffix('.md')}, "
-              f"scatter plot in {json_path.with_suffix('.png')}")
-    sys.exit(code)
+    main_with_extras(BENCH, write_extras, "added the requirement/target sections and the scatter plot to")

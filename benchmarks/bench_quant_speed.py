@@ -62,7 +62,6 @@ and no slower than torchao int8 weight-only).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -73,11 +72,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (
-    DEFAULT_OUT,
     Benchmark,
     MiB,
     current_rss_bytes,
-    main,
+    main_with_extras,
     peak_rss_bytes,
     render_markdown,
     reset_peak_rss,
@@ -431,30 +429,12 @@ def write_extras(json_path: Path) -> None:
     json_path.with_suffix(".md").write_text(render_markdown(results) + extra_sections(results))
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--redraw", action="store_true")
-    parser.add_argument("--worker")
-    known, _ = parser.parse_known_args()
-    json_path = Path(known.out) / f"{BENCH.name}.json"
-    if known.redraw:
-        from benchmarks.harness import render_plot
+def redraw(json_path: Path) -> None:
+    from benchmarks.harness import render_plot
 
-        write_extras(json_path)
-        render_plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
-        print(f"redrew {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
-        sys.exit(0)
-    if known.worker is not None:
-        main(BENCH)
-        sys.exit(0)
-    started = time.time()
-    code = 0
-    try:
-        main(BENCH)
-    except SystemExit as exc:  # main() exits 1 when a config failed; the report is written anyway
-        code = exc.code
-    if json_path.exists() and json_path.stat().st_mtime >= started:
-        write_extras(json_path)
-        print(f"added speedups, bandwidth limits, kernel counts and goals to {json_path.with_suffix('.md')}")
-    sys.exit(code)
+    write_extras(json_path)
+    render_plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main_with_extras(BENCH, write_extras, "added speedups, bandwidth limits, kernel counts and goals to", redraw)

@@ -663,6 +663,41 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
 
 
+
+def main_with_extras(
+    bench: Benchmark,
+    extras: Callable[[Path], None],
+    done: str,
+    redraw: Callable[[Path], None] | None = None,
+) -> None:
+    """`main` for a benchmark whose report has sections of its own: after a run (also when a
+    config failed: the report is written anyway) `extras(json_path)` adds them; `--redraw`
+    rewrites the report from the JSON alone with `redraw` (default: `extras`). Exits with
+    main's code."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--redraw", action="store_true")
+    parser.add_argument("--worker")
+    known, _ = parser.parse_known_args()
+    json_path = Path(known.out) / f"{bench.name}.json"
+    if known.redraw:
+        (redraw or extras)(json_path)
+        print(f"redrew {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
+        sys.exit(0)
+    if known.worker is not None:
+        main(bench)
+        sys.exit(0)
+    started = time.time()
+    code = 0
+    try:
+        main(bench)
+    except SystemExit as exc:  # main() exits 1 when a config failed
+        code = exc.code
+    if json_path.exists() and json_path.stat().st_mtime >= started:
+        extras(json_path)
+        print(f"{done} {json_path.with_suffix('.md')}")
+    sys.exit(code)
+
 def _replot(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description="Redraw <name>.md and <name>.png from a harness JSON file.")
     parser.add_argument("json", type=Path, nargs="+")

@@ -59,13 +59,13 @@ def calibrate(
 
     def record(module: torch.nn.Linear, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, K)
+        xd = x.double()  # sums of squares and products accumulate in fp64
         sums[module] = sums.get(module, 0) + x.abs().sum(0)
-        squares[module] = squares.get(module, 0) + x.double().pow(2).sum(0)
+        squares[module] = squares.get(module, 0) + xd.pow(2).sum(0)
         counts[module] = counts.get(module, 0) + x.shape[0]
         keep = torch.randperm(x.shape[0], generator=generator)[:sample_rows]
         samples.setdefault(module, []).append(x[keep].clone())
         if hessian:
-            xd = x.double()
             grams[module] = grams.get(module, 0) + xd.t() @ xd
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

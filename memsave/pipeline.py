@@ -56,6 +56,7 @@ def run_pipeline(runner: PassRunner) -> None:
     # final graph's buffers). Recompute is the partition function of training graphs
     # (backend.py), and sharding runs after compression.
 
+
 class PassRunner:
     """Runs passes on one graph and records what each did.
 

@@ -29,9 +29,7 @@ class ErrorStats:
     def between(reference: list[torch.Tensor], output: list[torch.Tensor]) -> ErrorStats:
         ref = torch.cat([t.detach().double().flatten() for t in reference]) if reference else torch.zeros(1)
         out = torch.cat([t.detach().double().flatten() for t in output]) if output else torch.zeros(1)
-        noise = (out - ref).pow(2).sum().item()
-        signal = ref.pow(2).sum().item()
-        sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+        sqnr = sqnr_db(ref, out)
         cos = torch.nn.functional.cosine_similarity(ref, out, dim=0).item() if ref.numel() else 1.0
         max_abs = (out - ref).abs().max().item() if ref.numel() else 0.0
         return ErrorStats(sqnr, max_abs, cos)
@@ -101,6 +99,13 @@ class GraphReport:
             shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
             notes.append(f"- weights read: {shown}")
         return "\n".join(rows + ([""] + notes if notes else []))
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """10·log10(‖reference‖² / ‖approx − reference‖²); inf when identical."""
+    noise = (approx - reference).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    return math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
 
 
 def fmt_bytes(n: int | float | None) -> str:

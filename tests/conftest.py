@@ -17,6 +17,23 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory):
+    """Where generated Triton kernel files go during the tests."""
+    return tmp_path_factory.mktemp("triton_cache")
+
+
+@pytest.fixture
+def triton_env(request, monkeypatch, kernel_cache):
+    """For Triton kernel tests: TRITON_INTERPRET=1 for this test only (gpu-marked tests run the
+    compiled kernels), so the variable never leaks into other tests."""
+    monkeypatch.setenv("MEMSAVE_TRITON_CACHE", str(kernel_cache))
+    if request.node.get_closest_marker("gpu"):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

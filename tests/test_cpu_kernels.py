@@ -28,9 +28,10 @@ def test_int4_layout_is_torchs_and_inverts_exactly(n, k):
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_kernel_matches_the_reference(symmetric, group):
     n, k = 128, 256
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(group))
+    gen = torch.Generator().manual_seed(group)  # inputs too: the result must not depend on test order
+    w = torch.randn(n, k, generator=gen)
     packed, scale, offset = quantize_weight(w, 4, group, symmetric)
-    x, bias = torch.randn(2, 5, k).bfloat16(), torch.randn(n).bfloat16()
+    x, bias = torch.randn(2, 5, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
     expected = linear_affine(x.float(), packed, scale, offset, bias.float(), 4, group, k)
     got = cpu.linear_int4_cpu(x, cpu.to_int4pack(packed, n, k), cpu.int4_scales_zeros(scale, offset), bias, group, n)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 5, n)

@@ -37,18 +37,9 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 RTOL = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}
 
 
-@pytest.fixture(scope="session")
-def kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("triton_cache")
-
-
-@pytest.fixture(autouse=True)
-def triton_env(request, monkeypatch, kernel_cache):
-    monkeypatch.setenv("MEMSAVE_TRITON_CACHE", str(kernel_cache))
-    if request.node.get_closest_marker("gpu"):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+# Every test runs Triton under the interpreter (gpu-marked ones compiled), kernels cached in a
+# per-session folder: the `triton_env` fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("triton_env")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -30,18 +30,9 @@ RTOL = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}
 LINEAR_NM = torch.ops.memsave.linear_nm.default
 
 
-@pytest.fixture(scope="session")
-def kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("triton_cache")
-
-
-@pytest.fixture(autouse=True)
-def triton_env(request, monkeypatch, kernel_cache):
-    monkeypatch.setenv("MEMSAVE_TRITON_CACHE", str(kernel_cache))
-    if request.node.get_closest_marker("gpu"):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+# Every test runs Triton under the interpreter (gpu-marked ones compiled), kernels cached in a
+# per-session folder: the `triton_env` fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("triton_env")
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import torch.fx as fx
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
 from memsave.graph.linears import is_transpose, plain_matmul_of
-from memsave.graph.rewrite import GraphBuilder
+from memsave.graph.rewrite import GraphBuilder, erase_if_dead
 from memsave.ops.schemes import DEQUANTIZE_TO_LINEAR
 from memsave.passes.base import PassContext, PassResult
 
@@ -71,7 +71,7 @@ def fuse_dequant_matmul(gm: fx.GraphModule, config: object, ctx: PassContext) ->
                 linear = builder.call(memsave_ops.linear_w8a8.default, (activations, codes, params[0], bias), before=mm)
                 mm.replace_all_uses_with(linear)
                 gm.graph.erase_node(mm)
-                _erase_dead(gm, x)
+                erase_if_dead(gm, x)
                 fused += 1
                 continue
             linear = builder.call(linear_op, (x, codes, *params, bias, *extras, k), before=mm)
@@ -105,14 +105,6 @@ def _per_token_source(x) -> fx.Node | None:
     if q is not scales.args[0] or q.target != memsave_ops.quantize_per_token.default:
         return None
     return q.args[0]
-
-
-def _erase_dead(gm: fx.GraphModule, node) -> None:
-    if isinstance(node, fx.Node) and node.op == "call_function" and not node.users:
-        inputs = [a for a in node.args if isinstance(a, fx.Node)]
-        gm.graph.erase_node(node)
-        for a in inputs:
-            _erase_dead(gm, a)
 
 
 def _node_dtype(node) -> torch.dtype | None:

@@ -64,6 +64,15 @@ def users_are(node: fx.Node, targets: tuple[Any, ...]) -> bool:
     return bool(node.users) and all(u.op == "call_function" and u.target in targets for u in node.users)
 
 
+def erase_if_dead(gm: fx.GraphModule, node) -> None:
+    """Erase `node` if nothing reads it, then the inputs that leaves unread, and so on."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and not node.users:
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        gm.graph.erase_node(node)
+        for a in inputs:
+            erase_if_dead(gm, a)
+
+
 def drop_unused_constants(gm: fx.GraphModule) -> None:
     """Erase get_attr nodes nothing reads and free the buffers behind them."""
     for node in list(gm.graph.nodes):

@@ -74,27 +74,28 @@ class PassContext:
             if node.op == "placeholder" and node.name in self.weights:
                 tensor = self.weight_tensor(node.name)
                 if tensor is not None:
-                    name = self.weights[node.name].name
-                    found.append(WeightNode(node, name, name, tensor))
+                    found.append(WeightNode(node, self.weights[node.name].name, None, tensor))
             elif node.op == "get_attr" and DERIVED_KEY in node.meta:
-                name, label = node.meta[DERIVED_KEY]
-                found.append(WeightNode(node, name, f"{name}[{label}]", getattr(gm, node.target)))
+                name, part = node.meta[DERIVED_KEY]
+                found.append(WeightNode(node, name, part, getattr(gm, node.target)))
         return found
-
-    def weight_node(self, gm: fx.GraphModule, node: fx.Node) -> WeightNode | None:
-        return next((w for w in self.weight_nodes(gm) if w.node is node), None)
 
 
 @dataclass(frozen=True)
 class WeightNode:
     node: fx.Node
     name: str  # the user's weight name (what include/exclude patterns match)
-    label: str  # for reports: the name, plus the part for derived weights ("...weight[U]")
+    part: str | None  # for derived weights, which part of it this is ("U", "values", "rows·V")
     tensor: torch.Tensor  # the real tensor (weight-cache key)
 
     @property
     def derived(self) -> bool:
-        return self.node.op == "get_attr"
+        return self.part is not None
+
+    @property
+    def label(self) -> str:
+        """For reports: the name, plus the part for derived weights ("...weight[U]")."""
+        return self.name if self.part is None else f"{self.name}[{self.part}]"
 
 
 def tag(node: fx.Node, pass_name: str) -> fx.Node:

@@ -58,9 +58,9 @@ def factorize_weights(gm: fx.GraphModule, config: FactorizeConfig, ctx: PassCont
             notes.append(f"left {w.label} dense: not used only as a linear layer's weight")
             continue
         candidates.append((w, uses, cfg))
-    spectra = {w.label: _spectrum(w, cfg) for w, _, cfg in candidates}
     with unset_fake_temporarily():  # passes run under the compile's fake mode; spectra are real
-        ranks = _ranks(candidates, spectra, config)
+        ranks = _ranks(candidates, config)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     layers = {}
     for w, uses, cfg in candidates:
         n, k = w.tensor.shape
@@ -70,7 +70,7 @@ def factorize_weights(gm: fx.GraphModule, config: FactorizeConfig, ctx: PassCont
             notes.append(f"left {w.label} dense: rank {rank} would store as much as dense ({n}×{k})")
             continue
         u, v, error = _factors(w, cfg, rank)
-        _rewrite(builder, w, uses, u, v)
+        _rewrite(builder, w, uses, u, v, first=min((use.transpose for use in uses), key=position.__getitem__))
         layers[w.label] = {
             "rank": rank, "shape": (n, k), "bytes_before": dense,
             "bytes_after": (u.numel() + v.numel()) * u.element_size(), "relative_error": error,
@@ -104,9 +104,11 @@ def _spectrum(w, cfg: FactorizeConfig) -> torch.Tensor:
     return WEIGHTS.get_or_build(w.tensor, key, lambda: spectrum(w.tensor.float(), _gram(w, cfg), cfg.damp))
 
 
-def _ranks(candidates, spectra, config: FactorizeConfig) -> dict[str, int]:
+def _ranks(candidates, config: FactorizeConfig) -> dict[str, int]:
+    """Each candidate's rank. Only energy targets and sensitivity allocation look at the
+    spectra (a fixed rank or reduction does not: no SVD beyond the one that makes the factors)."""
     if config.allocation == "sensitivity":
-        layers = {w.label: (*w.tensor.shape, spectra[w.label]) for w, _, _ in candidates}
+        layers = {w.label: (*w.tensor.shape, _spectrum(w, cfg)) for w, _, cfg in candidates}
         return allocate_ranks(layers, 1 - config.reduction) if layers else {}
     ranks = {}
     for w, _, cfg in candidates:
@@ -119,7 +121,7 @@ def _ranks(candidates, spectra, config: FactorizeConfig) -> dict[str, int]:
                 )
             ranks[w.label] = cfg.rank
         elif cfg.energy is not None:
-            ranks[w.label] = rank_for_energy(spectra[w.label], cfg.energy)
+            ranks[w.label] = rank_for_energy(_spectrum(w, cfg), cfg.energy)
         else:
             ranks[w.label] = rank_for_ratio(n, k, 1 - cfg.reduction)
     return ranks
@@ -142,12 +144,12 @@ def _factors(w, cfg: FactorizeConfig, rank: int):
     return u, v, error
 
 
-def _rewrite(builder: GraphBuilder, w, uses, u: torch.Tensor, v: torch.Tensor) -> None:
-    first = min((use.transpose for use in uses), key=list(builder.gm.graph.nodes).index)
+def _rewrite(builder: GraphBuilder, w, uses, u: torch.Tensor, v: torch.Tensor, *, first: fx.Node) -> None:
+    prefix = f"{w.part}·" if w.derived else ""  # a factor of a pruned weight: "rows·U"
     u_node = builder.constant("memsave_factor_u", u, before=first)
-    u_node.meta[DERIVED_KEY] = (w.name, "U" if not w.derived else f"{w.label.split('[')[-1][:-1]}·U")
+    u_node.meta[DERIVED_KEY] = (w.name, f"{prefix}U")
     v_node = builder.constant("memsave_factor_v", v, before=first)
-    v_node.meta[DERIVED_KEY] = (w.name, "V" if not w.derived else f"{w.label.split('[')[-1][:-1]}·V")
+    v_node.meta[DERIVED_KEY] = (w.name, f"{prefix}V")
     ut = builder.call(aten.permute.default, (u_node, [1, 0]), before=first)
     vt = builder.call(aten.permute.default, (v_node, [1, 0]), before=first)
     for use in uses:

@@ -48,11 +48,10 @@ from memsave.calibrate import CALIBRATION
 from memsave.config import PruneConfig
 from memsave.graph.channels import VIEWS, ChannelGroup, find_group
 from memsave.graph.linears import linear_uses
-from memsave.graph.meta import node_val
 from memsave.graph.rewrite import GraphBuilder
 from memsave.ops.sparse import bitmask_bytes, nm_bytes, nm_keep_mask, pack_bitmask, pack_nm
 from memsave.passes.base import DERIVED_KEY, PassContext, PassResult
-from memsave.report import fmt_bytes
+from memsave.report import fmt_bytes, sqnr_db
 from memsave.weights import WEIGHTS
 
 aten = torch.ops.aten
@@ -69,34 +68,37 @@ def prune_weights(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext) -> 
     builder = GraphBuilder(gm, "prune")
     layers: dict[str, dict] = {}  # weight name -> what happened to it
     notes: list[str] = []
+    # All weights (structured pruning slices the producers' biases too); only 2-D float ones
+    # are pruned: biases, norms and buffers have nothing to prune.
     weights = {w.node: w for w in ctx.weight_nodes(gm) if not w.derived}
-    selected = {node: config.for_weight(w.name) for node, w in weights.items()}
-    selected = {node: cfg for node, cfg in selected.items() if cfg is not None and cfg.sparsity + _nm_share(cfg) > 0}
+    selected = {}
+    for node, w in weights.items():
+        cfg = config.for_weight(w.name)
+        if cfg is not None and cfg.effective_sparsity > 0 and w.tensor.dim() == 2 and w.tensor.dtype.is_floating_point:
+            selected[node] = cfg
 
-    structured = {
-        n for n, cfg in selected.items()
-        if cfg.structure == "structured" and weights[n].tensor.dim() == 2 and weights[n].tensor.dtype.is_floating_point
-    }
+    structured = {n for n, cfg in selected.items() if cfg.structure == "structured"}
     if structured:
-        notes += _prune_structured(builder, ctx, weights, selected, structured, layers)
+        notes += _prune_structured(builder, weights, selected, structured, layers)
 
+    position = _position(gm)
     for node, cfg in selected.items():
         if cfg.structure == "structured":
             continue
         w = weights[node]
-        if w.tensor.dim() != 2 or not w.tensor.dtype.is_floating_point:
-            continue  # biases, norms, buffers: nothing to prune
         uses = linear_uses(node)
         if uses is None:
             notes.append(f"left {w.name} dense: not used only as a linear layer's weight")
             continue
-        if cfg.n_m is not None and node_val(node).shape[1] % cfg.n_m[1] != 0:
+        k = w.tensor.shape[1]
+        if cfg.n_m is not None and k % cfg.n_m[1] != 0:
             raise ValueError(
                 f"memsave prune: {cfg.structure} needs the in-feature count of {w.name} "
-                f"({node_val(node).shape[1]}) to be divisible by {cfg.n_m[1]}; exclude the layer "
+                f"({k}) to be divisible by {cfg.n_m[1]}; exclude the layer "
                 f"(options['prune']['exclude']) or choose 'unstructured'"
             )
-        layers[w.name] = _prune_layer(builder, w, uses, cfg)
+        first = min((u.transpose for u in uses), key=position)
+        layers[w.name] = _prune_layer(builder, w, uses, cfg, first)
 
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -111,14 +113,10 @@ def prune_weights(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext) -> 
     return PassResult(bool(pruned), tuple(lines + notes), {"layers": layers})
 
 
-def _nm_share(cfg: PruneConfig) -> float:
-    return 1.0 if cfg.n_m is not None else 0.0
-
-
 # -- unstructured and N:M -------------------------------------------------------------------
 
 
-def _prune_layer(builder: GraphBuilder, w, uses, cfg: PruneConfig) -> dict:
+def _prune_layer(builder: GraphBuilder, w, uses, cfg: PruneConfig, first: fx.Node) -> dict:
     weight = w.tensor
     n_out, k = weight.shape
     element = weight.element_size()
@@ -128,8 +126,7 @@ def _prune_layer(builder: GraphBuilder, w, uses, cfg: PruneConfig) -> dict:
 
     def build():
         keep = _keep_mask(weight, w.name, cfg)
-        pruned = weight.float() * keep
-        sqnr = _sqnr(weight.float(), pruned)
+        sqnr = sqnr_db(weight.float(), weight.float() * keep)
         if cfg.n_m is not None:
             values, indices = pack_nm(weight, keep, *cfg.n_m)
             return values, indices, sqnr
@@ -145,7 +142,6 @@ def _prune_layer(builder: GraphBuilder, w, uses, cfg: PruneConfig) -> dict:
             return info
     values, meta, sqnr = WEIGHTS.get_or_build(weight, key, build)
     WEIGHTS.mark_derived(values)
-    first = min((u.transpose for u in uses), key=_position(builder.gm))
     values_node = builder.constant("memsave_sparse_values", values, before=first)
     values_node.meta[DERIVED_KEY] = (w.name, "values")
     meta_node = builder.constant("memsave_sparse_meta", meta, before=first)
@@ -197,7 +193,7 @@ def _input_rms(weight: torch.Tensor, name: str) -> torch.Tensor:
 # -- structured -----------------------------------------------------------------------------
 
 
-def _prune_structured(builder, ctx, weights, selected, structured, layers) -> list[str]:
+def _prune_structured(builder, weights, selected, structured, layers) -> list[str]:
     notes, done, why_not = [], set(), {}
     is_weight = lambda n: n in weights  # noqa: E731
     for node in list(structured):
@@ -239,7 +235,6 @@ def _group_scores(group: ChannelGroup, weights, cfg: PruneConfig) -> torch.Tenso
 
 
 def _apply_group(builder: GraphBuilder, group: ChannelGroup, weights, cfg: PruneConfig) -> dict:
-    gm = builder.gm
     channels = group.channels
     kept = max(1, channels - math.floor(cfg.sparsity * channels))
     anchor = weights[group.consumers[0].weight].tensor
@@ -259,7 +254,7 @@ def _apply_group(builder: GraphBuilder, group: ChannelGroup, weights, cfg: Prune
             value = w.tensor.index_select(dim, keep).contiguous()
             dense = w.tensor.float()
             removed = dense.clone().index_fill_(dim, keep, 0)
-            return value, _sqnr(dense, dense - removed)
+            return value, sqnr_db(dense, dense - removed)
 
         value, sqnr = WEIGHTS.get_or_build(w.tensor, ("prune-structured", cfg.method, cfg.sparsity, members), build)
         WEIGHTS.mark_derived(value)
@@ -301,17 +296,10 @@ def _sliced_bias(builder, bias_node, keep, before, weights, cfg, members) -> fx.
     if bias_node in weights:
         tensor = weights[bias_node].tensor
         value = WEIGHTS.get_or_build(tensor, ("prune-structured", cfg.method, cfg.sparsity, members), lambda: tensor.index_select(0, keep).contiguous())
-        node = builder.constant("memsave_pruned_bias", value, before=before)
-        return node
+        return builder.constant("memsave_pruned_bias", value, before=before)
     return builder.call(aten.index_select.default, (bias_node, 0, builder.constant("memsave_keep", keep, before=before)), before=before)
 
 
 def _position(gm: fx.GraphModule):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return order.__getitem__
-
-
-def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = (reference - approx).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf

@@ -22,7 +22,6 @@ training graphs keep full-precision weights (the weights are what they learn).
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 
 import torch
@@ -39,6 +38,7 @@ from memsave.graph.rewrite import GraphBuilder, users_are
 from memsave.ops.awq import choose_awq
 from memsave.ops.schemes import SCHEMES, QuantSpec
 from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
+from memsave.report import sqnr_db
 from memsave.weights import WEIGHTS
 
 aten = torch.ops.aten
@@ -195,7 +195,7 @@ def _apply_awq(builder: GraphBuilder, node: fx.Node, uses, column_scale, dtype, 
 
 # Ops that rebuild a weight from stored sparse parts; their first argument (the kept values)
 # is a weight in its own right, which quantize may store in fewer bits.
-SPARSE_VALUE_SLOTS = ("densify_bitmask", "densify_nm")
+SPARSE_DENSIFY = (memsave_ops.densify_bitmask.default, memsave_ops.densify_nm.default)
 
 
 def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
@@ -205,7 +205,7 @@ def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
     for user in weight.users:
         if user.op != "call_function":
             continue
-        if _is_sparse_values_slot(user, weight):
+        if user.target in SPARSE_DENSIFY and user.args[0] is weight:
             uses.append(user)
             continue
         if is_transpose(user) and users_are(user, MATMULS):
@@ -215,15 +215,6 @@ def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
         elif embeddings and user.target == aten.embedding.default and user.args[0] is weight:
             uses.append(user)
     return uses
-
-
-def _is_sparse_values_slot(user: fx.Node, weight: fx.Node) -> bool:
-    packet = getattr(user.target, "overloadpacket", None)
-    return (
-        packet is not None
-        and packet._qualified_op_name in {f"memsave::{op}" for op in SPARSE_VALUE_SLOTS}
-        and user.args[0] is weight
-    )
 
 
 def _quantize_activations(builder: GraphBuilder, mm: fx.Node) -> None:
@@ -266,5 +257,4 @@ def _weight_sqnr(weight: torch.Tensor, rules, spec: QuantSpec, params, column_sc
     if codes is None:
         codes = rules.quantize(weight.float() * s, *params, *rules.quantize_extra(spec))
     w_hat = rules.dequantize(codes, *params, *rules.dequantize_extra(spec), k, torch.float32) / s
-    noise, signal = (w_hat - weight.float()).pow(2).sum().item(), weight.float().pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return sqnr_db(weight.float(), w_hat)

@@ -65,11 +65,11 @@ def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> Pas
 
 def _derived_tree(weight) -> list:
     """Derived weights of `weight`, and theirs (a pruned weight's low-rank factors), ..."""
-    found, todo = [], list(WEIGHTS.derived(weight))
+    found, seen, todo = [], set(), list(WEIGHTS.derived(weight))
     while todo:
         part = todo.pop()
-        if any(part is f for f in found):
-            continue
-        found.append(part)
-        todo.extend(WEIGHTS.derived(part))
+        if id(part) not in seen:
+            seen.add(id(part))
+            found.append(part)
+            todo.extend(WEIGHTS.derived(part))
     return found

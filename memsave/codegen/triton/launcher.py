@@ -100,6 +100,20 @@ def _check(x, packed, scale, offset, bias, bits, group_size, in_features) -> Non
             )
 
 
+def prepare(x: torch.Tensor, out_features: int, in_features: int, interpret: bool, who: str):
+    """What every launcher does first: refuse non-CUDA inputs (unless interpreting), view x as
+    (M, K) with unit stride along K, allocate y (M, N) in x's dtype."""
+    if x.device.type != "cuda" and not interpret:
+        raise RuntimeError(
+            f"triton {who}: x is on {x.device}; the Triton kernels run on CUDA tensors "
+            "(or on any device under TRITON_INTERPRET=1)"
+        )
+    x2 = x.reshape(-1, in_features)  # (M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, torch.empty((x2.shape[0], out_features), dtype=x.dtype, device=x.device)
+
+
 def launch(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -120,17 +134,9 @@ def launch(
     """
     _check(x, packed, scale, offset, bias, bits, group_size, in_features)
     interpret = interpreting()
-    if x.device.type != "cuda" and not interpret:
-        raise RuntimeError(
-            f"triton linear_affine: x is on {x.device}; the Triton kernels run on CUDA tensors "
-            "(or on any device under TRITON_INTERPRET=1)"
-        )
     n, k = packed.shape[0], in_features
-    x2 = x.reshape(-1, k)  # (M, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y = prepare(x, n, k, interpret, "linear_affine")
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
     if variant is None:

@@ -31,9 +31,9 @@ import torch.fx as fx
 
 from memsave.codegen.triton import source
 from memsave.codegen.triton.configs import GEMM_CONFIGS, GROUP_M, INTERPRET_GEMM
-from memsave.codegen.triton.launcher import _autotuner, interpreting
+from memsave.codegen.triton.launcher import _autotuner, interpreting, prepare
 from memsave.codegen.triton.spec import MIN_BLOCK_K, SUPPORTED_DTYPES, check_dtype
-from memsave.codegen.triton.templates import _lines
+from memsave.codegen.triton.templates import GEMM_TILE, _lines
 from memsave.ops.sparse import check_nm, compressed_features, index_bits
 from memsave.ops.pack import packed_length
 
@@ -118,24 +118,7 @@ def kernel(
     stride_xm, stride_vn, stride_in, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Program -> (pid_m, pid_n), GROUP_M row blocks at a time, so programs running together
-    # share weight tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_in_group
-    pid_n = (pid % width) // rows_in_group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    offs_k = tl.arange(0, BLOCK_K)  # (BK,)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
-    v_cols = values_ptr + offs_n.to(tl.int64)[None, :] * stride_vn  # (1, BN): weight rows as columns
+{GEMM_TILE}    v_cols = values_ptr + offs_n.to(tl.int64)[None, :] * stride_vn  # (1, BN): weight rows as columns
     i_cols = indices_ptr + offs_n.to(tl.int64)[None, :] * stride_in  # (1, BN)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -246,17 +229,9 @@ def launch(
     """
     _check(x, values, indices, bias, n, m, in_features)
     interpret = interpreting()
-    if x.device.type != "cuda" and not interpret:
-        raise RuntimeError(
-            f"triton linear_nm: x is on {x.device}; the Triton kernels run on CUDA tensors "
-            "(or on any device under TRITON_INTERPRET=1)"
-        )
     rows, k = indices.shape[0], in_features
-    x2 = x.reshape(-1, k)  # (M, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y = prepare(x, rows, k, interpret, "linear_nm")
     mrows = x2.shape[0]
-    y = torch.empty((mrows, rows), dtype=x.dtype, device=x.device)  # (M, N)
     if mrows == 0 or rows == 0:
         return y.reshape(*x.shape[:-1], rows)
     spec = make_spec(n, m, bias is not None, x.dtype, interpret)

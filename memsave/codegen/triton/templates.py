@@ -45,6 +45,29 @@ def _add(a, b):
 '''
 
 
+# The start of every GEMM kernel (affine here, n:m in sparse_nm.py): program id → the
+# (BLOCK_M, BLOCK_N) output tile it computes, GROUP_M row blocks at a time, with the row/column
+# offsets, masks and the row pointers of x.
+GEMM_TILE = """    # Program -> (pid_m, pid_n), GROUP_M row blocks at a time, so programs running together
+    # share weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_in_group
+    pid_n = (pid % width) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    offs_k = tl.arange(0, BLOCK_K)  # (BK,)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
+"""
+
+
 def render(spec: KernelSpec) -> str:
     """The complete source of one kernel module; defines `kernel`."""
     body = _gemv(spec) if spec.variant == "gemv" else _gemm(spec)
@@ -254,24 +277,7 @@ def kernel(
     stride_xm, stride_pn, stride_sn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Program -> (pid_m, pid_n), GROUP_M row blocks at a time, so programs running together
-    # share weight tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_in_group
-    pid_n = (pid % width) // rows_in_group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    offs_k = tl.arange(0, BLOCK_K)  # (BK,)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # (BM, 1)
-    p_cols = packed_ptr + offs_n.to(tl.int64)[None, :] * stride_pn  # (1, BN): weight rows as columns
+{GEMM_TILE}    p_cols = packed_ptr + offs_n.to(tl.int64)[None, :] * stride_pn  # (1, BN): weight rows as columns
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
 '''
     if spec.scales == "channel":
