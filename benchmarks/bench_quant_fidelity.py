@@ -415,9 +415,9 @@ def extra_sections(results: dict) -> str:
             lines += ["", "Where memsave's round-to-nearest trails torchao's (" + ", ".join(f"`{m}`" for m in rtn_worse)
                       + "): both now use the same grid (symmetric scale max|w| / (2^(b−1) − 0.5), all 2^b "
                       "codes in use; asymmetric range [min(w, 0), max(w, 0)] with an integer zero point), which "
-                      "the identical weight SQNR columns show. What differs is storage precision: memsave keeps "
-                      "fp16 scales (half the bytes of torchao's fp32 scales in memory, last column), so a few "
-                      "codes round differently; the error ratios of these pairs are within 1% of 1."]
+                      "the identical weight SQNR columns show. A likely cause of the rest (not checked separately): "
+                      "memsave keeps fp16 scales where torchao keeps fp32 ones in memory (last column), so a few "
+                      "codes may round differently; the error ratios of these pairs are within 1% of 1."]
 
     # Winner.
     if int4:
