@@ -112,7 +112,7 @@ class GraphCompilation:
         )
 
     def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
-        from memsave.passes.recompute import partition
+        from memsave.passes.recompute import COMPARING_POLICIES, compare_policies, partition
 
         ctx = self._context(joint, "joint", positional=True)
         runner = PassRunner(joint, ctx, codegen=self.config.codegen)
@@ -127,6 +127,8 @@ class GraphCompilation:
         # "Before" is the same schedule with nothing recomputed, so the line reads as what
         # this policy saved over saving everything.
         _, _, baseline = partition(joint, None, ctx, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        if COMPARING_POLICIES.get():  # `memsave explain --train`: every policy on the same graph
+            result.details["policies"] = compare_policies(joint, ctx, num_fwd_outputs=num_fwd_outputs, **kwargs)
         runner.add_record(
             PassRecord(
                 name="recompute",

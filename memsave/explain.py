@@ -18,6 +18,7 @@ import torch
 
 from memsave.config import Config
 from memsave.memory.track import MemoryStats, MemoryTracker, live_tensor_bytes
+from memsave.passes.recompute import COMPARING_POLICIES
 from memsave.report import ErrorStats, GraphReport, collect, fmt_bytes
 
 
@@ -60,8 +61,46 @@ class Explanation:
         parts = [f"memsave recipe: {families}; codegen={self.config.codegen}", ""]
         for graph in self.graphs:
             parts += [graph.table(), ""]
+            parts += [recompute_view(r.details) + "\n" for r in graph.records if r.name == "recompute"]
         parts += [self.summary()] + [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
+
+
+SHOWN_TENSORS = 12  # the largest saved tensors listed by name; the rest are counted
+
+
+def recompute_view(details: dict[str, Any]) -> str:
+    """The training view of one joint graph: every policy side by side (when compared), what
+    the chosen policy saves for backward (largest first) and what it recomputes."""
+    lines = []
+    rows = details.get("policies")
+    if rows:
+        lines += [
+            "| recompute policy | saved for backward | activations | recomputed ops | extra FLOPs (% of forward) | est. peak fw+bw |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            share = row["extra_flops"] / row["forward_flops"] if row["forward_flops"] else 0.0
+            lines.append(
+                f"| {row['policy']} | {fmt_bytes(row['saved_bytes'])} | {row['saved_tensors']} | {row['recomputed_ops']} "
+                f"| {row['extra_flops'] / 1e9:.3g} G ({share:.0%}) | {fmt_bytes(row['peak_activation_bytes'])} |"
+            )
+        lines.append("")
+    saved = sorted(details.get("saved", []), key=lambda item: -item[2])
+    inputs = details.get("saved_inputs", [])
+    lines.append(
+        f"saved for backward by policy {details.get('policy')}: {len(saved)} activations ({fmt_bytes(details.get('saved_bytes'))}), "
+        f"besides {len(inputs)} graph inputs (weights, the batch) alive anyway:"
+    )
+    lines += [f"  {name:32s} {desc:28s} {fmt_bytes(nbytes)}" for name, desc, nbytes in saved[:SHOWN_TENSORS]]
+    if len(saved) > SHOWN_TENSORS:
+        rest = sum(nbytes for _, _, nbytes in saved[SHOWN_TENSORS:])
+        lines.append(f"  … {len(saved) - SHOWN_TENSORS} more ({fmt_bytes(rest)})")
+    recomputed = details.get("recomputed", [])
+    shown = ", ".join(recomputed[:SHOWN_TENSORS]) + (f", … ({len(recomputed)} in all)" if len(recomputed) > SHOWN_TENSORS else "")
+    lines.append(f"recomputed in backward: {len(recomputed)} ops ({details.get('extra_flops', 0) / 1e9:.3g} GFLOP)"
+                 + (f": {shown}" if recomputed else ""))
+    return "\n".join(lines)
 
 
 def _ratio(a: int | None, b: int | None) -> str:
@@ -82,8 +121,12 @@ def explain(model: torch.nn.Module, *example_inputs: Any, train: bool = False, *
     eager_out, eager_stats, eager_grads = _measured_step(model, example_inputs, train)
     torch._dynamo.reset()  # a fresh cache: explain reports this model's graphs, not old ones
     compiled = torch.compile(model, backend=config)
-    with collect() as graphs:
-        _step(compiled, example_inputs, train)  # compiles; the measured call below is warm
+    token = COMPARING_POLICIES.set(train)
+    try:
+        with collect() as graphs:
+            _step(compiled, example_inputs, train)  # compiles; the measured call below is warm
+    finally:
+        COMPARING_POLICIES.reset(token)
     if not graphs:
         raise RuntimeError("memsave.explain: Dynamo produced no graph for this model (is its forward traceable?)")
     out, compiled_stats, grads = _measured_step(compiled, example_inputs, train)

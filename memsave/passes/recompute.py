@@ -22,6 +22,7 @@ activations only (unique storages): saved weights and inputs are alive anyway.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import torch.fx as fx
@@ -30,6 +31,7 @@ from memsave.graph.meta import describe_val, node_tensor_bytes
 from memsave.passes.base import PassContext, PassResult
 from memsave.passes.recompute_graph import (
     JointGraph,
+    node_flops,
     recomputed_in_backward,
     saved_activation_bytes,
     saved_outputs,
@@ -68,7 +70,11 @@ def partition(
         )
         plan_details["no_recompute_saved_bytes"] = no_recompute_plan(jg).saved_bytes
         if policy == "budget":
-            choice = choose_budget_plan(jg, config.budget)
+            reference = None
+            if not isinstance(config.budget, int):  # a fraction, or "min" (which tries fractions)
+                reference = min_cut_saved_bytes(joint, num_fwd_outputs, partition_kwargs)
+                plan_details["reference_saved_bytes"] = reference
+            choice = choose_budget_plan(jg, config.budget, reference)
             fw, bw, plan = choice.fw, choice.bw, choice.plan
             plan_details.update(
                 budget_bytes=choice.budget_bytes,
@@ -76,7 +82,10 @@ def partition(
                 candidates=choice.candidates,
                 solve_seconds=choice.seconds,
             )
-            budget_note = f" of a {fmt_bytes(choice.budget_bytes)} budget ({config.describe()})"
+            if choice.budget_bytes is None:  # "min": the lowest simulated peak, whatever it saves
+                budget_note = f" ({config.describe()}: the lowest simulated peak of {len(choice.candidates)} plans)"
+            else:
+                budget_note = f" of a {fmt_bytes(choice.budget_bytes)} budget ({config.describe()})"
             if not choice.budget_met:
                 budget_note += f"; budget NOT met: {fmt_bytes(plan.saved_bytes)} is the fewest bytes this graph can save"
         else:
@@ -88,6 +97,7 @@ def partition(
         raise ValueError(f"recompute: unknown policy {policy!r}")
 
     saved = saved_for_backward(fw, num_fwd_outputs)
+    saved_inputs = saved_for_backward(fw, num_fwd_outputs, inputs=True)
     recomputed, views, extra_flops = recomputed_in_backward(fw, bw)
     saved_bytes, saved_input_bytes = saved_activation_bytes(fw, num_fwd_outputs)
     peak = simulated_peak(fw, bw, num_fwd_outputs)
@@ -97,12 +107,14 @@ def partition(
     )
     details = {
         "policy": policy,
-        "saved": saved,
+        "saved": saved,  # activations
+        "saved_inputs": saved_inputs,  # graph inputs handed on to the backward
         "saved_bytes": saved_bytes,
         "saved_input_bytes": saved_input_bytes,
         "recomputed": recomputed,  # ops only; views and getitems re-made in the backward are counted apart
         "recomputed_views": views,
         "extra_flops": extra_flops,
+        "forward_flops": sum(node_flops(n) for n in fw.graph.nodes if n.op == "call_function"),
         "budget_bytes": plan_details.pop("budget_bytes", None),
         "weight_bytes": peak["weight_bytes"],
         # The simulated peak of forward then backward, saved tensors alive in between.
@@ -114,6 +126,69 @@ def partition(
     return fw, bw, PassResult(bool(recomputed), notes, details)
 
 
-def saved_for_backward(fw: fx.GraphModule, num_fwd_outputs: int) -> list[tuple[str, str, int]]:
-    """(name, dtype[shape], bytes) of each forward output that exists only for the backward."""
-    return [(n.name, describe_val(n.meta.get("val")), node_tensor_bytes(n)) for n in saved_outputs(fw, num_fwd_outputs)]
+def min_cut_saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int, partition_kwargs: dict[str, Any]) -> int:
+    """Activation bytes AOTAutograd's default min-cut partition saves for this joint graph:
+    what a fractional budget is a fraction of (Note [What a fractional budget is a fraction
+    of] in recompute_plan.py). It runs on a copy: min-cut replaces the graph it is given."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    fw, _ = min_cut_rematerialization_partition(
+        copy_joint(joint), None, compiler="inductor", num_fwd_outputs=num_fwd_outputs, **partition_kwargs
+    )
+    return saved_activation_bytes(fw, num_fwd_outputs)[0]
+
+
+def copy_joint(joint: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a joint graph with its own nodes (metadata dicts copied, values shared), so
+    a partitioner that rewrites or tags its input leaves `joint` as it was."""
+    graph = fx.Graph()
+    value, output = graph.graph_copy(joint.graph, {}, return_output_node=True)
+    graph.output(value).meta = dict(output.meta)
+    return fx.GraphModule(joint, graph)
+
+
+# Set by `memsave.explain(train=True)` while it compiles: the backend then compares every
+# policy on each joint graph (several partitions: too slow for every debug-mode compile).
+COMPARING_POLICIES: contextvars.ContextVar[bool] = contextvars.ContextVar("memsave_compare_recompute", default=False)
+
+# The policies `memsave explain --train` compares on every joint graph.
+COMPARED_POLICIES = (
+    ("none", {"policy": "none"}),
+    ("min-cut", {"policy": "min-cut"}),
+    ("selective", {"policy": "selective"}),
+    ("sqrt", {"policy": "sqrt"}),
+    ("budget 50%", {"budget": 0.5}),
+    ("budget 25%", {"budget": 0.25}),
+    ("budget min", {"budget": "min"}),
+)
+
+
+def compare_policies(joint: fx.GraphModule, ctx: PassContext, *, num_fwd_outputs: int, **partition_kwargs: Any) -> list[dict[str, Any]]:
+    """Saved bytes, extra FLOPs and simulated peak of each of COMPARED_POLICIES on a copy of
+    `joint`: the question a user asks before choosing one."""
+    from memsave.config import RecomputeConfig
+
+    rows = []
+    for name, options in COMPARED_POLICIES:
+        _, _, result = partition(
+            copy_joint(joint), RecomputeConfig(**options), ctx, joint_inputs=None, num_fwd_outputs=num_fwd_outputs,
+            **partition_kwargs,
+        )
+        d = result.details
+        rows.append({
+            "policy": name, "saved_bytes": d["saved_bytes"], "saved_tensors": len(d["saved"]),
+            "recomputed_ops": len(d["recomputed"]), "extra_flops": d["extra_flops"],
+            "forward_flops": d["forward_flops"], "peak_activation_bytes": d["peak_activation_bytes"],
+        })
+    return rows
+
+
+def saved_for_backward(fw: fx.GraphModule, num_fwd_outputs: int, *, inputs: bool = False) -> list[tuple[str, str, int]]:
+    """(name, dtype[shape], bytes) of each forward output that exists only for the backward:
+    the activations, or with inputs=True the graph inputs (weights, the batch) it hands on,
+    which are alive anyway."""
+    return [
+        (n.name, describe_val(n.meta.get("val")), node_tensor_bytes(n))
+        for n in saved_outputs(fw, num_fwd_outputs)
+        if (n.op == "placeholder") == inputs
+    ]

@@ -4,7 +4,16 @@
     sqrt       rule: save the values crossing ~sqrt(n) evenly spaced block boundaries
     budget     solver: least recompute cost with saved bytes <= budget
                (exact ILP with HiGHS on graphs up to ILP_MAX_VALUES values, greedy otherwise),
-               then candidate plans ranked by simulated peak; see Note [Ranking plans by peak]
+               then candidate plans ranked by simulated peak; see Note [What a fractional budget is a fraction of]
+    `{"budget": 0.5}` means half the activation bytes that AOTAutograd's default min-cut
+    partition saves for the same joint graph (what `torch.compile` saves with no budget), the
+    same reference as PyTorch's `activation_memory_budget`, so the same number is the same
+    request for both. memsave's own no-recompute plan saves more than min-cut (min-cut already
+    recomputes cheap pointwise ops), so a fraction of that would ask for less. The reference is
+    measured by running min-cut on a copy of the joint graph (recompute.py); without it (tests
+    calling the solver directly) the no-recompute plan stands in.
+
+Note [Ranking plans by peak]
 
 Every plan goes through JointGraph.closure, so whatever a rule or solver picks, the backward
 can compute everything it reads (see recompute_graph.py for the model and the costs).
@@ -74,18 +83,20 @@ def plan_selective(jg: JointGraph) -> Plan:
     )
 
 
-def plan_sqrt(jg: JointGraph) -> Plan:
+def plan_sqrt(jg: JointGraph, segments: int | None = None) -> Plan:
     """Chen et al.'s segment checkpointing: split the n blocks (transformer layers, or the
-    forward's matmuls when no repeated module is found) into k = round(sqrt(n)) segments, save
-    the values crossing segment boundaries and recompute everything inside a segment."""
+    forward's matmuls when no repeated module is found) into k = round(sqrt(n)) segments (or
+    `segments`), save the values crossing segment boundaries and recompute everything inside
+    a segment."""
     starts = jg.block_starts()
     n = len(starts)
-    k = max(1, round(math.sqrt(n)))
+    k = max(1, round(math.sqrt(n))) if segments is None else max(1, min(segments, n))
     boundaries = [starts[round(i * n / k)] for i in range(1, k)]
     saved: set[fx.Node] = set()
     for position in boundaries:
         saved |= jg.live_across(position)
-    return jg.closure(saved, lambda v: not _reads_random(jg, v), source=f"sqrt ({k} segments of {n} blocks)")
+    name = "sqrt" if segments is None else "segments"
+    return jg.closure(saved, lambda v: not _reads_random(jg, v), source=f"{name} ({k} segments of {n} blocks)")
 
 
 # -- the budget solvers -------------------------------------------------------------------
@@ -296,32 +307,65 @@ class Choice:
     seconds: float
 
 
-def budget_bytes_for(jg: JointGraph, budget: float | int | str) -> int | None:
-    """A fraction of the no-recompute saved bytes, a byte count, or None for "min"."""
+def budget_bytes_for(jg: JointGraph, budget: float | int | str, reference_bytes: int | None = None) -> int | None:
+    """A fraction of the reference saved bytes (see Note [What a fractional budget is a
+    fraction of]), a byte count, or None for "min"."""
     if budget == "min":
         return None
     if isinstance(budget, float):
-        return int(budget * no_recompute_plan(jg).saved_bytes)
+        reference = reference_bytes if reference_bytes is not None else no_recompute_plan(jg).saved_bytes
+        return int(budget * reference)
     return int(budget)
 
 
 def minimum_plan(jg: JointGraph, *, use_ilp: bool) -> Plan:
+    """The fewest saved bytes possible (then the cheapest plan with that many)."""
     plans = [solve_greedy(jg, 0)]
     if use_ilp:
         plans.append(solve_ilp(jg, None, minimize_bytes=True))
     return min((p for p in plans if p is not None), key=lambda p: (p.saved_bytes, p.cost))
 
 
-def choose_budget_plan(jg: JointGraph, budget: float | int | str) -> Choice:
-    """The budget policy: solve, collect candidate plans, rank them by simulated peak."""
+def _rank(jg: JointGraph, plans: list[Plan]) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
+    """Forward and backward graphs and the simulated peak of each distinct plan."""
+    ranked, seen = [], set()
+    for plan in sorted(plans, key=lambda p: p.cost):
+        if plan.saved in seen:
+            continue
+        seen.add(plan.saved)
+        jg.check(plan)
+        fw, bw = split(jg, plan)
+        ranked.append((plan, fw, bw, simulated_peak(fw, bw, jg.num_fwd_outputs)))
+    return ranked
+
+
+MIN_PEAK_FRACTIONS = (1.0, 0.5, 0.25, 0.1)  # budgets "min" also tries; see Note [Budget "min"]
+MIN_PEAK_MAX_SEGMENTS = 16  # segment counts tried by "min": 1..n up to this many, else a spread
+
+
+def _segment_counts(n: int) -> list[int]:
+    if n <= MIN_PEAK_MAX_SEGMENTS:
+        return list(range(1, n + 1))
+    return sorted({max(1, round(n ** (i / 8))) for i in range(9)} | {round(math.sqrt(n))})
+
+
+def choose_budget_plan(jg: JointGraph, budget: float | int | str, reference_bytes: int | None = None) -> Choice:
+    """The budget policy: solve, collect candidate plans, rank them by simulated peak.
+
+    Note [Budget "min"]
+        What a user runs out of is peak memory, not saved bytes: saving nothing at all makes
+        the backward recompute the whole forward before its first step and keep it, so its
+        peak is eager's. "min" therefore looks for the lowest simulated peak: segment
+        checkpointing at every segment count (Chen et al.'s sqrt(n) is one of them), the
+        budget solver at a spread of fractions, selective, and the fewest-bytes plan; the
+        lowest peak wins, then the least recompute cost.
+    """
     start = time.perf_counter()
     use_ilp = len(jg.values) <= ILP_MAX_VALUES
-    limit = budget_bytes_for(jg, budget)
+    if budget == "min":
+        return _choose_min_peak(jg, reference_bytes, use_ilp, start)
+    limit = budget_bytes_for(jg, budget, reference_bytes)
     plans: list[Plan] = []
-    if limit is None:  # "min": the fewest bytes, then the cheapest plan with that many
-        floor = minimum_plan(jg, use_ilp=use_ilp)
-        limit = floor.saved_bytes
-        plans.append(floor)
     if use_ilp:
         plans.append(solve_ilp(jg, limit))
     plans.append(solve_greedy(jg, limit))
@@ -331,20 +375,29 @@ def choose_budget_plan(jg: JointGraph, budget: float | int | str) -> Choice:
     if not met:  # the budget cannot be met: the fewest saved bytes possible
         feasible = [minimum_plan(jg, use_ilp=use_ilp)]
     cheapest = min(p.cost for p in feasible)
-    admissible = [p for p in feasible if p.cost <= cheapest + RANK_SLACK * jg.forward_cost]
-    ranked, seen = [], set()
-    for plan in sorted(admissible, key=lambda p: p.cost):
-        if plan.saved in seen:
-            continue
-        seen.add(plan.saved)
-        jg.check(plan)
-        fw, bw = split(jg, plan)
-        ranked.append((plan, fw, bw, simulated_peak(fw, bw, jg.num_fwd_outputs)))
+    ranked = _rank(jg, [p for p in feasible if p.cost <= cheapest + RANK_SLACK * jg.forward_cost])
+    return _lowest_peak(ranked, [*plans, *([] if met else feasible)], limit, met, start)
+
+
+def _lowest_peak(ranked, plans: list[Plan | None], limit: int | None, met: bool, start: float) -> Choice:
+    """The ranked plan with the lowest simulated peak (then the least cost), and the record of
+    every candidate considered."""
     plan, fw, bw, peak = min(ranked, key=lambda item: (item[3]["peak"], item[0].cost))
     peaks = {p.saved: pk["peak"] for p, _, _, pk in ranked}
     candidates = [
         {"source": p.source, "saved_bytes": p.saved_bytes, "cost": p.cost, "simulated_peak": peaks.get(p.saved),
          "chosen": p is plan}
-        for p in [*plans, *([] if met else feasible)] if p is not None
+        for p in plans if p is not None
     ]
     return Choice(plan, fw, bw, peak, limit, met, candidates, time.perf_counter() - start)
+
+
+def _choose_min_peak(jg: JointGraph, reference_bytes: int | None, use_ilp: bool, start: float) -> Choice:
+    """Budget "min": the plan with the lowest simulated peak (Note [Budget "min"])."""
+    n = len(jg.block_starts())
+    plans: list[Plan] = [plan_sqrt(jg, k) for k in _segment_counts(n)]
+    for fraction in MIN_PEAK_FRACTIONS:
+        limit = budget_bytes_for(jg, fraction, reference_bytes)
+        plans.append(solve_ilp(jg, limit) if use_ilp else solve_greedy(jg, limit))
+    plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
+    return _lowest_peak(_rank(jg, [p for p in plans if p is not None]), plans, None, True, start)
