@@ -194,6 +194,18 @@ def test_saved_bytes_shrink_with_the_budget(model, dropout):
     assert saved["selective"] < saved["none"]
 
 
+@pytest.mark.parametrize("model", ["decoder", "hf-gpt2"])
+@pytest.mark.parametrize("policy", ["budget-100", "budget-50", "budget-min"])
+def test_budget_plans_are_never_above_min_cut_by_the_estimate(model, policy):
+    details = partitioned(model, 0.2, policy)[0].details
+    (min_cut,) = [c for c in details["candidates"] if c["source"] == "min-cut"]
+    (chosen,) = [c for c in details["candidates"] if c["chosen"]]
+    assert min_cut["saved_bytes"] == details["reference_saved_bytes"]
+    if details["budget_bytes"] is None or min_cut["saved_bytes"] <= details["budget_bytes"]:
+        assert min_cut["simulated_peak"] is not None  # ranked beside memsave's own plans
+        assert chosen["simulated_peak"] <= min_cut["simulated_peak"]
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("model", ["decoder", "hf-gpt2"])
 def test_budget_min_has_the_lowest_simulated_peak(model, dropout):

@@ -32,6 +32,7 @@ from memsave.passes.base import PassContext, PassResult
 from memsave.passes.recompute_graph import (
     JointGraph,
     node_flops,
+    Plan,
     recomputed_in_backward,
     saved_activation_bytes,
     saved_outputs,
@@ -70,11 +71,16 @@ def partition(
         )
         plan_details["no_recompute_saved_bytes"] = no_recompute_plan(jg).saved_bytes
         if policy == "budget":
-            reference = None
-            if not isinstance(config.budget, int):  # a fraction, or "min" (which tries fractions)
-                reference = min_cut_saved_bytes(joint, num_fwd_outputs, partition_kwargs)
-                plan_details["reference_saved_bytes"] = reference
-            choice = choose_budget_plan(jg, config.budget, reference)
+            # AOTAutograd's own min-cut answer: the reference of a fractional budget, and one
+            # more candidate plan (so memsave's choice is never worse than it, by its estimate).
+            mc_fw, mc_bw = min_cut_rematerialization_partition(
+                copy_joint(joint), joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
+                **partition_kwargs,
+            )
+            min_cut = plan_of_partition(jg, mc_fw, mc_bw, source="min-cut")
+            reference = None if isinstance(config.budget, int) else min_cut.saved_bytes
+            plan_details["reference_saved_bytes"] = min_cut.saved_bytes
+            choice = choose_budget_plan(jg, config.budget, reference, prebuilt=[(min_cut, mc_fw, mc_bw)])
             fw, bw, plan = choice.fw, choice.bw, choice.plan
             plan_details.update(
                 budget_bytes=choice.budget_bytes,
@@ -126,16 +132,16 @@ def partition(
     return fw, bw, PassResult(bool(recomputed), notes, details)
 
 
-def min_cut_saved_bytes(joint: fx.GraphModule, num_fwd_outputs: int, partition_kwargs: dict[str, Any]) -> int:
-    """Activation bytes AOTAutograd's default min-cut partition saves for this joint graph:
-    what a fractional budget is a fraction of (Note [What a fractional budget is a fraction
-    of] in recompute_plan.py). It runs on a copy: min-cut replaces the graph it is given."""
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    fw, _ = min_cut_rematerialization_partition(
-        copy_joint(joint), None, compiler="inductor", num_fwd_outputs=num_fwd_outputs, **partition_kwargs
-    )
-    return saved_activation_bytes(fw, num_fwd_outputs)[0]
+def plan_of_partition(jg: JointGraph, fw: fx.GraphModule, bw: fx.GraphModule, *, source: str) -> Plan:
+    """The Plan another partitioner's forward and backward amount to, read by node name
+    (partitioners keep the joint graph's names): what the forward saves, what the backward
+    re-makes, its activation bytes and its recompute cost in memsave's units."""
+    by_name = {n.name: n for n in jg.values}
+    saved = {by_name[n.name] for n in saved_outputs(fw, jg.num_fwd_outputs) if n.name in by_name}
+    names, _, _ = recomputed_in_backward(fw, bw)
+    recomputed = {by_name[name] for name in names if name in by_name}
+    cost = sum(jg.values[n].cost for n in recomputed)
+    return Plan(frozenset(saved), frozenset(recomputed), saved_activation_bytes(fw, jg.num_fwd_outputs)[0], cost, source)
 
 
 def copy_joint(joint: fx.GraphModule) -> fx.GraphModule:

@@ -39,9 +39,11 @@ Note [Ranking plans by peak]
     forward's peak, or the saved tensors plus the backward's own peak (recomputation allocates
     there). Two plans with the same saved bytes can differ widely in peak. So the budget
     policy collects several plans that meet the budget (the ILP's, the greedy's, and the
-    selective and sqrt rules' when they fit), keeps those within RANK_SLACK of a forward's cost
-    of the cheapest, builds their forward and backward graphs and picks the lowest simulated
-    peak, then the lowest cost.
+    selective and sqrt rules' when they fit, and AOTAutograd's own min-cut partition when it
+    fits, so memsave's choice is never worse than PyTorch's default by its own estimate), keeps
+    those within RANK_SLACK of a forward's cost of the cheapest (min-cut whatever its cost),
+    builds their forward and backward graphs and picks the lowest simulated peak, then the
+    lowest cost.
 """
 
 from __future__ import annotations
@@ -326,9 +328,15 @@ def minimum_plan(jg: JointGraph, *, use_ilp: bool) -> Plan:
     return min((p for p in plans if p is not None), key=lambda p: (p.saved_bytes, p.cost))
 
 
-def _rank(jg: JointGraph, plans: list[Plan]) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
+Prebuilt = tuple[Plan, fx.GraphModule, fx.GraphModule]  # a plan another partitioner already split
+
+
+def _rank(jg: JointGraph, plans: list[Plan], prebuilt: list[Prebuilt] = ()) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
     """Forward and backward graphs and the simulated peak of each distinct plan."""
     ranked, seen = [], set()
+    for plan, fw, bw in prebuilt:
+        seen.add(plan.saved)
+        ranked.append((plan, fw, bw, simulated_peak(fw, bw, jg.num_fwd_outputs)))
     for plan in sorted(plans, key=lambda p: p.cost):
         if plan.saved in seen:
             continue
@@ -349,7 +357,8 @@ def _segment_counts(n: int) -> list[int]:
     return sorted({max(1, round(n ** (i / 8))) for i in range(9)} | {round(math.sqrt(n))})
 
 
-def choose_budget_plan(jg: JointGraph, budget: float | int | str, reference_bytes: int | None = None) -> Choice:
+def choose_budget_plan(jg: JointGraph, budget: float | int | str, reference_bytes: int | None = None,
+                       prebuilt: list[Prebuilt] = ()) -> Choice:
     """The budget policy: solve, collect candidate plans, rank them by simulated peak.
 
     Note [Budget "min"]
@@ -363,7 +372,7 @@ def choose_budget_plan(jg: JointGraph, budget: float | int | str, reference_byte
     start = time.perf_counter()
     use_ilp = len(jg.values) <= ILP_MAX_VALUES
     if budget == "min":
-        return _choose_min_peak(jg, reference_bytes, use_ilp, start)
+        return _choose_min_peak(jg, reference_bytes, use_ilp, start, prebuilt)
     limit = budget_bytes_for(jg, budget, reference_bytes)
     plans: list[Plan] = []
     if use_ilp:
@@ -371,12 +380,17 @@ def choose_budget_plan(jg: JointGraph, budget: float | int | str, reference_byte
     plans.append(solve_greedy(jg, limit))
     plans += [plan_selective(jg), plan_sqrt(jg)]
     feasible = [p for p in plans if p is not None and p.saved_bytes <= limit]
-    met = bool(feasible)
+    ready = [item for item in prebuilt if item[0].saved_bytes <= limit]
+    met = bool(feasible or ready)
     if not met:  # the budget cannot be met: the fewest saved bytes possible
         feasible = [minimum_plan(jg, use_ilp=use_ilp)]
-    cheapest = min(p.cost for p in feasible)
-    ranked = _rank(jg, [p for p in feasible if p.cost <= cheapest + RANK_SLACK * jg.forward_cost])
-    return _lowest_peak(ranked, [*plans, *([] if met else feasible)], limit, met, start)
+    cheapest = min(p.cost for p in [*feasible, *(item[0] for item in ready)])
+    admissible = lambda p: p.cost <= cheapest + RANK_SLACK * jg.forward_cost  # noqa: E731
+    # Prebuilt plans (min-cut) are ranked whatever their cost in memsave's model: they are
+    # what the user would get without memsave's budget, so its choice must not peak above them.
+    ranked = _rank(jg, [p for p in feasible if admissible(p)], ready)
+    considered = [*(item[0] for item in prebuilt), *plans, *([] if met else feasible)]
+    return _lowest_peak(ranked, considered, limit, met, start)
 
 
 def _lowest_peak(ranked, plans: list[Plan | None], limit: int | None, met: bool, start: float) -> Choice:
@@ -392,7 +406,8 @@ def _lowest_peak(ranked, plans: list[Plan | None], limit: int | None, met: bool,
     return Choice(plan, fw, bw, peak, limit, met, candidates, time.perf_counter() - start)
 
 
-def _choose_min_peak(jg: JointGraph, reference_bytes: int | None, use_ilp: bool, start: float) -> Choice:
+def _choose_min_peak(jg: JointGraph, reference_bytes: int | None, use_ilp: bool, start: float,
+                     prebuilt: list[Prebuilt] = ()) -> Choice:
     """Budget "min": the plan with the lowest simulated peak (Note [Budget "min"])."""
     n = len(jg.block_starts())
     plans: list[Plan] = [plan_sqrt(jg, k) for k in _segment_counts(n)]
@@ -400,4 +415,5 @@ def _choose_min_peak(jg: JointGraph, reference_bytes: int | None, use_ilp: bool,
         limit = budget_bytes_for(jg, fraction, reference_bytes)
         plans.append(solve_ilp(jg, limit) if use_ilp else solve_greedy(jg, limit))
     plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
-    return _lowest_peak(_rank(jg, [p for p in plans if p is not None]), plans, None, True, start)
+    ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt))
+    return _lowest_peak(ranked, [*(item[0] for item in prebuilt), *plans], None, True, start)
