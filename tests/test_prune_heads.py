@@ -13,7 +13,7 @@ from helpers import compile_and_run
 from memsave.calibrate import calibrate
 from memsave.config import Config, OptionError, PruneConfig
 from memsave.memory.track import live_tensor_bytes
-from memsave.models import build_decoder, build_hf_gpt2, build_hf_llama, decoder_inputs, hf_inputs
+from memsave.models import build_decoder, build_hf_bert, build_hf_gpt2, build_hf_llama, decoder_inputs, hf_inputs
 
 
 def record(report, name):
@@ -21,22 +21,23 @@ def record(report, name):
 
 
 def attention_blocks(model):
-    """(module, query heads, kv heads) for every attention block of a decoder or HF Llama."""
+    """((q, k, v, o) linears, kv heads) for every attention block of a decoder, HF Llama or BERT."""
     found = []
+    config = getattr(model, "config", None)
     for mod in model.modules():
         if hasattr(mod, "q_proj") and hasattr(mod, "o_proj"):
-            config = getattr(model, "config", None)
-            heads = getattr(mod, "n_heads", None) or config.num_attention_heads
             kv = getattr(mod, "n_kv_heads", None) or config.num_key_value_heads
-            found.append((mod, heads, kv))
+            found.append(((mod.q_proj, mod.k_proj, mod.v_proj, mod.o_proj), kv))
+        elif type(mod).__name__ == "BertAttention":
+            found.append(((mod.self.query, mod.self.key, mod.self.value, mod.output.dense), config.num_attention_heads))
     return found
 
 
 def o_proj_input_rms(model, batches):
     """Per o_proj, the RMS of each of its input channels over the calibration batches."""
     rows = {}
-    hooks = [a.o_proj.register_forward_pre_hook(lambda m, args: rows.setdefault(m, []).append(args[0].reshape(-1, args[0].shape[-1]).double()))
-             for a, _, _ in attention_blocks(model)]
+    hooks = [lin[3].register_forward_pre_hook(lambda m, args: rows.setdefault(m, []).append(args[0].reshape(-1, args[0].shape[-1]).double()))
+             for lin, _ in attention_blocks(model)]
     with torch.no_grad():
         for b in batches:
             model(*b)
@@ -51,18 +52,18 @@ def heads_zeroed(model, sparsity, method="magnitude", rms=None):
     reference = copy.deepcopy(model)
     kept = {}
     with torch.no_grad():
-        for (attn, heads, kv), (ref_attn, _, _) in zip(attention_blocks(model), attention_blocks(reference)):
-            wo = attn.o_proj.weight  # (hidden, H·D)
+        for ((q, k, v, o), kv), ((_, _, _, ref_o), _) in zip(attention_blocks(model), attention_blocks(reference)):
+            wo = o.weight  # (hidden, H·D)
             block = wo.shape[1] // kv  # o_proj columns per kv group: (H / KV) · D
             if method == "wanda":
-                wo = wo * rms[attn.o_proj][None, :]
+                wo = wo * rms[o][None, :]
             score = wo.t().reshape(kv, -1).norm(dim=1)
             if method == "magnitude":
-                score = score * sum(p.weight.reshape(kv, -1).norm(dim=1) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+                score = score * sum(p.weight.reshape(kv, -1).norm(dim=1) for p in (q, k, v))
             drop = score.argsort(descending=True, stable=True)[kv - math.floor(sparsity * kv):]
             for g in drop.tolist():
-                ref_attn.o_proj.weight[:, g * block:(g + 1) * block] = 0
-            kept[attn] = kv - drop.numel()
+                ref_o.weight[:, g * block:(g + 1) * block] = 0
+            kept[o] = kv - drop.numel()
     return reference, kept
 
 
@@ -175,6 +176,16 @@ def test_hf_llama_sdpa_heads_equal_zeroing_them():
     _, out, (report,) = compile_and_run(model, *ids, prune="structured-heads-50")
     torch.testing.assert_close(out, reference(*ids), rtol=1e-5, atol=1e-5)
     assert record(report, "prune").changed
+
+
+def test_hf_bert_heads_with_biases_and_padding_mask_equal_zeroing_them():
+    model = build_hf_bert("tiny")  # q/k/v/o with biases (addmm), additive padding mask (B, 1, 1, T)
+    ids = hf_inputs(model, batch=2, seq=8, attention_mask=True)
+    reference, _ = heads_zeroed(model, 0.5)
+    _, out, (report,) = compile_and_run(model, *ids, prune="structured-heads-50")
+    torch.testing.assert_close(out, reference(*ids), rtol=1e-5, atol=1e-5)
+    layers = record(report, "prune").details["layers"]
+    assert layers["model.encoder.layer.0.attention.output.dense.weight"]["heads"] == "2/4"
 
 
 def test_new_batch_and_sequence_sizes_recompile_the_pruned_heads_exactly():

@@ -248,8 +248,11 @@ def _transfer(node: fx.Node, axes: dict, units: int):
         return HeadAxis(axis.dim + len(_shape(node)) - len(_shape(node.args[0])), axis.pre, axis.post)
     if target == aten.slice.Tensor or target in SPLITS:
         axis = _only_input(node, first, axes)
-        dim = node.args[1 if target == aten.slice.Tensor else 2] if len(node.args) > (1 if target == aten.slice.Tensor else 2) else 0
+        position = 1 if target == aten.slice.Tensor else 2  # slice(x, dim, …), split(x, sizes, dim)
+        dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 0)
         if _norm(dim, len(_shape(node.args[0]))) == axis.dim:
+            # e.g. GPT-2's fused c_attn output split into q, k, v (not reached today: its
+            # Conv1D is not a linear to memsave), or a slice of some heads.
             raise _Refused(f"{node.name} slices along the heads dimension")
         return axis if target == aten.slice.Tensor else tuple(axis for _ in node_val(node))
     if target == aten.cat.default:
@@ -302,7 +305,7 @@ def _reduction(node: fx.Node, axis: HeadAxis) -> HeadAxis:
     else:
         dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(rank))
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    dims = {_norm(d, rank) for d in dims}
+    dims = {_norm(d, rank) for d in dims} or set(range(rank))  # amax(x, []) reduces over all
     if axis.dim in dims:
         raise _Refused(f"{node.name} ({node.target}) reduces over the heads")
     shift = 0 if keep else sum(d < axis.dim for d in dims)
