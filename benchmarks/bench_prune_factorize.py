@@ -670,7 +670,8 @@ def _error_section(results: dict, model: str) -> list[str]:
             f"{_calibration_count(results)} other sentences. NN agreement: share of "
             "sentences whose nearest other sentence is the same as with fp32. Plain = magnitude / svd, "
             "activation-aware = wanda / svd-llm. Parameter reduction = share of the 36 encoder linears' parameters "
-            "removed (structured: the level is the share of MLP channels removed; only the MLP can lose channels).",
+            "removed (structured: the level is the share of MLP channels removed, the attention stays; "
+            "structured-heads: the share of each block's heads removed, the MLP stays).",
             "",
         ]
         fmt = "{:.4f}"
