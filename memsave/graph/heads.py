@@ -174,6 +174,8 @@ def _grow(producers: dict, heads: dict, units: int, is_weight) -> HeadGroup:
     while work:  # graph order: every input of a node is settled before the node
         _, node = heapq.heappop(work)
         if node in producers:
+            if producers[node].x in group.axes:  # it would need its columns cut too
+                raise _Refused(f"{node.name} both reads and computes heads")
             channels = _shape(node)[-1]
             if channels % units:
                 raise _Refused(f"{node.name} has {channels} channels, not a multiple of {units} units")
