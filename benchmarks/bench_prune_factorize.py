@@ -39,15 +39,16 @@ speed (single linear layers at LLM sizes, fp32, batch 1 and 128, all cores)
   interleaved.
 
 Grid. Prune: unstructured at 25/50/75% of each layer's weights, 2:4 and 4:8 (50%, fixed),
-structured at 25/50/75% of the MLP channels (only MLP channel groups can lose channels, so the
+structured-heads at 25/50% of each attention block's heads (granularity "heads"; the MLP stays),
+structured at 25/50/75% of the MLP channels (granularity "channels": only MLP channel groups, so the
 whole model's reduction is smaller: reported as measured), each with method "magnitude" (plain)
 and "wanda" (activation-aware). Factorize: "svd" (plain) and "svd-llm" (activation-aware,
 whitened by the inputs' Gram matrix) at 10/20/30/40/50% reduction of the linears' parameters
 (uniform allocation), plus 25 and 75% on the decoder for the bytes table.
 
-    python benchmarks/bench_prune_factorize.py             # everything: 67 processes, 34 min of them on 2
-                                                           # cores shared with other jobs (load 4-6)
-    python benchmarks/bench_prune_factorize.py --quick     # 8 configs, 64 sentences, small shapes: ~2.5 min
+    python benchmarks/bench_prune_factorize.py             # everything: 75 processes (67 without the 8
+                                                           # structured-heads ones took 34 min on 2 shared cores)
+    python benchmarks/bench_prune_factorize.py --quick     # 10 configs, 64 sentences, small shapes: ~2.5 min
     python benchmarks/bench_prune_factorize.py --configs minilm-wanda-2of4,decoder-svd-llm-20
     python benchmarks/bench_prune_factorize.py --redraw    # md + png again from the JSON
 
@@ -88,9 +89,17 @@ NAME = "prune_factorize"
 TITLE = "Pruning and low-rank factorization: measured bytes, error vs compression (real MiniLM, decoder), CPU speed"
 
 PRUNE_LEVELS = (25, 50, 75)
+HEAD_LEVELS = (25, 50)  # shares of each attention block's heads (kv groups) removed
 FACTOR_LEVELS = {"minilm": (10, 20, 30, 40, 50), "decoder": (10, 20, 25, 30, 40, 50, 75)}
 NM = {"2of4": "2:4", "4of8": "4:8"}
-STRUCTURES = ("unstructured", "2of4", "4of8", "structured")
+# "structured" = MLP channels only (granularity "channels", as before heads could be pruned, so the
+# earlier results stay comparable); "structured-heads" = attention heads only (granularity "heads").
+STRUCTURES = ("unstructured", "2of4", "4of8", "structured", "structured-heads")
+GRANULARITY = {"structured": "channels", "structured-heads": "heads"}
+
+
+def _levels(structure: str) -> list:
+    return [None] if structure in NM else list(HEAD_LEVELS if structure == "structured-heads" else PRUNE_LEVELS)
 PLAIN = {"prune": "magnitude", "factorize": "svd"}
 AWARE = {"prune": "wanda", "factorize": "svd-llm"}
 BASELINES = {"minilm": "minilm-fp32", "decoder": "decoder-dense", "speed": "speed-dense"}
@@ -100,7 +109,7 @@ SPEED_CONFIGS = ["speed-dense", "speed-structured50", "speed-2of4"]
 def _model_configs(model: str) -> list[str]:
     configs = [BASELINES[model]]
     for structure in STRUCTURES:
-        for level in [None] if structure in NM else PRUNE_LEVELS:
+        for level in _levels(structure):
             for method in ("magnitude", "wanda"):
                 configs.append(f"{model}-{method}-{structure}" + ("" if level is None else f"-{level}"))
     for level in FACTOR_LEVELS[model]:
@@ -111,10 +120,11 @@ def _model_configs(model: str) -> list[str]:
 PART_CONFIGS = {"decoder": _model_configs("decoder"), "minilm": _model_configs("minilm"), "speed": SPEED_CONFIGS}
 QUICK_CONFIGS = ["decoder-dense", "decoder-svd-llm-25",
                  "minilm-fp32", "minilm-magnitude-2of4", "minilm-wanda-2of4", "minilm-svd-llm-20",
+                 "minilm-magnitude-structured-heads-25", "minilm-wanda-structured-heads-25",
                  "speed-dense", "speed-2of4"]
 
 _CONFIG_RE = re.compile(
-    r"(minilm|decoder)-(?:(fp32|dense)|(magnitude|wanda)-(unstructured|structured|2of4|4of8)(?:-(\d+))?|(svd|svd-llm)-(\d+))"
+    r"(minilm|decoder)-(?:(fp32|dense)|(magnitude|wanda)-(unstructured|structured-heads|structured|2of4|4of8)(?:-(\d+))?|(svd|svd-llm)-(\d+))"
 )
 
 
@@ -132,6 +142,8 @@ def spec(config: str) -> dict:
         prune = {"structure": NM.get(structure, structure), "method": pmethod}
         if structure not in NM:
             prune["sparsity"] = level
+        if structure in GRANULARITY:
+            prune = {**prune, "structure": "structured", "granularity": GRANULARITY[structure]}
         return {"model": model, "family": "prune", "method": pmethod, "structure": structure, "level": level,
                 "aware": pmethod == "wanda", "options": {"prune": prune, "codegen": "fx"}}
     level = int(flevel) / 100
@@ -528,7 +540,7 @@ def _pairs(results: dict, model: str) -> list[tuple[str, str, str, float]]:
     """(plain config, aware config, structure, level) for every grid point of a model that ran."""
     pairs = []
     for structure in STRUCTURES:
-        for level in [None] if structure in NM else PRUNE_LEVELS:
+        for level in _levels(structure):
             tail = structure + ("" if level is None else f"-{level}")
             pairs.append((f"{model}-magnitude-{tail}", f"{model}-wanda-{tail}", structure, 0.5 if level is None else level / 100))
     for level in FACTOR_LEVELS[model]:
@@ -658,7 +670,8 @@ def _error_section(results: dict, model: str) -> list[str]:
             f"{_calibration_count(results)} other sentences. NN agreement: share of "
             "sentences whose nearest other sentence is the same as with fp32. Plain = magnitude / svd, "
             "activation-aware = wanda / svd-llm. Parameter reduction = share of the 36 encoder linears' parameters "
-            "removed (structured: the level is the share of MLP channels removed; only the MLP can lose channels).",
+            "removed (structured: the level is the share of MLP channels removed, the attention stays; "
+            "structured-heads: the share of each block's heads removed, the MLP stays).",
             "",
         ]
         fmt = "{:.4f}"
@@ -711,8 +724,13 @@ def _error_section(results: dict, model: str) -> list[str]:
             if reasons:
                 text += " — " + "; ".join(f"{v:.0f}× “{k}”" for k, v in reasons)
             lines.append(text)
+        if any(spec(c)["structure"] == "structured-heads" for c in cov):
+            lines += ["", "structured-heads removes whole attention heads (granularity \"heads\"): Q/K/V rows and "
+                      "o_proj columns of the lowest-scoring heads of every attention block (level = share of each "
+                      "block's heads, kv groups under GQA); the MLP stays dense. magnitude scores a head by "
+                      "‖W_o[:, head]‖ · Σ ‖W_qkv[head, :]‖, wanda by ‖W_o[:, head] · RMS(o_proj input)‖."]
         if any(spec(c)["structure"] == "structured" for c in cov):
-            lines += ["", "Structured pruning can only remove channels that are private to one group of linears: "
+            lines += ["", "Structured pruning (granularity \"channels\" in these rows) removes channels that are private to one group of linears: "
                       "the MLP's hidden channels (up/gate → activation → down). Q/K/V outputs are reshaped into "
                       "heads (\"does not keep the channels in its last dimension\"), and the attention output and "
                       "MLP down projections write into the residual stream, which LayerNorm/RMSNorm, the embedding "
@@ -889,7 +907,7 @@ def render_report(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- plot
 
-COLORS = {"unstructured": "tab:blue", "structured": "tab:green", "factorize": "tab:red", "2of4": "tab:orange",
+COLORS = {"unstructured": "tab:blue", "structured": "tab:green", "structured-heads": "tab:olive", "factorize": "tab:red", "2of4": "tab:orange",
           "4of8": "tab:purple"}
 
 
@@ -935,6 +953,7 @@ def render_plot(results: dict, path: Path) -> None:
     ax = axes[2]
     styles = (("magnitude", "unstructured", COLORS["unstructured"], "-", "o"),
               ("magnitude", "structured", COLORS["structured"], "-", "D"),
+              ("magnitude", "structured-heads", COLORS["structured-heads"], "-", "P"),
               ("magnitude", "2of4", COLORS["2of4"], "", "s"), ("magnitude", "4of8", COLORS["4of8"], "", "^"),
               ("svd", "factorize", COLORS["factorize"], "--", "v"), ("svd-llm", "factorize", "tab:brown", ":", "o"))
     drawn = False

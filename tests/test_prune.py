@@ -178,7 +178,7 @@ def test_structured_removes_mlp_channels_and_equals_zeroing_them():
             dropped[keep] = False
             mlp.down_proj.weight[:, dropped] = 0  # removing a channel = its column of down_proj is 0
             kept[i] = keep.numel()
-    _, out, (report,) = compile_and_run(model, *ids, prune="structured-25")
+    _, out, (report,) = compile_and_run(model, *ids, prune="structured-channels-25")  # heads: test_prune_heads.py
     torch.testing.assert_close(out, reference(*ids), rtol=1e-4, atol=1e-5)
     prune = record(report, "prune")
     layers = prune.details["layers"]
@@ -187,7 +187,8 @@ def test_structured_removes_mlp_channels_and_equals_zeroing_them():
         gate = layers[f"layers.{i}.mlp.gate_proj.weight"]
         assert gate["channels"] == f"{kept[i]}/{model.layers[i].mlp.gate_proj.weight.shape[0]}"
         assert gate["bytes_after"] == kept[i] * model.layers[i].mlp.gate_proj.weight.shape[1] * 4
-    # Attention projections are not channel groups (reshaped into heads, or feeding the residual).
+    # Attention projections are not channel groups (reshaped into heads, or feeding the residual);
+    # with granularity "channels" they stay dense.
     assert any("self_attn.q_proj.weight dense (structured)" in note for note in prune.notes)
     assert any(
         "self_attn.o_proj.weight dense (structured): add" in note and "combines the channels with" in note
@@ -207,7 +208,7 @@ def test_structured_on_hf_llama_matches_the_masked_model():
                 n = score.numel()
                 drop = score.argsort(stable=True)[: math.floor(0.5 * n)]
                 mod.down_proj.weight[:, drop] = 0
-    _, out, (report,) = compile_and_run(model, *ids, prune="structured-50")
+    _, out, (report,) = compile_and_run(model, *ids, prune="structured-channels-50")
     torch.testing.assert_close(out, reference(*ids), rtol=1e-4, atol=1e-5)
     assert record(report, "prune").changed
 

@@ -16,7 +16,8 @@ scalars or broadcast over the channels), and backward from any other operand tha
 channels (which must come from another producer, like `up` above). Every path must end in a
 consumer linear's input. Anything else — a residual add, a reduction over the channels (norm,
 softmax), a reshape into attention heads, a graph output — makes the group unprunable, and
-the reason says which node.
+the reason says which node. Attention projections, whose channels are reshaped into heads, are
+pruned a head at a time instead: graph/heads.py finds those groups.
 """
 
 from __future__ import annotations
