@@ -1,0 +1,134 @@
+"""Spawned ranks for tests/test_shard_tensor.py (mp.spawn needs module-level targets).
+
+`spawn(task, world, **kwargs)` starts `world` gloo ranks on this machine, runs the task
+function named `task` on each and returns their results (a list by rank). Every collective has
+a timeout (init_process_group's) and the whole run a deadline, so a rank that hangs fails the
+test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import memsave
+from memsave.models.decoder import build_decoder, decoder_inputs
+
+DEADLINE_S = 150
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(task: str, world: int, **kwargs) -> list:
+    with tempfile.TemporaryDirectory() as out:
+        port = free_port()
+        context = mp.spawn(_rank_main, args=(world, port, task, kwargs, out), nprocs=world, join=False)
+        deadline = time.monotonic() + DEADLINE_S
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tensor-parallel task {task!r} on {world} ranks ran past {DEADLINE_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return [torch.load(os.path.join(out, f"{rank}.pt"), weights_only=False) for rank in range(world)]
+
+
+def _rank_main(rank: int, world: int, port: int, task: str, kwargs: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # world ranks share 2 cores
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        result = TASKS[task](rank, world, **kwargs)
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def build(model: str, overrides: dict):
+    """The models under test, seeded so every rank and the test process build the same weights."""
+    if model == "decoder":
+        m = build_decoder("tiny", **overrides)
+        return m, decoder_inputs(m, batch=2, seq=8, labels=True)
+    if model == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from memsave.models.hf import LLAMA_SIZES, HFCausalLM, hf_inputs
+
+        kwargs = dict(LLAMA_SIZES["tiny"], **overrides)
+        config = LlamaConfig(**kwargs, rms_norm_eps=1e-5, attention_dropout=0.0, use_cache=False, attn_implementation="eager")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            m = HFCausalLM(LlamaForCausalLM(config)).eval()
+        (ids,) = hf_inputs(m, batch=2, seq=8)
+        return m, (ids,)
+    raise ValueError(model)
+
+
+def _shard_info(model) -> dict:
+    from memsave.passes.shard_tensor import _SHARDS
+
+    info = {}
+    for name, param in model.named_parameters():
+        entry = _SHARDS.get(param)
+        if entry is not None:
+            info[name] = (entry.dim, entry.rank, entry.world)
+    return info
+
+
+def infer(rank: int, world: int, model: str, overrides: dict, options: dict) -> dict:
+    m, inputs = build(model, overrides)
+    compiled = torch.compile(m, backend="memsave", options=options)
+    with torch.no_grad():
+        out = compiled(inputs[0])
+        again = compiled(inputs[0])  # the second call runs the compiled code alone
+    return {"out": out, "again": again, "shards": _shard_info(m), "bytes": memsave.tp_parameter_bytes(m)}
+
+
+def train(rank: int, world: int, model: str, overrides: dict, options: dict, lr: float = 0.5) -> dict:
+    m, inputs = build(model, overrides)
+    m.train()
+    compiled = torch.compile(m, backend="memsave", options=options)
+    if model == "decoder":
+        loss = compiled(*inputs)
+    else:
+        loss = compiled(inputs[0]).float().square().mean()
+    loss.backward()
+    params = dict(memsave.named_sharded_parameters(m))
+    grads = {name: p.grad.clone() for name, p in params.items()}
+    optimizer = torch.optim.SGD(memsave.sharded_parameters(m), lr=lr)
+    optimizer.step()
+    stepped = {name: p.detach().clone() for name, p in params.items()}
+    return {"loss": loss.detach(), "grads": grads, "stepped": stepped, "shards": _shard_info(m)}
+
+
+def check(rank: int, world: int, model: str, overrides: dict) -> dict:
+    m, inputs = build(model, overrides)
+    try:
+        return {"summary": memsave.check_tensor_parallel(m, inputs[0], world_size=world)}
+    except Exception as e:  # the test asserts on the message
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def compile_error(rank: int, world: int, model: str, overrides: dict) -> dict:
+    m, inputs = build(model, overrides)
+    try:
+        torch.compile(m, backend="memsave", options={"tensor_parallel": "auto", "codegen": "fx"})(inputs[0])
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+TASKS = {"infer": infer, "train": train, "check": check, "compile_error": compile_error}
