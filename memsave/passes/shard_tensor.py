@@ -97,6 +97,7 @@ def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: S
         i = index[node]
         entry = _shard(example_inputs[i], dim, rank, world, names[i], free=config.free_weights)
         substitutions[i] = example_inputs[i] = entry.param
+        _static_shapes(entry.param, node)
 
     for linear, weight in plan.producers.items():
         shard_input(weight, 0)
@@ -142,6 +143,24 @@ def _shard(full: torch.Tensor, dim: int, rank: int, world: int, name: str, *, fr
     if free and full.untyped_storage().resizable():
         release(full, name)
     return entry
+
+
+def _static_shapes(shard: torch.Tensor, placeholder: fx.Node) -> None:
+    """Tell AOTAutograd the shard's sizes are constants, like the weight's. A tensor Dynamo did
+    not fakify itself gets symbolic sizes in a recompile with dynamic shapes, and passes that
+    size weights (quantize) need numbers."""
+    from torch._guards import TracingContext
+    from torch._dynamo.source import LocalSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatefulSymbolicContext
+
+    tracing = TracingContext.try_get()
+    if tracing is None:
+        return
+    grapharg = placeholder.meta.get("grapharg")
+    source = grapharg.source if grapharg is not None and grapharg.source is not None else LocalSource(placeholder.name)
+    tracing.tensor_to_context[shard] = StatefulSymbolicContext(
+        dynamic_sizes=[DimDynamic.STATIC] * shard.dim(), constraint_sizes=[None] * shard.dim(), tensor_source=source
+    )
 
 
 def _rewrite(gm: fx.GraphModule, plan: ShardPlan, group_name: str) -> None:
