@@ -515,7 +515,9 @@ class TensorParallelConfig(FamilyConfig):
     the tensor-parallel group when combining with other parallelism). include/exclude: glob
     patterns over the weight names of linears that may be split. free_weights: release each
     split weight's full tensor, so a rank holds only its shards (memsave.sharded_parameters(model)
-    gives an optimizer the shards).
+    gives an optimizer the shards). vocab_parallel: also split embeddings by vocabulary rows
+    (masked lookup + all-reduce) and the linears otherwise kept whole (the LM head) by output
+    rows, all-gathering their outputs.
     """
 
     family: ClassVar[str] = "tensor_parallel"
@@ -525,9 +527,11 @@ class TensorParallelConfig(FamilyConfig):
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     free_weights: bool = True
+    vocab_parallel: bool = False
 
     def __post_init__(self):
         self._check_choice("free_weights", self.free_weights, (True, False))
+        self._check_choice("vocab_parallel", self.vocab_parallel, (True, False))
         if self.group is not None and not hasattr(self.group, "group_name"):
             raise OptionError(
                 f"options['tensor_parallel']['group']: expected a torch.distributed ProcessGroup or None "
@@ -541,7 +545,7 @@ class TensorParallelConfig(FamilyConfig):
             object.__setattr__(self, name, value)
 
     def describe(self) -> str:
-        return "tensor parallel" + (" (own group)" if self.group is not None else "")
+        return "tensor parallel" + (", vocab-parallel" if self.vocab_parallel else "") + (" (own group)" if self.group is not None else "")
 
 
 @dataclass(frozen=True)

@@ -43,19 +43,20 @@ def _reference(model: str, overrides: dict):
     return out, loss.detach(), grads, stepped
 
 
-def _check_ranks(results: list, model: str, overrides: dict, world: int) -> None:
+def _check_ranks(results: list, model: str, overrides: dict, world: int, vocab_parallel: bool = False) -> None:
     out, loss, grads, stepped = _reference(model, overrides)
     n_linears = len(COLUMN) + len(ROW)
+    vocab = ("lm_head", "embed_tokens") if vocab_parallel else ()
     n_layers = build(model, overrides)[0].config.num_hidden_layers if model == "llama" else build(model, overrides)[0].config.n_layers
     for rank, r in enumerate(results):
         # Which weights were split, and how: every attention/MLP linear, the LM head kept whole.
         shards = r["shards"]
-        assert len(shards) == n_linears * n_layers
+        assert len(shards) == n_linears * n_layers + len(vocab)
         for name, (dim, shard_rank, shard_world) in shards.items():
             kind = name.split(".")[-2]
             assert (shard_rank, shard_world) == (rank, world)
-            assert dim == (0 if kind in COLUMN else 1), name
-        assert not any("lm_head" in n or "embed" in n or "norm" in n for n in shards)
+            assert dim == (0 if kind in COLUMN + vocab else 1), name
+        assert not any(("lm_head" in n or "embed" in n) and not vocab or "norm" in n for n in shards)
 
         torch.testing.assert_close(r["out"], out, atol=ATOL, rtol=0)
         torch.testing.assert_close(r["again"], out, atol=ATOL, rtol=0)
@@ -112,11 +113,14 @@ def _int8(w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.timeout(420)
-def test_decoder_four_ranks_with_gqa_match_single_process():
+def test_decoder_four_ranks_with_gqa_and_vocab_parallel_match_single_process():
+    """Also vocab_parallel: the embedding and the LM head split by vocabulary rows."""
     overrides = {"n_heads": 8, "n_kv_heads": 4, "n_layers": 1}  # 4 KV heads: one per rank
-    results = spawn("run", 4, model="decoder", overrides=overrides, options=OPTIONS, lr=LR)
-    _check_ranks(results, "decoder", overrides, 4)
+    options = {**OPTIONS, "tensor_parallel": {"vocab_parallel": True}}
+    results = spawn("run", 4, model="decoder", overrides=overrides, options=options, lr=LR)
+    _check_ranks(results, "decoder", overrides, 4, vocab_parallel=True)
     _check_bytes(results, 4)
+    assert all(r["bytes"]["replicated"] == 3 * 64 * 4 for r in results)  # only the 3 norms (hidden 64, fp32)
 
 
 @pytest.mark.timeout(420)

@@ -1,6 +1,8 @@
 """Megatron's conjugate operators for tensor parallelism, as custom ops with autograd.
 
     tp_copy(x)    forward: identity          backward: all-reduce(grad)   (before a column-parallel linear)
+    tp_gather(x)  forward: all-gather(x)     backward: own block of grad  (after a column-parallel linear
+                                                                          whose output must be whole: the LM head)
     tp_reduce(x)  forward: all-reduce(x)     backward: identity           (after a row-parallel linear)
 
 A column-parallel linear reads the same (replicated) input on every rank, and each rank's
@@ -79,3 +81,31 @@ def _tp_reduce_backward(ctx, grad):
 
 
 tp_reduce.register_autograd(_tp_reduce_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("memsave::tp_gather", mutates_args=())
+def tp_gather(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """(..., F/N) blocks of every rank → (..., F), concatenated in rank order on the last dim;
+    the backward keeps this rank's block of the gradient (Megatron's gather_from_tp)."""
+    group = resolve_group(group_name)
+    blocks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(blocks, x.contiguous(), group=group)
+    return torch.cat(blocks, dim=-1)
+
+
+@tp_gather.register_fake
+def _(x, group_name):
+    world = dist.get_world_size(resolve_group(group_name))
+    return x.new_empty((*x.shape[:-1], x.shape[-1] * world))
+
+
+def _tp_gather_setup(ctx, inputs, output):
+    ctx.group_name, ctx.size = inputs[1], inputs[0].shape[-1]
+
+
+def _tp_gather_backward(ctx, grad):
+    rank = dist.get_rank(resolve_group(ctx.group_name))
+    return grad.narrow(-1, rank * ctx.size, ctx.size).contiguous(), None
+
+
+tp_gather.register_autograd(_tp_gather_backward, setup_context=_tp_gather_setup)

@@ -106,7 +106,11 @@ def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: S
             shard_input(bias, 0)
     for linear, weight in plan.consumers.items():
         shard_input(weight, 1)
+    gathered, embeddings = _vocab_parallel(gm, plan, shardable, world) if config.vocab_parallel else ({}, {})
+    for weight in (*gathered.values(), *embeddings.values()):
+        shard_input(weight, 0)
     _rewrite(gm, plan, group_name)
+    _rewrite_vocab_parallel(gm, gathered, embeddings, group_name, rank)
     return lambda compiled: _wrap(compiled, substitutions)
 
 
@@ -197,6 +201,71 @@ def _rewrite(gm: fx.GraphModule, plan: ShardPlan, group_name: str) -> None:
         node.args = _set_at(node.args, path, size)
     graph.lint()
     gm.recompile()
+
+
+def _vocab_parallel(gm: fx.GraphModule, plan: ShardPlan, shardable, world: int):
+    """Linears kept whole only because their outputs cannot stay split (the LM head: a graph
+    output) and embeddings, whose rows divide by the world size: both split by rows."""
+    gathered = {
+        linear: linear.args[1]
+        for linear in plan.replicated
+        if shardable(linear, linear.args[1]) is None and _bias(linear) is None
+        and shape_of(linear.args[1])[0] % world == 0
+    }
+    embeddings = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.nn.functional.embedding:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        options = list(node.args[2:]) + [node.kwargs.get(k) for k in ("padding_idx", "max_norm", "scale_grad_by_freq", "sparse")]
+        plain = all(o is None or o is False or o == 2.0 for o in options)  # norm_type 2.0 matters only with max_norm
+        if not plain or not isinstance(weight, fx.Node) or len(weight.users) != 1:
+            continue  # padding_idx / max_norm / sparse, or a tied weight: kept whole
+        if weight.op == "placeholder" and shape_of(weight)[0] % world == 0:
+            embeddings[node] = weight
+    return gathered, embeddings
+
+
+def shape_of(node: fx.Node) -> tuple:
+    return tuple(node.meta["example_value"].shape)
+
+
+def _rewrite_vocab_parallel(gm: fx.GraphModule, gathered: dict, embeddings: dict, group_name: str, rank: int) -> None:
+    """linear(x, W) → tp_gather(linear(tp_copy(x), W[rank rows]));
+    embedding(ids, W) → tp_reduce(embedding(ids - start, W[rank rows]), zero where ids fall
+    outside this rank's rows)."""
+    graph = gm.graph
+    for linear in gathered:
+        with graph.inserting_before(linear):
+            if _needs_grad(linear.args[0]):
+                linear.args = (graph.call_function(torch.ops.memsave.tp_copy.default, (linear.args[0], group_name)), *linear.args[1:])
+        with graph.inserting_after(linear):
+            whole = graph.call_function(torch.ops.memsave.tp_gather.default, (linear, group_name))
+        linear.replace_all_uses_with(whole, delete_user_cb=lambda user: user is not whole)
+    for embed, weight in embeddings.items():
+        rows = shape_of(weight)[0] // _world_size(group_name)
+        ids = embed.args[0]
+        with graph.inserting_before(embed):
+            shifted = graph.call_function(operator.sub, (ids, rank * rows))  # (B, T)
+            below = graph.call_function(operator.lt, (shifted, 0))
+            above = graph.call_function(operator.ge, (shifted, rows))
+            outside = graph.call_function(operator.or_, (below, above))  # (B, T) bool
+            local = graph.call_method("masked_fill", (shifted, outside, 0))
+            mask = graph.call_method("unsqueeze", (outside, -1))  # (B, T, 1)
+        embed.args = (local, weight)
+        with graph.inserting_after(embed):
+            zeroed = graph.call_method("masked_fill", (embed, mask, 0.0))  # rows of other ranks: 0
+        with graph.inserting_after(zeroed):
+            total = graph.call_function(torch.ops.memsave.tp_reduce.default, (zeroed, group_name))
+        embed.replace_all_uses_with(total, delete_user_cb=lambda user: user is not zeroed)
+    graph.lint()
+    gm.recompile()
+
+
+def _world_size(group_name: str) -> int:
+    from memsave.ops.collectives import resolve_group
+
+    return dist.get_world_size(resolve_group(group_name))
 
 
 def _needs_grad(node: fx.Node) -> bool:
