@@ -15,6 +15,7 @@ import memsave
 from memsave.config import Config, OptionError
 from memsave.ops.affine import dequantize_affine, quantize_weight
 from memsave.passes.shard_tensor import TensorParallelError
+import tp_workers
 from tp_workers import build, spawn
 
 ATOL = 1e-5
@@ -85,8 +86,13 @@ def _check_bytes(results: list, world: int) -> None:
 @pytest.mark.timeout(420)
 def test_decoder_two_ranks_match_single_process_and_int8_shards_are_exact():
     overrides: dict = {}
-    results = spawn("run", 2, model="decoder", overrides=overrides, options=OPTIONS, quantize=True, lr=LR)
+    results = spawn("run", 2, model="decoder", overrides=overrides, options=OPTIONS, quantize=True, new_shape=True, lr=LR)
     _check_ranks(results, "decoder", overrides, 2)
+    m, _ = build("decoder", overrides)
+    with torch.no_grad():
+        expected_other = m(tp_workers.other_inputs("decoder", m))
+    for r in results:  # the recompile for a new input shape (dynamic sizes) still splits right
+        torch.testing.assert_close(r["other_shape"], expected_other, atol=ATOL, rtol=0)
     _check_bytes(results, 2)
     # int8 after sharding quantizes each rank's shard on its own: per output channel of the
     # shard. The reference model holds exactly that: each split weight's blocks quantized one

@@ -88,7 +88,17 @@ def _shard_info(model) -> dict:
     return info
 
 
-def run(rank: int, world: int, model: str, overrides: dict, options: dict, quantize: bool = False, lr: float = 0.5) -> dict:
+def other_inputs(model: str, m) -> torch.Tensor:
+    """Token ids of another shape (batch 3, 12 tokens) than `build`'s."""
+    from memsave.models.hf import hf_inputs
+
+    return decoder_inputs(m, batch=3, seq=12)[0] if model == "decoder" else hf_inputs(m, batch=3, seq=12)[0]
+
+
+def run(
+    rank: int, world: int, model: str, overrides: dict, options: dict, *, quantize: bool = False,
+    new_shape: bool = False, lr: float = 0.5,
+) -> dict:
     """Inference, then a training step with an optimizer on the shards, on one model; with
     `quantize`, int8 inference on a second copy. One process start for all of it: starting
     ranks costs more than the checks."""
@@ -98,6 +108,8 @@ def run(rank: int, world: int, model: str, overrides: dict, options: dict, quant
     with torch.no_grad():
         result["out"] = compiled(inputs[0])
         result["again"] = compiled(inputs[0])  # the second call runs the compiled code alone
+        if new_shape:  # a recompile, with dynamic batch/sequence sizes: shards are reused
+            result["other_shape"] = compiled(other_inputs(model, m))
     result["shards"] = _shard_info(m)
     result["bytes"] = memsave.tp_parameter_bytes(m)
 
