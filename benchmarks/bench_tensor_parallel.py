@@ -3,21 +3,22 @@
 The built-in decoder (`memsave.models.build_decoder`, size `small` by default: hidden 256,
 8 query / 4 key-value heads, 4 layers, vocabulary 4096) compiled with
 `torch.compile(model, backend="memsave", options={"tensor_parallel": "auto"})` on N gloo ranks
-on this CPU (`tp1` is the same model compiled without tensor parallelism). Each config is a
+on this CPU (`tp1` is the same model compiled without tensor parallelism; `-vocab`: with
+`{"vocab_parallel": True}`, the embedding and LM head split too). Each config is a
 fresh process (benchmarks/harness.py) that spawns its N ranks; every rank runs one forward
 (no grad) and one training step, and reports:
   held_param_mib     parameter bytes the rank holds, measured from the storages
                      (`memsave.tp_parameter_bytes`: its shards + the replicated weights);
   sharded_mib        of which shards;  replicated_mib  weights kept whole on every rank
                      (embedding, norms, LM head: the LM head's output is a graph output, which
-                     the pass does not split);
+                     the pass splits only with vocab_parallel; norms always stay whole);
   shard_ratio        sharded bytes × N / the split weights' full bytes (goal: ≤ 1.05; 1.0 is
                      an exact 1/N split);
   fwd_peak_mib       peak live CPU-allocator bytes during a forward (`memsave.MemoryTracker`);
   step_peak_mib      the same for forward + backward of one training step.
 The table shows the maximum over ranks (they hold the same amounts).
 
-    python benchmarks/bench_tensor_parallel.py            # decoder "small", 3 repeats
+    python benchmarks/bench_tensor_parallel.py --repeats 1   # decoder "small": docs/results/tensor_parallel.md
     python benchmarks/bench_tensor_parallel.py --quick    # decoder "tiny" (n_heads 8, kv 4), 1 repeat
 """
 
@@ -33,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import Benchmark, MiB, main  # noqa: E402
 
-CONFIGS = {"tp1": 1, "tp2": 2, "tp4": 4}
+# config -> (ranks, vocab_parallel)
+CONFIGS = {"tp1": (1, False), "tp2": (2, False), "tp4": (4, False), "tp2-vocab": (2, True), "tp4-vocab": (4, True)}
 PARAMS = {"size": "small", "batch": 1, "seq": 64, "codegen": "fx"}
 
 
-def _rank(rank: int, world: int, port: int, params: dict, out: str) -> None:
+def _rank(rank: int, world: int, vocab_parallel: bool, port: int, params: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -53,7 +55,7 @@ def _rank(rank: int, world: int, port: int, params: dict, out: str) -> None:
         ids, labels = decoder_inputs(model, batch=params["batch"], seq=params["seq"], labels=True)
         options = {"codegen": params["codegen"], "recompute": "none"}
         if world > 1:
-            options["tensor_parallel"] = "auto"
+            options["tensor_parallel"] = {"vocab_parallel": vocab_parallel}
         compiled = torch.compile(model, backend="memsave", options=options)
         with torch.no_grad():
             compiled(ids)  # compiles (and splits the weights)
@@ -87,12 +89,12 @@ def measure(config: str, params: dict) -> dict[str, float]:
 
     if params.get("quick"):
         params = {**params, "size": "tiny", "seq": 16}
-    world = CONFIGS[config]
+    world, vocab_parallel = CONFIGS[config]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(world, port, params, out), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, vocab_parallel, port, params, out), nprocs=world, join=True)
         ranks = [torch.load(os.path.join(out, f"{r}.pt")) for r in range(world)]
     return {key: max(r[key] for r in ranks) for key in ranks[0]}
 

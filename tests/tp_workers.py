@@ -131,13 +131,4 @@ def run(
     return result
 
 
-def compile_error(rank: int, world: int, model: str, overrides: dict) -> dict:
-    m, inputs = build(model, overrides)
-    try:
-        torch.compile(m, backend="memsave", options={"tensor_parallel": "auto", "codegen": "fx"})(inputs[0])
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {"error": None}
-
-
-TASKS = {"run": run, "compile_error": compile_error}
+TASKS = {"run": run}

@@ -72,21 +72,7 @@ def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: S
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {node: i for i, node in enumerate(placeholders)}
 
-    def shardable(linear: fx.Node, weight) -> str | None:
-        for part in (weight, linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")):
-            if part is None:
-                continue
-            if not (isinstance(part, fx.Node) and part in index and names[index[part]] is not None):
-                return f"{linear.name}: its weight is not a parameter of the model"
-            if len(part.users) != 1:
-                return f"{linear.name}: {names[index[part]]} is also used elsewhere (e.g. tied to an embedding)"
-        name = names[index[weight]]
-        if not any(fnmatch.fnmatchcase(name, p) for p in config.include) or any(
-            fnmatch.fnmatchcase(name, p) for p in config.exclude
-        ):
-            return f"{name}: left out by the include/exclude options"
-        return None
-
+    shardable = _shardable({node: names[i] for node, i in index.items() if names[i] is not None}, config)
     plan = plan_sharding(gm, world, shardable)
     if plan.problems:
         raise TensorParallelError(_problems_message(plan, world))
@@ -112,6 +98,27 @@ def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: S
     _rewrite(gm, plan, group_name)
     _rewrite_vocab_parallel(gm, gathered, embeddings, group_name, rank)
     return lambda compiled: _wrap(compiled, substitutions)
+
+
+def _shardable(names: dict[fx.Node, str], config) -> Callable:
+    """`shardable(linear, weight)` for plan_sharding: why a linear must stay whole, or None."""
+
+    def shardable(linear: fx.Node, weight) -> str | None:
+        for part in (weight, _bias(linear)):
+            if part is None:
+                continue
+            if part not in names:
+                return f"{linear.name}: its weight is not a parameter of the model"
+            if len(part.users) != 1:
+                return f"{names[part]} is also used elsewhere (e.g. tied to an embedding)"
+        name = names[weight]
+        if not any(fnmatch.fnmatchcase(name, p) for p in config.include) or any(
+            fnmatch.fnmatchcase(name, p) for p in config.exclude
+        ):
+            return f"{name}: left out by the include/exclude options"
+        return None
+
+    return shardable
 
 
 def _group(config) -> dist.ProcessGroup:
@@ -353,17 +360,7 @@ def check_tensor_parallel(model: torch.nn.Module, *example_inputs: Any, world_si
     def analyze(gm: fx.GraphModule, inputs):
         names = [info.weight.name if info.weight and info.weight.kind == "parameter" else None for info in describe_inputs(gm, inputs)]
         placeholders = {n: names[i] for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-
-        def shardable(linear, weight):
-            name = placeholders.get(weight)
-            if name is None:
-                return "not a parameter"
-            if any(len(p.users) != 1 for p in (weight, _bias(linear)) if p is not None):
-                return f"{name} is also used elsewhere"
-            ok = any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
-                fnmatch.fnmatchcase(name, p) for p in config.exclude)
-            return None if ok else "left out by the include/exclude options"
-
+        shardable = _shardable({n: name for n, name in placeholders.items() if name is not None}, config)
         plan = plan_sharding(gm, world_size, shardable)
         if plan.problems:
             raise TensorParallelError(_problems_message(plan, world_size))
