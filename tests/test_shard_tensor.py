@@ -184,3 +184,40 @@ def test_without_torch_distributed_the_error_says_how_to_launch():
     with pytest.raises(TensorParallelError, match="torchrun --nproc-per-node N"):
         torch.compile(m, backend="memsave", options=OPTIONS)(inputs[0])
 
+
+
+def test_hf_llama_with_sdpa_attention_splits_every_attention_and_mlp_linear():
+    from memsave.models.hf import build_hf_llama, hf_inputs
+
+    m = build_hf_llama("tiny", attn_implementation="sdpa")
+    summary = memsave.check_tensor_parallel(m, hf_inputs(m, batch=2, seq=8)[0], world_size=2)
+    assert sorted(n.split(".")[-2] for n in summary["column_parallel"]) == sorted(COLUMN * 2)
+    assert sorted(n.split(".")[-2] for n in summary["row_parallel"]) == sorted(ROW * 2)
+    assert list(summary["replicated"]) == ["model.lm_head.weight"]
+
+
+class _CumsumMLP(torch.nn.Module):
+    """up → cumsum over the features → down: cumsum mixes the features, so no split is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 8)
+        self.other_up = torch.nn.Linear(8, 16, bias=False)
+        self.other_down = torch.nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.cumsum(self.up(x), -1)) + self.other_down(torch.relu(self.other_up(x)))
+
+
+def test_an_op_without_a_rule_keeps_its_linears_whole_and_the_rest_is_split():
+    m = _CumsumMLP()
+    x = torch.randn(2, 8)
+    summary = memsave.check_tensor_parallel(m, x, world_size=2)
+    assert summary["column_parallel"] == ["other_up.weight"]
+    assert summary["row_parallel"] == ["other_down.weight"]
+    assert "cumsum" in summary["replicated"]["up.weight"]
+    torch._dynamo.reset()
+    summary = memsave.check_tensor_parallel(m, x, world_size=2, exclude=["other_down.*"])
+    assert summary["column_parallel"] == [] and summary["row_parallel"] == []
+    assert "include/exclude" in summary["replicated"]["other_down.weight"]
