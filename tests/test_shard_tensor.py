@@ -55,7 +55,7 @@ def _check_ranks(results: list, model: str, overrides: dict, world: int, vocab_p
         assert len(shards) == n_linears * n_layers + len(vocab)
         for name, (dim, shard_rank, shard_world) in shards.items():
             kind = name.split(".")[-2]
-            assert (shard_rank, shard_world) == (rank, world)
+            assert (shard_rank, shard_world) == (r.get("tp_rank", rank), world)
             assert dim == (0 if kind in COLUMN + vocab else 1), name
         assert not any(("lm_head" in n or "embed" in n) and not vocab or "norm" in n for n in shards)
 
@@ -119,14 +119,23 @@ def _int8(w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.timeout(420)
-def test_decoder_four_ranks_with_gqa_and_vocab_parallel_match_single_process():
-    """Also vocab_parallel: the embedding and the LM head split by vocabulary rows."""
+def test_decoder_four_ranks_with_gqa_and_vocab_parallel_and_two_rank_groups_match_single_process():
+    """Four ranks: the whole world with vocab_parallel (embedding and LM head split by
+    vocabulary rows), then another model split within the pairs {0, 1} and {2, 3} (the
+    tensor-parallel groups of a 2x2 grid, passed as options["tensor_parallel"]["group"])."""
     overrides = {"n_heads": 8, "n_kv_heads": 4, "n_layers": 1}  # 4 KV heads: one per rank
+    pair_overrides = {"n_layers": 1}
     options = {**OPTIONS, "tensor_parallel": {"vocab_parallel": True}}
-    results = spawn("run", 4, model="decoder", overrides=overrides, options=options, lr=LR)
-    _check_ranks(results, "decoder", overrides, 4, vocab_parallel=True)
-    _check_bytes(results, 4)
-    assert all(r["bytes"]["replicated"] == 3 * 64 * 4 for r in results)  # only the 3 norms (hidden 64, fp32)
+    results = spawn("world_and_pairs", 4, model="decoder", overrides=overrides, pair_overrides=pair_overrides,
+                    options=options, lr=LR)
+    whole = [r["world"] for r in results]
+    _check_ranks(whole, "decoder", overrides, 4, vocab_parallel=True)
+    _check_bytes(whole, 4)
+    assert all(r["bytes"]["replicated"] == 3 * 64 * 4 for r in whole)  # only the 3 norms (hidden 64, fp32)
+    pairs = [r["pairs"] for r in results]
+    assert [(r["tp_rank"], r["tp_world"]) for r in pairs] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+    _check_ranks(pairs, "decoder", pair_overrides, 2, vocab_parallel=True)
+    _check_bytes(pairs, 2)
 
 
 @pytest.mark.timeout(420)

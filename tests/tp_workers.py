@@ -97,12 +97,19 @@ def other_inputs(model: str, m) -> torch.Tensor:
 
 def run(
     rank: int, world: int, model: str, overrides: dict, options: dict, *, quantize: bool = False,
-    new_shape: bool = False, lr: float = 0.5,
+    new_shape: bool = False, lr: float = 0.5, tp_groups: list | None = None,
 ) -> dict:
     """Inference, then a training step with an optimizer on the shards, on one model; with
     `quantize`, int8 inference on a second copy. One process start for all of it: starting
     ranks costs more than the checks."""
     result = {}
+    if tp_groups:  # e.g. [[0, 1], [2, 3]]: tensor parallel within each pair (a 2x2 grid's TP groups)
+        groups = [dist.new_group(ranks) for ranks in tp_groups]  # every rank creates every group
+        mine = next(g for g, ranks in zip(groups, tp_groups) if rank in ranks)
+        tp = options["tensor_parallel"]
+        tp = {"group": mine} if tp == "auto" else {**tp, "group": mine}
+        options = {**options, "tensor_parallel": tp}
+        result["tp_rank"], result["tp_world"] = dist.get_rank(mine), dist.get_world_size(mine)
     m, inputs = build(model, overrides)
     compiled = torch.compile(m, backend="memsave", options=options)
     with torch.no_grad():
@@ -131,4 +138,11 @@ def run(
     return result
 
 
-TASKS = {"run": run}
+def world_and_pairs(rank: int, world: int, pair_overrides: dict, **kwargs) -> dict:
+    """`run` over the whole world, then `run` on another model split within rank pairs."""
+    whole = run(rank, world, **kwargs)
+    pairs = run(rank, world, **{**kwargs, "overrides": pair_overrides}, tp_groups=[[0, 1], [2, 3]])
+    return {"world": whole, "pairs": pairs}
+
+
+TASKS = {"run": run, "world_and_pairs": world_and_pairs}
