@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-import memsave.ops.collectives  # noqa: F401  (registers memsave::tp_copy / tp_reduce)
+import memsave.ops.collectives  # noqa: F401  (registers memsave::tp_copy / tp_reduce / tp_gather)
 from memsave.config import OptionError
 from memsave.passes.shard_tensor_plan import ShardPlan, plan_sharding
 from memsave.weights import is_released, release
