@@ -12,6 +12,12 @@ from memsave.memory.estimate import MemoryEstimate, estimate_memory
 from memsave.memory.track import MemoryStats, MemoryTracker, measure_peak
 from memsave.report import GraphReport, PassRecord, collect, recent_reports
 from memsave.serialize import load, save
+from memsave.passes.shard_tensor import (
+    check_tensor_parallel,
+    named_sharded_parameters,
+    sharded_parameters,
+    tp_parameter_bytes,
+)
 
 __version__ = "0.1.0"
 
@@ -32,4 +38,5 @@ __all__ = [
     "measure_peak",
     "recent_reports",
     "save", "load",
+    "check_tensor_parallel", "named_sharded_parameters", "sharded_parameters", "tp_parameter_bytes",
 ]

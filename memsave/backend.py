@@ -94,8 +94,15 @@ class GraphCompilation:
             decompositions=select_decomp_table,  # called lazily by aot_autograd
             keep_inference_input_mutations=True,
         )
+        wrap = lambda compiled: compiled  # noqa: E731
+        if self.config.tensor_parallel is not None:
+            # Before AOTAutograd, so the backward and every later pass see this rank's shards.
+            from memsave.passes.shard_tensor import shard_for_tensor_parallel
+
+            names = [i.weight.name if i.weight is not None and i.weight.kind == "parameter" else None for i in self.inputs]
+            wrap = shard_for_tensor_parallel(self.gm, self._real, names, self.config.tensor_parallel)
         try:
-            return aot(self.gm, self._real)
+            return wrap(aot(self.gm, self._real))
         finally:
             self._real = None
 

@@ -54,7 +54,8 @@ def run_pipeline(runner: PassRunner) -> None:
     runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize or config.prune)
     # Later issues add, in this order: chunk, precision, then plan_memory last (it plans the
     # final graph's buffers). Recompute is the partition function of training graphs
-    # (backend.py), and sharding runs after compression.
+    # (backend.py). Tensor parallelism splits the Dynamo graph before AOTAutograd
+    # (passes/shard_tensor.py), so every pass here sees, and compresses, this rank's shards.
 
 
 class PassRunner:
