@@ -34,7 +34,6 @@ loss's gradient is the backward's input.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
