@@ -77,7 +77,8 @@ RULES: dict[Any, str] = {
         "erfinv", "acos", "asin", "cosh", "sinh", "tan",
     )},
 }
-CAST = aten._to_copy.default
+VIEWS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.view.default)
+CAST = torch.ops.prims.convert_element_type.default  # Inductor lowers it; _to_copy it decomposes first
 
 
 def rule_for(node: fx.Node) -> str:
@@ -138,18 +139,29 @@ def _cast_inputs(builder: GraphBuilder, node: fx.Node, target_dtype, constants) 
         if dtype is None or dtype == val.dtype:
             return arg
         changed = True
-        if arg.op == "get_attr":  # a constant: cast once, now
-            key = (arg.target, dtype)
-            if key not in constants:
-                with unset_fake_temporarily():
-                    value = getattr(builder.gm, arg.target).to(dtype)
-                constants[key] = builder.constant(f"{arg.target}_{str(dtype).replace('torch.', '')}", value, before=node)
-            return constants[key]
-        return builder.call(CAST, (arg,), {"dtype": dtype}, before=node)
+        constant = _cast_constant(builder, arg, dtype, constants, node)
+        return constant if constant is not None else builder.call(CAST, (arg, dtype), before=node)
 
     node.args = fx.node.map_aggregate(node.args, cast)
     node.kwargs = fx.node.map_aggregate(node.kwargs, cast)
     return changed
+
+
+def _cast_constant(builder: GraphBuilder, arg: fx.Node, dtype: torch.dtype, constants: dict, before: fx.Node):
+    """A constant (or a transpose/view of one, as a linear reads its weight) cast once, now,
+    instead of on every call; None when `arg` is not one."""
+    if arg.op == "get_attr":
+        key = (arg.target, dtype)
+        if key not in constants:
+            with unset_fake_temporarily():
+                value = getattr(builder.gm, arg.target).to(dtype)
+            constants[key] = builder.constant(f"{arg.target}_{str(dtype).replace('torch.', '')}", value, before=before)
+        return constants[key]
+    if arg.op == "call_function" and arg.target in VIEWS and isinstance(arg.args[0], fx.Node):
+        base = _cast_constant(builder, arg.args[0], dtype, constants, before)
+        if base is not None:
+            return builder.call(arg.target, (base, *arg.args[1:]), dict(arg.kwargs), before=before)
+    return None
 
 
 def _refresh(builder: GraphBuilder, node: fx.Node) -> None:
@@ -182,7 +194,7 @@ def _cast_outputs_back(builder: GraphBuilder, gm: fx.GraphModule, original: dict
             return arg
         before, now = original.get(arg), node_val(arg)
         if isinstance(before, torch.Tensor) and isinstance(now, torch.Tensor) and before.dtype != now.dtype:
-            return builder.call(CAST, (arg,), {"dtype": before.dtype}, before=output)
+            return builder.call(CAST, (arg, before.dtype), before=output)
         return arg
 
     output.args = fx.node.map_aggregate(output.args, back)
@@ -232,7 +244,7 @@ def narrow_saved_activations(
             continue
         first_bw = min(readers, key=bw_position.__getitem__)
         if config.saved == "bf16":
-            narrow = fw_builder.call(CAST, (saved,), {"dtype": torch.bfloat16}, before=anchor)
+            narrow = fw_builder.call(CAST, (saved, torch.bfloat16), before=anchor)
             new_outs[-1] = narrow
             wide = _widen_bf16(bw_builder, bw, placeholder, val, first_bw)
             stored = narrow
@@ -272,8 +284,9 @@ def _narrowable(saved: Any, user: set, bw_inputs: dict) -> bool:
 
 
 def _widen_bf16(builder: GraphBuilder, bw: fx.GraphModule, placeholder: fx.Node, val, first: fx.Node) -> fx.Node:
+    placeholder.meta = dict(placeholder.meta)  # the extraction shares meta dicts with the joint graph
     placeholder.meta["val"] = _fake_like(builder, val, torch.bfloat16)
-    return builder.call(CAST, (placeholder,), {"dtype": torch.float32}, before=first)
+    return builder.call(CAST, (placeholder, torch.float32), before=first)
 
 
 def _to_fp8(builder: GraphBuilder, x: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:
@@ -281,20 +294,36 @@ def _to_fp8(builder: GraphBuilder, x: fx.Node, before: fx.Node) -> tuple[fx.Node
     amax = builder.call(aten.amax.default, (builder.call(aten.abs.default, (x,), before=before), []), before=before)
     scale = builder.call(aten.clamp_min.default, (builder.call(aten.div.Tensor, (amax, FP8_MAX), before=before), 1e-30), before=before)
     scaled = builder.call(aten.div.Tensor, (x, scale), before=before)
-    codes = builder.call(CAST, (scaled,), {"dtype": FP8}, before=before)
+    codes = builder.call(CAST, (scaled, FP8), before=before)
     return codes, scale
 
 
 def _widen_fp8(builder, bw, placeholder, codes, scale, val, first) -> fx.Node:
+    placeholder.meta = dict(placeholder.meta)
     placeholder.meta["val"] = _fake_like(builder, val, FP8)
     with bw.graph.inserting_after(placeholder):
         scale_in = bw.graph.placeholder(placeholder.name + "_scale")
     scale_in.meta["val"] = _fake_like(builder, node_val(scale), torch.float32)
     tag(scale_in, "mixed_precision")
-    wide = builder.call(CAST, (placeholder,), {"dtype": torch.float32}, before=first)
+    wide = builder.call(CAST, (placeholder, torch.float32), before=first)
     return builder.call(aten.mul.Tensor, (wide, scale_in), before=first)
 
 
 def _fake_like(builder: GraphBuilder, val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     with builder.fake_mode:
         return torch.empty_strided(val.shape, val.stride(), dtype=dtype, device=val.device)
+
+
+def loss_scaler(init_scale: float = 2.0**16, **kwargs: Any) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 training (torch's GradScaler, on this machine's device).
+
+    The compiled backward takes the loss's gradient as its input, so `scaler.scale(loss)`
+    scales every fp16 gradient inside the graph; `scaler.step(opt)` unscales the fp32 weight
+    gradients, skips the step when one is inf/nan and halves the scale, and `scaler.update()`
+    grows it again after a run of good steps:
+
+        scaler = loss_scaler()
+        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.amp.GradScaler(device, init_scale=init_scale, **kwargs)

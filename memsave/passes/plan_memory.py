@@ -42,6 +42,7 @@ from memsave.report import fmt_bytes
 
 aten = torch.ops.aten
 STAGES = ("inference", "forward", "backward")  # not the joint graph: the partitioner needs it functional
+COPIES = (aten.clone.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 PERMUTES = (aten.permute.default, aten.t.default, aten.transpose.int)
 
 
@@ -182,7 +183,7 @@ def drop_needless_layout_ops(gm: fx.GraphModule) -> list[str]:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in (aten.clone.default, aten._to_copy.default) and _copy_changes_nothing(node, outputs):
+        if node.target in COPIES and _copy_changes_nothing(node, outputs):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             removed.append(node.name)
