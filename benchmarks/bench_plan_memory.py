@@ -47,8 +47,6 @@ MiB = 2**20
 
 
 def _model(name: str, params: dict):
-    import torch
-
     from memsave.models import build_decoder, build_hf_gpt2, build_mlp, decoder_inputs, hf_inputs, mlp_inputs
 
     if name.startswith("decoder"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
 
 import memsave
 from memsave.config import Config, OptionError, PlanMemoryConfig

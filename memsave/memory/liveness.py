@@ -49,15 +49,6 @@ class MemoryPlan:
     lower_bound_node: str | None
     planned_peak_bytes: int  # arena size of the greedy-by-size placement
 
-    @property
-    def reuse_count(self) -> int:
-        """Buffers placed at an offset some earlier-dead buffer used (arena reuse)."""
-        reused = 0
-        for b in self.buffers:
-            if any(o is not b and o.end < b.start and _overlaps(o, b) for o in self.buffers):
-                reused += 1
-        return reused
-
 
 def storages_by_node(gm: fx.GraphModule, *, inputs_die: bool) -> tuple[dict[fx.Node, list[Buffer]], list[Buffer]]:
     """Each node's buffers (a view maps to its base's), and the list of all buffers."""
@@ -147,7 +138,3 @@ def is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def _overlaps(a: Buffer, b: Buffer) -> bool:
-    return a.offset < b.offset + b.aligned and b.offset < a.offset + a.aligned
