@@ -107,10 +107,13 @@ def test_constants_are_cast_once_at_compile_time():
 # -- error -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compute,dtype,budget_db", [("bf16", torch.bfloat16, 40.0), ("fp16", torch.float16, 55.0)])
-def test_error_within_budget_and_no_worse_than_autocast(decoder, compute, dtype, budget_db):
+@pytest.mark.parametrize(
+    "compute,dtype,budget_db,codegen",
+    [("bf16", torch.bfloat16, 40.0, "fx"), ("fp16", torch.float16, 55.0, "fx"), ("bf16", torch.bfloat16, 40.0, "inductor")],
+)
+def test_error_within_budget_and_no_worse_than_autocast(decoder, compute, dtype, budget_db, codegen):
     model, x, reference = decoder
-    _, out, reports = compile_and_run(model, x, precision=compute)
+    _, out, reports = compile_and_run(model, x, precision=compute, codegen=codegen)
     assert out.dtype == torch.float32
     ours = sqnr_db(reference, out)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
