@@ -153,9 +153,29 @@ class GraphCompilation:
                 details=result.details,
             )
         )
+        if self.config.precision is not None and self.config.precision.saved is not None:
+            self._narrow_saved(runner, fw, bw, num_fwd_outputs)
         self._finish(runner)
         self._num_fwd_outputs = num_fwd_outputs
         return fw, bw
+
+    def _narrow_saved(self, runner: PassRunner, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
+        """Saved activations in bf16/fp8 between forward and backward (precision's `saved`)."""
+        from memsave.passes.mixed_precision import narrow_saved_activations
+        from memsave.passes.recompute_graph import simulated_peak
+
+        before = simulated_peak(fw, bw, num_fwd_outputs)
+        start = time.perf_counter()
+        result = narrow_saved_activations(fw, bw, num_fwd_outputs, self.config.precision)
+        after = simulated_peak(fw, bw, num_fwd_outputs)
+        runner.add_record(
+            PassRecord(
+                name="narrow_saved", changed=result.changed, nodes_before=0, nodes_after=0, nodes_added=0,
+                nodes_removed=0, weight_bytes_before=before["weight_bytes"], weight_bytes_after=after["weight_bytes"],
+                peak_activation_bytes_before=before["peak"], peak_activation_bytes_after=after["peak"],
+                seconds=time.perf_counter() - start, notes=result.notes, details=result.details,
+            )
+        )
 
     def _forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = self._context(gm, "forward", positional=True)

@@ -520,6 +520,73 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
         return f"{self.method} {target}"
 
 
+PRECISION_COMPUTE = ("bf16", "fp16", "fp32")
+PRECISION_SAVED = (None, "bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig(FamilyConfig):
+    """Mixed precision: matmuls in bf16/fp16, norms, softmax, loss and reductions in fp32.
+
+    compute: "bf16" or "fp16" (matmul-like ops run in it, pointwise ops follow their inputs,
+    numerically sensitive ops run in fp32; outputs keep their dtype), or "fp32" (no compute
+    casting; use with saved). Trainable weights stay fp32 (master weights) and are cast per
+    call, so their gradients are fp32; graph constants are cast once at compile time.
+    saved (training): store the activations saved for backward as "bf16" or "fp8" (e4m3 with
+    a per-tensor scale) between forward and backward; None keeps their dtype.
+    fp16 training needs loss scaling: use memsave.passes.mixed_precision.loss_scaler().
+    """
+
+    family: ClassVar[str] = "precision"
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {
+        "bf16": {"compute": "bf16"},
+        "fp16": {"compute": "fp16"},
+        "saved-bf16": {"compute": "fp32", "saved": "bf16"},
+        "saved-fp8": {"compute": "fp32", "saved": "fp8"},
+    }
+
+    compute: str = "bf16"
+    saved: str | None = None
+
+    def __post_init__(self):
+        self._check_choice("compute", self.compute, PRECISION_COMPUTE)
+        self._check_choice("saved", self.saved, PRECISION_SAVED)
+
+    def describe(self) -> str:
+        return f"compute {self.compute}" + (f", saved {self.saved}" if self.saved else "")
+
+
+@dataclass(frozen=True)
+class PlanMemoryConfig(FamilyConfig):
+    """Memory planning of the final graph: liveness, in-place reuse, planned/measured/lower-bound peak.
+
+    inplace: let an elementwise op write into an input that dies at it (same shape, strides and
+    dtype), through the op's out= form; only with codegen "fx" (Inductor plans its own buffers,
+    and the pass then only reports). layout: drop copies that change nothing (clone/contiguous
+    of a tensor already in that layout, same-dtype casts) and fold chains of permutes.
+    measure: run the planned graph once at compile time on the example input (when it is
+    known) under memsave.MemoryTracker, to report the measured peak (always in debug mode).
+    """
+
+    family: ClassVar[str] = "plan_memory"
+    shorthands: ClassVar[dict[str, dict[str, Any]]] = {
+        "on": {},
+        "report": {"inplace": False, "layout": False},
+    }
+
+    inplace: bool = True
+    layout: bool = True
+    measure: bool = False
+
+    def __post_init__(self):
+        for name in ("inplace", "layout", "measure"):
+            self._check_choice(name, getattr(self, name), (True, False))
+
+    def describe(self) -> str:
+        parts = [p for p, on in (("in-place", self.inplace), ("layout", self.layout)) if on]
+        return "plan " + (", ".join(parts) if parts else "report only")
+
+
 @dataclass(frozen=True)
 class TensorParallelConfig(FamilyConfig):
     """Tensor parallelism: linears and attention heads split across ranks (Megatron pairing).
@@ -595,8 +662,8 @@ FAMILY_CONFIGS: dict[str, type[FamilyConfig]] = {
     "pipeline": _unimplemented("pipeline"),
     "tensor_parallel": TensorParallelConfig,
     "chunk": _unimplemented("chunk"),
-    "precision": _unimplemented("precision"),
-    "plan_memory": _unimplemented("plan_memory"),
+    "precision": PrecisionConfig,
+    "plan_memory": PlanMemoryConfig,
 }
 assert tuple(FAMILY_CONFIGS) == PASS_FAMILIES
 

@@ -24,6 +24,8 @@ from memsave.codegen.fuse import fuse_dequant_matmul
 from memsave.passes.cleanup import eliminate_dead_code
 from memsave.passes.factorize import factorize_weights
 from memsave.passes.fold_weights import fold_weights
+from memsave.passes.mixed_precision import PRECISION_STAGES, cast_to_mixed_precision
+from memsave.passes.plan_memory import STAGES as PLAN_STAGES, plan_memory
 from memsave.passes.prune import prune_weights
 from memsave.passes.quantize import insert_qdq
 from memsave.passes.release_weights import release_weights
@@ -52,10 +54,14 @@ def run_pipeline(runner: PassRunner) -> None:
     # the stored form: no full weight is materialized, and codegen can pick a fast kernel for
     # it. Last, so it sees every dequantize.
     runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize or config.prune)
-    # Later issues add, in this order: chunk, precision, then plan_memory last (it plans the
-    # final graph's buffers). Recompute is the partition function of training graphs
-    # (backend.py). Tensor parallelism splits the Dynamo graph before AOTAutograd
-    # (passes/shard_tensor.py), so every pass here sees, and compresses, this rank's shards.
+    # Recompute is the partition function of training graphs (backend.py). Tensor parallelism
+    # splits the Dynamo graph before AOTAutograd (passes/shard_tensor.py), so every pass here
+    # sees, and compresses, this rank's shards.
+    # Mixed precision after compression (a packed linear keeps its own compute dtype), on the
+    # joint graph in training so the forward and backward both see the casts.
+    runner.run("mixed_precision", cast_to_mixed_precision, config.precision, stages=PRECISION_STAGES)
+    # Last: plan the buffers of the graph that runs (not the joint graph: it must stay functional).
+    runner.run("plan_memory", plan_memory, config.plan_memory, stages=PLAN_STAGES)
 
 
 class PassRunner:

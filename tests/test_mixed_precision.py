@@ -1,0 +1,215 @@
+"""Mixed precision (passes/mixed_precision.py): the dtypes the graph gets (structure), its error
+against fp32 (budgets, and no worse than torch's own autocast), fp32 master weights and
+gradients in training, saved activations in bf16/fp8, fp16 training with loss scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memsave
+from memsave.config import Config, OptionError, PrecisionConfig
+from memsave.graph.invariants import check_invariants, graph_signature
+from memsave.graph.meta import node_val
+from memsave.graph.rewrite import GraphBuilder
+from memsave.memory.track import MemoryTracker
+from memsave.models import build_decoder, decoder_inputs
+from memsave.passes.mixed_precision import cast_to_mixed_precision, loss_scaler
+from memsave.report import sqnr_db
+from tests.helpers import aten_inference_graph, compile_and_run, context_for
+
+aten = torch.ops.aten
+MATMULS = (aten.mm.default, aten.bmm.default, aten.addmm.default)
+KEPT_FP32 = (aten._softmax.default, aten.mean.dim, aten.pow.Tensor_Scalar, aten.rsqrt.default)
+
+
+def _record(reports, name: str, stage: str):
+    found = [r for report in reports if report.stage == stage for r in report.records if r.name == name]
+    assert found, f"no {name!r} record for stage {stage!r}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    model = build_decoder("tiny")
+    (x,) = decoder_inputs(model, batch=2, seq=32)
+    with torch.no_grad():
+        reference = model(x)
+    return model, x, reference
+
+
+# -- structure ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compute", ["bf16", "fp16"])
+def test_matmuls_narrow_norms_and_softmax_fp32(decoder, compute):
+    model, x, _ = decoder
+    gm, real = aten_inference_graph(model, x)
+    signature = graph_signature(gm)
+    result = cast_to_mixed_precision(gm, PrecisionConfig(compute=compute), context_for(gm, real))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[compute]
+    matmuls = [n for n in gm.graph.nodes if n.target in MATMULS]
+    assert matmuls and all(node_val(n).dtype == low for n in matmuls)
+    kept = [n for n in gm.graph.nodes if n.target in KEPT_FP32]
+    assert len(kept) >= 4 and all(node_val(n).dtype == torch.float32 for n in kept)
+    assert result.changed and len(result.details["narrow_ops"]) == len(matmuls)
+    # Same calling convention: the logits are still float32.
+    assert check_invariants(gm, signature) == []
+    # Weights stay the user's fp32 placeholders; what the matmul reads is a per-call cast.
+    weight_inputs = [n.args[0] for n in matmuls if n.target == aten.mm.default]
+    assert all(node_val(w).dtype == low for w in weight_inputs)
+
+
+def test_op_that_refuses_new_dtypes_is_left_as_it_was():
+    class Lerp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8, bias=False)
+
+        def forward(self, x, y):
+            return torch.lerp(self.fc(x), y, 0.25)  # lerp needs equal dtypes: bf16 vs fp32 fails
+
+    model = Lerp()
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    gm, real = aten_inference_graph(model, x, y)
+    result = cast_to_mixed_precision(gm, PrecisionConfig(), context_for(gm, real))
+    lerp = next(n for n in gm.graph.nodes if n.target == aten.lerp.Scalar)
+    assert lerp.name in result.details["kept"]
+    assert all(node_val(a).dtype == torch.float32 for a in lerp.all_input_nodes)
+    mm = next(n for n in gm.graph.nodes if n.target == aten.mm.default)
+    assert node_val(mm).dtype == torch.bfloat16
+    with torch.no_grad():
+        out = gm(*real)[0]
+        expected = model(x, y)
+    assert sqnr_db(expected, out) > 40
+
+
+def test_constants_are_cast_once_at_compile_time():
+    model = torch.nn.Linear(16, 8, bias=False)
+    gm, real = aten_inference_graph(model, torch.randn(4, 16))
+    weight = next(n for n in gm.graph.nodes if n.op == "placeholder" and node_val(n).shape == (8, 16))
+    builder = GraphBuilder(gm, "test")
+    constant = builder.constant("w_const", real[0].clone(), before=weight.next)  # a derived weight, say
+    for user in list(weight.users):
+        user.replace_input_with(weight, constant)
+    gm.recompile()
+    cast_to_mixed_precision(gm, PrecisionConfig(), context_for(gm, real))
+    constants = [n for n in gm.graph.nodes if n.op == "get_attr" and n.users]
+    assert [getattr(gm, n.target).dtype for n in constants] == [torch.bfloat16]
+    # No cast node reads a constant: the conversion happened at compile time.
+    casts = [n for n in gm.graph.nodes if n.target == torch.ops.prims.convert_element_type.default]
+    assert all(c.args[0].op != "get_attr" for c in casts)
+    with torch.no_grad():
+        assert sqnr_db(model(real[1]), gm(*real)[0]) > 40
+
+
+# -- error -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "compute,dtype,budget_db,codegen",
+    [("bf16", torch.bfloat16, 40.0, "fx"), ("fp16", torch.float16, 55.0, "fx"), ("bf16", torch.bfloat16, 40.0, "inductor")],
+)
+def test_error_within_budget_and_no_worse_than_autocast(decoder, compute, dtype, budget_db, codegen):
+    model, x, reference = decoder
+    _, out, reports = compile_and_run(model, x, precision=compute, codegen=codegen)
+    assert out.dtype == torch.float32
+    ours = sqnr_db(reference, out)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        autocast = sqnr_db(reference, model(x).float())
+    assert ours > budget_db
+    assert ours > autocast - 1.0  # at least about as close to fp32 as torch's own autocast
+    # Reported like any lossy pass: the runner measured this pass's error on the example.
+    error = _record(reports, "mixed_precision", "inference").error
+    assert error is not None and budget_db < error.sqnr_db < float("inf")
+
+
+# -- training --------------------------------------------------------------------------------
+
+
+def _train_step(options: dict, *, codegen: str = "fx"):
+    torch._dynamo.reset()
+    model = build_decoder("tiny").train()
+    x, labels = decoder_inputs(model, batch=2, seq=32, labels=True)
+    compiled = torch.compile(model, backend="memsave", options={"codegen": codegen, "recompute": "none", **options})
+    with memsave.collect() as reports, MemoryTracker("cpu", track_saved=True, exclude=list(model.parameters())) as tracker:
+        loss = compiled(x, labels)
+        loss.backward()
+    return model, loss.detach(), tracker.stats, reports
+
+
+@pytest.fixture(scope="module")
+def fp32_step():
+    model, loss, stats, _ = _train_step({})
+    return [p.grad.clone() for p in model.parameters()], loss, stats
+
+
+def _min_cosine(grads_a, grads_b) -> float:
+    return min(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() for a, b in zip(grads_a, grads_b))
+
+
+def test_bf16_training_keeps_fp32_master_weights_and_grads(fp32_step):
+    grads, loss_fp32, _ = fp32_step
+    model, loss, _, reports = _train_step({"precision": "bf16"})
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert _record(reports, "mixed_precision", "joint").details["narrow_ops"]
+    assert _min_cosine(grads, [p.grad for p in model.parameters()]) > 0.999
+    assert abs(loss.item() - loss_fp32.item()) < 1e-3
+
+
+def test_saved_bf16_halves_saved_bytes(fp32_step):
+    grads, loss_fp32, stats_fp32 = fp32_step
+    model, loss, stats, reports = _train_step({"precision": "saved-bf16"})
+    record = _record(reports, "narrow_saved", "joint")
+    assert record.details["narrowed"] and record.details["saved_bytes_after"] * 2 == record.details["saved_bytes_before"]
+    # Measured: what autograd actually holds between forward and backward.
+    assert stats.saved_bytes < 0.6 * stats_fp32.saved_bytes
+    assert torch.equal(loss, loss_fp32)  # the forward itself still computes in fp32
+    assert _min_cosine(grads, [p.grad for p in model.parameters()]) > 0.9999
+
+
+def test_saved_fp8_with_scale_quarters_saved_bytes(fp32_step):
+    grads, loss_fp32, stats_fp32 = fp32_step
+    model, loss, stats, reports = _train_step({"precision": "saved-fp8"}, codegen="inductor")
+    narrowed = _record(reports, "narrow_saved", "joint").details["narrowed"]
+    assert narrowed and all("float8_e4m3fn" in line for line in narrowed)
+    assert stats.saved_bytes < 0.35 * stats_fp32.saved_bytes
+    torch.testing.assert_close(loss, loss_fp32, atol=1e-5, rtol=1e-5)  # Inductor vs FX fp32 forward
+    assert _min_cosine(grads, [p.grad for p in model.parameters()]) > 0.99
+
+
+def test_fp16_training_with_dynamic_loss_scaling():
+    model = build_decoder("tiny").train()
+    x, labels = decoder_inputs(model, batch=4, seq=32, labels=True)
+    compiled = torch.compile(model, backend="memsave", options={"codegen": "inductor", "precision": "fp16"})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # Started too high on purpose: the first fp16 backward overflows, the scaler must skip
+    # that step (no inf reaches the weights) and lower the scale.
+    scaler = loss_scaler(init_scale=2.0**20)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = compiled(x, labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+    assert scaler.get_scale() < 2.0**20  # an overflow was seen and the step skipped
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 1.0
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def test_options():
+    assert Config(precision="bf16").precision == PrecisionConfig("bf16")
+    assert Config(precision="saved-fp8").precision == PrecisionConfig(compute="fp32", saved="fp8")
+    assert Config(precision={"compute": "fp16", "saved": "bf16"}).precision.saved == "bf16"
+    with pytest.raises(OptionError, match="'compute'.*'bf16', 'fp16', 'fp32'"):
+        Config(precision={"compute": "int8"})
+    with pytest.raises(OptionError, match="'saved'.*'bf16', 'fp8'"):
+        Config(precision={"saved": "fp16"})
+    with pytest.raises(OptionError, match="unknown value 'half'.*'bf16', 'fp16', 'saved-bf16'"):
+        Config(precision="half")
