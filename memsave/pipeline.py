@@ -21,6 +21,7 @@ from memsave.graph.invariants import GraphInvariantError, check_invariants, grap
 from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
 from memsave.codegen.fuse import fuse_dequant_matmul
+from memsave.passes.chunk import chunk_sequences
 from memsave.passes.cleanup import eliminate_dead_code
 from memsave.passes.factorize import factorize_weights
 from memsave.passes.fold_weights import fold_weights
@@ -52,7 +53,11 @@ def run_pipeline(runner: PassRunner) -> None:
     # the stored form: no full weight is materialized, and codegen can pick a fast kernel for
     # it. Last, so it sees every dequantize.
     runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize or config.prune)
-    # Later issues add, in this order: chunk, precision, then plan_memory last (it plans the
+    # The LM-head losses the capture step fused (backend.py, before AOTAutograd) get their
+    # chunk size here, where shapes and the estimator are at hand; after compression, so it
+    # sizes the graph that runs.
+    runner.run("chunk", chunk_sequences, config.chunk)
+    # Later issues add, in this order: precision, then plan_memory last (it plans the
     # final graph's buffers). Recompute is the partition function of training graphs
     # (backend.py), and sharding runs after compression.
 
