@@ -131,11 +131,10 @@ def linear_cross_entropy_backward(
             grad_w.addmm_(d.t().to(acc), h.to(acc))  # no copies when the inputs are fp32 already
         if need_b:
             grad_b += dlogits.sum(0)
-    empty = hidden.new_empty(0)
-    return (
+    return (  # distinct empty tensors: a custom op's outputs may not alias each other
         grad_h,
-        grad_w.to(weight.dtype) if need_w else empty,
-        grad_b.to(bias.dtype) if need_b else empty,
+        grad_w.to(weight.dtype) if need_w else hidden.new_empty(0),
+        grad_b.to(bias.dtype) if need_b else hidden.new_empty(0),
     )
 
 

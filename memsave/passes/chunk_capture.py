@@ -49,7 +49,7 @@ def capture_loss(gm: fx.GraphModule) -> tuple[int, list[str], int]:
             continue
         match = _match_loss(node)
         if isinstance(match, str):
-            notes.append(f"loss {node.name} left as is: {match}")
+            notes.append(f"loss ({node.name}) left as is: {match}")
             continue
         linear, chain, args, upcast = match
         logits = _val(linear)
@@ -73,7 +73,7 @@ def capture_loss(gm: fx.GraphModule) -> tuple[int, list[str], int]:
         saved += nbytes
         count += 1
         notes.append(
-            f"loss {node.name}: lm-head linear {tuple(hint_int(s) for s in logits.shape)} + cross_entropy "
+            f"loss ({node.name}): lm-head linear {tuple(hint_int(s) for s in logits.shape)} + cross_entropy "
             f"({args['reduction']}, ignore_index={args['ignore_index']}) fused; the {fmt_bytes(nbytes)} of logits "
             "(and their log-softmax and gradient) are computed a chunk of tokens at a time"
         )
