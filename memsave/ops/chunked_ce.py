@@ -68,7 +68,9 @@ def linear_cross_entropy(
         target = labels[s:e]  # (c,)
         valid = target != ignore_index  # (c,)
         picked = logits.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]  # (c,)
-        lse[s:e] = torch.logsumexp(logits, dim=-1)
+        # log-sum-exp in place (torch.logsumexp would allocate a second (c, V) buffer).
+        peak = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+        lse[s:e] = (peak + logits.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_())[:, 0]
         rows[s:e] = torch.where(valid, lse[s:e] - picked, 0.0)
     return _reduce(rows, labels != ignore_index, reduction).to(_out_dtype(hidden, upcast)), lse
 
