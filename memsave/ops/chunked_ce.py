@@ -72,6 +72,7 @@ def linear_cross_entropy(
         peak = logits.amax(dim=-1, keepdim=True)  # (c, 1)
         lse[s:e] = (peak + logits.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_())[:, 0]
         rows[s:e] = torch.where(valid, lse[s:e] - picked, 0.0)
+        del logits  # before the next chunk's logits exist: one chunk alive at a time, not two
     return _reduce(rows, labels != ignore_index, reduction).to(_out_dtype(hidden, upcast)), lse
 
 
@@ -133,6 +134,7 @@ def linear_cross_entropy_backward(
             grad_w.addmm_(d.t().to(acc), h.to(acc))  # no copies when the inputs are fp32 already
         if need_b:
             grad_b += dlogits.sum(0)
+        del dlogits, d  # one chunk alive at a time
     return (  # distinct empty tensors: a custom op's outputs may not alias each other
         grad_h,
         grad_w.to(weight.dtype) if need_w else hidden.new_empty(0),
