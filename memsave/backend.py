@@ -100,7 +100,10 @@ class GraphCompilation:
             # graph, before AOTAutograd traces forward and backward (passes/chunk_capture.py).
             from memsave.passes.chunk_capture import capture_chunk_patterns
 
-            self._capture = capture_chunk_patterns(self.gm, self.config.chunk)
+            training = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in self._real or ()
+            )
+            self._capture = capture_chunk_patterns(self.gm, self.config.chunk, training=training)
         try:
             return aot(self.gm, self._real)
         finally:

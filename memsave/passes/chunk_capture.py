@@ -155,9 +155,11 @@ def _describe(node: fx.Node) -> str:
     return f"{node.op} {target}"
 
 
-def capture_chunk_patterns(gm: fx.GraphModule, config: Any) -> PassResult:
-    """The capture step, as a pass record for the report (see backend.GraphCompilation)."""
+def capture_chunk_patterns(gm: fx.GraphModule, config: Any, *, training: bool) -> PassResult:
+    """The capture step, as a pass record for the report (see backend.GraphCompilation).
+    `training`: AOTAutograd will build a joint forward+backward graph from this one."""
     from memsave.passes.chunk_attention import route_attention
+    from memsave.passes.chunk_mlp import chunk_mlps
 
     start = time.perf_counter()
     notes: list[str] = []
@@ -170,6 +172,10 @@ def capture_chunk_patterns(gm: fx.GraphModule, config: Any) -> PassResult:
         count, attention_notes, score_bytes = route_attention(gm)
         notes += attention_notes
         details.update(attentions=count, score_bytes=score_bytes)
+    if "mlp" in config.targets and config.explicit:  # "when a budget asks for it"
+        count, mlp_notes = chunk_mlps(gm, config, training=training)
+        notes += mlp_notes
+        details.update(mlps=count)
     details["seconds"] = time.perf_counter() - start
-    changed = bool(details.get("losses") or details.get("attentions"))
+    changed = bool(details.get("losses") or details.get("attentions") or details.get("mlps"))
     return PassResult(changed, tuple(notes), details)
