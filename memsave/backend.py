@@ -32,7 +32,7 @@ from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes, lower
 from memsave.config import Config, OptionError
 from memsave.graph.meta import hint_int
-from memsave.memory.estimate import WEIGHT_TAG
+from memsave.memory.estimate import WEIGHT_TAG, estimate_memory
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
 from memsave.report import PassRecord, publish
@@ -210,13 +210,17 @@ class GraphCompilation:
     def _record_capture(self, runner: PassRunner) -> None:
         """The chunk capture step ran on the Dynamo graph; it shows first in this graph's report."""
         if self._capture is not None:
-            result = self._capture
+            # Its effect is already in this graph: before and after are this graph's estimate
+            # (the bytes it saved are in the notes).
+            result, estimate = self._capture, estimate_memory(runner.gm)
             nodes = len(runner.gm.graph.nodes)
             runner.add_record(
                 PassRecord(
                     name="chunk_capture", changed=result.changed, nodes_before=nodes, nodes_after=nodes,
-                    nodes_added=0, nodes_removed=0, weight_bytes_before=0, weight_bytes_after=0,
-                    peak_activation_bytes_before=0, peak_activation_bytes_after=0,
+                    nodes_added=0, nodes_removed=0, weight_bytes_before=estimate.weight_bytes,
+                    weight_bytes_after=estimate.weight_bytes,
+                    peak_activation_bytes_before=estimate.peak_activation_bytes,
+                    peak_activation_bytes_after=estimate.peak_activation_bytes,
                     seconds=result.details["seconds"], notes=result.notes, details=result.details,
                 )
             )
