@@ -291,3 +291,14 @@ def test_workspace_declared_to_the_estimator_follows_the_chunk():
     per_chunk = WORKSPACE[LCE](Node((hidden, weight, b, labels, -100, "mean", 8, False)))
     whole = WORKSPACE[LCE](Node((hidden, weight, b, labels, -100, "mean", 0, False)))
     assert per_chunk == 8 * 50 * 4 and whole == 40 * 50 * 4
+
+
+def test_tied_embeddings_get_both_gradients():
+    # lm_head.weight is embed_tokens.weight: the fused op's weight gradient adds to the embedding's.
+    model = build_decoder("tiny", tie_embeddings=True).train()
+    twin = copy.deepcopy(model)
+    ids, labels = decoder_inputs(model, 2, 21, labels=True)
+    model(ids, labels).backward()
+    torch.compile(twin, backend="memsave", options={"codegen": "fx", "chunk": "tokens-8"})(ids, labels).backward()
+    assert twin.lm_head.weight is twin.embed_tokens.weight
+    torch.testing.assert_close(twin.embed_tokens.weight.grad, model.embed_tokens.weight.grad, atol=ATOL, rtol=1e-5)
