@@ -279,8 +279,6 @@ def test_chunk_options_parse_and_refuse_clearly():
 
 
 def test_workspace_declared_to_the_estimator_follows_the_chunk():
-    from memsave.graph.rewrite import GraphBuilder  # noqa: F401  (graphs with meta["val"] below)
-
     hidden, weight, b, labels = _problem(n=40, v=50)
 
     class Node:  # the estimator reads only args and their meta["val"]
