@@ -32,7 +32,7 @@ from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes, lower
 from memsave.config import Config, OptionError
 from memsave.graph.meta import hint_int
-from memsave.memory.estimate import WEIGHT_TAG
+from memsave.memory.estimate import WEIGHT_TAG, estimate_memory
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
 from memsave.report import PassRecord, publish
@@ -81,6 +81,7 @@ class GraphCompilation:
         self._real: list[Any] | None = list(example_inputs)
         self._forward_weights: dict[str, WeightInfo] = {}
         self._num_fwd_outputs: int | None = None
+        self._capture = None  # the chunk capture step's result, recorded in the first report
 
     def compile(self) -> Callable:
         from torch._dynamo.backends.common import aot_autograd
@@ -94,6 +95,15 @@ class GraphCompilation:
             decompositions=select_decomp_table,  # called lazily by aot_autograd
             keep_inference_input_mutations=True,
         )
+        if self.config.chunk is not None:
+            # Loss and attention rewrites that bring their own backward happen on the Dynamo
+            # graph, before AOTAutograd traces forward and backward (passes/chunk_capture.py).
+            from memsave.passes.chunk_capture import capture_chunk_patterns
+
+            training = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in self._real or ()
+            )
+            self._capture = capture_chunk_patterns(self.gm, self.config.chunk, training=training)
         wrap = lambda compiled: compiled  # noqa: E731
         if self.config.tensor_parallel is not None:
             # Before AOTAutograd, so the backward and every later pass see this rank's shards.
@@ -111,6 +121,7 @@ class GraphCompilation:
     def _inference(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = self._context(gm, "inference", positional=True)
         runner = PassRunner(gm, ctx, codegen=self.config.codegen)
+        self._record_capture(runner)
         run_pipeline(runner)
         self._finish(runner)
         return lower(
@@ -123,6 +134,7 @@ class GraphCompilation:
 
         ctx = self._context(joint, "joint", positional=True)
         runner = PassRunner(joint, ctx, codegen=self.config.codegen)
+        self._record_capture(runner)
         run_pipeline(runner)
         if self.config.codegen == "inductor":
             joint = inductor_joint_graph_passes(joint, _flat_tensors(joint_inputs))
@@ -223,6 +235,24 @@ class GraphCompilation:
             if node.name in weights:
                 node.meta[WEIGHT_TAG] = weights[node.name].name
         return PassContext(self.config, stage, self.graph_id, weights, real)
+
+    def _record_capture(self, runner: PassRunner) -> None:
+        """The chunk capture step ran on the Dynamo graph; it shows first in this graph's report."""
+        if self._capture is not None:
+            # Its effect is already in this graph: before and after are this graph's estimate
+            # (the bytes it saved are in the notes).
+            result, estimate = self._capture, estimate_memory(runner.gm)
+            nodes = len(runner.gm.graph.nodes)
+            runner.add_record(
+                PassRecord(
+                    name="chunk_capture", changed=result.changed, nodes_before=nodes, nodes_after=nodes,
+                    nodes_added=0, nodes_removed=0, weight_bytes_before=estimate.weight_bytes,
+                    weight_bytes_after=estimate.weight_bytes,
+                    peak_activation_bytes_before=estimate.peak_activation_bytes,
+                    peak_activation_bytes_after=estimate.peak_activation_bytes,
+                    seconds=result.details["seconds"], notes=result.notes, details=result.details,
+                )
+            )
 
     def _finish(self, runner: PassRunner) -> None:
         # Codegen's kernel choice, recorded like a pass: what runs, and (debug) its error.

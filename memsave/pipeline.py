@@ -21,6 +21,7 @@ from memsave.graph.invariants import GraphInvariantError, check_invariants, grap
 from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
 from memsave.codegen.fuse import fuse_dequant_matmul
+from memsave.passes.chunk import chunk_sequences
 from memsave.passes.cleanup import eliminate_dead_code
 from memsave.passes.factorize import factorize_weights
 from memsave.passes.fold_weights import fold_weights
@@ -54,6 +55,10 @@ def run_pipeline(runner: PassRunner) -> None:
     # the stored form: no full weight is materialized, and codegen can pick a fast kernel for
     # it. Last, so it sees every dequantize.
     runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize or config.prune)
+    # The LM-head losses the capture step fused (backend.py, before AOTAutograd) get their
+    # chunk size here, where shapes and the estimator are at hand; after compression, so it
+    # sizes the graph that runs.
+    runner.run("chunk", chunk_sequences, config.chunk)
     # Recompute is the partition function of training graphs (backend.py). Tensor parallelism
     # splits the Dynamo graph before AOTAutograd (passes/shard_tensor.py), so every pass here
     # sees, and compresses, this rank's shards.

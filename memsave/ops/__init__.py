@@ -46,3 +46,4 @@ from memsave.ops.sparse import (  # noqa: F401  (registers memsave::densify_bitm
     unpack_bitmask,
     unpack_nm,
 )
+from memsave.ops.chunked_ce import linear_cross_entropy, linear_cross_entropy_backward  # noqa: F401  (registers memsave::linear_cross_entropy(_backward))

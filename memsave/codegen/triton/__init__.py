@@ -93,3 +93,7 @@ def register() -> None:
 
     sparse_semi_structured.register()
     sparse_nm.register()
+    # memsave::linear_cross_entropy(_backward): the fused LM-head loss, no logits in memory.
+    from memsave.codegen.triton import chunked_ce
+
+    chunked_ce.register()
