@@ -1,0 +1,89 @@
+"""Module-level rank functions for the multi-process tests (spawn pickles targets by name).
+
+Each worker builds the model on its rank from the same seed, computes the single-process
+reference first (in eager, before compiling: compiling frees other stages' weights on this
+rank), then runs the pipelined model and returns what the test compares.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import memsave.distributed as md
+
+
+def _build(model_name: str):
+    if model_name == "decoder":
+        from memsave.models import build_decoder
+
+        model = build_decoder("tiny", n_layers=4)
+        vocab = model.config.vocab_size
+    elif model_name == "hf-llama":
+        from memsave.models import build_hf_llama
+
+        model = build_hf_llama("tiny")
+        vocab = model.config.vocab_size
+    else:
+        raise ValueError(model_name)
+    return model, vocab
+
+
+def _inputs(vocab: int, batch: int, seq: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    target = torch.randint(0, vocab, (batch, seq), generator=g)
+    return ids, target
+
+
+def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def pipeline_inference(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8):
+    model, vocab = _build(model_name)
+    ids, _ = _inputs(vocab, batch, seq)
+    with torch.no_grad():
+        expected = model(ids)
+    compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    with torch.no_grad():
+        got = compiled(ids)
+    runtime = md.last_runtime()
+    return {
+        "max_diff": (got - expected).abs().max().item(),
+        "shape": tuple(got.shape),
+        "stage": runtime.stage_index,
+        "plan": runtime.describe(),
+        "kept_bytes": runtime.kept_bytes,
+        "released_bytes": runtime.released_bytes,
+        "total_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+
+
+def pipeline_training(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8):
+    model, vocab = _build(model_name)
+    ids, target = _inputs(vocab, batch, seq)
+    expected_loss = lm_loss(model(ids), target)
+    expected_loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    loss = md.train_step(compiled, ids, target=target, loss_fn=lm_loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    diffs = {n: (g - expected[n]).abs().max().item() for n, g in grads.items()}
+    return {
+        "loss_diff": abs(loss.item() - expected_loss.item()),
+        "grad_diffs": diffs,
+        "grad_scale": max(g.abs().max().item() for g in expected.values()),
+        "stage": md.last_runtime().stage_index,
+        "n_params": len(expected),
+    }
+
+
+def raise_on_rank(rank: int, world: int, bad_rank: int):
+    import torch.distributed as dist
+
+    if rank == bad_rank:
+        raise ValueError(f"boom from rank {rank}")
+    dist.barrier()  # the others wait for the failed rank: without fault handling, a hang
+    return rank
