@@ -170,7 +170,7 @@ class PipelineRuntime:
                 value = micro_shapes[info.size_of[0]][info.size_of[1]]
             scalars.append(value)
         request = TRAIN_REQUEST.get()
-        key = (batch, tuple((tuple(a.shape), a.dtype) for _, a in user), tuple(scalars))
+        key = (request is not None, batch, tuple((tuple(a.shape), a.dtype) for _, a in user), tuple(scalars))
         pipe_stage, module = self._stage_for(key, args, micro_shapes, scalars, training=request is not None)
         module.scalars = scalars
         schedule = self._schedule_for(key, pipe_stage, request)
@@ -209,7 +209,7 @@ class PipelineRuntime:
 
         if key in self._stages:
             return self._stages[key]
-        ins, outs = self._stage_shapes(args, micro_shapes, key)
+        ins, outs = self._stage_shapes(args, micro_shapes, key, training)
         weights = [args[self._position[w]] for w in self.stage.weights]
         module = StageModule(self.stage, weights, self.config)
         pipe_stage = PipelineStage(
@@ -219,7 +219,7 @@ class PipelineRuntime:
         self._stages[key] = (pipe_stage, module)
         return self._stages[key]
 
-    def _stage_shapes(self, args, micro_shapes, key):
+    def _stage_shapes(self, args, micro_shapes, key, training: bool):
         """Every stage's inputs and outputs at micro-batch size, by running the stage graphs on
         fake tensors (no weights needed: other stages' weights are freed here)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -238,7 +238,10 @@ class PipelineRuntime:
                     scalars.append(micro_shapes[info.size_of[0]][info.size_of[1]] if info.size_of else value)
                 result = tuple(stage.gm(*weights, *scalars, *acts))
                 if stage.index == self.stage_index:
-                    ins, outs = _to_meta(acts), _to_meta(result)
+                    # In training, float activations carry gradients both ways: PipelineStage
+                    # plans its gradient buffers from requires_grad in these examples.
+                    ins = _to_meta(acts, training and stage.index > 0)
+                    outs = _to_meta(result, training)
                 acts = list(result)
         self._output_metas[key] = _to_meta(acts)
         return ins, outs
@@ -262,7 +265,7 @@ class PipelineRuntime:
         skey = (key, loss_fn)
         if skey not in self._schedules:
             cls = Schedule1F1B if self.plan.schedule == "1f1b" else ScheduleGPipe
-            self._schedules[skey] = cls(pipe_stage, self.plan.microbatches, loss_fn=loss_fn)
+            self._schedules[skey] = cls(pipe_stage, self.plan.microbatches, loss_fn=_on_model_output(loss_fn))
         return self._schedules[skey]
 
     def _share_outputs(self, out, key) -> tuple[torch.Tensor, ...]:
@@ -285,5 +288,23 @@ class PipelineRuntime:
         return self.plan.describe()
 
 
-def _to_meta(values) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") for v in values)
+def _on_model_output(loss_fn):
+    """The stage returns a tuple; a model returning one tensor gives the loss that tensor."""
+    if loss_fn is None:
+        return None
+
+    def loss(output, target):
+        if isinstance(output, (tuple, list)) and len(output) == 1:
+            output = output[0]
+        return loss_fn(output, target)
+
+    return loss
+
+
+def _to_meta(values, requires_grad: bool = False) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta").requires_grad_(
+            requires_grad and v.is_floating_point()
+        )
+        for v in values
+    )
