@@ -117,8 +117,8 @@ def split_graph(gm: fx.GraphModule, inputs: list[GraphInput], config: PipelineCo
     stage_of = _assign(nodes, starts)
     graphs = [_build_stage(gm, s, len(starts) + 1, stage_of, local, kinds) for s in range(len(starts) + 1)]
     for s, stage in enumerate(graphs):
-        stage.first_module = "(start)" if s == 0 else starts[s - 1][1]
-        stage.last_module = starts[s][1] if s < len(starts) else "(end)"
+        stage.first_module = "start" if s == 0 else starts[s - 1][1]
+        stage.last_module = starts[s][1] if s < len(starts) else "end"
     plan = PipelinePlan(graphs, training, microbatches, config.schedule)
     plan.rows = [_stage_row(stage, len(graphs), microbatches, config.schedule, training) for stage in graphs]
     return plan
@@ -389,7 +389,7 @@ def _stage_row(stage: StageGraph, n_stages: int, microbatches: int, schedule: st
     recv = sum(node_tensor_bytes(by_name[i]) for i in stage.inputs) if stage.index > 0 else 0
     return {
         "stage": stage.index,
-        "modules": f"{stage.first_module} .. {stage.last_module}",
+        "modules": f"[{stage.first_module}, {stage.last_module})",
         "weights": len(stage.weights),
         "weight_bytes": weight_bytes,
         "activation_bytes": saved // microbatches,
