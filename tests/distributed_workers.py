@@ -80,6 +80,24 @@ def pipeline_training(rank: int, world: int, model_name: str, options: dict, bat
     }
 
 
+def pipeline_scenarios(rank: int, world: int, model_name: str, scenarios: list[tuple[str, dict]]):
+    """Several (mode, options) runs in one launch: starting ranks is the slow part of a test."""
+    run = {"inference": pipeline_inference, "training": pipeline_training}
+    return [run[mode](rank, world, model_name, options) for mode, options in scenarios]
+
+
+def return_rank(rank: int, world: int, offset: int):
+    return (rank + offset, world)
+
+
+def hang_on_rank(rank: int, world: int, bad_rank: int):
+    import time
+
+    if rank == bad_rank:
+        time.sleep(3600)  # never returns: the launcher's deadline must end the run
+    return rank
+
+
 def raise_on_rank(rank: int, world: int, bad_rank: int):
     import torch.distributed as dist
 

@@ -100,8 +100,8 @@ def launch(
                 failure = errors.get() if not errors.empty() else (dead[0], f"rank {dead[0]} exited with status {codes[dead[0]]}")
                 break
             if time.monotonic() > deadline:
-                running = [r for r, c in enumerate(codes) if c is None]
-                failure = (None, f"timed out after {timeout_s:.0f} s; ranks still running: {running}")
+                waiting = [r for r in range(nprocs) if r not in outputs]
+                failure = (None, f"timed out after {timeout_s:.0f} s; ranks without a result: {waiting}")
                 break
             time.sleep(0.05)
         if failure is not None:
