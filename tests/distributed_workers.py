@@ -80,9 +80,33 @@ def pipeline_training(rank: int, world: int, model_name: str, options: dict, bat
     }
 
 
+def pipeline_quantized_inference(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8):
+    """A compressed model, sharded: the reference is the same compression on one process."""
+    reference_model, vocab = _build(model_name)
+    ids, _ = _inputs(vocab, batch, seq)
+    compression = {k: v for k, v in options.items() if k != "pipeline"}
+    with torch.no_grad():
+        expected = torch.compile(reference_model, backend="memsave", dynamic=True, options=compression)(ids)
+    model, _ = _build(model_name)
+    compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    with torch.no_grad():
+        got = compiled(ids)
+    from memsave.weights import is_released
+
+    return {
+        "max_diff": (got - expected).abs().max().item(),
+        "stage": md.last_runtime().stage_index,
+        # quantize released this stage's fp32 weights too: none of the model's linears is left
+        "fp32_linear_bytes_held": sum(
+            p.untyped_storage().nbytes() for n, p in model.named_parameters() if n.endswith("proj.weight")
+        ),
+        "released_any": any(is_released(p) for p in model.parameters()),
+    }
+
+
 def pipeline_scenarios(rank: int, world: int, model_name: str, scenarios: list[tuple[str, dict]]):
     """Several (mode, options) runs in one launch: starting ranks is the slow part of a test."""
-    run = {"inference": pipeline_inference, "training": pipeline_training}
+    run = {"inference": pipeline_inference, "training": pipeline_training, "quantized": pipeline_quantized_inference}
     return [run[mode](rank, world, model_name, options) for mode, options in scenarios]
 
 

@@ -179,8 +179,10 @@ def _check(results, world, *, modes):
     for rank, per_rank in enumerate(results):
         for mode, r in zip(modes, per_rank):
             assert r["stage"] == rank
-            if mode == "inference":
+            if mode in ("inference", "quantized"):
                 assert r["max_diff"] <= ATOL, (rank, r)
+            if mode == "quantized":
+                assert r["fp32_linear_bytes_held"] == 0 and r["released_any"], (rank, r)
             else:
                 assert r["loss_diff"] <= ATOL, (rank, r)
                 assert r["grad_diffs"], "this rank's stage got no gradients"
@@ -198,6 +200,8 @@ def test_pipeline_on_2_ranks_matches_one_process_decoder():
         ("inference", {"pipeline": {"schedule": "1f1b", "microbatches": 4, "compile_stages": False}}),
         ("training", {"pipeline": {"schedule": "1f1b", "microbatches": 2}, **FAST}),
         ("training", {"pipeline": {"schedule": "gpipe", "microbatches": 4, "compile_stages": False}}),
+        # Composition: int8 weights, then sharded (each rank quantizes its own stage).
+        ("quantized", {"quantize": "int8", "pipeline": {"schedule": "gpipe", "microbatches": 2}, **FAST}),
     ]
     results = md.launch(workers.pipeline_scenarios, 2, ("decoder", scenarios), timeout_s=380)
     _check(results, 2, modes=[m for m, _ in scenarios])

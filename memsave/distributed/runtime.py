@@ -123,10 +123,11 @@ class StageModule(nn.Module):
         if key not in self._compiled:
             from memsave.backend import compile_graph
 
-            # The stage graph with plain ints for its SymInts: AOTAutograd specializes on
-            # them, hence one compile per signature.
-            self._compiled[key] = compile_graph(self.stage.gm, args, self.config.replace(pipeline=None))
-        return tuple(self._compiled[key](*args))
+            # This micro-batch's sizes are baked into the graph (one compile per signature),
+            # so the compiled graph's inputs are tensors only, as memsave's passes expect.
+            gm = _specialize(self.stage.gm, dict(zip(self.stage.scalars, self.scalars)))
+            self._compiled[key] = compile_graph(gm, [*self.weights, *activations], self.config.replace(pipeline=None))
+        return tuple(self._compiled[key](*self.weights, *activations))
 
 
 class PipelineRuntime:
@@ -286,6 +287,19 @@ class PipelineRuntime:
 
     def describe(self) -> str:
         return self.plan.describe()
+
+
+def _specialize(gm: fx.GraphModule, values: dict[str, int]) -> fx.GraphModule:
+    """A copy of `gm` with the named scalar placeholders replaced by their values."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))  # node meta is shared, not deep-copied
+    gm = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder" and node.name in values:
+            node.replace_all_uses_with(values[node.name])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def _on_model_output(loss_fn):
