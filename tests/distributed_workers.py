@@ -88,6 +88,8 @@ def pipeline_quantized_inference(rank: int, world: int, model_name: str, options
     with torch.no_grad():
         expected = torch.compile(reference_model, backend="memsave", dynamic=True, options=compression)(ids)
     model, _ = _build(model_name)
+    with torch.no_grad():
+        fp32 = model(ids)
     compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
     with torch.no_grad():
         got = compiled(ids)
@@ -95,6 +97,7 @@ def pipeline_quantized_inference(rank: int, world: int, model_name: str, options
 
     return {
         "max_diff": (got - expected).abs().max().item(),
+        "quantization_error": (got - fp32).abs().max().item(),
         "stage": md.last_runtime().stage_index,
         # quantize released this stage's fp32 weights too: none of the model's linears is left
         "fp32_linear_bytes_held": sum(

@@ -183,6 +183,7 @@ def _check(results, world, *, modes):
                 assert r["max_diff"] <= ATOL, (rank, r)
             if mode == "quantized":
                 assert r["fp32_linear_bytes_held"] == 0 and r["released_any"], (rank, r)
+                assert r["quantization_error"] > 1e-4, (rank, r)  # it was quantized, not fp32
             else:
                 assert r["loss_diff"] <= ATOL, (rank, r)
                 assert r["grad_diffs"], "this rank's stage got no gradients"
