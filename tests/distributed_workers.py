@@ -60,19 +60,27 @@ def pipeline_inference(rank: int, world: int, model_name: str, options: dict, ba
     }
 
 
-def pipeline_training(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8):
+def pipeline_training(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8,
+                      infer_first: bool = False):
     model, vocab = _build(model_name)
     ids, target = _inputs(vocab, batch, seq)
-    expected_loss = lm_loss(model(ids), target)
+    logits = model(ids)
+    expected_logits = logits.detach().clone()
+    inference_diff = 0.0
+    expected_loss = lm_loss(logits, target)
     expected_loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    if infer_first:  # a no_grad compile first: the training compile must keep its cuts
+        with torch.no_grad():
+            inference_diff = (compiled(ids) - expected_logits).abs().max().item()
     loss = md.train_step(compiled, ids, target=target, loss_fn=lm_loss)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     diffs = {n: (g - expected[n]).abs().max().item() for n, g in grads.items()}
     return {
         "loss_diff": abs(loss.item() - expected_loss.item()),
+        "inference_diff": inference_diff,
         "grad_diffs": diffs,
         "grad_scale": max(g.abs().max().item() for g in expected.values()),
         "stage": md.last_runtime().stage_index,
@@ -109,7 +117,12 @@ def pipeline_quantized_inference(rank: int, world: int, model_name: str, options
 
 def pipeline_scenarios(rank: int, world: int, model_name: str, scenarios: list[tuple[str, dict]]):
     """Several (mode, options) runs in one launch: starting ranks is the slow part of a test."""
-    run = {"inference": pipeline_inference, "training": pipeline_training, "quantized": pipeline_quantized_inference}
+    run = {
+        "inference": pipeline_inference,
+        "training": pipeline_training,
+        "inference+training": lambda *a: pipeline_training(*a, infer_first=True),
+        "quantized": pipeline_quantized_inference,
+    }
     return [run[mode](rank, world, model_name, options) for mode, options in scenarios]
 
 

@@ -19,6 +19,7 @@ on this rank's weights only), once per distinct signature.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -45,6 +46,7 @@ class TrainRequest:
 
 TRAIN_REQUEST: contextvars.ContextVar[TrainRequest | None] = contextvars.ContextVar("memsave_train", default=None)
 _LAST_RUNTIME: list["PipelineRuntime"] = []
+_CUTS: dict[frozenset, tuple[str, ...]] = {}  # parameter names → where the first plan cut
 
 
 def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config) -> "PipelineRuntime":
@@ -63,7 +65,15 @@ def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: 
         isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs
     )
     fold_lifted_scalars(gm, inputs, example_inputs)
-    plan = split_graph(gm, inputs, config.pipeline, stages, training=training)
+    # A later compile of the same model (no_grad then training, a new batch size under a
+    # static batch) must cut where the first did: this rank already freed the other stages'
+    # weights. So the first plan's cuts are kept per set of parameters.
+    model_key = frozenset(i.weight for i in inputs if i.kind == "parameter")
+    pipeline_config = config.pipeline
+    if pipeline_config.split_points is None and model_key in _CUTS:
+        pipeline_config = dataclasses.replace(pipeline_config, split_points=_CUTS[model_key])
+    plan = split_graph(gm, inputs, pipeline_config, stages, training=training)
+    _CUTS.setdefault(model_key, tuple(stage.first_module for stage in plan.stages[1:]))
     runtime = PipelineRuntime(plan, inputs, example_inputs, config, group, ranks)
     _LAST_RUNTIME[:] = [runtime]
     return runtime
@@ -146,6 +156,14 @@ class PipelineRuntime:
         # Weights of other stages are freed here (storage resized to 0, shapes kept so that
         # Dynamo's guards still pass); this rank's stage keeps its own.
         mine = set(self.stage.weights)
+        lost = [i.weight for i, v in zip(inputs, example_inputs) if i.name in mine and isinstance(v, torch.Tensor)
+                and is_released(v)]
+        if lost:
+            raise RuntimeError(
+                f"memsave pipeline: stage {self.stage_index} needs {', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}, "
+                "which this rank already freed (an earlier pipelined compile of this model gave it to another "
+                "stage, or compression released it); compile the model with the same split on every call"
+            )
         self.released_bytes = 0
         for info, value in zip(inputs, example_inputs):
             if info.kind in ("parameter", "buffer") and info.name not in mine and not is_released(value):
