@@ -194,19 +194,14 @@ def _check(results, world, *, modes):
             assert len(names) == len(set(names)) == results[0][mode_index]["n_params"]
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 def test_pipeline_on_2_ranks_matches_one_process_decoder():
     scenarios = [
         ("inference", {"pipeline": {"schedule": "gpipe", "microbatches": 2}, **FAST}),
         ("inference", {"pipeline": {"schedule": "1f1b", "microbatches": 4, "compile_stages": False}}),
-        # Inference first (cut at layers.2), then training, whose own plan would cut at layers.1:
-        # the second compile must keep the first one's cuts (the other weights are freed).
-        ("inference+training", {"pipeline": {"schedule": "1f1b", "microbatches": 2}, **FAST}),
         ("training", {"pipeline": {"schedule": "gpipe", "microbatches": 4, "compile_stages": False}}),
-        # Composition: int8 weights, then sharded (each rank quantizes its own stage).
-        ("quantized", {"quantize": "int8", "pipeline": {"schedule": "gpipe", "microbatches": 2}, **FAST}),
     ]
-    results = md.launch(workers.pipeline_scenarios, 2, ("decoder", scenarios), timeout_s=380)
+    results = md.launch(workers.pipeline_scenarios, 2, ("decoder", scenarios), timeout_s=650)
     _check(results, 2, modes=[m for m, _ in scenarios])
     # Each rank holds about half of the weights (the RoPE buffers are in both).
     inference = results[0][0]
@@ -214,21 +209,34 @@ def test_pipeline_on_2_ranks_matches_one_process_decoder():
         assert per_rank[0]["kept_bytes"] <= inference["total_bytes"] / 2 * 1.05 + 2 * 128 * 16 * 4
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
+def test_pipeline_on_2_ranks_keeps_its_cuts_for_training_and_shards_a_quantized_decoder():
+    scenarios = [
+        # Inference first (cut at layers.2), then training, whose own plan would cut at layers.1:
+        # the second compile must keep the first one's cuts (the other weights are freed).
+        ("inference+training", {"pipeline": {"schedule": "1f1b", "microbatches": 2}, **FAST}),
+        # Composition: int8 weights, then sharded (each rank quantizes its own stage).
+        ("quantized", {"quantize": "int8", "pipeline": {"schedule": "gpipe", "microbatches": 2}, **FAST}),
+    ]
+    results = md.launch(workers.pipeline_scenarios, 2, ("decoder", scenarios), timeout_s=650)
+    _check(results, 2, modes=[m for m, _ in scenarios])
+
+
+@pytest.mark.timeout(700)
 def test_pipeline_on_4_ranks_matches_one_process_decoder():
     scenarios = [
         ("inference", {"pipeline": {"schedule": "1f1b", "microbatches": 4}, **FAST}),
         ("training", {"pipeline": {"schedule": "1f1b", "microbatches": 4, "compile_stages": False}}),
     ]
-    results = md.launch(workers.pipeline_scenarios, 4, ("decoder", scenarios), timeout_s=380)
+    results = md.launch(workers.pipeline_scenarios, 4, ("decoder", scenarios), timeout_s=650)
     _check(results, 4, modes=[m for m, _ in scenarios])
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 def test_pipeline_on_2_ranks_matches_one_process_hf_llama():
     scenarios = [
         ("inference", {"pipeline": {"schedule": "gpipe", "microbatches": 2, "compile_stages": False}}),
         ("training", {"pipeline": {"schedule": "1f1b", "microbatches": 2}, **FAST}),
     ]
-    results = md.launch(workers.pipeline_scenarios, 2, ("hf-llama", scenarios), timeout_s=380)
+    results = md.launch(workers.pipeline_scenarios, 2, ("hf-llama", scenarios), timeout_s=650)
     _check(results, 2, modes=[m for m, _ in scenarios])
