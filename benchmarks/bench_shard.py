@@ -1,7 +1,7 @@
 """Pipeline sharding on CPU ranks (gloo): per-rank memory for 1, 2 and 4 ranks, and throughput and
 bubble of GPipe and 1F1B against the number of micro-batches.
 
-Model: the built-in decoder (`build_decoder("small", n_layers=L, vocab_size=V)`), fp32, inputs
+Model: the built-in decoder (`build_decoder(size, n_layers=L, vocab_size=V)`), fp32, inputs
 batch B x seq T. Each config is a fresh process (benchmarks/harness.py) that launches its ranks
 with `memsave.distributed.launch` (one torch thread per rank).
 
@@ -38,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import Benchmark, current_rss_bytes, main, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 MiB = 1024 * 1024
-PARAMS = {"n_layers": 8, "vocab": 1024, "batch": 16, "seq": 128, "steps": 5, "sched_ranks": 4}
-QUICK = {"n_layers": 4, "vocab": 1024, "batch": 8, "seq": 32, "steps": 3, "sched_ranks": 2}
+# The full run's model (decoder "medium" at 8 layers, ~100M parameters, ~390 MiB fp32) is big enough
+# that weights, not the ~400 MiB of torch + Dynamo every process carries, decide the per-rank RSS.
+PARAMS = {"size": "medium", "n_layers": 8, "vocab": 32000, "batch": 16, "seq": 128, "steps": 5, "sched_ranks": 4}
+QUICK = {"size": "small", "n_layers": 4, "vocab": 1024, "batch": 8, "seq": 32, "steps": 3, "sched_ranks": 2}
 MEMORY_CONFIGS = ["ranks-1", "ranks-2", "ranks-4"]
 SCHEDULE_CONFIGS = [f"{s}-mb{m}" for s in ("gpipe", "1f1b") for m in (2, 4, 8)]
 FAST_OPTIONS = {"codegen": "fx", "recompute": "none"}
@@ -48,7 +50,7 @@ FAST_OPTIONS = {"codegen": "fx", "recompute": "none"}
 def _model(params):
     from memsave.models import build_decoder
 
-    return build_decoder("small", n_layers=params["n_layers"], vocab_size=params["vocab"])
+    return build_decoder(params.get("size", "small"), n_layers=params["n_layers"], vocab_size=params["vocab"])
 
 
 def _inputs(params, batch):
