@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import Benchmark, current_rss_bytes, main, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 MiB = 1024 * 1024
-# The full run's model (decoder "medium" at 8 layers, ~100M parameters, ~390 MiB fp32) is big enough
-# that weights, not the ~400 MiB of torch + Dynamo every process carries, decide the per-rank RSS.
-PARAMS = {"size": "medium", "n_layers": 8, "vocab": 32000, "batch": 16, "seq": 128, "steps": 5, "sched_ranks": 4}
+# The full run's model (decoder "medium" widths, 20 layers, vocab 2048: ~129M parameters, ~490 MiB
+# fp32) is big enough that weights, not the ~400 MiB of torch + Dynamo every process carries, decide
+# the per-rank RSS; many equal layers and a small vocabulary let 4 stages come within 5% of 1/4.
+PARAMS = {"size": "medium", "n_layers": 20, "vocab": 2048, "batch": 16, "seq": 128, "steps": 5, "sched_ranks": 4}
 QUICK = {"size": "small", "n_layers": 4, "vocab": 1024, "batch": 8, "seq": 32, "steps": 3, "sched_ranks": 2}
 MEMORY_CONFIGS = ["ranks-1", "ranks-2", "ranks-4"]
 SCHEDULE_CONFIGS = [f"{s}-mb{m}" for s in ("gpipe", "1f1b") for m in (2, 4, 8)]
