@@ -139,7 +139,7 @@ def schedule_rank(rank: int, world: int, params: dict, schedule: str, microbatch
 def measure(config: str, params: dict) -> dict[str, float]:
     import memsave.distributed as md
 
-    params = {**PARAMS, **QUICK, **params} if params.get("quick") else {**PARAMS, **params}
+    params = {**(QUICK if params.get("quick") else PARAMS), **params}
     if config.startswith("ranks-"):
         world = int(config.split("-")[1])
         ranks = md.launch(memory_rank, world, (params,), timeout_s=1200, pg_timeout_s=600)
@@ -181,7 +181,7 @@ BENCH = Benchmark(
         "infer_ms": "lower", "step_ms": "lower", "samples_per_s": "higher", "bubble": "lower",
         "bubble_theory": "lower",
     },
-    params=PARAMS,
+    params=QUICK if "--quick" in sys.argv else PARAMS,  # --param still overrides either
     repeats=2,
     plot=["weights_held_mib", "peak_rss_run_mib", "samples_per_s", "bubble"],
     timeout_s=1500,

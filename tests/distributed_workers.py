@@ -145,3 +145,24 @@ def raise_on_rank(rank: int, world: int, bad_rank: int):
         raise ValueError(f"boom from rank {rank}")
     dist.barrier()  # the others wait for the failed rank: without fault handling, a hang
     return rank
+
+
+def mesh_pipeline(rank: int, world: int, pp_size: int, tp_size: int):
+    """A pp x tp grid: the groups, a collective on each, and a pipeline over this rank's pp group
+    (the tp ranks here run identical replicas: no tensor-parallel pass on this branch)."""
+    import torch.distributed as dist
+
+    mesh = md.init_mesh(pp_size, tp_size)
+    try:
+        ones = torch.ones(())
+        dist.all_reduce(ones, group=mesh.tp_group)
+        tp_sum = ones.item()
+        ones = torch.ones(())
+        dist.all_reduce(ones, group=mesh.pp_group)
+        pp_sum = ones.item()
+        result = pipeline_inference(rank, world, "decoder",
+                                    {"pipeline": {"schedule": "1f1b", "microbatches": 2, "compile_stages": False}})
+    finally:
+        md.clear_mesh()
+    return {"pp_ranks": mesh.pp_ranks, "tp_ranks": mesh.tp_ranks, "tp_sum": tp_sum, "pp_sum": pp_sum,
+            "pp_rank": mesh.pp_rank, "tp_rank": mesh.tp_rank, "stage": result["stage"], "max_diff": result["max_diff"]}

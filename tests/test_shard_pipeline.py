@@ -240,3 +240,15 @@ def test_pipeline_on_2_ranks_matches_one_process_hf_llama():
     ]
     results = md.launch(workers.pipeline_scenarios, 2, ("hf-llama", scenarios), timeout_s=650)
     _check(results, 2, modes=[m for m, _ in scenarios])
+
+
+@pytest.mark.timeout(700)
+def test_pipeline_over_the_pp_groups_of_a_2x2_mesh():
+    results = md.launch(workers.mesh_pipeline, 4, (2, 2), timeout_s=650)
+    for rank, r in enumerate(results):
+        assert r["tp_ranks"] == ((0, 1) if rank < 2 else (2, 3))
+        assert r["pp_ranks"] == ((0, 2) if rank % 2 == 0 else (1, 3))
+        assert (r["pp_rank"], r["tp_rank"]) == (rank // 2, rank % 2)
+        assert r["tp_sum"] == 2 and r["pp_sum"] == 2
+        assert r["stage"] == rank // 2  # the stage is the rank's place in its pipeline group
+        assert r["max_diff"] <= ATOL, (rank, r)
