@@ -42,9 +42,10 @@ MiB = 1024 * 1024
 # fp32) is big enough that weights, not the ~400 MiB of torch + Dynamo every process carries, decide
 # the per-rank RSS; many equal layers and a small vocabulary let 4 stages come within 5% of 1/4.
 PARAMS = {"size": "medium", "n_layers": 20, "vocab": 2048, "batch": 16, "seq": 128, "steps": 5, "sched_ranks": 4}
-QUICK = {"size": "small", "n_layers": 4, "vocab": 1024, "batch": 8, "seq": 32, "steps": 3, "sched_ranks": 2}
+QUICK = {"size": "small", "n_layers": 4, "vocab": 1024, "batch": 16, "seq": 32, "steps": 3, "sched_ranks": 2}
 MEMORY_CONFIGS = ["ranks-1", "ranks-2", "ranks-4"]
-SCHEDULE_CONFIGS = [f"{s}-mb{m}" for s in ("gpipe", "1f1b") for m in (2, 4, 8)]
+# Micro-batch counts from 4: Schedule1F1B refuses fewer micro-batches than stages (4 in the full run).
+SCHEDULE_CONFIGS = [f"{s}-mb{m}" for s in ("gpipe", "1f1b") for m in (4, 8, 16)]
 FAST_OPTIONS = {"codegen": "fx", "recompute": "none"}
 
 
