@@ -151,8 +151,6 @@ class PipelineRuntime:
         self.stage = plan.stages[self.stage_index]
         self.n_stages = len(plan.stages)
         self._position = {i.name: k for k, i in enumerate(inputs)}
-        self._shapes = [(tuple(v.shape), v.stride(), v.dtype) if isinstance(v, torch.Tensor) else None
-                        for v in example_inputs]
         # Weights of other stages are freed here (storage resized to 0, shapes kept so that
         # Dynamo's guards still pass); this rank's stage keeps its own.
         mine = set(self.stage.weights)
