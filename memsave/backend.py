@@ -59,6 +59,12 @@ def memsave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, option
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config) -> Callable:
+    if config.pipeline is not None:
+        # Split first, at the Dynamo level: each rank then compiles only its own stage (with
+        # this same function, pipeline off), so compression runs on its own weights only.
+        from memsave.distributed.runtime import compile_pipeline
+
+        return compile_pipeline(gm, example_inputs, config)
     return GraphCompilation(gm, example_inputs, config).compile()
 
 

@@ -1,6 +1,7 @@
 """The `memsave` command.
 
     memsave demo                              the built-in decoder under the default recipe
+    memsave demo --nproc 2                    ... as a 2-stage pipeline on 2 local ranks (gloo)
     memsave explain decoder-tiny --train      per-pass report for a built-in model
     memsave explain path/to/model.py:factory  ... or for your own model
     memsave explain hf-gpt2-tiny -o recompute=none -o codegen=fx
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="compile the built-in decoder with the default recipe and report")
     demo.add_argument("--model", default="decoder-small", help="built-in model (default: decoder-small)")
+    demo.add_argument("--nproc", type=int, default=0, help="run as an N-stage pipeline on N local ranks (gloo)")
     _add_run_arguments(demo)
 
     explain = sub.add_parser("explain", help="per-pass report for a built-in model or path/to/file.py:factory")
@@ -51,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         Config.from_options(options)  # validate before building anything
     except ValueError as e:
         parser.error(str(e))
+    if args.command == "demo" and args.nproc:
+        from memsave.distributed.demo import run_demo
+
+        try:
+            return run_demo(args.model, args.nproc, options)
+        except ValueError as e:  # bad options or plan: reported before any rank started
+            parser.error(str(e))
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,168 @@
+"""Module-level rank functions for the multi-process tests (spawn pickles targets by name).
+
+Each worker builds the model on its rank from the same seed, computes the single-process
+reference first (in eager, before compiling: compiling frees other stages' weights on this
+rank), then runs the pipelined model and returns what the test compares.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import memsave.distributed as md
+
+
+def _build(model_name: str):
+    if model_name == "decoder":
+        from memsave.models import build_decoder
+
+        model = build_decoder("tiny", n_layers=4)
+        vocab = model.config.vocab_size
+    elif model_name == "hf-llama":
+        from memsave.models import build_hf_llama
+
+        model = build_hf_llama("tiny")
+        vocab = model.config.vocab_size
+    else:
+        raise ValueError(model_name)
+    return model, vocab
+
+
+def _inputs(vocab: int, batch: int, seq: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    target = torch.randint(0, vocab, (batch, seq), generator=g)
+    return ids, target
+
+
+def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def pipeline_inference(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8):
+    model, vocab = _build(model_name)
+    ids, _ = _inputs(vocab, batch, seq)
+    with torch.no_grad():
+        expected = model(ids)
+    compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    with torch.no_grad():
+        got = compiled(ids)
+    runtime = md.last_runtime()
+    return {
+        "max_diff": (got - expected).abs().max().item(),
+        "shape": tuple(got.shape),
+        "stage": runtime.stage_index,
+        "plan": runtime.describe(),
+        "kept_bytes": runtime.kept_bytes,
+        "released_bytes": runtime.released_bytes,
+        "total_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+
+
+def pipeline_training(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8,
+                      infer_first: bool = False):
+    model, vocab = _build(model_name)
+    ids, target = _inputs(vocab, batch, seq)
+    logits = model(ids)
+    expected_logits = logits.detach().clone()
+    inference_diff = 0.0
+    expected_loss = lm_loss(logits, target)
+    expected_loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    if infer_first:  # a no_grad compile first: the training compile must keep its cuts
+        with torch.no_grad():
+            inference_diff = (compiled(ids) - expected_logits).abs().max().item()
+    loss = md.train_step(compiled, ids, target=target, loss_fn=lm_loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    diffs = {n: (g - expected[n]).abs().max().item() for n, g in grads.items()}
+    return {
+        "loss_diff": abs(loss.item() - expected_loss.item()),
+        "inference_diff": inference_diff,
+        "grad_diffs": diffs,
+        "grad_scale": max(g.abs().max().item() for g in expected.values()),
+        "stage": md.last_runtime().stage_index,
+        "n_params": len(expected),
+    }
+
+
+def pipeline_quantized_inference(rank: int, world: int, model_name: str, options: dict, batch: int = 4, seq: int = 8):
+    """A compressed model, sharded: the reference is the same compression on one process."""
+    reference_model, vocab = _build(model_name)
+    ids, _ = _inputs(vocab, batch, seq)
+    compression = {k: v for k, v in options.items() if k != "pipeline"}
+    with torch.no_grad():
+        expected = torch.compile(reference_model, backend="memsave", dynamic=True, options=compression)(ids)
+    model, _ = _build(model_name)
+    with torch.no_grad():
+        fp32 = model(ids)
+    compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    with torch.no_grad():
+        got = compiled(ids)
+    from memsave.weights import is_released
+
+    return {
+        "max_diff": (got - expected).abs().max().item(),
+        "quantization_error": (got - fp32).abs().max().item(),
+        "stage": md.last_runtime().stage_index,
+        # quantize released this stage's fp32 weights too: none of the model's linears is left
+        "fp32_linear_bytes_held": sum(
+            p.untyped_storage().nbytes() for n, p in model.named_parameters() if n.endswith("proj.weight")
+        ),
+        "released_any": any(is_released(p) for p in model.parameters()),
+    }
+
+
+def pipeline_scenarios(rank: int, world: int, model_name: str, scenarios: list[tuple[str, dict]]):
+    """Several (mode, options) runs in one launch: starting ranks is the slow part of a test."""
+    run = {
+        "inference": pipeline_inference,
+        "training": pipeline_training,
+        "inference+training": lambda *a: pipeline_training(*a, infer_first=True),
+        "quantized": pipeline_quantized_inference,
+    }
+    return [run[mode](rank, world, model_name, options) for mode, options in scenarios]
+
+
+def return_rank(rank: int, world: int, offset: int):
+    return (rank + offset, world)
+
+
+def hang_on_rank(rank: int, world: int, bad_rank: int):
+    import time
+
+    if rank == bad_rank:
+        time.sleep(3600)  # never returns: the launcher's deadline must end the run
+    return rank
+
+
+def raise_on_rank(rank: int, world: int, bad_rank: int):
+    import torch.distributed as dist
+
+    if rank == bad_rank:
+        raise ValueError(f"boom from rank {rank}")
+    dist.barrier()  # the others wait for the failed rank: without fault handling, a hang
+    return rank
+
+
+def mesh_pipeline(rank: int, world: int, pp_size: int, tp_size: int):
+    """A pp x tp grid: the groups, a collective on each, and a pipeline over this rank's pp group
+    (the tp ranks here run identical replicas: no tensor-parallel pass on this branch)."""
+    import torch.distributed as dist
+
+    mesh = md.init_mesh(pp_size, tp_size)
+    try:
+        ones = torch.ones(())
+        dist.all_reduce(ones, group=mesh.tp_group)
+        tp_sum = ones.item()
+        ones = torch.ones(())
+        dist.all_reduce(ones, group=mesh.pp_group)
+        pp_sum = ones.item()
+        result = pipeline_inference(rank, world, "decoder",
+                                    {"pipeline": {"schedule": "1f1b", "microbatches": 2, "compile_stages": False}})
+    finally:
+        md.clear_mesh()
+    return {"pp_ranks": mesh.pp_ranks, "tp_ranks": mesh.tp_ranks, "tp_sum": tp_sum, "pp_sum": pp_sum,
+            "pp_rank": mesh.pp_rank, "tp_rank": mesh.tp_rank, "stage": result["stage"], "max_diff": result["max_diff"]}
