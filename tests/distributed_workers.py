@@ -166,3 +166,54 @@ def mesh_pipeline(rank: int, world: int, pp_size: int, tp_size: int):
         md.clear_mesh()
     return {"pp_ranks": mesh.pp_ranks, "tp_ranks": mesh.tp_ranks, "tp_sum": tp_sum, "pp_sum": pp_sum,
             "pp_rank": mesh.pp_rank, "tp_rank": mesh.tp_rank, "stage": result["stage"], "max_diff": result["max_diff"]}
+
+
+def pipeline_and_tensor_parallel(rank: int, world: int, pipeline: dict, extra: dict, batch: int = 4, seq: int = 8):
+    """A 2x2 grid: the decoder cut into 2 pipeline stages, each stage split across its 2
+    tensor-parallel ranks. Inference, then a train_step, against the single-process model;
+    a split weight's gradient is compared with its block of the full gradient."""
+    import memsave
+    from memsave.passes.shard_tensor import _SHARDS
+
+    mesh = md.init_mesh(2, 2)
+    try:
+        from memsave.models import build_decoder
+
+        model = build_decoder("tiny", n_layers=2)  # dropout 0
+        ids, target = _inputs(model.config.vocab_size, batch, seq)
+        logits = model(ids)
+        expected_loss = lm_loss(logits, target)
+        expected_loss.backward()
+        expected_logits = logits.detach().clone()
+        expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+
+        options = {"pipeline": pipeline, "tensor_parallel": {"group": mesh.tp_group}, **extra}
+        compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+        with torch.no_grad():
+            inference_diff = (compiled(ids) - expected_logits).abs().max().item()
+        loss = md.train_step(compiled, ids, target=target, loss_fn=lm_loss)
+
+        grad_diffs, split = {}, {}
+        for (name, full), (_, param) in zip(model.named_parameters(), memsave.named_sharded_parameters(model)):
+            if param.grad is None:
+                continue
+            want = expected[name]
+            entry = _SHARDS.get(full)
+            if entry is not None:  # this rank's block of the full gradient
+                size = want.shape[entry.dim] // entry.world
+                want = want.narrow(entry.dim, entry.rank * size, size)
+                split[name] = (entry.dim, entry.rank, entry.world)
+            grad_diffs[name] = (param.grad - want).abs().max().item()
+    finally:
+        md.clear_mesh()
+    return {
+        "inference_diff": inference_diff,
+        "loss_diff": abs(loss.item() - expected_loss.item()),
+        "grad_diffs": grad_diffs,
+        "split": split,
+        "n_params": len(expected),
+        "stage": md.last_runtime().stage_index,
+        "pp_rank": mesh.pp_rank,
+        "tp_rank": mesh.tp_rank,
+    }

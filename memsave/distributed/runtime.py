@@ -32,6 +32,7 @@ from torch import nn
 from memsave.config import Config, OptionError
 from memsave.distributed.mesh import pipeline_group
 from memsave.passes.shard_pipeline import GraphInput, PipelinePlan, StageGraph, fold_lifted_scalars, split_graph
+from memsave.passes.shard_tensor import shard_of
 from memsave.weights import is_released, release
 
 
@@ -137,6 +138,15 @@ class StageModule(nn.Module):
             # so the compiled graph's inputs are tensors only, as memsave's passes expect.
             gm = _specialize(self.stage.gm, dict(zip(self.stage.scalars, self.scalars)))
             self._compiled[key] = compile_graph(gm, [*self.weights, *activations], self.config.replace(pipeline=None))
+            # Tensor parallelism (options['tensor_parallel']) split some weights in that compile:
+            # their shards get the gradients, and the schedule scales those of registered
+            # parameters only.
+            known = {id(p) for p in self.params}
+            for w in self.weights:
+                shard = shard_of(w)
+                if shard is not None and id(shard) not in known:
+                    self.params.append(shard)
+                    known.add(id(shard))
         return tuple(self._compiled[key](*self.weights, *activations))
 
 
@@ -154,8 +164,9 @@ class PipelineRuntime:
         # Weights of other stages are freed here (storage resized to 0, shapes kept so that
         # Dynamo's guards still pass); this rank's stage keeps its own.
         mine = set(self.stage.weights)
+        # A weight that tensor parallelism split was released too, but its shard stands in for it.
         lost = [i.weight for i, v in zip(inputs, example_inputs) if i.name in mine and isinstance(v, torch.Tensor)
-                and is_released(v)]
+                and is_released(v) and shard_of(v) is None]
         if lost:
             raise RuntimeError(
                 f"memsave pipeline: stage {self.stage_index} needs {', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}, "
