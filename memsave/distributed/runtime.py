@@ -53,7 +53,9 @@ _CUTS: dict[frozenset, tuple[str, ...]] = {}  # parameter names → where the fi
 def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config) -> "PipelineRuntime":
     from memsave.backend import describe_inputs
 
-    group, ranks = pipeline_group()
+    group, ranks = pipeline_group(config.pipeline.group)
+    if config.tensor_parallel is not None:
+        config = config.replace(tensor_parallel=_tensor_parallel_beside(config, ranks))
     size = len(ranks)
     stages = config.pipeline.stages or size
     if stages != size:
@@ -78,6 +80,39 @@ def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: 
     runtime = PipelineRuntime(plan, inputs, example_inputs, config, group, ranks)
     _LAST_RUNTIME[:] = [runtime]
     return runtime
+
+
+def _tensor_parallel_beside(config: Config, pipeline_ranks: tuple[int, ...]):
+    """options['tensor_parallel'] inside a pipeline: each stage's compile splits its weights
+    across the tensor-parallel group, which must cross the pipeline group at this rank only
+    (its ranks hold the other shards of this same stage)."""
+    from memsave.distributed.mesh import current_mesh
+
+    tp = config.tensor_parallel
+    if not config.pipeline.compile_stages:
+        raise OptionError(
+            "options['tensor_parallel'] with options['pipeline']: the split happens when each stage is "
+            "compiled; set options['pipeline']['compile_stages'] to True (the default)"
+        )
+    group = tp.group
+    if group is None:
+        mesh = current_mesh()
+        if mesh is None:
+            raise OptionError(
+                "options['tensor_parallel'] with options['pipeline']: give options['tensor_parallel']['group'] "
+                "(the ranks holding the other shards of this rank's stage), or build the groups with "
+                "memsave.distributed.init_mesh(pp_size, tp_size)"
+            )
+        group = mesh.tp_group
+    tp_ranks = set(dist.get_process_group_ranks(group))
+    shared = tp_ranks & set(pipeline_ranks)
+    if shared != {dist.get_rank()}:
+        raise OptionError(
+            f"options['tensor_parallel']['group'] (ranks {sorted(tp_ranks)}) and the pipeline group "
+            f"(ranks {list(pipeline_ranks)}) must share only this rank ({dist.get_rank()}): a stage's "
+            "shards live on ranks of the same stage"
+        )
+    return dataclasses.replace(tp, group=group)
 
 
 def last_runtime() -> "PipelineRuntime | None":
