@@ -149,7 +149,8 @@ def raise_on_rank(rank: int, world: int, bad_rank: int):
 
 def mesh_pipeline(rank: int, world: int, pp_size: int, tp_size: int):
     """A pp x tp grid: the groups, a collective on each, and a pipeline over this rank's pp group
-    (the tp ranks here run identical replicas: no tensor-parallel pass on this branch)."""
+    (no tensor_parallel option here: the tp ranks run identical replicas; see
+    pipeline_and_tensor_parallel for the split)."""
     import torch.distributed as dist
 
     mesh = md.init_mesh(pp_size, tp_size)

@@ -145,6 +145,8 @@ def test_bad_pipeline_options_are_clear_errors(decoder_graph):
         Config.from_options({"pipeline": {"stages": 2, "split_points": ["layers.1", "layers.2"]}})
     with pytest.raises(OptionError, match="'schedule'.*valid choices: 'gpipe', '1f1b'"):
         Config.from_options({"pipeline": {"schedule": "zero-bubble"}})
+    with pytest.raises(OptionError, match=r"\['group'\]: expected a torch.distributed ProcessGroup or None.*got list"):
+        Config.from_options({"pipeline": {"group": [0, 2]}})
     assert Config.from_options({"pipeline": "1f1b-2x8"}).pipeline == PipelineConfig(stages=2, microbatches=8)
 
 

@@ -13,7 +13,9 @@ could not be 1F1B.
 
 Stages are built per batch size (their micro-batch shapes differ) and each stage's graph is
 compiled by memsave's normal pipeline on its first real micro-batch (compression passes run
-on this rank's weights only), once per distinct signature.
+on this rank's weights only), once per distinct signature. With options['tensor_parallel'] that
+compile also splits the stage's linears across the tensor-parallel group (the ranks holding the
+same stage: the mesh's tp group or the option's `group`).
 """
 
 from __future__ import annotations
