@@ -731,6 +731,8 @@ class PipelineConfig(FamilyConfig):
     1f1b needs at least as many as stages). schedule: "gpipe" or "1f1b".
     broadcast_outputs: every rank returns the last stage's output (False: non-last ranks return
     zeros of the right shape). compile_stages: run memsave's passes on each stage's graph.
+    group: the torch.distributed process group whose ranks hold the stages, in rank order (None:
+    the pipeline group of memsave.distributed.init_mesh, else the default group).
     """
 
     family: ClassVar[str] = "pipeline"
@@ -745,9 +747,15 @@ class PipelineConfig(FamilyConfig):
     split_points: tuple[str, ...] | None = None
     broadcast_outputs: bool = True
     compile_stages: bool = True
+    group: Any = None
 
     def __post_init__(self):
         self._check_choice("schedule", self.schedule, PIPELINE_SCHEDULES)
+        if self.group is not None and not hasattr(self.group, "group_name"):
+            raise OptionError(
+                f"options['pipeline']['group']: expected a torch.distributed ProcessGroup or None "
+                f"(the mesh's pipeline group, else the default group), got {type(self.group).__name__}"
+            )
         for name in ("broadcast_outputs", "compile_stages"):
             self._check_choice(name, getattr(self, name), (True, False))
         for name in ("stages", "microbatches"):

@@ -149,7 +149,8 @@ def raise_on_rank(rank: int, world: int, bad_rank: int):
 
 def mesh_pipeline(rank: int, world: int, pp_size: int, tp_size: int):
     """A pp x tp grid: the groups, a collective on each, and a pipeline over this rank's pp group
-    (the tp ranks here run identical replicas: no tensor-parallel pass on this branch)."""
+    (no tensor_parallel option here: the tp ranks run identical replicas; see
+    pipeline_and_tensor_parallel for the split)."""
     import torch.distributed as dist
 
     mesh = md.init_mesh(pp_size, tp_size)
@@ -166,3 +167,89 @@ def mesh_pipeline(rank: int, world: int, pp_size: int, tp_size: int):
         md.clear_mesh()
     return {"pp_ranks": mesh.pp_ranks, "tp_ranks": mesh.tp_ranks, "tp_sum": tp_sum, "pp_sum": pp_sum,
             "pp_rank": mesh.pp_rank, "tp_rank": mesh.tp_rank, "stage": result["stage"], "max_diff": result["max_diff"]}
+
+
+
+def pipeline_and_tensor_parallel(rank: int, world: int, pipeline: dict, extra: dict, batch: int = 4, seq: int = 8):
+    """A 2x2 grid: the decoder cut into 2 pipeline stages, each stage split across its 2
+    tensor-parallel ranks, once with init_mesh's groups and once with groups given in the
+    options. Each: inference, then a train_step, against the single-process model (a split
+    weight's gradient against its block of the full gradient)."""
+    import torch.distributed as dist
+
+    mesh = md.init_mesh(2, 2)
+    try:
+        results = {"mesh": _pp_tp_run({"pipeline": pipeline, "tensor_parallel": {}, **extra}, batch, seq)}
+        results["errors"] = _pp_tp_errors(pipeline, mesh)
+    finally:
+        md.clear_mesh()
+    pp_groups, tp_groups = md.mesh_ranks(2, 2)
+    made = [(dist.new_group(r), r) for r in pp_groups + tp_groups]  # every rank makes every group
+    pp_group = next(g for g, r in made[:2] if rank in r)
+    tp_group = next(g for g, r in made[2:] if rank in r)
+    options = {"pipeline": {**pipeline, "group": pp_group}, "tensor_parallel": {"group": tp_group}, **extra}
+    results["explicit"] = _pp_tp_run(options, batch, seq)
+    results["pp_rank"], results["tp_rank"] = mesh.pp_rank, mesh.tp_rank
+    return results
+
+
+def _pp_tp_run(options: dict, batch: int, seq: int) -> dict:
+    import memsave
+    from memsave.models import build_decoder
+    from memsave.passes.shard_tensor import _SHARDS
+
+    model = build_decoder("tiny", n_layers=2)  # dropout 0
+    ids, target = _inputs(model.config.vocab_size, batch, seq)
+    logits = model(ids)
+    expected_loss = lm_loss(logits, target)
+    expected_loss.backward()
+    expected_logits = logits.detach().clone()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    compiled = torch.compile(model, backend="memsave", dynamic=True, options=options)
+    with torch.no_grad():
+        inference_diff = (compiled(ids) - expected_logits).abs().max().item()
+    loss = md.train_step(compiled, ids, target=target, loss_fn=lm_loss)
+
+    grad_diffs, split = {}, {}
+    for (name, full), (_, param) in zip(model.named_parameters(), memsave.named_sharded_parameters(model)):
+        if param.grad is None:
+            continue
+        want = expected[name]
+        entry = _SHARDS.get(full)
+        if entry is not None:  # this rank's block of the full gradient
+            size = want.shape[entry.dim] // entry.world
+            want = want.narrow(entry.dim, entry.rank * size, size)
+            split[name] = (entry.dim, entry.rank, entry.world)
+            assert param.shape == want.shape, (name, param.shape, want.shape)
+        grad_diffs[name] = (param.grad - want).abs().max().item()
+    return {
+        "inference_diff": inference_diff,
+        "loss_diff": abs(loss.item() - expected_loss.item()),
+        "grad_diffs": grad_diffs,
+        "split": split,
+        "n_params": len(expected),
+        "stage": md.last_runtime().stage_index,
+    }
+
+
+def _pp_tp_errors(pipeline: dict, mesh) -> dict:
+    """Combinations that cannot work, refused at compile time with the reason."""
+    from memsave.models import build_decoder
+
+    bad = {
+        "compile_stages": {"pipeline": {**pipeline, "compile_stages": False}, "tensor_parallel": {}},
+        "same_group": {"pipeline": pipeline, "tensor_parallel": {"group": mesh.pp_group}},
+    }
+    messages = {}
+    for name, options in bad.items():
+        model = build_decoder("tiny", n_layers=2)
+        ids, _ = _inputs(model.config.vocab_size, 4, 8)
+        try:
+            with torch.no_grad():
+                torch.compile(model, backend="memsave", dynamic=True, options=options)(ids)
+            messages[name] = None
+        except Exception as e:  # Dynamo wraps the backend's OptionError
+            messages[name] = str(e)
+    return messages

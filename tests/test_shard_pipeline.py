@@ -145,6 +145,8 @@ def test_bad_pipeline_options_are_clear_errors(decoder_graph):
         Config.from_options({"pipeline": {"stages": 2, "split_points": ["layers.1", "layers.2"]}})
     with pytest.raises(OptionError, match="'schedule'.*valid choices: 'gpipe', '1f1b'"):
         Config.from_options({"pipeline": {"schedule": "zero-bubble"}})
+    with pytest.raises(OptionError, match=r"\['group'\]: expected a torch.distributed ProcessGroup or None.*got list"):
+        Config.from_options({"pipeline": {"group": [0, 2]}})
     assert Config.from_options({"pipeline": "1f1b-2x8"}).pipeline == PipelineConfig(stages=2, microbatches=8)
 
 
@@ -252,3 +254,28 @@ def test_pipeline_over_the_pp_groups_of_a_2x2_mesh():
         assert r["tp_sum"] == 2 and r["pp_sum"] == 2
         assert r["stage"] == rank // 2  # the stage is the rank's place in its pipeline group
         assert r["max_diff"] <= ATOL, (rank, r)
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_and_tensor_parallel_on_a_2x2_grid_match_one_process_decoder():
+    # Stage 0 on ranks {0, 1}, stage 1 on ranks {2, 3}; within a stage the linears are split in
+    # two. Groups from init_mesh, then the same run with both groups given in the options.
+    pipeline = {"schedule": "1f1b", "microbatches": 2}
+    results = md.launch(workers.pipeline_and_tensor_parallel, 4, (pipeline, FAST), timeout_s=540)
+    for rank, r in enumerate(results):
+        assert (r["pp_rank"], r["tp_rank"]) == (rank // 2, rank % 2)
+        for how in ("mesh", "explicit"):
+            run = r[how]
+            assert run["stage"] == rank // 2
+            assert run["inference_diff"] <= ATOL and run["loss_diff"] <= ATOL, (rank, how, run)
+            assert max(run["grad_diffs"].values()) <= ATOL, (rank, how, run["grad_diffs"])
+            # This stage's 7 linears (q, k, v, o, gate, up, down) are split: this rank's block.
+            split = run["split"]
+            assert len(split) == 7 and all(s[1:] == (rank % 2, 2) for s in split.values()), (rank, split)
+            assert {n.split(".")[1] for n in split} == {str(rank // 2)}
+        assert "compile_stages" in r["errors"]["compile_stages"]
+        assert "must share only this rank" in r["errors"]["same_group"]
+    for how in ("mesh", "explicit"):  # every parameter got its gradient on one tp pair: both ranks
+        names = [n for r in results for n in r[how]["grad_diffs"]]
+        assert len(set(names)) == results[0][how]["n_params"]
+        assert all(names.count(n) == 2 for n in set(names))

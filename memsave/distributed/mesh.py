@@ -90,14 +90,20 @@ def clear_mesh() -> None:
     _CURRENT = None
 
 
-def pipeline_group() -> tuple[dist.ProcessGroup, tuple[int, ...]]:
-    """The pipeline group of this rank and its ranks in stage order (the world without a mesh)."""
+def pipeline_group(group: dist.ProcessGroup | None = None) -> tuple[dist.ProcessGroup, tuple[int, ...]]:
+    """The pipeline group of this rank and its ranks in stage order: `group` where given (its
+    ranks in order), else the mesh's, else the world."""
     if not dist.is_initialized():
         raise OptionError(
             "options['pipeline']: torch.distributed is not initialized; launch with torchrun "
             "(torchrun --nproc-per-node N script.py) and call torch.distributed.init_process_group, "
             "or use memsave.distributed.launch"
         )
+    if group is not None:
+        ranks = tuple(sorted(dist.get_process_group_ranks(group)))
+        if dist.get_rank() not in ranks:
+            raise OptionError(f"options['pipeline']['group']: this rank ({dist.get_rank()}) is not in it (ranks {ranks})")
+        return group, ranks
     if _CURRENT is not None:
         return _CURRENT.pp_group, _CURRENT.pp_ranks
     return dist.group.WORLD, tuple(range(dist.get_world_size()))

@@ -13,7 +13,9 @@ could not be 1F1B.
 
 Stages are built per batch size (their micro-batch shapes differ) and each stage's graph is
 compiled by memsave's normal pipeline on its first real micro-batch (compression passes run
-on this rank's weights only), once per distinct signature.
+on this rank's weights only), once per distinct signature. With options['tensor_parallel'] that
+compile also splits the stage's linears across the tensor-parallel group (the ranks holding the
+same stage: the mesh's tp group or the option's `group`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from memsave.config import Config, OptionError
 from memsave.distributed.mesh import pipeline_group
 from memsave.passes.shard_pipeline import GraphInput, PipelinePlan, StageGraph, fold_lifted_scalars, split_graph
+from memsave.passes.shard_tensor import shard_of
 from memsave.weights import is_released, release
 
 
@@ -52,7 +55,9 @@ _CUTS: dict[frozenset, tuple[str, ...]] = {}  # parameter names → where the fi
 def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config) -> "PipelineRuntime":
     from memsave.backend import describe_inputs
 
-    group, ranks = pipeline_group()
+    group, ranks = pipeline_group(config.pipeline.group)
+    if config.tensor_parallel is not None:
+        config = config.replace(tensor_parallel=_tensor_parallel_beside(config, ranks))
     size = len(ranks)
     stages = config.pipeline.stages or size
     if stages != size:
@@ -77,6 +82,39 @@ def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: 
     runtime = PipelineRuntime(plan, inputs, example_inputs, config, group, ranks)
     _LAST_RUNTIME[:] = [runtime]
     return runtime
+
+
+def _tensor_parallel_beside(config: Config, pipeline_ranks: tuple[int, ...]):
+    """options['tensor_parallel'] inside a pipeline: each stage's compile splits its weights
+    across the tensor-parallel group, which must cross the pipeline group at this rank only
+    (its ranks hold the other shards of this same stage)."""
+    from memsave.distributed.mesh import current_mesh
+
+    tp = config.tensor_parallel
+    if not config.pipeline.compile_stages:
+        raise OptionError(
+            "options['tensor_parallel'] with options['pipeline']: the split happens when each stage is "
+            "compiled; set options['pipeline']['compile_stages'] to True (the default)"
+        )
+    group = tp.group
+    if group is None:
+        mesh = current_mesh()
+        if mesh is None:
+            raise OptionError(
+                "options['tensor_parallel'] with options['pipeline']: give options['tensor_parallel']['group'] "
+                "(the ranks holding the other shards of this rank's stage), or build the groups with "
+                "memsave.distributed.init_mesh(pp_size, tp_size)"
+            )
+        group = mesh.tp_group
+    tp_ranks = set(dist.get_process_group_ranks(group))
+    shared = tp_ranks & set(pipeline_ranks)
+    if shared != {dist.get_rank()}:
+        raise OptionError(
+            f"options['tensor_parallel']['group'] (ranks {sorted(tp_ranks)}) and the pipeline group "
+            f"(ranks {list(pipeline_ranks)}) must share only this rank ({dist.get_rank()}): a stage's "
+            "shards live on ranks of the same stage"
+        )
+    return dataclasses.replace(tp, group=group)
 
 
 def last_runtime() -> "PipelineRuntime | None":
@@ -137,6 +175,15 @@ class StageModule(nn.Module):
             # so the compiled graph's inputs are tensors only, as memsave's passes expect.
             gm = _specialize(self.stage.gm, dict(zip(self.stage.scalars, self.scalars)))
             self._compiled[key] = compile_graph(gm, [*self.weights, *activations], self.config.replace(pipeline=None))
+            # Tensor parallelism (options['tensor_parallel']) split some weights in that compile:
+            # their shards get the gradients, and the schedule scales those of registered
+            # parameters only.
+            known = {id(p) for p in self.params}
+            for w in self.weights:
+                shard = shard_of(w)
+                if shard is not None and id(shard) not in known:
+                    self.params.append(shard)
+                    known.add(id(shard))
         return tuple(self._compiled[key](*self.weights, *activations))
 
 
@@ -154,8 +201,9 @@ class PipelineRuntime:
         # Weights of other stages are freed here (storage resized to 0, shapes kept so that
         # Dynamo's guards still pass); this rank's stage keeps its own.
         mine = set(self.stage.weights)
+        # A weight that tensor parallelism split was released too, but its shard stands in for it.
         lost = [i.weight for i, v in zip(inputs, example_inputs) if i.name in mine and isinstance(v, torch.Tensor)
-                and is_released(v)]
+                and is_released(v) and shard_of(v) is None]
         if lost:
             raise RuntimeError(
                 f"memsave pipeline: stage {self.stage_index} needs {', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}, "

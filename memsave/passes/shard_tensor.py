@@ -323,6 +323,12 @@ def named_sharded_parameters(module: torch.nn.Module):
         yield name, entry.param if entry is not None else param
 
 
+def shard_of(weight: torch.Tensor) -> torch.nn.Parameter | None:
+    """This rank's shard of `weight`, or None where memsave did not split it."""
+    entry = _SHARDS.get(weight)
+    return entry.param if entry is not None else None
+
+
 def sharded_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for _, p in named_sharded_parameters(module)]
 
