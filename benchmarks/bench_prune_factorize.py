@@ -83,6 +83,7 @@ from benchmarks.harness import (  # noqa: E402
     run_benchmark,
     summarize,
     time_call,
+    write_report,
 )
 
 NAME = "prune_factorize"
@@ -1016,12 +1017,7 @@ def _merge(parts: list[tuple[str, dict]], params: dict) -> dict:
 
 
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{NAME}.{ext}" for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["md"].write_text(render_report(results))
-    render_plot(results, paths["png"])
-    return paths
+    return write_report(results, out_dir, name=NAME, markdown=render_report, plot=render_plot)
 
 
 def cli(argv: list[str]) -> int:

@@ -76,6 +76,7 @@ from benchmarks.harness import (  # noqa: E402
     run_benchmark,
     summarize,
     time_call,
+    write_report,
 )
 
 NAME = "recompute"
@@ -702,12 +703,7 @@ def _per_model_summary(results: dict) -> None:
 
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
     _per_model_summary(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{results['name']}.{ext}" for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["md"].write_text(render_report(results))
-    render_plot(results, paths["png"])
-    return paths
+    return write_report(results, out_dir, markdown=render_report, plot=render_plot)
 
 
 # ----------------------------------------------------------------------------- command line

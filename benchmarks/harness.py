@@ -556,14 +556,23 @@ def render_plot(results: Mapping, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(results: Mapping, out_dir: Path | str) -> dict[str, Path]:
-    """Write ``<name>.json`` (raw), ``<name>.md`` and ``<name>.png`` into ``out_dir``."""
+def write_report(
+    results: Mapping,
+    out_dir: Path | str,
+    *,
+    name: str | None = None,
+    markdown: Callable[[Mapping], str] | None = None,
+    plot: Callable[[Mapping, Path], None] | None = None,
+) -> dict[str, Path]:
+    """Write ``<name>.json`` (raw), ``<name>.md`` and ``<name>.png`` into ``out_dir``; a
+    benchmark with a report of its own passes its `markdown` and `plot` renderers."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{results['name']}.{ext}" for ext in ("json", "md", "png")}
+    name = name or results["name"]
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["md"].write_text(render_markdown(results))
-    render_plot(results, paths["png"])
+    paths["md"].write_text((markdown or render_markdown)(results))
+    (plot or render_plot)(results, paths["png"])
     return paths
 
 
