@@ -5,31 +5,41 @@ Model: the built-in decoder (`build_decoder(size, n_layers=L, vocab_size=V)`), f
 batch B x seq T. Each config is a fresh process (benchmarks/harness.py) that launches its ranks
 with `memsave.distributed.launch` (one torch thread per rank).
 
-Memory configs `ranks-N` (inference; N=1 is the plain eager model, the baseline):
-  weights_held_mib   the most parameter bytes any rank still holds after compiling (measured:
-                     storage bytes of the model's parameters on that rank; other stages' are freed);
+Memory configs `ranks-N` (inference). N=1 is the plain eager model built as usual (the baseline).
+For N>1 every rank builds the model on the meta device, gives it storage-less weights
+(`memsave.distributed.defer_weights`) and reads only its own stage's weights from a
+`save_weights` file (options["pipeline"]["weights"], memory-mapped): no rank ever holds the
+whole model.
+  weights_held_mib   the most parameter bytes any rank holds after compiling (measured: storage
+                     bytes of the model's parameters on that rank);
   weights_share      that, over the model's total parameter bytes;
   goal_share         (1/N) x 1.05 + the share deliberately replicated (buffers: RoPE tables);
   peak_rss_run_mib   the highest per-rank peak RSS during `steps` pipelined forwards, after the
                      first call (VmHWM reset after compile);
-  peak_rss_setup_mib the highest per-rank peak RSS from process start (includes building the
-                     whole model on every rank: memsave does not yet build only a rank's stage);
+  peak_rss_setup_mib the highest per-rank peak RSS from process start through the first call
+                     (building, reading the stage's weights, compiling, one forward; the file's
+                     pages this rank read count while it is mapped);
   est_stage_mib      the planner's estimate for the largest stage (weights + activations + sends);
   infer_ms           median wall time of one batch forward.
-Schedule configs `<gpipe|1f1b>-mb<m>` (training step on `sched_ranks` ranks, loss on the last stage):
+Schedule configs `<gpipe|1f1b>-mb<m>` (training step on `sched_ranks` ranks, loss on the last stage;
+model `sched_layers` layers of the same widths, `sched_batch` sequences):
   step_ms, samples_per_s;
   bubble             1 - busy / (ranks x wall): busy = time inside the stages' forward_one_chunk and
                      backward_one_chunk, summed over ranks (communication waits count as bubble);
   bubble_theory      (S - 1) / (m + S - 1), the idle share of an ideal schedule with equal stages.
+The schedules run on 2 ranks by default: on a 2-core machine more ranks than cores would count
+waiting for a core as busy time.
 
-    python benchmarks/bench_shard.py --quick     # small run (~10 min on 2 busy cores) -> docs/results/shard_quick.*
+    python benchmarks/bench_shard.py --quick     # small run (a few minutes) -> docs/results/shard_quick.*
     python benchmarks/bench_shard.py             # full run -> docs/results/shard.*
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,21 +48,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import Benchmark, current_rss_bytes, main, peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 MiB = 1024 * 1024
-# The full run's model (decoder "medium" widths, 20 layers, vocab 2048: ~129M parameters, ~490 MiB
-# fp32) is big enough that weights, not the ~400 MiB of torch + Dynamo every process carries, decide
-# the per-rank RSS; many equal layers and a small vocabulary let 4 stages come within 5% of 1/4.
-PARAMS = {"size": "medium", "n_layers": 20, "vocab": 2048, "batch": 16, "seq": 128, "steps": 5, "sched_ranks": 4}
-QUICK = {"size": "small", "n_layers": 4, "vocab": 1024, "batch": 16, "seq": 32, "steps": 3, "sched_ranks": 2}
+# The memory run's model (decoder "medium" widths, 20 layers, vocab 2048: ~129M parameters, ~490
+# MiB fp32) is big enough that weights, not the ~400 MiB of torch + Dynamo every process carries,
+# decide the per-rank RSS; many equal layers and a small vocabulary let 4 stages come within 5%
+# of 1/4. The schedule runs use 4 layers of the same widths: stage compute (not gloo latency)
+# must dominate a micro-batch for the bubble to mean anything.
+PARAMS = {"size": "medium", "n_layers": 20, "vocab": 2048, "batch": 8, "seq": 128, "steps": 3,
+          "sched_ranks": 2, "sched_layers": 4, "sched_batch": 16}
+QUICK = {"size": "small", "n_layers": 4, "vocab": 1024, "batch": 16, "seq": 32, "steps": 3,
+         "sched_ranks": 2, "sched_layers": 4, "sched_batch": 16}
 MEMORY_CONFIGS = ["ranks-1", "ranks-2", "ranks-4"]
-# Micro-batch counts from 4: Schedule1F1B refuses fewer micro-batches than stages (4 in the full run).
-SCHEDULE_CONFIGS = [f"{s}-mb{m}" for s in ("gpipe", "1f1b") for m in (4, 8, 16)]
+SCHEDULE_CONFIGS = [f"{s}-mb{m}" for s in ("gpipe", "1f1b") for m in (2, 4, 8, 16)]
 FAST_OPTIONS = {"codegen": "fx", "recompute": "none"}
 
 
-def _model(params):
+def _model(params, n_layers=None, device="cpu"):
     from memsave.models import build_decoder
 
-    return build_decoder(params.get("size", "small"), n_layers=params["n_layers"], vocab_size=params["vocab"])
+    return build_decoder(params.get("size", "small"), n_layers=n_layers or params["n_layers"],
+                         vocab_size=params["vocab"], device=device)
 
 
 def _inputs(params, batch):
@@ -63,23 +77,24 @@ def _inputs(params, batch):
     return ids, torch.randint(0, params["vocab"], (batch, params["seq"]), generator=g)
 
 
-def memory_rank(rank: int, world: int, params: dict) -> dict:
+def memory_rank(rank: int, world: int, params: dict, weights_path: str | None) -> dict:
     import torch
 
     import memsave.distributed as md
 
-    model = _model(params)
     ids, _ = _inputs(params, params["batch"])
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     estimate = 0
     if world == 1:
-        run = model
+        model = run = _model(params)
     else:
-        options = {"pipeline": {"schedule": "gpipe", "microbatches": world}, **FAST_OPTIONS}
+        model = md.defer_weights(_model(params, device="meta"))
+        options = {"pipeline": {"schedule": "gpipe", "microbatches": world, "weights": weights_path},
+                   **FAST_OPTIONS}
         run = torch.compile(model, backend="memsave", dynamic=True, fullgraph=True, options=options)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     with torch.no_grad():
-        run(ids)  # compiles; frees other stages' weights
+        run(ids)  # compiles; reads this rank's stage's weights
         if world > 1:
             runtime = md.last_runtime()
             estimate = max(r["estimate_bytes"] for r in runtime.plan.rows)
@@ -105,8 +120,8 @@ def schedule_rank(rank: int, world: int, params: dict, schedule: str, microbatch
     def loss_fn(logits, target):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
-    model = _model(params).train()
-    ids, target = _inputs(params, params["batch"])
+    model = _model(params, n_layers=params["sched_layers"]).train()
+    ids, target = _inputs(params, params["sched_batch"])
     options = {"pipeline": {"schedule": schedule, "microbatches": microbatches}, **FAST_OPTIONS}
     compiled = torch.compile(model, backend="memsave", dynamic=True, fullgraph=True, options=options)
     md.train_step(compiled, ids, target=target, loss_fn=loss_fn)  # compiles, builds the stage
@@ -143,7 +158,12 @@ def measure(config: str, params: dict) -> dict[str, float]:
     params = {**(QUICK if params.get("quick") else PARAMS), **params}
     if config.startswith("ranks-"):
         world = int(config.split("-")[1])
-        ranks = md.launch(memory_rank, world, (params,), timeout_s=1200, pg_timeout_s=600)
+        with tempfile.TemporaryDirectory() as tmp:
+            weights_path = None
+            if world > 1:  # the checkpoint the ranks read their stages from, written here once
+                weights_path = os.path.join(tmp, "weights.pt")
+                md.save_weights(_model(params), weights_path)
+            ranks = md.launch(memory_rank, world, (params, weights_path), timeout_s=1200, pg_timeout_s=600)
         held = max(r["held"] for r in ranks)
         total = ranks[0]["total"]
         return {
@@ -164,7 +184,7 @@ def measure(config: str, params: dict) -> dict[str, float]:
     wall = statistics.median(walls)
     return {
         "step_ms": wall * 1e3,
-        "samples_per_s": params["batch"] / wall,
+        "samples_per_s": params["sched_batch"] / wall,
         "bubble": statistics.median(bubbles),
         "bubble_theory": (world - 1) / (microbatches + world - 1),
     }

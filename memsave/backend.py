@@ -65,7 +65,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Con
         from memsave.distributed.runtime import compile_pipeline
 
         return compile_pipeline(gm, example_inputs, config)
+    _refuse_deferred(example_inputs)
     return GraphCompilation(gm, example_inputs, config).compile()
+
+
+def _refuse_deferred(example_inputs: Sequence[Any]) -> None:
+    from memsave.distributed.deferred import deferred_name, is_deferred
+
+    missing = [deferred_name(v) for v in example_inputs if isinstance(v, torch.Tensor) and is_deferred(v)]
+    if missing:
+        raise OptionError(
+            f"memsave: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} were built without storage "
+            "(memsave.distributed.defer_weights), and only options['pipeline'] with 'weights' materializes "
+            "them (each rank its own stage); load the weights into the model to compile it otherwise"
+        )
 
 
 @dataclass(frozen=True)

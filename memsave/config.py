@@ -19,6 +19,7 @@ import dataclasses
 import fnmatch
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar
 
@@ -733,6 +734,10 @@ class PipelineConfig(FamilyConfig):
     zeros of the right shape). compile_stages: run memsave's passes on each stage's graph.
     group: the torch.distributed process group whose ranks hold the stages, in rank order (None:
     the pipeline group of memsave.distributed.init_mesh, else the default group).
+    weights: where this rank reads its stage's weights when the model was built without them
+    (memsave.distributed.defer_weights): a file from memsave.distributed.save_weights (or any
+    torch.save'd / .safetensors name -> tensor file), a name -> tensor mapping, or a callable
+    name -> tensor. Only this rank's stage is read.
     """
 
     family: ClassVar[str] = "pipeline"
@@ -748,9 +753,15 @@ class PipelineConfig(FamilyConfig):
     broadcast_outputs: bool = True
     compile_stages: bool = True
     group: Any = None
+    weights: Any = None
 
     def __post_init__(self):
         self._check_choice("schedule", self.schedule, PIPELINE_SCHEDULES)
+        if not (self.weights is None or isinstance(self.weights, (str, os.PathLike, Mapping)) or callable(self.weights)):
+            raise OptionError(
+                "options['pipeline']['weights']: expected a file path, a name -> tensor mapping or a callable "
+                f"name -> tensor, got {type(self.weights).__name__}"
+            )
         if self.group is not None and not hasattr(self.group, "group_name"):
             raise OptionError(
                 f"options['pipeline']['group']: expected a torch.distributed ProcessGroup or None "

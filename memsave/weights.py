@@ -183,6 +183,20 @@ def release(weight: torch.Tensor, name: str) -> int:
     return nbytes
 
 
+def restore(weight: torch.Tensor, value: torch.Tensor) -> int:
+    """Give a released weight storage again, filled from `value` (same shape; cast like
+    `copy_`), in place: the Parameter object stays the user's. Returns the bytes allocated."""
+    if weight not in _RELEASED:
+        raise ValueError("memsave: restore() is for released weights only")
+    extent = weight.storage_offset() + sum((n - 1) * s for n, s in zip(weight.shape, weight.stride())) + 1
+    nbytes = extent * weight.element_size() if weight.numel() else 0
+    with unset_fake_temporarily(), torch.no_grad():
+        weight.untyped_storage().resize_(nbytes)
+        weight.copy_(value)
+    del _RELEASED[weight]
+    return nbytes
+
+
 def is_released(weight: torch.Tensor) -> bool:
     return weight in _RELEASED
 

@@ -19,6 +19,11 @@ def _build(model_name: str):
 
         model = build_decoder("tiny", n_layers=4)
         vocab = model.config.vocab_size
+    elif model_name == "decoder-tied":  # lm_head.weight is embed_tokens.weight: read by two stages
+        from memsave.models import build_decoder
+
+        model = build_decoder("tiny", n_layers=4, tie_embeddings=True)
+        vocab = model.config.vocab_size
     elif model_name == "hf-llama":
         from memsave.models import build_hf_llama
 
@@ -253,3 +258,85 @@ def _pp_tp_errors(pipeline: dict, mesh) -> dict:
         except Exception as e:  # Dynamo wraps the backend's OptionError
             messages[name] = str(e)
     return messages
+
+
+def _meta_copy(model_name: str, reference):
+    """The same architecture as `reference`, built on the meta device (no weights at all)."""
+    with torch.device("meta"):
+        if model_name.startswith("decoder"):
+            from memsave.models.decoder import Decoder
+
+            return Decoder(reference.config)
+        from memsave.models.hf import HFCausalLM
+
+        return HFCausalLM(type(reference.model)(reference.model.config))
+
+
+def _held_bytes(model) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.untyped_storage().nbytes() for t in tensors.values())
+
+
+def deferred_scenarios_by_model(rank: int, world: int, paths: dict[str, str], scenarios: list[tuple[str, str, dict]]):
+    """Models built on meta and given storage-less weights (defer_weights): each rank reads only
+    its stage's weights from the file paths[model_name] (save_weights of the seeded model)."""
+    results = []
+    for mode, model_name, options in scenarios:
+        reference, vocab = _build(model_name)
+        ids, target = _inputs(vocab, 4, 8)
+        model = md.defer_weights(_meta_copy(model_name, reference))
+        held_before = _held_bytes(model)
+        if mode == "errors":
+            results.append(_deferred_errors(model_name, reference, ids, options))
+            continue
+        pipeline = {**options["pipeline"], "weights": paths[model_name]}
+        compiled = torch.compile(model, backend="memsave", dynamic=True, options={**options, "pipeline": pipeline})
+        result = {"held_before": held_before}
+        if mode == "inference":
+            with torch.no_grad():
+                result["max_diff"] = (compiled(ids) - reference(ids)).abs().max().item()
+        else:
+            expected_loss = lm_loss(reference(ids), target)
+            expected_loss.backward()
+            expected = {n: p.grad for n, p in reference.named_parameters()}
+            loss = md.train_step(compiled, ids, target=target, loss_fn=lm_loss)
+            # A second step without zero_grad: tied gradients must accumulate, not double.
+            md.train_step(compiled, ids, target=target, loss_fn=lm_loss)
+            result["loss_diff"] = abs(loss.item() - expected_loss.item())
+            result["grad_diffs"] = {n: (p.grad / 2 - expected[n]).abs().max().item()
+                                    for n, p in model.named_parameters() if p.grad is not None}
+        runtime = md.last_runtime()
+        result.update(
+            stage=runtime.stage_index, kept_bytes=runtime.kept_bytes, materialized=runtime.materialized_bytes,
+            held_after=_held_bytes(model), total_bytes=_held_bytes(reference),
+            with_storage=sorted(n for n, p in model.named_parameters() if p.untyped_storage().nbytes()),
+        )
+        results.append(result)
+    return results
+
+
+def _deferred_errors(model_name: str, reference, ids, options) -> dict:
+    """What a rank says when its stage's weights cannot be read."""
+    sources = {
+        "no_source": None,
+        "missing": {"embed_tokens.weight": reference.embed_tokens.weight},
+        "shape": lambda name: torch.zeros(3),
+    }
+    errors = {}
+    for what, source in sources.items():
+        model = md.defer_weights(_meta_copy(model_name, reference))
+        pipeline = {**options["pipeline"], "weights": source}
+        compiled = torch.compile(model, backend="memsave", dynamic=True, options={**options, "pipeline": pipeline})
+        try:
+            with torch.no_grad():
+                compiled(ids)
+            errors[what] = "no error"
+        except Exception as e:  # Dynamo wraps the backend's error; its message carries ours
+            errors[what] = str(e)
+    plain = md.defer_weights(_meta_copy(model_name, reference))
+    try:
+        torch.compile(plain, backend="memsave", dynamic=True)(ids)
+        errors["no_pipeline"] = "no error"
+    except Exception as e:
+        errors["no_pipeline"] = str(e)
+    return errors

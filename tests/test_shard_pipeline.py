@@ -279,3 +279,45 @@ def test_pipeline_and_tensor_parallel_on_a_2x2_grid_match_one_process_decoder():
         names = [n for r in results for n in r[how]["grad_diffs"]]
         assert len(set(names)) == results[0][how]["n_params"]
         assert all(names.count(n) == 2 for n in set(names))
+
+
+@pytest.mark.timeout(700)
+def test_deferred_weights_each_rank_materializes_only_its_stage_and_tied_weights_sum(tmp_path):
+    # The models are built on meta with storage-less weights (defer_weights); each rank reads its
+    # own stage's weights from a save_weights file. Scenarios: the decoder in inference, HF
+    # Llama in inference, the tied-embedding decoder trained for two steps (embed_tokens.weight
+    # is read by stage 0 and by the last stage's LM head: its gradient is the sum of both), and
+    # the errors for sources that lack a stage's weights.
+    paths = {}
+    for name in ("decoder", "decoder-tied", "hf-llama"):
+        paths[name] = str(tmp_path / f"{name}.pt")
+        md.save_weights(workers._build(name)[0], paths[name])
+    gpipe = {"pipeline": {"schedule": "gpipe", "microbatches": 2}, **FAST}
+    plain = {"pipeline": {"schedule": "1f1b", "microbatches": 2, "compile_stages": False}}
+    results = md.launch(workers.deferred_scenarios_by_model, 2, (paths, [
+        ("inference", "decoder", gpipe),
+        ("inference", "hf-llama", plain),
+        ("training", "decoder-tied", plain),
+        ("errors", "decoder", plain),
+    ]), timeout_s=650)
+    for rank, (decoder, llama, tied, errors) in enumerate(results):
+        for run in (decoder, llama, tied):
+            assert run["stage"] == rank
+            assert run["held_before"] == 0
+            # What this rank holds is its stage's weights, every byte read from the file.
+            assert run["held_after"] == run["kept_bytes"] == run["materialized"] > 0, (rank, run)
+            assert run["held_after"] < run["total_bytes"], (rank, run)
+        for run in (decoder, llama):  # about half each (RoPE tables are in both)
+            assert run["held_after"] <= run["total_bytes"] * 0.55 + 2 * 128 * 16 * 4, (rank, run)
+        assert decoder["max_diff"] <= ATOL and llama["max_diff"] <= ATOL, (rank, decoder, llama)
+        assert tied["loss_diff"] <= ATOL and max(tied["grad_diffs"].values()) <= ATOL, (rank, tied)
+        # The tied weight is on both ranks, with the whole gradient.
+        assert "embed_tokens.weight" in tied["grad_diffs"] and "embed_tokens.weight" in tied["with_storage"]
+        assert "options['pipeline']['weights']" in errors["no_source"] and "defer_weights" in errors["no_source"]
+        assert "is not in" in errors["missing"] and "save_weights" in errors["missing"]
+        assert "has shape (3,)" in errors["shape"]
+        assert "built without storage" in errors["no_pipeline"]
+    decoder_params = {n for r in results for n in r[0]["with_storage"]}
+    assert decoder_params == set(dict(workers._build("decoder")[0].named_parameters()))
+    tied_grads = [n for r in results for n in r[2]["grad_diffs"]]
+    assert set(tied_grads) == set(dict(workers._build("decoder-tied")[0].named_parameters()))

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from memsave.config import Config, OptionError
+from memsave.distributed.deferred import WeightSource, deferred_name, is_deferred, materialize
 from memsave.distributed.mesh import pipeline_group
 from memsave.passes.shard_pipeline import GraphInput, PipelinePlan, StageGraph, fold_lifted_scalars, split_graph
 from memsave.passes.shard_tensor import shard_of
@@ -201,6 +202,7 @@ class PipelineRuntime:
         # Weights of other stages are freed here (storage resized to 0, shapes kept so that
         # Dynamo's guards still pass); this rank's stage keeps its own.
         mine = set(self.stage.weights)
+        self.materialized_bytes = self._materialize(inputs, example_inputs, mine)
         # A weight that tensor parallelism split was released too, but its shard stands in for it.
         lost = [i.weight for i, v in zip(inputs, example_inputs) if i.name in mine and isinstance(v, torch.Tensor)
                 and is_released(v) and shard_of(v) is None]
@@ -217,9 +219,42 @@ class PipelineRuntime:
         self.kept_bytes = sum(
             example_inputs[self._position[w]].untyped_storage().nbytes() for w in self.stage.weights
         )
+        # Weights read by more than one stage (an embedding tied to the LM head): each holder
+        # computes its own part of the gradient, and the parts are summed after the step.
+        uses: dict[str, int] = {}
+        for stage in plan.stages:
+            for w in stage.weights:
+                uses[w] = uses.get(w, 0) + 1
+        self.tied = [i.name for i in inputs if i.kind == "parameter" and uses.get(i.name, 0) > 1]
         self._stages: dict[tuple, tuple[Any, StageModule]] = {}
         self._schedules: dict[tuple, Any] = {}
         self._output_metas: dict[tuple, tuple] = {}
+
+    def _materialize(self, inputs, example_inputs, mine) -> int:
+        """Read this stage's weights that were built without storage (defer_weights) from
+        options['pipeline']['weights']; the other stages' are never allocated here."""
+        deferred = [(i, v) for i, v in zip(inputs, example_inputs)
+                    if i.name in mine and isinstance(v, torch.Tensor) and is_deferred(v)]
+        if not deferred:
+            return 0
+        spec = self.config.pipeline.weights
+        if spec is None:
+            names = ", ".join(deferred_name(v) for _, v in deferred[:3])
+            raise OptionError(
+                f"options['pipeline']['weights']: stage {self.stage_index} needs {names}"
+                f"{' ...' if len(deferred) > 3 else ''}, built without storage (memsave.distributed.defer_weights); "
+                "give a file from memsave.distributed.save_weights, a name -> tensor mapping or a callable"
+            )
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        source = WeightSource(spec)
+        try:
+            # torch.load gives meta tensors while it detects a fake mode, and Dynamo's tracing
+            # context carries one: load outside both.
+            with unset_fake_temporarily(), torch._guards.tracing(None):
+                return sum(materialize(v, deferred_name(v), source) for _, v in deferred)
+        finally:
+            source.close()
 
     # -- one call -------------------------------------------------------------------------
 
@@ -246,8 +281,40 @@ class PipelineRuntime:
                 out = schedule.eval(*step_args)
         else:
             last = self.stage_index == self.n_stages - 1
+            before = self._tied_grads(args)
+            # After its backward the schedule divides each gradient of the stage by the number of
+            # micro-batches (torch's scale_grads), including what earlier steps accumulated there:
+            # those are multiplied first, so gradient accumulation over steps adds up right.
+            for p in module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.plan.microbatches)
             out = schedule.step(*step_args, target=request.target if last else None, losses=request.losses)
+            self._sum_tied_grads(args, before)
         return self._share_outputs(out, key)
+
+    def _tied_grads(self, args) -> list[torch.Tensor | None]:
+        if self.tied and self.config.tensor_parallel is not None:
+            raise OptionError(
+                f"options['pipeline'] with options['tensor_parallel']: training a weight that several stages "
+                f"read ({', '.join(self.inputs[self._position[n]].weight for n in self.tied)}: tied weights) is "
+                "not supported; untie them or train without tensor_parallel"
+            )
+        return [None if args[self._position[n]].grad is None else args[self._position[n]].grad.clone()
+                for n in self.tied]
+
+    def _sum_tied_grads(self, args, before) -> None:
+        """Add up the parts of a tied weight's gradient over the stages that read it. Only this
+        step's part is summed, so gradients accumulated over earlier steps are not counted twice."""
+        mine = set(self.stage.weights)
+        for name, old in zip(self.tied, before):
+            weight = args[self._position[name]]
+            holder = name in mine
+            part = torch.zeros(weight.shape, dtype=weight.dtype)
+            if holder and weight.grad is not None:
+                part = weight.grad - old if old is not None else weight.grad.clone()
+            dist.all_reduce(part, group=self.group)
+            if holder:
+                weight.grad = part if old is None else old + part
 
     def _check_batch(self, user) -> tuple[int, int]:
         microbatches = self.plan.microbatches

@@ -281,15 +281,20 @@ def _config_for(size: str, overrides: dict) -> DecoderConfig:
     return dataclasses.replace(DECODER_SIZES[size], **overrides)
 
 
-def build_decoder(size: str = "tiny", *, seed: int = 0, **overrides) -> Decoder:
+def build_decoder(size: str = "tiny", *, seed: int = 0, device: str = "cpu", **overrides) -> Decoder:
     """A seeded, deterministic Decoder of a named size in eval mode; ``overrides`` replace
-    config fields, e.g. ``build_decoder("small", n_layers=2)``."""
+    config fields, e.g. ``build_decoder("small", n_layers=2)``. ``device="meta"``: shapes only,
+    no weights (for memsave.distributed.defer_weights)."""
+    if device not in ("cpu", "meta"):
+        raise ValueError(f"build_decoder: device {device!r}; valid: 'cpu', 'meta' (move a built model with .to())")
     config = _config_for(size, overrides)
     # Build on meta and allocate afterwards: skips nn.Linear's default init, which would use
     # the global RNG and, for the 1b size, cost as much time as our own init.
     with torch.device("meta"):
         model = Decoder(config)
-    model.to_empty(device="cpu")
+    if device == "meta":
+        return model.eval()
+    model.to_empty(device=device)
     model.init_weights(torch.Generator(device="cpu").manual_seed(seed))
     return model.eval()
 
