@@ -178,13 +178,18 @@ def mesh_pipeline(rank: int, world: int, pp_size: int, tp_size: int):
 def pipeline_and_tensor_parallel(rank: int, world: int, pipeline: dict, extra: dict, batch: int = 4, seq: int = 8):
     """A 2x2 grid: the decoder cut into 2 pipeline stages, each stage split across its 2
     tensor-parallel ranks, once with init_mesh's groups and once with groups given in the
-    options. Each: inference, then a train_step, against the single-process model (a split
+    options; HF Llama with init_mesh's groups under the other schedule. Each: inference, then a train_step, against the single-process model (a split
     weight's gradient against its block of the full gradient)."""
     import torch.distributed as dist
 
     mesh = md.init_mesh(2, 2)
     try:
         results = {"mesh": _pp_tp_run({"pipeline": pipeline, "tensor_parallel": {}, **extra}, batch, seq)}
+        # HF Llama on the same grid, under the other schedule.
+        other = "gpipe" if pipeline.get("schedule", "1f1b") == "1f1b" else "1f1b"
+        results["hf-llama"] = _pp_tp_run(
+            {"pipeline": {**pipeline, "schedule": other}, "tensor_parallel": {}, **extra}, batch, seq, "hf-llama"
+        )
         results["errors"] = _pp_tp_errors(pipeline, mesh)
     finally:
         md.clear_mesh()
@@ -198,12 +203,13 @@ def pipeline_and_tensor_parallel(rank: int, world: int, pipeline: dict, extra: d
     return results
 
 
-def _pp_tp_run(options: dict, batch: int, seq: int) -> dict:
+def _pp_tp_run(options: dict, batch: int, seq: int, model_name: str = "decoder") -> dict:
     import memsave
-    from memsave.models import build_decoder
+    from memsave.models import build_decoder, build_hf_llama
     from memsave.passes.shard_tensor import _SHARDS
 
-    model = build_decoder("tiny", n_layers=2)  # dropout 0
+    # dropout 0 in both
+    model = build_decoder("tiny", n_layers=2) if model_name == "decoder" else build_hf_llama("tiny")
     ids, target = _inputs(model.config.vocab_size, batch, seq)
     logits = model(ids)
     expected_loss = lm_loss(logits, target)

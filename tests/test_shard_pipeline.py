@@ -257,9 +257,10 @@ def test_pipeline_over_the_pp_groups_of_a_2x2_mesh():
 
 
 @pytest.mark.timeout(600)
-def test_pipeline_and_tensor_parallel_on_a_2x2_grid_match_one_process_decoder():
+def test_pipeline_and_tensor_parallel_on_a_2x2_grid_match_one_process_decoder_and_hf_llama():
     # Stage 0 on ranks {0, 1}, stage 1 on ranks {2, 3}; within a stage the linears are split in
-    # two. Groups from init_mesh, then the same run with both groups given in the options.
+    # two. Groups from init_mesh, then the same run with both groups given in the options; and
+    # HF Llama with init_mesh's groups under GPipe.
     pipeline = {"schedule": "1f1b", "microbatches": 2}
     results = md.launch(workers.pipeline_and_tensor_parallel, 4, (pipeline, FAST), timeout_s=540)
     for rank, r in enumerate(results):
@@ -275,7 +276,14 @@ def test_pipeline_and_tensor_parallel_on_a_2x2_grid_match_one_process_decoder():
             assert {n.split(".")[1] for n in split} == {str(rank // 2)}
         assert "compile_stages" in r["errors"]["compile_stages"]
         assert "must share only this rank" in r["errors"]["same_group"]
-    for how in ("mesh", "explicit"):  # every parameter got its gradient on one tp pair: both ranks
+        llama = r["hf-llama"]
+        assert llama["stage"] == rank // 2
+        assert llama["inference_diff"] <= ATOL and llama["loss_diff"] <= ATOL, (rank, llama)
+        assert max(llama["grad_diffs"].values()) <= ATOL, (rank, llama["grad_diffs"])
+        # Its stage's q/k/v/o and gate/up/down are split too: 7 per layer.
+        assert llama["split"] and len(llama["split"]) % 7 == 0, (rank, llama["split"])
+        assert all(s[1:] == (rank % 2, 2) for s in llama["split"].values()), (rank, llama["split"])
+    for how in ("mesh", "explicit", "hf-llama"):  # every parameter got its gradient on one tp pair
         names = [n for r in results for n in r[how]["grad_diffs"]]
         assert len(set(names)) == results[0][how]["n_params"]
         assert all(names.count(n) == 2 for n in set(names))
