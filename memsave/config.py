@@ -535,6 +535,9 @@ class PrecisionConfig(FamilyConfig):
     call, so their gradients are fp32; graph constants are cast once at compile time.
     saved (training): store the activations saved for backward as "bf16" or "fp8" (e4m3 with
     a per-tensor scale) between forward and backward; None keeps their dtype.
+    weights (inference): "narrow" stores each weight that only matmul-like ops read as one
+    compute-dtype copy made at compile time and releases its fp32 original (the model then runs
+    only compiled); "fp32" keeps the fp32 weights and casts them per call.
     fp16 training needs loss scaling: use memsave.passes.mixed_precision.loss_scaler().
     """
 
@@ -548,10 +551,12 @@ class PrecisionConfig(FamilyConfig):
 
     compute: str = "bf16"
     saved: str | None = None
+    weights: str = "narrow"
 
     def __post_init__(self):
         self._check_choice("compute", self.compute, PRECISION_COMPUTE)
         self._check_choice("saved", self.saved, PRECISION_SAVED)
+        self._check_choice("weights", self.weights, ("narrow", "fp32"))
 
     def describe(self) -> str:
         return f"compute {self.compute}" + (f", saved {self.saved}" if self.saved else "")

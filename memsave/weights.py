@@ -122,6 +122,19 @@ class WeightCache:
     def keys(self, weight: torch.Tensor) -> list[Hashable]:
         return list(self._entries.get(weight, {}))
 
+    def held_bytes(self, weights) -> int:
+        """Bytes `weights` take now: their own storages (0 once released) plus every tensor
+        cached for them (packed, pruned, narrow copies), each storage counted once."""
+        storages: dict[int, int] = {}
+        for weight in weights:
+            tensors = [weight]
+            for _, value in self._entries.get(weight, {}).values():
+                tensors += [t for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr() or id(storage)] = storage.nbytes()
+        return sum(storages.values())
+
     def mark_derived(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
             self._derived[t] = True

@@ -17,6 +17,7 @@ from memsave.memory.track import MemoryTracker
 from memsave.models import build_decoder, decoder_inputs
 from memsave.passes.mixed_precision import cast_to_mixed_precision, loss_scaler
 from memsave.report import sqnr_db
+from memsave.weights import WEIGHTS
 from tests.helpers import aten_inference_graph, compile_and_run, context_for
 
 aten = torch.ops.aten
@@ -47,7 +48,8 @@ def test_matmuls_narrow_norms_and_softmax_fp32(decoder, compute):
     model, x, _ = decoder
     gm, real = aten_inference_graph(model, x)
     signature = graph_signature(gm)
-    result = cast_to_mixed_precision(gm, PrecisionConfig(compute=compute), context_for(gm, real))
+    # weights="fp32": the fixture's weights stay (the stored-weights test below has its own model)
+    result = cast_to_mixed_precision(gm, PrecisionConfig(compute=compute, weights="fp32"), context_for(gm, real))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[compute]
     matmuls = [n for n in gm.graph.nodes if n.target in MATMULS]
     assert matmuls and all(node_val(n).dtype == low for n in matmuls)
@@ -108,6 +110,45 @@ def test_constants_are_cast_once_at_compile_time():
         assert sqnr_db(model(x), gm(*real)[0]) > 40
 
 
+@pytest.mark.parametrize("codegen", ["fx", "inductor"])
+def test_inference_stores_matmul_weights_narrow_and_releases_fp32(decoder, codegen):
+    _, x, reference = decoder
+    model = build_decoder("tiny")
+    linears = {n: p for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight"}
+    kept = {n: p for n, p in model.named_parameters() if n not in linears}  # embedding, norm scales
+    compiled, out, reports = compile_and_run(model, x, precision="bf16", codegen=codegen)
+    record = _record(reports, "mixed_precision", "inference")
+    assert sorted(record.details["stored_weights"]) == sorted(linears)
+    assert record.details["released_bytes"] == sum(p.numel() * 4 for p in linears.values())
+    assert all(p.untyped_storage().nbytes() == 0 for p in linears.values())
+    assert all(p.untyped_storage().nbytes() == p.numel() * 4 for p in kept.values())
+    # What stands in for each: one bf16 copy, half the bytes.
+    for p in linears.values():
+        copy = WEIGHTS.get_or_build(p, ("precision", torch.bfloat16), lambda: pytest.fail("not stored"), reads_weight=False)
+        assert copy.dtype == torch.bfloat16 and copy.shape == p.shape
+    assert sqnr_db(reference, out) > 40
+    # A recompile (new sequence length) finds the bf16 copies: the fp32 originals are gone.
+    (x2,) = decoder_inputs(model, batch=1, seq=24, seed=3)
+    with torch.no_grad():
+        again = compiled(x2)
+    fresh = build_decoder("tiny")
+    with torch.no_grad():
+        assert sqnr_db(fresh(x2), again) > 40
+    # The model itself now says why it cannot run eagerly.
+    with pytest.raises(RuntimeError, match="released"):
+        model(x)
+
+
+def test_inference_weights_fp32_keeps_the_originals(decoder):
+    _, x, reference = decoder
+    model = build_decoder("tiny")
+    _, out, reports = compile_and_run(model, x, precision={"compute": "bf16", "weights": "fp32"})
+    assert _record(reports, "mixed_precision", "inference").details["stored_weights"] == []
+    assert all(p.untyped_storage().nbytes() == p.numel() * 4 for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+
+
 # -- error -----------------------------------------------------------------------------------
 
 
@@ -116,12 +157,13 @@ def test_constants_are_cast_once_at_compile_time():
     [("bf16", torch.bfloat16, 40.0, "fx"), ("fp16", torch.float16, 55.0, "fx"), ("bf16", torch.bfloat16, 40.0, "inductor")],
 )
 def test_error_within_budget_and_no_worse_than_autocast(decoder, compute, dtype, budget_db, codegen):
-    model, x, reference = decoder
+    _, x, reference = decoder
+    model = build_decoder("tiny")  # its own: compiling releases the fp32 weights it stores narrow
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        autocast = sqnr_db(reference, model(x).float())
     _, out, reports = compile_and_run(model, x, precision=compute, codegen=codegen)
     assert out.dtype == torch.float32
     ours = sqnr_db(reference, out)
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        autocast = sqnr_db(reference, model(x).float())
     assert ours > budget_db
     assert ours > autocast - 1.0  # at least about as close to fp32 as torch's own autocast
     # Reported like any lossy pass: the runner measured this pass's error on the example.

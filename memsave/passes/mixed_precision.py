@@ -18,9 +18,13 @@ After:
     mm = aten.mm(x16, t16)                                         # bfloat16
     mm32 = _to_copy(mm, fp32);  s = aten._softmax(mm32, -1, False) # float32
 
-Weights: a parameter stays fp32 in the graph and is cast per call (a transient bf16 copy),
-so training keeps fp32 master weights and gets fp32 gradients; a graph constant (e.g. a
-pruned or factorized weight) is cast once at compile time. Graph outputs are cast back to
+Weights: in training a parameter stays fp32 in the graph and is cast per call (a transient
+bf16 copy), so training keeps fp32 master weights and gets fp32 gradients. In inference
+(`weights="narrow"`, the default) a weight that only matmul-like ops read is cast once at
+compile time into a stored bf16/fp16 copy and its fp32 original is released: the weights take
+half the memory instead of 1.5x (fp32 + a per-call copy). A weight something else reads too (an
+embedding table tied to the LM head, a norm's scale) stays fp32. A graph constant (e.g. a pruned
+or factorized weight) is cast once at compile time. Graph outputs are cast back to
 their dtype, so the calling convention is unchanged. An op that refuses the new dtypes runs
 on its inputs cast back to what they were: left as it was, never approximated.
 
@@ -44,6 +48,8 @@ from memsave.config import PrecisionConfig
 from memsave.graph.meta import describe_val, is_getitem, node_val
 from memsave.graph.rewrite import GraphBuilder
 from memsave.passes.base import PassContext, PassResult, tag
+from memsave.report import fmt_bytes
+from memsave.weights import WEIGHTS, can_release, is_released, release
 
 aten = torch.ops.aten
 PRECISION_STAGES = ("inference", "joint")
@@ -93,6 +99,7 @@ def cast_to_mixed_precision(gm: fx.GraphModule, config: PrecisionConfig, ctx: Pa
     original = {n: node_val(n) for n in gm.graph.nodes}
     kept: list[str] = []
     constants: dict[tuple[str, torch.dtype], fx.Node] = {}
+    stored = _narrow_only_weights(gm, ctx) if config.weights == "narrow" and ctx.stage == "inference" else {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is CAST and node.meta.get("memsave_pass") == "mixed_precision":
             continue
@@ -102,29 +109,81 @@ def cast_to_mixed_precision(gm: fx.GraphModule, config: PrecisionConfig, ctx: Pa
         rule = rule_for(node)
         want = low if rule == "narrow" else torch.float32 if rule == "fp32" else None
         if want is not None:
-            _cast_inputs(builder, node, lambda v, want=want: want if v.dtype in FLOATS else None, constants)
+            _cast_inputs(builder, node, lambda v, want=want: want if v.dtype in FLOATS else None, constants, stored)
         try:
             _refresh(builder, node)
         except Exception:  # noqa: BLE001 - any refusal of the new dtypes: run as it was
-            _cast_inputs(builder, node, lambda v, n=node: _original_dtype(v, n, original), constants)
+            _cast_inputs(builder, node, lambda v, n=node: _original_dtype(v, n, original), constants, stored)
             _refresh(builder, node)
             kept.append(node.name)
     _cast_outputs_back(builder, gm, original)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    released, released_bytes = _release_stored(gm, ctx, stored)
     matmuls = [n for n in gm.graph.nodes if rule_for(n) == "narrow" and _dtype(n) == low]
     in_fp32 = [n for n in gm.graph.nodes if rule_for(n) == "fp32"]
     notes = [
         f"{len(matmuls)} matmul-like ops in {config.compute}, {len(in_fp32)} ops in fp32 "
         f"(norms, softmax, losses, reductions); {sum(1 for n in gm.graph.nodes if n.target is CAST and n.meta.get('memsave_pass') == 'mixed_precision')} casts"
     ]
+    if released:
+        notes.append(f"stored {len(released)} weights in {config.compute}, released their fp32 originals ({fmt_bytes(released_bytes)})")
     if kept:
         notes.append(f"left in their original dtypes (the op refused the new ones): {', '.join(kept)}")
-    details = {"narrow_ops": [n.name for n in matmuls], "fp32_ops": [n.name for n in in_fp32], "kept": kept, "compute": config.compute}
+    details = {"narrow_ops": [n.name for n in matmuls], "fp32_ops": [n.name for n in in_fp32], "kept": kept,
+               "compute": config.compute, "stored_weights": released, "released_bytes": released_bytes}
     return PassResult(bool(matmuls), tuple(notes), details)
 
 
-def _cast_inputs(builder: GraphBuilder, node: fx.Node, target_dtype, constants) -> bool:
+def _narrow_only_weights(gm: fx.GraphModule, ctx: PassContext) -> dict[fx.Node, torch.Tensor]:
+    """Float weight placeholders whose every use (through transposes and views) is a
+    matmul-like op: those can be stored narrow, with nothing left reading the fp32 original."""
+
+    def only_narrow(node: fx.Node) -> bool:
+        return bool(node.users) and all(
+            only_narrow(u) if u.op == "call_function" and u.target in VIEWS and u.args[0] is node
+            else u.op == "call_function" and rule_for(u) == "narrow"
+            for u in node.users
+        )
+
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in ctx.weights:
+            tensor = ctx.weight_tensor(node.name)
+            # A weight whose storage cannot be freed (memory-mapped from a file) would be held
+            # twice: it is cast per call instead.
+            if tensor is not None and tensor.dtype == torch.float32 and only_narrow(node) and (
+                is_released(tensor) or can_release(tensor)
+            ):
+                found[node] = tensor
+    return found
+
+
+def _stored_weight(builder: GraphBuilder, arg: fx.Node, dtype: torch.dtype, constants: dict, stored: dict, before):
+    """The narrow copy of weight placeholder `arg`, made once per weight (WEIGHTS: a recompile
+    finds it after the fp32 original is gone)."""
+    key = (arg.name, dtype)
+    if key not in constants:
+        weight = stored[arg]
+        value = WEIGHTS.get_or_build(weight, ("precision", dtype), lambda: weight.detach().to(dtype))
+        node = builder.constant(f"{arg.name}_{str(dtype).replace('torch.', '')}", value, before=before)
+        constants[key] = node
+    return constants[key]
+
+
+def _release_stored(gm: fx.GraphModule, ctx: PassContext, stored: dict) -> tuple[list[str], int]:
+    """Free the fp32 originals of the weights the graph now reads in their narrow copy."""
+    names, freed = [], 0
+    for node, weight in stored.items():
+        if node.users or is_released(weight) or not can_release(weight):
+            continue
+        name = ctx.weights[node.name].name
+        freed += release(weight, f"{name} (stored in a narrower dtype by mixed_precision)")
+        names.append(name)
+    return names, freed
+
+
+def _cast_inputs(builder: GraphBuilder, node: fx.Node, target_dtype, constants, stored) -> bool:
     """Cast each float tensor input to `target_dtype(val)` (None: leave it); True if any was."""
     changed = False
 
@@ -139,7 +198,7 @@ def _cast_inputs(builder: GraphBuilder, node: fx.Node, target_dtype, constants) 
         if dtype is None or dtype == val.dtype:
             return arg
         changed = True
-        constant = _cast_constant(builder, arg, dtype, constants, node)
+        constant = _cast_constant(builder, arg, dtype, constants, node, stored)
         return constant if constant is not None else builder.call(CAST, (arg, dtype), before=node)
 
     node.args = fx.node.map_aggregate(node.args, cast)
@@ -147,9 +206,12 @@ def _cast_inputs(builder: GraphBuilder, node: fx.Node, target_dtype, constants) 
     return changed
 
 
-def _cast_constant(builder: GraphBuilder, arg: fx.Node, dtype: torch.dtype, constants: dict, before: fx.Node):
-    """A constant (or a transpose/view of one, as a linear reads its weight) cast once, now,
-    instead of on every call; None when `arg` is not one."""
+def _cast_constant(builder: GraphBuilder, arg: fx.Node, dtype: torch.dtype, constants: dict, before: fx.Node,
+                   stored: dict):
+    """A constant or a stored weight (or a transpose/view of one, as a linear reads its weight)
+    cast once, now, instead of on every call; None when `arg` is not one."""
+    if arg in stored:
+        return _stored_weight(builder, arg, dtype, constants, stored, before)
     if arg.op == "get_attr":
         key = (arg.target, dtype)
         if key not in constants:
@@ -158,7 +220,7 @@ def _cast_constant(builder: GraphBuilder, arg: fx.Node, dtype: torch.dtype, cons
             constants[key] = builder.constant(f"{arg.target}_{str(dtype).replace('torch.', '')}", value, before=before)
         return constants[key]
     if arg.op == "call_function" and arg.target in VIEWS and isinstance(arg.args[0], fx.Node):
-        base = _cast_constant(builder, arg.args[0], dtype, constants, before)
+        base = _cast_constant(builder, arg.args[0], dtype, constants, before, stored)
         if base is not None:
             return builder.call(arg.target, (base, *arg.args[1:]), dict(arg.kwargs), before=before)
     return None
