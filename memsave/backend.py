@@ -101,6 +101,7 @@ class GraphCompilation:
         self._forward_weights: dict[str, WeightInfo] = {}
         self._num_fwd_outputs: int | None = None
         self._capture = None  # the chunk capture step's result, recorded in the first report
+        self._tp_split = None  # the tensor-parallel split's summary, likewise
 
     def compile(self) -> Callable:
         from torch._dynamo.backends.common import aot_autograd
@@ -129,7 +130,8 @@ class GraphCompilation:
             from memsave.passes.shard_tensor import shard_for_tensor_parallel
 
             names = [i.weight.name if i.weight is not None and i.weight.kind == "parameter" else None for i in self.inputs]
-            wrap = shard_for_tensor_parallel(self.gm, self._real, names, self.config.tensor_parallel)
+            self._tp_split = shard_for_tensor_parallel(self.gm, self._real, names, self.config.tensor_parallel)
+            wrap = self._tp_split.wrap
         try:
             return wrap(aot(self.gm, self._real))
         finally:
@@ -256,7 +258,26 @@ class GraphCompilation:
         return PassContext(self.config, stage, self.graph_id, weights, real)
 
     def _record_capture(self, runner: PassRunner) -> None:
-        """The chunk capture step ran on the Dynamo graph; it shows first in this graph's report."""
+        """The tensor-parallel split and the chunk capture step ran on the Dynamo graph; they
+        show first in this graph's report."""
+        split = self._tp_split
+        if split is not None:
+            estimate, nodes = estimate_memory(runner.gm), len(runner.gm.graph.nodes)
+            runner.add_record(
+                PassRecord(
+                    name="shard_tensor", changed=split.world > 1, nodes_before=nodes, nodes_after=nodes,
+                    nodes_added=0, nodes_removed=0,
+                    # Its effect is already in this graph: "before" adds back what the shards saved.
+                    weight_bytes_before=estimate.weight_bytes + split.bytes_before - split.bytes_after,
+                    weight_bytes_after=estimate.weight_bytes,
+                    peak_activation_bytes_before=estimate.peak_activation_bytes,
+                    peak_activation_bytes_after=estimate.peak_activation_bytes,
+                    seconds=split.seconds, notes=split.notes(),
+                    details={"world": split.world, "rank": split.rank, "column": split.column, "row": split.row,
+                             "vocab": split.vocab, "split_bytes_before": split.bytes_before,
+                             "split_bytes_after": split.bytes_after},
+                )
+            )
         if self._capture is not None:
             # Its effect is already in this graph: before and after are this graph's estimate
             # (the bytes it saved are in the notes).

@@ -94,6 +94,14 @@ def test_decoder_two_ranks_match_single_process_and_int8_shards_are_exact():
     for r in results:  # the recompile for a new input shape (dynamic sizes) still splits right
         torch.testing.assert_close(r["other_shape"], expected_other, atol=ATOL, rtol=0)
     _check_bytes(results, 2)
+    # The split is in the compile's report, like any pass: per layer q, k, v, gate, up by
+    # columns, o and down by rows; this rank holds half of the split weights' bytes.
+    n_layers = m.config.n_layers
+    for rank, r in enumerate(results):
+        (record,) = r["tp_records"]
+        assert (record["rank"], record["world"]) == (rank, 2)
+        assert (record["column"], record["row"], record["vocab"]) == (5 * n_layers, 2 * n_layers, 0)
+        assert record["split_bytes_after"] * 2 == record["split_bytes_before"] > 0
     # int8 after sharding quantizes each rank's shard on its own: per output channel of the
     # shard. The reference model holds exactly that: each split weight's blocks quantized one
     # by one and put back together, the LM head (kept whole) quantized whole.

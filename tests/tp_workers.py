@@ -112,8 +112,10 @@ def run(
         result["tp_rank"], result["tp_world"] = dist.get_rank(mine), dist.get_world_size(mine)
     m, inputs = build(model, overrides)
     compiled = torch.compile(m, backend="memsave", options=options)
-    with torch.no_grad():
+    with torch.no_grad(), memsave.collect() as reports:
         result["out"] = compiled(inputs[0])
+    result["tp_records"] = [r.details for report in reports for r in report.records if r.name == "shard_tensor"]
+    with torch.no_grad():
         result["again"] = compiled(inputs[0])  # the second call runs the compiled code alone
         if new_shape:  # a recompile, with dynamic batch/sequence sizes: shards are reused
             result["other_shape"] = compiled(other_inputs(model, m))

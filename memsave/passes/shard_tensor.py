@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import memsave.ops.collectives  # noqa: F401  (registers memsave::tp_copy / tp_reduce / tp_gather)
 from memsave.config import OptionError
 from memsave.passes.shard_tensor_plan import ShardPlan, plan_sharding
+from memsave.report import fmt_bytes
 from memsave.weights import is_released, release
 
 
@@ -61,14 +63,39 @@ class Shard:
 _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # full weight -> Shard
 
 
-def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: Sequence[str | None], config) -> Callable:
+@dataclass
+class TensorParallelSplit:
+    """What the split did on this rank: the wrapper for the compiled function (it swaps the
+    shards in at run time) and the numbers for the report."""
+
+    wrap: Callable
+    world: int
+    rank: int
+    column: int = 0  # linears split by output features
+    row: int = 0  # linears split by input features
+    vocab: int = 0  # embedding / LM-head weights split by vocabulary
+    bytes_before: int = 0  # parameter bytes of the weights split, whole
+    bytes_after: int = 0  # this rank's shards of them
+    seconds: float = 0.0
+
+    def notes(self) -> tuple[str, ...]:
+        if self.world == 1:
+            return ("tensor parallel group of 1 rank: nothing split",)
+        return (
+            f"rank {self.rank} of {self.world}: {self.column} linears split by columns, {self.row} by rows, "
+            f"{self.vocab} vocabulary weights; split weights {fmt_bytes(self.bytes_before)} -> "
+            f"{fmt_bytes(self.bytes_after)} on this rank",
+        )
+
+
+def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: Sequence[str | None], config) -> TensorParallelSplit:
     """Rewrite `gm` in place for this rank and put shards into `example_inputs` (a list, changed
-    in place). `names[i]` is the parameter name of input i (None for other inputs). Returns
-    the wrapper to put around the compiled function (it swaps the shards in at run time)."""
+    in place). `names[i]` is the parameter name of input i (None for other inputs)."""
+    start = time.perf_counter()
     group = _group(config)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if world == 1:
-        return lambda compiled: compiled
+        return TensorParallelSplit(lambda compiled: compiled, world, rank)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {node: i for i, node in enumerate(placeholders)}
 
@@ -78,9 +105,12 @@ def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: S
         raise TensorParallelError(_problems_message(plan, world))
     group_name = group.group_name
     substitutions: dict[int, torch.nn.Parameter] = {}
+    bytes_before = 0
 
     def shard_input(node: fx.Node, dim: int) -> None:
+        nonlocal bytes_before
         i = index[node]
+        bytes_before += example_inputs[i].numel() * example_inputs[i].element_size()
         entry = _shard(example_inputs[i], dim, rank, world, names[i], free=config.free_weights)
         substitutions[i] = example_inputs[i] = entry.param
         _static_shapes(entry.param, node)
@@ -97,7 +127,13 @@ def shard_for_tensor_parallel(gm: fx.GraphModule, example_inputs: list, names: S
         shard_input(weight, 0)
     _rewrite(gm, plan, group_name)
     _rewrite_vocab_parallel(gm, gathered, embeddings, group_name, rank)
-    return lambda compiled: _wrap(compiled, substitutions)
+    return TensorParallelSplit(
+        lambda compiled: _wrap(compiled, substitutions), world, rank,
+        column=len(plan.producers), row=len(plan.consumers), vocab=len(gathered) + len(embeddings),
+        bytes_before=bytes_before,
+        bytes_after=sum(p.numel() * p.element_size() for p in substitutions.values()),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _shardable(names: dict[fx.Node, str], config) -> Callable:
