@@ -173,7 +173,8 @@ def per_suite(json_path: Path) -> None:
     lines = ["", "## Each suite against its own fp32", ""]
     for suite, variants in SUITES.items():
         base = summary.get(f"{suite}.fp32", {}).get("metrics", {})
-        lines += [f"### {suite}", "", "| variant | tracked peak MiB | vs fp32 | saved MiB | vs fp32 | SQNR dB | cosine |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"### {suite}", "", "| variant | tracked peak MiB | vs fp32 | weights MiB | vs fp32 | saved MiB | vs fp32 | SQNR dB | cosine |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for v in variants:
             m = summary.get(f"{suite}.{v}", {}).get("metrics", {})
 
@@ -185,7 +186,8 @@ def per_suite(json_path: Path) -> None:
                     return "–"
                 return f"{m[metric]['median'] / base[metric]['median']:.2f}×"
 
-            lines.append(f"| {v} | {cell('tracked_peak_mib')} | {ratio('tracked_peak_mib')} | {cell('saved_mib')} | "
+            lines.append(f"| {v} | {cell('tracked_peak_mib')} | {ratio('tracked_peak_mib')} | {cell('weights_mib')} | "
+                         f"{ratio('weights_mib')} | {cell('saved_mib')} | "
                          f"{ratio('saved_mib')} | {cell('sqnr_db', '{:.1f}')} | {cell('cosine', '{:.6f}')} |")
         lines.append("")
     md = json_path.with_suffix(".md")

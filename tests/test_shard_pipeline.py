@@ -329,3 +329,30 @@ def test_deferred_weights_each_rank_materializes_only_its_stage_and_tied_weights
     assert decoder_params == set(dict(workers._build("decoder")[0].named_parameters()))
     tied_grads = [n for r in results for n in r[2]["grad_diffs"]]
     assert set(tied_grads) == set(dict(workers._build("decoder-tied")[0].named_parameters()))
+
+
+def test_weight_source_fills_deferred_weights_from_a_file_and_gives_its_pages_back(tmp_path):
+    from memsave.distributed.deferred import WeightSource, deferred_name, is_deferred, materialize
+
+    model = build_decoder("tiny", n_layers=2, tie_embeddings=True)
+    path = tmp_path / "w.pt"
+    md.save_weights(model, path)
+    empty = md.defer_weights(build_decoder("tiny", n_layers=2, tie_embeddings=True, device="meta"))
+    assert empty.lm_head.weight is empty.embed_tokens.weight  # still tied
+    tensors = {id(t): t for t in [*empty.parameters(), *empty.buffers()]}.values()
+    assert all(is_deferred(t) and t.untyped_storage().nbytes() == 0 for t in tensors)
+    source = WeightSource(path)
+    copied = sum(materialize(t, deferred_name(t), source) for t in tensors)
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    got = dict(empty.named_parameters()) | dict(empty.named_buffers())
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+    assert copied == sum(t.numel() * t.element_size() for t in tensors)
+    if sys.platform.startswith("linux"):  # the file's pages were given back as each was copied...
+        assert source.pages_dropped == copied
+    # ... and reading the file again faults them in from it: the same values, not zeros.
+    assert torch.equal(source.get("layers.1.mlp.down_proj.weight"), expected["layers.1.mlp.down_proj.weight"])
+    source.close()
+    with pytest.raises(OptionError, match="is not in"):
+        WeightSource({"x": torch.zeros(1)}).get("embed_tokens.weight")
+    with pytest.raises(OptionError, match="expected a file path"):
+        PipelineConfig(weights=3)

@@ -22,7 +22,10 @@ writes non-persistent buffers, which `state_dict()` leaves out.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,6 +94,7 @@ def materialize(weight: torch.Tensor, name: str, source: "WeightSource") -> int:
         )
     nbytes = restore(weight, value)
     del _DEFERRED[weight]
+    source.copied(value)
     return nbytes
 
 
@@ -99,8 +103,9 @@ class WeightSource:
 
     def __init__(self, spec: Any):
         self.spec = spec
-        self._opened: Mapping[str, torch.Tensor] | None = None
+        self._opened: Mapping[str, torch.Tensor] | None = None  # torch.load(mmap=True) of our own file
         self._safetensors = None
+        self.pages_dropped = 0
 
     def __str__(self) -> str:
         if isinstance(self.spec, (str, os.PathLike)):
@@ -124,6 +129,12 @@ class WeightSource:
         if name not in table:
             raise self._missing(name, list(table))
         return table[name]
+
+    def copied(self, value: torch.Tensor) -> None:
+        """`value` is copied into the model: if it came from the file this source mapped, give its
+        pages back now, not when the file is closed, so that a stage is never held twice."""
+        if self._opened is not None and _drop_mapped_pages(value):
+            self.pages_dropped += value.numel() * value.element_size()
 
     def close(self) -> None:
         """Drop the opened file (its memory map) once this rank's weights are copied."""
@@ -163,3 +174,18 @@ def _storageless(meta: torch.Tensor) -> torch.Tensor:
     # empty_strided reserves the bytes (malloc, pages untouched) and release() gives them back
     # at once: one weight at a time, never the model.
     return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="cpu")
+
+
+def _drop_mapped_pages(value: torch.Tensor) -> bool:
+    """madvise(MADV_DONTNEED) over the pages of a tensor that torch.load mapped from a file
+    (MAP_PRIVATE, never written): the process stops holding them, the file keeps them, and a
+    later read faults them in again from the file. Linux only; False where not done."""
+    if not sys.platform.startswith("linux") or value.numel() == 0:
+        return False
+    page = mmap.PAGESIZE
+    start = value.data_ptr()
+    end = start + value.numel() * value.element_size()
+    first, last = start // page * page, -(-end // page) * page
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4) == 0  # 4: MADV_DONTNEED
+
