@@ -52,6 +52,7 @@ from benchmarks.harness import (  # noqa: E402
     MiB,
     _display_command,
     _parse_overrides,
+    estimated_peak_mib,
     failed_configs,
     render_markdown,
     run_benchmark,
@@ -110,17 +111,6 @@ class LMHeadLoss:
         return Head()
 
 
-def _estimate(reports) -> float | None:
-    """memsave's estimated peak for the call: inference graphs' last estimate, or the joint
-    graphs' simulated forward+backward peak (the recompute record)."""
-    joint = [rec.details["peak_activation_bytes"] for r in reports if r.stage == "joint"
-             for rec in r.records if rec.name == "recompute"]
-    if joint:
-        return sum(joint) / MiB
-    inference = [r.records[-1].peak_activation_bytes_after for r in reports if r.stage == "inference" and r.records]
-    return sum(inference) / MiB if inference else None
-
-
 def measure(config: str, params: dict) -> dict[str, float]:
     import torch
 
@@ -161,7 +151,7 @@ def measure(config: str, params: dict) -> dict[str, float]:
     with memsave.collect() as reports:
         first = call()  # compiles
     out: dict[str, float] = {"loss": float(first[0] if training else first)}
-    est = _estimate(reports)
+    est = estimated_peak_mib(reports)
     if est is not None:
         out["est_peak_mib"] = est
     notes = [n for r in reports for rec in r.records if rec.name in ("chunk_capture", "chunk") for n in rec.notes]

@@ -19,7 +19,9 @@ Configs, named `<suite>.<variant>`, each in a fresh process (benchmarks/harness.
 Memory is measured: tracked_peak_mib is the peak of live CPU-allocator bytes during one call
 after a warm-up call (`memsave.MemoryTracker`, Inductor's C++ buffers included); saved_mib
 (training) the unique storages autograd holds for the backward, parameters excluded.
-weights_mib (inference) is what the model's weights take after compiling: their storages plus
+est_peak_mib is memsave's own estimate of the same call (benchmarks.harness.estimated_peak_mib:
+the inference graph's estimated peak after all passes, or the training step's simulated
+forward+backward peak). weights_mib (inference) is what the model's weights take after compiling: their storages plus
 the copies memsave holds for them (`WEIGHTS.held_bytes`): in bf16/fp16 inference each weight
 only matmuls read is stored narrow and its fp32 original released (precision weights="narrow").
 In training the weights stay fp32 (master weights); mixed precision saves activation memory.
@@ -40,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Benchmark, main_with_extras  # noqa: E402
+from benchmarks.harness import Benchmark, estimated_peak_mib, main_with_extras  # noqa: E402
 
 SUITES = {
     "decoder-infer": ("fp32", "bf16", "fp16"),
@@ -56,7 +58,7 @@ PRECISION = {
     "saved-fp8": "saved-fp8",
     "bf16-saved-bf16": {"compute": "bf16", "saved": "bf16"},
 }
-METRICS = {"tracked_peak_mib": "lower", "weights_mib": "lower", "saved_mib": "lower", "sqnr_db": "higher", "cosine": "higher"}
+METRICS = {"tracked_peak_mib": "lower", "est_peak_mib": "lower", "weights_mib": "lower", "saved_mib": "lower", "sqnr_db": "higher", "cosine": "higher"}
 PARAMS = {"decoder": "small", "batch": 4, "seq": 256, "sentences": 256, "minilm_batch": 32, "codegen": "inductor"}
 QUICK = {"decoder": "tiny", "batch": 2, "seq": 64, "sentences": 64, "minilm_batch": 32, "codegen": "fx"}
 NAME = "precision_quick" if "--quick" in sys.argv else "precision"
@@ -83,6 +85,7 @@ def measure(config: str, params: dict) -> dict[str, float]:
 def _decoder_infer(variant: str, params: dict) -> dict[str, float]:
     import torch
 
+    import memsave
     from memsave import MemoryTracker
     from memsave.models import build_decoder, decoder_inputs
     from memsave.report import sqnr_db
@@ -92,11 +95,12 @@ def _decoder_infer(variant: str, params: dict) -> dict[str, float]:
     compiled = torch.compile(model, backend="memsave", options=_options(variant, params["codegen"]))
     with torch.no_grad():
         reference = model(x)
-        compiled(x)  # compile + warm up
+        with memsave.collect() as reports:
+            compiled(x)  # compile + warm up
         with MemoryTracker("cpu") as tracker:
             out = compiled(x)
-    return {"tracked_peak_mib": tracker.stats.peak_bytes / MiB, "weights_mib": _weights_mib(model),
-            "sqnr_db": min(sqnr_db(reference, out), 200.0)}
+    return {"tracked_peak_mib": tracker.stats.peak_bytes / MiB, "est_peak_mib": estimated_peak_mib(reports),
+            "weights_mib": _weights_mib(model), "sqnr_db": min(sqnr_db(reference, out), 200.0)}
 
 
 def _weights_mib(model) -> float:
@@ -109,6 +113,7 @@ def _decoder_train(variant: str, params: dict) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
+    import memsave
     from memsave import MemoryTracker
     from memsave.models import build_decoder, decoder_inputs
 
@@ -118,13 +123,15 @@ def _decoder_train(variant: str, params: dict) -> dict[str, float]:
     reference = [p.grad.clone() for p in model.parameters()]
     compiled = torch.compile(model, backend="memsave", options=_options(variant, params["codegen"]))
     model.zero_grad(set_to_none=True)
-    compiled(x, labels).backward()  # compile + warm up
+    with memsave.collect() as reports:
+        compiled(x, labels).backward()  # compile + warm up
     model.zero_grad(set_to_none=True)
     with MemoryTracker("cpu", track_saved=True, exclude=list(model.parameters())) as tracker:
         compiled(x, labels).backward()
     cosine = min(F.cosine_similarity(a.flatten(), p.grad.flatten(), dim=0).item() for a, p in zip(reference, model.parameters()))
     return {
         "tracked_peak_mib": tracker.stats.peak_bytes / MiB,
+        "est_peak_mib": estimated_peak_mib(reports),
         "saved_mib": tracker.stats.saved_bytes / MiB,
         "cosine": cosine,
     }
@@ -134,6 +141,7 @@ def _minilm(variant: str, params: dict) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
+    import memsave
     from memsave import MemoryTracker
     from memsave.models.minilm import load_minilm, minilm_inputs, reference_sentences
 
@@ -143,13 +151,14 @@ def _minilm(variant: str, params: dict) -> dict[str, float]:
     compiled = torch.compile(model, backend="memsave", options=_options(variant, params["codegen"]))
     with torch.no_grad():
         reference = torch.cat([model(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
-        compiled(ids[:batch], mask[:batch])  # compile + warm up
+        with memsave.collect() as reports:
+            compiled(ids[:batch], mask[:batch])  # compile + warm up
         with MemoryTracker("cpu") as tracker:
             compiled(ids[:batch], mask[:batch])
         out = torch.cat([compiled(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
     cos = F.cosine_similarity(reference, out, dim=-1)
-    return {"tracked_peak_mib": tracker.stats.peak_bytes / MiB, "weights_mib": _weights_mib(model),
-            "cosine": cos.mean().item(), "min_cosine": cos.min().item()}
+    return {"tracked_peak_mib": tracker.stats.peak_bytes / MiB, "est_peak_mib": estimated_peak_mib(reports),
+            "weights_mib": _weights_mib(model), "cosine": cos.mean().item(), "min_cosine": cos.min().item()}
 
 
 BENCH = Benchmark(
@@ -173,8 +182,8 @@ def per_suite(json_path: Path) -> None:
     lines = ["", "## Each suite against its own fp32", ""]
     for suite, variants in SUITES.items():
         base = summary.get(f"{suite}.fp32", {}).get("metrics", {})
-        lines += [f"### {suite}", "", "| variant | tracked peak MiB | vs fp32 | weights MiB | vs fp32 | saved MiB | vs fp32 | SQNR dB | cosine |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"### {suite}", "", "| variant | tracked peak MiB | vs fp32 | memsave's estimate MiB | weights MiB | vs fp32 | saved MiB | vs fp32 | SQNR dB | cosine |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for v in variants:
             m = summary.get(f"{suite}.{v}", {}).get("metrics", {})
 
@@ -186,7 +195,7 @@ def per_suite(json_path: Path) -> None:
                     return "–"
                 return f"{m[metric]['median'] / base[metric]['median']:.2f}×"
 
-            lines.append(f"| {v} | {cell('tracked_peak_mib')} | {ratio('tracked_peak_mib')} | {cell('weights_mib')} | "
+            lines.append(f"| {v} | {cell('tracked_peak_mib')} | {ratio('tracked_peak_mib')} | {cell('est_peak_mib')} | {cell('weights_mib')} | "
                          f"{ratio('weights_mib')} | {cell('saved_mib')} | "
                          f"{ratio('saved_mib')} | {cell('sqnr_db', '{:.1f}')} | {cell('cosine', '{:.6f}')} |")
         lines.append("")

@@ -153,6 +153,25 @@ def current_rss_bytes() -> int:
     return _proc_status_bytes("VmRSS")
 
 
+def estimated_peak_mib(reports) -> float | None:
+    """memsave's estimated peak for the call that made `reports` (memsave.collect()): the joint
+    graphs' simulated forward+backward peak (after narrowing saved activations, if a precision
+    option did; else the recompute record's), or the inference graphs' last estimate."""
+    joint = []
+    for report in reports:
+        if report.stage != "joint":
+            continue
+        records = {rec.name: rec for rec in report.records}
+        if "narrow_saved" in records:
+            joint.append(records["narrow_saved"].peak_activation_bytes_after)
+        elif "recompute" in records:
+            joint.append(records["recompute"].details["peak_activation_bytes"])
+    if joint:
+        return sum(joint) / MiB
+    inference = [r.records[-1].peak_activation_bytes_after for r in reports if r.stage == "inference" and r.records]
+    return sum(inference) / MiB if inference else None
+
+
 def _cuda_sync() -> Callable[[], None]:
     # Only synchronize when the benchmark already uses CUDA: calling into torch.cuda from a
     # CPU benchmark would create a CUDA context, which costs hundreds of MiB of RSS.

@@ -64,3 +64,17 @@ def test_demo_with_too_few_microbatches_for_1f1b_fails_before_spawning(capsys, m
     with pytest.raises(SystemExit):
         main(["demo", "--model", "decoder-tiny", "--nproc", "2", "-o", 'pipeline={"microbatches": 1}'])
     assert "schedule '1f1b' needs microbatches >= stages, got 1 < 2" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_demo_runs_two_ranks_that_read_only_their_stage(capsys):
+    assert main(["demo", "--model", "decoder-tiny", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "reads only its stage from" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "%" in line]
+    assert [row[:2] for row in rows] == [["0", "0"], ["1", "1"]], out
+    for row in rows:
+        share = float(next(c for c in row if c.endswith("%")).rstrip("%"))
+        assert 30 < share < 70, out  # about half of the weights each
+        diff = float(row[-3])
+        assert diff <= 1e-5, out

@@ -40,6 +40,9 @@ class ModelSpec:
     description: str
     build: Callable[[], nn.Module]  # seeded, eval mode
     example_inputs: Callable[[nn.Module], tuple]  # deterministic inputs for that model
+    # The same architecture on the meta device (no weights), where the model supports it:
+    # pipeline ranks then read only their stage's weights (memsave.distributed.defer_weights).
+    build_meta: Callable[[], nn.Module] | None = None
 
 
 def _decoder_spec(size: str, seq: int) -> ModelSpec:
@@ -53,6 +56,7 @@ def _decoder_spec(size: str, seq: int) -> ModelSpec:
         ),
         build=lambda: build_decoder(size),
         example_inputs=lambda model: decoder_inputs(model, batch=1, seq=seq),
+        build_meta=lambda: build_decoder(size, device="meta"),
     )
 
 
