@@ -165,7 +165,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, quantize: Any = None) -> 
                 raise RuntimeError(
                     f"memsave.save: {name!r} was released by memsave but no compressed form of it is "
                     "cached (nothing to save); save before releasing it, or compile with "
-                    "options={'quantize': {..., 'free_weights': False}}"
+                    "options={'quantize': {..., 'free_weights': False}} (mixed precision's stored "
+                    "bf16/fp16 weights are not in the file format: options={'precision': {..., "
+                    "'weights': 'fp32'}} keeps the originals)"
                 )
             if tensor.device.type == "meta":
                 raise ValueError(f"memsave.save: {name!r} is on the meta device: it holds no values to save")

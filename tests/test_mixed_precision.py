@@ -51,7 +51,13 @@ def test_matmuls_narrow_norms_and_softmax_fp32(decoder, compute):
     # weights="fp32": the fixture's weights stay (the stored-weights test below has its own model)
     result = cast_to_mixed_precision(gm, PrecisionConfig(compute=compute, weights="fp32"), context_for(gm, real))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[compute]
-    matmuls = [n for n in gm.graph.nodes if n.target in MATMULS]
+    all_matmuls = [n for n in gm.graph.nodes if n.target in MATMULS]
+    # The LM head's matmul, whose result is only returned, runs in fp32: no narrow logits
+    # alive beside their fp32 cast. Every other matmul is narrow.
+    output = next(reversed(gm.graph.nodes))
+    returned = [n for n in all_matmuls if _only_returned(n, output)]
+    assert len(returned) == 1 and node_val(returned[0]).dtype == torch.float32
+    matmuls = [n for n in all_matmuls if n not in returned]
     assert matmuls and all(node_val(n).dtype == low for n in matmuls)
     kept = [n for n in gm.graph.nodes if n.target in KEPT_FP32]
     assert len(kept) >= 4 and all(node_val(n).dtype == torch.float32 for n in kept)
@@ -61,6 +67,11 @@ def test_matmuls_narrow_norms_and_softmax_fp32(decoder, compute):
     # Weights stay the user's fp32 placeholders; what the matmul reads is a per-call cast.
     weight_inputs = [n.args[0] for n in matmuls if n.target == aten.mm.default]
     assert all(node_val(w).dtype == low for w in weight_inputs)
+
+
+def _only_returned(node, output) -> bool:
+    return all(u is output or (u.target in (aten.view.default, aten._unsafe_view.default) and _only_returned(u, output))
+               for u in node.users)
 
 
 def test_op_that_refuses_new_dtypes_is_left_as_it_was():
@@ -88,7 +99,8 @@ def test_op_that_refuses_new_dtypes_is_left_as_it_was():
 
 
 def test_constants_are_cast_once_at_compile_time():
-    model = torch.nn.Linear(16, 8, bias=False)
+    # A ReLU after the linear: a matmul whose result is only returned would run in fp32.
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=False), torch.nn.ReLU())
     gm, real = aten_inference_graph(model, torch.randn(4, 16))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weight = next(n for n in placeholders if node_val(n).shape == (8, 16))
@@ -114,8 +126,9 @@ def test_inference_stores_matmul_weights_narrow_and_releases_fp32(decoder):
     # (FX codegen here; the Inductor case of test_error_within_budget... runs stored weights too)
     _, x, reference = decoder
     model = build_decoder("tiny")
-    linears = {n: p for n, p in model.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight"}
-    kept = {n: p for n, p in model.named_parameters() if n not in linears}  # embedding, norm scales
+    linears = {n: p for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    # embedding, norm scales, and the LM head: its matmul, whose logits are returned, runs fp32
+    kept = {n: p for n, p in model.named_parameters() if n not in linears}
     compiled, out, reports = compile_and_run(model, x, precision="bf16")
     record = _record(reports, "mixed_precision", "inference")
     assert sorted(record.details["stored_weights"]) == sorted(linears)

@@ -20,12 +20,14 @@ After:
 
 Weights: in training a parameter stays fp32 in the graph and is cast per call (a transient
 bf16 copy), so training keeps fp32 master weights and gets fp32 gradients. In inference
-(`weights="narrow"`, the default) a weight that only matmul-like ops read is cast once at
-compile time into a stored bf16/fp16 copy and its fp32 original is released: the weights take
-half the memory instead of 1.5x (fp32 + a per-call copy). A weight something else reads too (an
-embedding table tied to the LM head, a norm's scale) stays fp32. A graph constant (e.g. a pruned
-or factorized weight) is cast once at compile time. Graph outputs are cast back to
-their dtype, so the calling convention is unchanged. An op that refuses the new dtypes runs
+(`weights="narrow"`, the default) a weight that only narrow matmul-like ops read is cast once
+at compile time into a stored bf16/fp16 copy and its fp32 original is released: the weights
+take half the memory instead of 1.5x (fp32 + a per-call copy). A weight something else reads
+too (an embedding table, a norm's scale) stays fp32. A graph constant (e.g. a pruned or
+factorized weight) is cast once at compile time. Graph outputs are cast back to their dtype,
+so the calling convention is unchanged; in inference a matmul whose result is only returned
+(an LM head's logits) runs in fp32 instead, since computed narrow its output and the cast
+back would be alive together (the call's largest tensor, 1.5 times over). An op that refuses the new dtypes runs
 on its inputs cast back to what they were: left as it was, never approximated.
 
 In training the pass runs on the joint graph, so the backward's matmuls run narrow too and
@@ -99,14 +101,15 @@ def cast_to_mixed_precision(gm: fx.GraphModule, config: PrecisionConfig, ctx: Pa
     original = {n: node_val(n) for n in gm.graph.nodes}
     kept: list[str] = []
     constants: dict[tuple[str, torch.dtype], fx.Node] = {}
-    stored = _narrow_only_weights(gm, ctx) if config.weights == "narrow" and ctx.stage == "inference" else {}
+    wide = _output_matmuls(gm) if ctx.stage == "inference" else set()
+    stored = _narrow_only_weights(gm, ctx, wide) if config.weights == "narrow" and ctx.stage == "inference" else {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is CAST and node.meta.get("memsave_pass") == "mixed_precision":
             continue
         if is_getitem(node):
             node.meta["val"] = node_val(node.args[0])[node.args[1]]
             continue
-        rule = rule_for(node)
+        rule = "fp32" if node in wide else rule_for(node)
         want = low if rule == "narrow" else torch.float32 if rule == "fp32" else None
         if want is not None:
             _cast_inputs(builder, node, lambda v, want=want: want if v.dtype in FLOATS else None, constants, stored)
@@ -135,14 +138,32 @@ def cast_to_mixed_precision(gm: fx.GraphModule, config: PrecisionConfig, ctx: Pa
     return PassResult(bool(matmuls), tuple(notes), details)
 
 
-def _narrow_only_weights(gm: fx.GraphModule, ctx: PassContext) -> dict[fx.Node, torch.Tensor]:
+def _output_matmuls(gm: fx.GraphModule) -> set[fx.Node]:
+    """Matmul-like ops (inference) whose result is only returned, through views (an LM head's
+    logits): computed narrow, the result would be cast back to its dtype for the caller, and the
+    narrow copy and the full-width one would be alive together: the largest tensor of the call,
+    1.5 times over. They run in fp32 instead, producing the output directly."""
+    output = next(reversed(gm.graph.nodes))
+    reshapes = (*VIEWS, aten._unsafe_view.default, aten.reshape.default)
+
+    def returned_only(node: fx.Node) -> bool:
+        return bool(node.users) and all(
+            u is output or (u.op == "call_function" and u.target in reshapes and u.args[0] is node and returned_only(u))
+            for u in node.users
+        )
+
+    return {n for n in gm.graph.nodes if n.op == "call_function" and rule_for(n) == "narrow" and returned_only(n)}
+
+
+def _narrow_only_weights(gm: fx.GraphModule, ctx: PassContext, wide: set) -> dict[fx.Node, torch.Tensor]:
     """Float weight placeholders whose every use (through transposes and views) is a
-    matmul-like op: those can be stored narrow, with nothing left reading the fp32 original."""
+    matmul-like op that runs narrow: those can be stored narrow, with nothing left reading the
+    fp32 original."""
 
     def only_narrow(node: fx.Node) -> bool:
         return bool(node.users) and all(
             only_narrow(u) if u.op == "call_function" and u.target in VIEWS and u.args[0] is node
-            else u.op == "call_function" and rule_for(u) == "narrow"
+            else u.op == "call_function" and rule_for(u) == "narrow" and u not in wide
             for u in node.users
         )
 
