@@ -52,8 +52,10 @@ from benchmarks.harness import (  # noqa: E402
     MiB,
     _display_command,
     _parse_overrides,
+    add_run_arguments,
     estimated_peak_mib,
-    failed_configs,
+    failed_exit_code,
+    parse_configs,
     render_markdown,
     run_benchmark,
     summarize,
@@ -293,12 +295,7 @@ def cli(argv: list[str]) -> int:
         main(BENCH, argv)
         return 0
     parser = argparse.ArgumentParser(description=TITLE)
-    parser.add_argument("--repeats", type=int, help=f"fresh-process runs per config (default {BENCH.repeats})")
-    parser.add_argument("--configs", help="comma-separated subset of " + ",".join(CONFIGS))
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--timeout", type=float, help=f"seconds per child run (default {BENCH.timeout_s:g})")
-    parser.add_argument("--quick", action="store_true", help="1k-4k tokens, codegen fx; writes chunk_quick.*")
+    add_run_arguments(parser, BENCH, quick_help="1k-4k tokens, codegen fx; writes chunk_quick.*")
     parser.add_argument("--redraw", type=Path, nargs="*", help="redraw md and png from these JSON files")
     parser.add_argument("--merge", type=Path, help="run --configs and replace their runs in this results JSON")
     args = parser.parse_args(argv)
@@ -315,10 +312,7 @@ def cli(argv: list[str]) -> int:
         params["quick"] = True
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.configs:
-        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-        unknown = [c for c in wanted if c not in CONFIGS]
-        if unknown:
-            parser.error(f"unknown config(s) {unknown}; choose from {CONFIGS}")
+        wanted = parse_configs(parser, args.configs, CONFIGS)
         configs = [c for c in CONFIGS if c in wanted or c == BASELINE]
     bench = make_bench(f"{NAME}_quick" if args.quick else NAME)
     results = run_benchmark(bench, configs=configs, repeats=args.repeats or BENCH.repeats, params=params,
@@ -333,11 +327,7 @@ def cli(argv: list[str]) -> int:
         results, args.out = merged, args.merge.parent
     paths = write_outputs(results, args.out)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    failed = failed_configs(results)
-    if failed:
-        print(f"FAILED configs: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return failed_exit_code(results)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ from benchmarks.harness import (  # noqa: E402
     _malloc_trim,
     _parse_overrides,
     current_rss_bytes,
-    failed_configs,
+    failed_exit_code,
     main,
     render_markdown,
     run_benchmark,
@@ -1073,11 +1073,7 @@ def cli(argv: list[str]) -> int:
     paths = write_outputs(results, args.out)
     print("\n" + extra_sections(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    failed = failed_configs(results)
-    if failed:
-        print(f"FAILED configs: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return failed_exit_code(results)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ from benchmarks.harness import (  # noqa: E402
     MiB,
     _display_command,
     _parse_overrides,
+    add_run_arguments,
     current_rss_bytes,
-    failed_configs,
+    failed_exit_code,
+    parse_configs,
     peak_rss_bytes,
     render_markdown,
     reset_peak_rss,
@@ -716,13 +718,7 @@ def cli(argv: list[str]) -> int:
         main(BENCH, argv)
         return 0
     parser = argparse.ArgumentParser(description=TITLE)
-    parser.add_argument("--repeats", type=int, help=f"fresh-process runs per config (default {BENCH.repeats})")
-    parser.add_argument("--configs", help="comma-separated subset of " + ",".join(CONFIGS))
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--timeout", type=float, help=f"seconds per child run (default {BENCH.timeout_s:g})")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny models, one repeat; writes recompute_quick.* instead of recompute.*")
+    add_run_arguments(parser, BENCH, quick_help="tiny models, one repeat; writes recompute_quick.* instead of recompute.*")
     parser.add_argument("--redraw", type=Path, nargs="*", help="redraw md and png from these JSON files")
     args = parser.parse_args(argv)
     if args.redraw is not None:
@@ -741,10 +737,7 @@ def cli(argv: list[str]) -> int:
         repeats, params["quick"] = 1, True
     configs = CONFIGS
     if args.configs:
-        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-        unknown = [c for c in wanted if c not in CONFIGS]
-        if unknown:
-            parser.error(f"unknown config(s) {unknown}; choose from {CONFIGS}")
+        wanted = parse_configs(parser, args.configs, CONFIGS)
         models = {c.split(".", 1)[0] for c in wanted}
         configs = [c for c in CONFIGS if c in wanted or c in {f"{m}.{BASELINE}" for m in models}]
     bench = make_bench(f"{NAME}_quick" if args.quick else NAME)
@@ -753,11 +746,7 @@ def cli(argv: list[str]) -> int:
                             command=_display_command(bench, argv))
     paths = write_outputs(results, args.out)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    failed = failed_configs(results)
-    if failed:
-        print(f"FAILED configs: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return failed_exit_code(results)
 
 
 if __name__ == "__main__":

@@ -638,17 +638,43 @@ def _display_command(bench: Benchmark, argv: Sequence[str]) -> str:
     return shlex.join(["python", *entry, *argv])
 
 
-def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
-    """Command line of a benchmark script; exits non-zero if any config failed."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=bench.title)
+def add_run_arguments(parser: argparse.ArgumentParser, bench: Benchmark, *, quick_help: str,
+                      configs: Sequence[str] | None = None) -> None:
+    """The options every benchmark command line has: --repeats, --configs, --param, --out,
+    --timeout, --quick."""
+    configs = bench.configs if configs is None else configs
     parser.add_argument("--repeats", type=int, help=f"fresh-process runs per config (default {bench.repeats})")
-    parser.add_argument("--configs", help=f"comma-separated subset of {','.join(bench.configs)}; the baseline always runs")
+    parser.add_argument("--configs", help=f"comma-separated subset of {','.join(configs)}; the baseline always runs")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a param (repeatable); defaults: {json.dumps(bench.params)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: docs/results)")
     parser.add_argument("--timeout", type=float, help=f"seconds per child run (default {bench.timeout_s:g})")
-    parser.add_argument("--quick", action="store_true", help="one repeat and params['quick']=True: a smoke test")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def parse_configs(parser: argparse.ArgumentParser, text: str, known: Sequence[str]) -> list[str]:
+    """`--configs a,b`: the names, or a parser error naming the unknown ones and the choices."""
+    wanted = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; choose from {list(known)}")
+    return wanted
+
+
+def failed_exit_code(results: Mapping) -> int:
+    """1 (after naming them on stderr) if any config failed, else 0."""
+    failed = failed_configs(results)
+    if failed:
+        print(f"FAILED configs: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
+    """Command line of a benchmark script; exits non-zero if any config failed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=bench.title)
+    add_run_arguments(parser, bench, quick_help="one repeat and params['quick']=True: a smoke test")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -671,10 +697,7 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
         parser.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     configs = bench.configs
     if args.configs:
-        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-        unknown = [c for c in wanted if c not in bench.configs]
-        if unknown:
-            parser.error(f"unknown config(s) {unknown}; choose from {bench.configs}")
+        wanted = parse_configs(parser, args.configs, bench.configs)
         # Declared order, baseline included: ratios always compare against this same run.
         configs = [c for c in bench.configs if c in wanted or c == bench.baseline]
 
@@ -685,9 +708,7 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
     table = render_markdown(results).split("## Results", 1)[1].split("## Failures", 1)[0]
     print(table.strip())
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    failed = failed_configs(results)
-    if failed:
-        print(f"FAILED configs: {', '.join(failed)}", file=sys.stderr)
+    if failed_exit_code(results):
         sys.exit(1)
 
 
