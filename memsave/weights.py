@@ -31,6 +31,11 @@ class _Derived:
         self.source_key, self.rebuild = source_key, rebuild
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a cached value: one tensor, or a tuple/list holding some."""
+    return [t for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, torch.Tensor)]
+
+
 class WeightCache:
     def __init__(self) -> None:
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -107,9 +112,8 @@ class WeightCache:
         return value
 
     def _remember_owner(self, weight: torch.Tensor, key: Hashable, value: Any) -> None:
-        for t in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(t, torch.Tensor):
-                self._owners[t] = (weakref.ref(weight), key)
+        for t in _tensors(value):
+            self._owners[t] = (weakref.ref(weight), key)
 
     def __contains__(self, weight: torch.Tensor) -> bool:
         return weight in self._entries
@@ -127,12 +131,11 @@ class WeightCache:
         cached for them (packed, pruned, narrow copies), each storage counted once."""
         storages: dict[int, int] = {}
         for weight in weights:
-            tensors = [weight]
-            for _, value in self._entries.get(weight, {}).values():
-                tensors += [t for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, torch.Tensor)]
+            tensors = [weight] + [t for _, value in self._entries.get(weight, {}).values() for t in _tensors(value)]
             for t in tensors:
                 storage = t.untyped_storage()
-                storages[storage.data_ptr() or id(storage)] = storage.nbytes()
+                if storage.nbytes():  # a released weight holds nothing
+                    storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())
 
     def mark_derived(self, *tensors: torch.Tensor) -> None:
@@ -141,12 +144,7 @@ class WeightCache:
 
     def derived(self, weight: torch.Tensor) -> list[torch.Tensor]:
         """The derived weights cached for `weight` (see mark_derived)."""
-        found = []
-        for _, value in self._entries.get(weight, {}).values():
-            for t in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(t, torch.Tensor) and t in self._derived:
-                    found.append(t)
-        return found
+        return [t for _, value in self._entries.get(weight, {}).values() for t in _tensors(value) if t in self._derived]
 
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()

@@ -42,3 +42,40 @@ def compile_and_run(model, *inputs, **options):
     with memsave.collect() as reports, torch.no_grad():
         out = compiled(*inputs)
     return compiled, out, reports
+
+
+class LoweredGraphs:
+    """Catch the ATen graphs memsave lowers, by stage (to look at what actually runs)."""
+
+    def __init__(self, monkeypatch):
+        import copy
+
+        import memsave.backend as backend
+
+        self.graphs: dict = {}
+        original = backend.lower
+
+        def lower(gm, example_inputs, **kwargs):
+            self.graphs[kwargs.get("stage")] = copy.deepcopy(gm)
+            return original(gm, example_inputs, **kwargs)
+
+        monkeypatch.setattr(backend, "lower", lower)
+
+    def targets(self, stage):
+        return [n.target for n in self.graphs[stage].graph.nodes if n.op == "call_function"]
+
+    def count(self, stage, target):
+        return sum(n.target is target for n in self.graphs[stage].graph.nodes)
+
+    def shapes(self, stage):
+        return [tuple(v.shape) for n in self.graphs[stage].graph.nodes
+                if isinstance(v := n.meta.get("val"), torch.Tensor)]
+
+    def most_rows_over(self, stage, vocab):
+        """The most rows any tensor with a vocab-sized dim has (weights have `hidden` rows,
+        full logits have `tokens`)."""
+        return max(
+            v.numel() // vocab for n in self.graphs[stage].graph.nodes
+            if n.op in ("placeholder", "call_function") and isinstance(v := n.meta.get("val"), torch.Tensor) and vocab in v.shape
+        )
+

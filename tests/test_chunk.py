@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import memsave
-import memsave.backend as backend
 from memsave.config import CHUNK_DEFAULT_BUDGET, ChunkConfig, Config, OptionError
 from memsave.memory.estimate import WORKSPACE
 from memsave.models.decoder import build_decoder, decoder_inputs
+from tests.helpers import LoweredGraphs
 from memsave.ops.chunked_ce import linear_cross_entropy, reference
 
 LCE = torch.ops.memsave.linear_cross_entropy.default
@@ -112,37 +112,12 @@ def test_opcheck_schema_fake_and_autograd_registration():
 # -- capture + chunk passes on the built-in decoder ---------------------------------------------
 
 
-class _Spy:
-    """Catch the ATen graphs memsave lowers (to look at what actually runs)."""
-
-    def __init__(self, monkeypatch):
-        self.graphs = {}
-        original = backend.lower
-
-        def lower(gm, example_inputs, **kwargs):
-            self.graphs[kwargs.get("stage")] = copy.deepcopy(gm)
-            return original(gm, example_inputs, **kwargs)
-
-        monkeypatch.setattr(backend, "lower", lower)
-
-    def targets(self, stage):
-        return [n.target for n in self.graphs[stage].graph.nodes if n.op == "call_function"]
-
-    def most_rows_over(self, stage, vocab):
-        """The most rows any tensor with a vocab-sized dim has (weights have `hidden` rows,
-        full logits have `tokens`)."""
-        return max(
-            v.numel() // vocab for n in self.graphs[stage].graph.nodes
-            if n.op in ("placeholder", "call_function") and isinstance(v := n.meta.get("val"), torch.Tensor) and vocab in v.shape
-        )
-
-
 def _chunk_records(reports):
     return {r.stage: [rec for rec in r.records if rec.name in ("chunk_capture", "chunk")] for r in reports}
 
 
 def test_decoder_inference_loss_is_chunked_and_exact(monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = LoweredGraphs(monkeypatch)
     # A vocabulary large enough that the logits set the peak (and no other dim is 3000).
     model = build_decoder("tiny", max_seq_len=64, vocab_size=3000)
     ids, labels = decoder_inputs(model, 2, 41, labels=True)  # 82 tokens, more than hidden (64)
@@ -164,7 +139,7 @@ def test_decoder_inference_loss_is_chunked_and_exact(monkeypatch):
 
 @pytest.mark.parametrize("codegen", ["fx", "inductor"])
 def test_decoder_training_gradients_match_eager(codegen, monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = LoweredGraphs(monkeypatch)
     model = build_decoder("tiny", max_seq_len=64, vocab_size=300).train()
     twin = copy.deepcopy(model)
     ids, labels = decoder_inputs(model, 2, 41, labels=True)
@@ -242,7 +217,7 @@ def test_hf_style_loss_with_bias_sum_none_and_custom_ignore_index(reduction):
     ],
 )
 def test_refusals_leave_the_graph_as_is_and_say_why(loss_kwargs, returns_logits, reason, monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = LoweredGraphs(monkeypatch)
     torch.manual_seed(0)
     model = _HFStyleLM(**loss_kwargs)
     model.return_logits = returns_logits

@@ -11,30 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import memsave
-import memsave.backend as backend
 from memsave.models.decoder import build_decoder, decoder_inputs
+from tests.helpers import LoweredGraphs
 
 ATOL = 1e-5
 FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-
-
-class _Spy:
-    def __init__(self, monkeypatch):
-        self.graphs = {}
-        original = backend.lower
-
-        def lower(gm, example_inputs, **kwargs):
-            self.graphs[kwargs.get("stage")] = copy.deepcopy(gm)
-            return original(gm, example_inputs, **kwargs)
-
-        monkeypatch.setattr(backend, "lower", lower)
-
-    def shapes(self, stage):
-        return [tuple(v.shape) for n in self.graphs[stage].graph.nodes
-                if isinstance(v := n.meta.get("val"), torch.Tensor)]
-
-    def count(self, stage, target):
-        return sum(n.target is target for n in self.graphs[stage].graph.nodes)
 
 
 def _capture_notes(reports, stage="inference"):
@@ -42,7 +23,7 @@ def _capture_notes(reports, stage="inference"):
 
 
 def test_decoder_attention_routed_with_is_causal_and_no_score_matrix(monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = LoweredGraphs(monkeypatch)
     model = build_decoder("tiny")
     (ids,) = decoder_inputs(model, 2, 24)
     expected = model(ids)
@@ -68,7 +49,7 @@ def test_decoder_training_gradients_match_eager():
 
 
 def test_active_dropout_is_left_alone(monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = LoweredGraphs(monkeypatch)
     model = build_decoder("tiny", dropout=0.1).train()
     ids, labels = decoder_inputs(model, 1, 16, labels=True)
     compiled = torch.compile(model, backend="memsave", options={"codegen": "fx", "chunk": "attention"})
@@ -115,7 +96,7 @@ def _mask_inputs(t=11):
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_explicit_masks_are_passed_to_sdpa_exactly(kind, monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = LoweredGraphs(monkeypatch)
     torch.manual_seed(0)
     module = _Attention(kind)
     twin = copy.deepcopy(module)

@@ -43,12 +43,11 @@ def defer_weights(model: nn.Module) -> nn.Module:
     """Give every meta-device parameter and buffer of `model` a CPU tensor of the same shape,
     dtype and strides whose storage is empty; returns `model`. Tied weights stay tied. Tensors
     already on a real device are left as they are."""
-    replaced: dict[int, torch.Tensor] = {}
-    count = 0
+    replaced: dict[int, torch.Tensor] = {}  # id of a meta tensor -> its stand-in (tied: one)
     for module_name, module in model.named_modules(remove_duplicate=False):
         for table, is_param in ((module._parameters, True), (module._buffers, False)):
             for name, value in list(table.items()):
-                if value is None or (value.device.type != "meta" and id(value) not in replaced):
+                if value is None or value.device.type != "meta":
                     continue
                 if id(value) not in replaced:
                     full = f"{module_name}.{name}" if module_name else name
@@ -58,9 +57,8 @@ def defer_weights(model: nn.Module) -> nn.Module:
                     release(empty, f"{full} (built without storage by memsave.distributed.defer_weights)")
                     _DEFERRED[empty] = full
                     replaced[id(value)] = empty
-                    count += 1
                 table[name] = replaced[id(value)]
-    if count == 0:
+    if not replaced:
         raise ValueError(
             "memsave.distributed.defer_weights: the model has no parameter or buffer on the meta device; "
             "build it under `with torch.device('meta'):` first"
@@ -121,14 +119,16 @@ class WeightSource:
                     "expected a tensor"
                 )
             return value
-        table = self._table()
+        self._open()
         if self._safetensors is not None:
-            if name not in self._safetensors.keys():
-                raise self._missing(name, list(self._safetensors.keys()))
-            return self._safetensors.get_tensor(name)
-        if name not in table:
-            raise self._missing(name, list(table))
-        return table[name]
+            names = self._safetensors.keys()
+            if name in names:
+                return self._safetensors.get_tensor(name)
+        else:
+            names = self._opened if self._opened is not None else self.spec
+            if name in names:
+                return names[name]
+        raise self._missing(name, list(names))
 
     def copied(self, value: torch.Tensor) -> None:
         """`value` is copied into the model: if it came from the file this source mapped, give its
@@ -140,27 +140,26 @@ class WeightSource:
         """Drop the opened file (its memory map) once this rank's weights are copied."""
         self._opened = self._safetensors = None
 
-    def _table(self) -> Mapping[str, torch.Tensor]:
-        if isinstance(self.spec, Mapping):
-            return self.spec
-        if self._opened is None and self._safetensors is None:
-            path = os.fspath(self.spec)
-            if not os.path.exists(path):
-                raise OptionError(f"options['pipeline']['weights']: no file {path!r}")
-            if path.endswith(".safetensors"):
-                from safetensors import safe_open
+    def _open(self) -> None:
+        """A path is opened once: safetensors lazily, anything else with torch.load(mmap=True),
+        so that only the tensors this stage copies are read from disk."""
+        if isinstance(self.spec, Mapping) or self._opened is not None or self._safetensors is not None:
+            return
+        path = os.fspath(self.spec)
+        if not os.path.exists(path):
+            raise OptionError(f"options['pipeline']['weights']: no file {path!r}")
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
 
-                self._safetensors = safe_open(path, framework="pt", device="cpu")
-                return {}
-            # mmap: only the tensors this stage copies are read from disk.
-            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            if not isinstance(loaded, Mapping):
-                raise OptionError(
-                    f"options['pipeline']['weights']: {path!r} holds a {type(loaded).__name__}, expected a "
-                    "name -> tensor dict (write it with memsave.distributed.save_weights)"
-                )
-            self._opened = loaded
-        return self._opened if self._opened is not None else {}
+            self._safetensors = safe_open(path, framework="pt", device="cpu")
+            return
+        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(loaded, Mapping):
+            raise OptionError(
+                f"options['pipeline']['weights']: {path!r} holds a {type(loaded).__name__}, expected a "
+                "name -> tensor dict (write it with memsave.distributed.save_weights)"
+            )
+        self._opened = loaded
 
     def _missing(self, name: str, names: list[str]) -> OptionError:
         return OptionError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -221,11 +222,8 @@ class PipelineRuntime:
         )
         # Weights read by more than one stage (an embedding tied to the LM head): each holder
         # computes its own part of the gradient, and the parts are summed after the step.
-        uses: dict[str, int] = {}
-        for stage in plan.stages:
-            for w in stage.weights:
-                uses[w] = uses.get(w, 0) + 1
-        self.tied = [i.name for i in inputs if i.kind == "parameter" and uses.get(i.name, 0) > 1]
+        uses = Counter(w for stage in plan.stages for w in stage.weights)
+        self.tied = [i.name for i in inputs if i.kind == "parameter" and uses[i.name] > 1]
         self._stages: dict[tuple, tuple[Any, StageModule]] = {}
         self._schedules: dict[tuple, Any] = {}
         self._output_metas: dict[tuple, tuple] = {}

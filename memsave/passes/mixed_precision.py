@@ -27,8 +27,9 @@ too (an embedding table, a norm's scale) stays fp32. A graph constant (e.g. a pr
 factorized weight) is cast once at compile time. Graph outputs are cast back to their dtype,
 so the calling convention is unchanged; in inference a matmul whose result is only returned
 (an LM head's logits) runs in fp32 instead, since computed narrow its output and the cast
-back would be alive together (the call's largest tensor, 1.5 times over). An op that refuses the new dtypes runs
-on its inputs cast back to what they were: left as it was, never approximated.
+back would be alive together (the call's largest tensor, 1.5 times over). An op that refuses
+the new dtypes runs on its inputs cast back to what they were: left as it was, never
+approximated.
 
 In training the pass runs on the joint graph, so the backward's matmuls run narrow too and
 weight gradients come out fp32. `narrow_saved_activations` (called by the backend after the
@@ -172,10 +173,8 @@ def _narrow_only_weights(gm: fx.GraphModule, ctx: PassContext, wide: set) -> dic
         if node.op == "placeholder" and node.name in ctx.weights:
             tensor = ctx.weight_tensor(node.name)
             # A weight whose storage cannot be freed (memory-mapped from a file) would be held
-            # twice: it is cast per call instead.
-            if tensor is not None and tensor.dtype == torch.float32 and only_narrow(node) and (
-                is_released(tensor) or can_release(tensor)
-            ):
+            # twice: it is cast per call instead. (A released one, on a recompile, can be.)
+            if tensor is not None and tensor.dtype == torch.float32 and only_narrow(node) and can_release(tensor):
                 found[node] = tensor
     return found
 
@@ -196,7 +195,7 @@ def _release_stored(gm: fx.GraphModule, ctx: PassContext, stored: dict) -> tuple
     """Free the fp32 originals of the weights the graph now reads in their narrow copy."""
     names, freed = [], 0
     for node, weight in stored.items():
-        if node.users or is_released(weight) or not can_release(weight):
+        if node.users or is_released(weight):
             continue
         name = ctx.weights[node.name].name
         freed += release(weight, f"{name} (stored in a narrower dtype by mixed_precision)")
