@@ -28,6 +28,7 @@ import torch.fx as fx
 
 import memsave.ops  # noqa: F401  (registers memsave's custom ops before any graph holds them)
 from memsave.codegen import cpu
+from memsave.codegen.native import kernels as native_kernels
 from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes, lower
 from memsave.config import Config, OptionError
@@ -39,7 +40,8 @@ from memsave.report import PassRecord, publish
 from memsave.weights import is_released
 
 _graph_ids = itertools.count()
-cpu.register()  # ATen packed-weight kernels for quantized linears on CPU
+cpu.register()  # ATen packed-weight kernels for quantized linears on CPU (bf16 activations)
+native_kernels.register()  # memsave's C kernels: every stored format, fp32 activations, on CPU
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     from memsave.codegen import triton as triton_kernels
 

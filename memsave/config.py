@@ -277,10 +277,12 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
     memsave.calibrate(model, batches) before compiling; without it they fall back to "mse"). include/exclude: glob patterns over weight names
     (e.g. "layers.*.mlp.*"); overrides: {pattern: {field: value}} for per-layer schemes.
     embeddings: also quantize embedding tables. free_weights: release the full-precision
-    originals once every use in the graph reads the compressed copy. compute_dtype: None runs
-    quantized matmuls in the activations' dtype (exact w.r.t. the dequantized weights);
-    "bfloat16"/"float16" casts their inputs (explicit casts in the graph, error reported),
-    which is what the fast CPU kernels need for fp32 models. activations: "int8" quantizes the
+    originals once every use in the graph reads the compressed copy. compute_dtype: None (the
+    default) lets codegen pick the fastest kernel this machine has, which may run a matmul on a
+    bf16 copy of fp32 activations where that is faster (int4 on ATen's CPU kernel; the error is
+    reported like any lossy pass); "float32" keeps the activations as they are (exact w.r.t.
+    the dequantized weights); "bfloat16"/"float16" casts the inputs of every quantized matmul
+    (explicit casts in the graph, error reported). activations: "int8" quantizes the
     linears' inputs per token at run time too (W8A8, short name "w8a8").
     """
 
@@ -319,15 +321,16 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
         self._check_choice("method", self.method, QUANT_METHODS)
         for name in ("symmetric", "embeddings", "free_weights"):
             self._check_choice(name, getattr(self, name), (True, False))
-        self._check_choice("compute_dtype", self.compute_dtype, (None, "bfloat16", "float16"))
+        self._check_choice("compute_dtype", self.compute_dtype, (None, "float32", "bfloat16", "float16"))
         self._check_choice("activations", self.activations, (None, "int8"))
-        if self.scheme != "affine" and (self.method in ("awq", "gptq") or self.activations or self.compute_dtype):
+        narrow = self.compute_dtype in ("bfloat16", "float16")
+        if self.scheme != "affine" and (self.method in ("awq", "gptq") or self.activations or narrow):
             raise OptionError(
                 f"options['quantize']: scheme {self.scheme!r} supports methods 'rtn'/'mse' only, without "
                 "activations or compute_dtype (those need the affine scheme)"
             )
         if self.activations == "int8" and (
-            self.bits != 8 or not self.symmetric or self.group_size is not None or self.compute_dtype is not None
+            self.bits != 8 or not self.symmetric or self.group_size is not None or narrow
         ):
             raise OptionError(
                 "options['quantize']: activations='int8' (W8A8) needs int8 per-channel symmetric weights "

@@ -35,6 +35,9 @@ class Kernel:
     applies: Callable[[fx.Node], bool]
     lower: Callable[[fx.GraphModule, fx.Node], fx.Node]  # returns the node that now runs the kernel
     op: torch._ops.OpOverload | None = None  # set for same-schema kernels (checked at registration)
+    # Computes in a narrower dtype than the node's activations (e.g. fp32 in, bf16 inside): only
+    # chosen when the config lets codegen pick the fastest kernel over the exact one.
+    narrows: bool = False
 
     @classmethod
     def retarget(cls, name: str, op: torch._ops.OpOverload, applies: Callable[[fx.Node], bool]) -> Kernel:
@@ -67,20 +70,25 @@ def kernels_for(reference: torch._ops.OpOverload) -> list[Kernel]:
     return list(_KERNELS.get(reference, ()))
 
 
-def select_kernels(gm: fx.GraphModule) -> dict[str, int]:
-    """Give each reference-op node to the first kernel that applies; returns counts by kernel."""
+def select_kernels(gm: fx.GraphModule, *, narrow: bool = True, per_layer: dict[str, str] | None = None) -> dict[str, int]:
+    """Give each reference-op node to the first kernel that applies (skipping kernels that
+    narrow the activations unless `narrow`); returns counts by kernel, and fills `per_layer`
+    (weight name -> kernel) when given."""
     chosen: dict[str, int] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _KERNELS:
             continue
+        layer = weight_name(node)
+        name = "reference"
         for kernel in _KERNELS[node.target]:
-            if kernel.applies(node):
-                kernel.lower(gm, node).meta[KERNEL_TAG] = kernel.name
-                chosen[kernel.name] = chosen.get(kernel.name, 0) + 1
+            if (narrow or not kernel.narrows) and kernel.applies(node):
+                kernel.lower(gm, node).meta[KERNEL_TAG] = name = kernel.name
                 break
         else:
-            node.meta[KERNEL_TAG] = "reference"
-            chosen["reference"] = chosen.get("reference", 0) + 1
+            node.meta[KERNEL_TAG] = name
+        chosen[name] = chosen.get(name, 0) + 1
+        if per_layer is not None:
+            per_layer[layer] = name
     if any(name != "reference" for name in chosen):
         drop_unused_constants(gm)  # a kernel with its own layout leaves the old constants unread
         gm.recompile()
@@ -92,7 +100,25 @@ def select_kernels_pass(gm: fx.GraphModule, config: object, ctx: object):
     debug mode the invariants and the error against the untransformed graph are checked after it."""
     from memsave.passes.base import PassResult
 
-    chosen = select_kernels(gm)
+    quantize = getattr(getattr(ctx, "config", None), "quantize", None)
+    narrow = quantize is None or quantize.compute_dtype != "float32"
+    per_layer: dict[str, str] = {}
+    chosen = select_kernels(gm, narrow=narrow, per_layer=per_layer)
     fast = {name: count for name, count in chosen.items() if name != "reference"}
     notes = ("kernels: " + ", ".join(f"{name} ×{count}" for name, count in sorted(chosen.items())),) if chosen else ()
-    return PassResult(bool(fast), notes, {"kernels": chosen})
+    notes += tuple(f"  {layer}: {kernel}" for layer, kernel in per_layer.items())
+    return PassResult(bool(fast), notes, {"kernels": chosen, "per_layer": per_layer})
+
+
+def weight_name(node: fx.Node) -> str:
+    """The weight a compressed linear multiplies with, by the name the report uses for it
+    (its stored form's first tensor, followed through a dequantize of it), else the node's."""
+    stored = node.args[1] if len(node.args) > 1 else None
+    for _ in range(4):
+        if not isinstance(stored, fx.Node):
+            break
+        label = stored.meta.get("memsave_weight_of") or stored.meta.get("memsave_derived")
+        if label is not None:
+            return label if isinstance(label, str) else f"{label[0]}[{label[1]}]"
+        stored = stored.args[0] if stored.op == "call_function" and stored.args else None
+    return node.name

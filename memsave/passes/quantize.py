@@ -43,6 +43,10 @@ from memsave.weights import WEIGHTS
 
 aten = torch.ops.aten
 memsave_ops = torch.ops.memsave
+# Casts as the decomposed graph spells them: Inductor lowers prims.convert_element_type, while
+# aten._to_copy (which AOTAutograd has already decomposed) makes it fail with "both a fallback
+# and a decomp for same op".
+CAST = torch.ops.prims.convert_element_type.default
 
 
 def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> PassResult:
@@ -102,7 +106,8 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             quantize_op, (quantized_input, *param_nodes, *extra_nodes, *rules.quantize_extra(spec)), before=first_use
         )
         q.meta[QPARAMS_KEY] = key  # fold_weights caches the packed codes under it
-        compute = getattr(torch, scheme.compute_dtype) if scheme.compute_dtype else val.dtype
+        # None (codegen picks the kernel) and "float32" (exact) leave the graph's dtypes alone.
+        compute = getattr(torch, scheme.compute_dtype) if scheme.compute_dtype in ("bfloat16", "float16") else val.dtype
         dequantized: dict[torch.dtype, fx.Node] = {}
 
         def dequantize(dtype: torch.dtype) -> fx.Node:
@@ -242,9 +247,9 @@ def _compute_in(builder: GraphBuilder, transpose: fx.Node, weight: fx.Node, dq: 
             if arg is transpose:
                 args[i] = transpose_bf
             elif isinstance(arg, fx.Node):
-                args[i] = builder.call(aten._to_copy.default, (arg,), {"dtype": dtype}, before=mm)
+                args[i] = builder.call(CAST, (arg, dtype), before=mm)
         narrow = builder.call(mm.target, tuple(args), dict(mm.kwargs), before=mm)
-        back = builder.call(aten._to_copy.default, (narrow,), {"dtype": mm.meta["val"].dtype}, before=mm)
+        back = builder.call(CAST, (narrow, mm.meta["val"].dtype), before=mm)
         mm.replace_all_uses_with(back)
         builder.gm.graph.erase_node(mm)
     builder.gm.graph.erase_node(transpose)

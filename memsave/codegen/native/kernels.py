@@ -1,0 +1,295 @@
+"""memsave's C kernels (linear.c) as torch ops, offered to codegen's kernel registry.
+
+One op per stored format, each the twin of its reference op: the same schema (taken from the
+reference, not written again), so selecting it only changes a node's target:
+
+    memsave::linear_affine  → memsave::linear_affine_native   (int2..int8, any group)
+    memsave::linear_log     → memsave::linear_log_native
+    memsave::linear_vq      → memsave::linear_vq_native
+    memsave::linear_nm      → memsave::linear_nm_native       (2:4, 4:8, any n:m)
+    memsave::linear_w8a8    → memsave::linear_w8a8_native     (exact int32 sums, like the reference)
+    memsave::linear_bitmask → memsave::linear_bitmask_native  (+ each row's first value, a constant)
+
+How they run (activations are computed in fp32, whatever their dtype, and the result is cast
+back): up to FUSED_ROWS rows of activations (decode, small batches), each thread decodes one
+weight row at a time into a buffer that stays in L1 and multiplies it with every activation
+row — the weight is read once, in its stored form. More rows (prefill) are multiplied tile by
+tile: a few rows of the weight decoded into one fp32 tile (~TILE_BYTES), multiplied by torch's
+GEMM, the next tile decoded into the same buffer. So no call holds more than one tile of
+decoded weight beside what eager would hold.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+import memsave.ops  # noqa: F401  (registers the reference ops this module twins)
+from memsave.codegen.kernels import Kernel, register_kernel
+from memsave.codegen.native.build import library
+from memsave.codegen.oplib import define_kernel_op, twin
+from memsave.graph.rewrite import GraphBuilder
+from memsave.ops.pack import packed_length
+from memsave.ops.sparse import index_bits
+
+memsave_ops = torch.ops.memsave
+FUSED_ROWS = 8  # activation rows up to which the fused kernel beats decode-then-GEMM (measured)
+TILE_BYTES = 1 << 20  # one decoded fp32 tile for the GEMM path: about L2 size of one core
+AFFINE, LOG, VQ, NM, BITMASK = range(5)
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class WeightDesc(ctypes.Structure):
+    """Mirror of ms_weight in linear.c."""
+
+    _fields_ = [
+        ("format", _I), ("out_features", _I), ("in_features", _I), ("bits", _I), ("group_size", _I),
+        ("row_bytes", _I), ("codes", _P), ("param0", _P), ("param1", _P), ("values", _P),
+        ("row_start", _P), ("codebook", _P), ("centroids", _I), ("dim", _I), ("n", _I), ("m", _I),
+    ]
+
+
+_TYPED: ctypes.CDLL | None = None
+
+
+def use_library(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
+    """Run the ops on `lib` (a build of linear.c; None: the default build, on next use).
+    Returns the one used before. Tests swap in the portable build with it."""
+    global _TYPED
+    before, _TYPED = _TYPED, None
+    if lib is not None:
+        lib.ms_linear.argtypes = [ctypes.POINTER(WeightDesc), _P, _I, _P, _P]
+        lib.ms_decode.argtypes = [ctypes.POINTER(WeightDesc), _I, _I, _P]
+        lib.ms_linear_w8a8.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P]
+        lib.ms_isa.restype = ctypes.c_int
+        _TYPED = lib
+    return before
+
+
+def _lib() -> ctypes.CDLL:
+    if _TYPED is None:
+        lib = library()
+        if lib is None:
+            raise RuntimeError("memsave native kernels are not available on this machine (see memsave.codegen.native.build)")
+        use_library(lib)
+    return _TYPED
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _contiguous(*tensors):
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+# Every call below is on the decode path of every linear: kept lean (a few µs of Python).
+def _multiply(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None, keep: tuple) -> torch.Tensor:
+    """x (..., K) @ W^T + bias for the weight `desc` describes; `keep` holds the tensors its
+    pointers point into, alive for the call."""
+    lib, k, n = _lib(), desc.in_features, desc.out_features
+    x2, b = _fp32(x.reshape(-1, k)), _fp32(bias)
+    rows = x2.shape[0]
+    y = torch.empty((rows, n), dtype=torch.float32)
+    if rows <= FUSED_ROWS:
+        if rows:
+            lib.ms_linear(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr())
+    else:
+        step = max(16, TILE_BYTES // (4 * k))
+        tile = torch.empty((min(step, n), k), dtype=torch.float32)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            lib.ms_decode(ctypes.byref(desc), r0, r1, tile.data_ptr())
+            part = tile[: r1 - r0]
+            if b is None:
+                y[:, r0:r1].copy_(x2 @ part.t())
+            else:
+                y[:, r0:r1].copy_(torch.addmm(b[r0:r1], x2, part.t()))
+        del tile
+    del keep
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+# -- the ops ------------------------------------------------------------------------------
+
+
+def _affine(x, packed, scale, offset, bias, bits, group_size, in_features):
+    packed, scale, offset = _contiguous(packed, scale, offset)
+    desc = WeightDesc(
+        format=AFFINE, out_features=packed.shape[0], in_features=in_features, bits=bits,
+        group_size=min(group_size, in_features), row_bytes=packed.stride(0), codes=packed.data_ptr(),
+        param0=scale.data_ptr(), param1=_ptr(offset),
+    )
+    return _multiply(desc, x, bias, (packed, scale, offset))
+
+
+def _log(x, packed, log_zmin, step, bias, bits, group_size, in_features):
+    packed, log_zmin, step = _contiguous(packed, log_zmin, step)
+    desc = WeightDesc(
+        format=LOG, out_features=packed.shape[0], in_features=in_features, bits=bits,
+        group_size=min(group_size, in_features), row_bytes=packed.stride(0), codes=packed.data_ptr(),
+        param0=log_zmin.data_ptr(), param1=step.data_ptr(),
+    )
+    return _multiply(desc, x, bias, (packed, log_zmin, step))
+
+
+def _vq(x, indices_packed, codebook, bias, index_bits, dim, in_features):
+    indices_packed, codebook = _contiguous(indices_packed, codebook)
+    desc = WeightDesc(
+        format=VQ, out_features=indices_packed.shape[0], in_features=in_features, bits=index_bits,
+        row_bytes=indices_packed.stride(0), codes=indices_packed.data_ptr(), codebook=codebook.data_ptr(),
+        centroids=codebook.shape[0], dim=dim,
+    )
+    return _multiply(desc, x, bias, (indices_packed, codebook))
+
+
+def _nm(x, values, indices, bias, n, m, in_features):
+    values = _fp32(values.reshape(indices.shape[0], -1))
+    (indices,) = _contiguous(indices)
+    desc = WeightDesc(
+        format=NM, out_features=indices.shape[0], in_features=in_features, bits=index_bits(m),
+        row_bytes=indices.stride(0), codes=indices.data_ptr(), values=values.data_ptr(), n=n, m=m,
+    )
+    return _multiply(desc, x, bias, (values, indices))
+
+
+def _bitmask(x, values, mask, row_start, bias, in_features):
+    values = _fp32(values.reshape(-1))
+    mask, row_start = _contiguous(mask, row_start)
+    desc = WeightDesc(
+        format=BITMASK, out_features=mask.shape[0], in_features=in_features, row_bytes=mask.stride(0),
+        codes=mask.data_ptr(), values=values.data_ptr(), row_start=row_start.data_ptr(),
+    )
+    return _multiply(desc, x, bias, (values, mask, row_start))
+
+
+def _w8a8(x, packed, scale, bias):
+    k, n = x.shape[-1], packed.shape[0]
+    packed, scale = _contiguous(packed, scale)
+    codes, x_scale = memsave_ops.quantize_per_token(x.reshape(-1, k))  # the reference's own rounding
+    codes, x_scale = codes.contiguous(), x_scale.reshape(-1).contiguous()
+    b = _fp32(bias)
+    y = torch.empty((codes.shape[0], n), dtype=torch.float32)
+    _lib().ms_linear_w8a8(
+        codes.data_ptr(), x_scale.data_ptr(), codes.shape[0], k, packed.data_ptr(), scale.data_ptr(), n, _ptr(b), y.data_ptr()
+    )
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)
+
+
+linear_affine_native = twin(memsave_ops.linear_affine.default, "linear_affine_native", _affine)
+linear_log_native = twin(memsave_ops.linear_log.default, "linear_log_native", _log)
+linear_vq_native = twin(memsave_ops.linear_vq.default, "linear_vq_native", _vq)
+linear_nm_native = twin(memsave_ops.linear_nm.default, "linear_nm_native", _nm)
+linear_w8a8_native = twin(memsave_ops.linear_w8a8.default, "linear_w8a8_native", _w8a8)
+
+
+# linear_bitmask with each row's first value index (N + 1, int64) beside the mask.
+linear_bitmask_native = define_kernel_op(
+    "linear_bitmask_native",
+    "(Tensor x, Tensor values, Tensor mask, Tensor row_start, Tensor? bias, SymInt in_features) -> Tensor",
+    _bitmask,
+    lambda x, values, mask, row_start, bias, in_features: memsave_ops.linear_bitmask(x, values, mask, bias, in_features),
+)
+
+
+def bitmask_row_start(mask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(N + 1,) int64: where each row's kept values start in the values array."""
+    from memsave.ops.pack import unpack_bits
+
+    counts = torch.zeros(mask.shape[0] + 1, dtype=torch.int64)
+    step = max(1, (1 << 22) // max(1, in_features))
+    for r0 in range(0, mask.shape[0], step):
+        counts[1 + r0 : 1 + r0 + step] = unpack_bits(mask[r0 : r0 + step], 1, in_features).sum(-1, dtype=torch.int64)
+    return counts.cumsum_(0)
+
+
+# -- selection ---------------------------------------------------------------------------
+
+
+def _val(arg):
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else None
+
+
+def _dtype_is(arg, *dtypes) -> bool:
+    v = _val(arg)
+    return isinstance(v, torch.Tensor) and v.dtype in dtypes
+
+
+def _activations_ok(node: fx.Node) -> bool:
+    x = _val(node.args[0])
+    return (
+        isinstance(x, torch.Tensor) and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and library() is not None
+    )
+
+
+def _applies_affine(node: fx.Node) -> bool:
+    x, packed, scale, offset, bias, bits, group, k = node.args
+    return (
+        _activations_ok(node) and 2 <= bits <= 8 and _dtype_is(packed, torch.uint8)
+        and _dtype_is(scale, torch.float16) and (offset is None or _dtype_is(offset, torch.float16))
+        and _val(packed).shape[1] == packed_length(-(-k // min(group, k)) * min(group, k), bits)
+    )
+
+
+def _applies_log(node: fx.Node) -> bool:
+    x, packed, log_zmin, step, bias, bits, group, k = node.args
+    return _activations_ok(node) and 2 <= bits <= 8 and _dtype_is(log_zmin, torch.float16) and _dtype_is(step, torch.float16)
+
+
+def _applies_vq(node: fx.Node) -> bool:
+    x, packed, codebook, bias, index_bits_, dim, k = node.args
+    return _activations_ok(node) and dim in (1, 2, 4) and _dtype_is(codebook, torch.float16)
+
+
+def _applies_nm(node: fx.Node) -> bool:
+    return _activations_ok(node) and _dtype_is(node.args[1], torch.float32, torch.bfloat16, torch.float16)
+
+
+def _applies_w8a8(node: fx.Node) -> bool:
+    x, packed, scale, bias = node.args
+    v = _val(packed)
+    return (
+        _activations_ok(node) and _dtype_is(scale, torch.float16) and v is not None
+        and v.shape[1] == _val(x).shape[-1]  # rows unpadded: K a multiple of 8
+    )
+
+
+def _applies_bitmask(node: fx.Node) -> bool:
+    mask = node.args[2]
+    return (
+        _activations_ok(node) and _dtype_is(node.args[1], torch.float32, torch.bfloat16, torch.float16)
+        and isinstance(mask, fx.Node) and mask.op == "get_attr"
+    )
+
+
+def _lower_bitmask(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    x, values, mask, bias, k = node.args
+    with unset_fake_temporarily():  # kernels are selected under the compile's fake mode
+        row_start = bitmask_row_start(getattr(gm, mask.target), k)
+    builder = GraphBuilder(gm, "codegen:native-bitmask")
+    start = builder.constant("memsave_bitmask_row_start", row_start, before=node)
+    new = builder.call(linear_bitmask_native, (x, values, mask, start, bias, k), before=node)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def register() -> None:
+    register_kernel(memsave_ops.linear_affine.default, Kernel.retarget("native-affine", linear_affine_native, _applies_affine))
+    register_kernel(memsave_ops.linear_log.default, Kernel.retarget("native-log", linear_log_native, _applies_log))
+    register_kernel(memsave_ops.linear_vq.default, Kernel.retarget("native-vq", linear_vq_native, _applies_vq))
+    register_kernel(memsave_ops.linear_nm.default, Kernel.retarget("native-nm", linear_nm_native, _applies_nm))
+    register_kernel(memsave_ops.linear_w8a8.default, Kernel.retarget("native-w8a8", linear_w8a8_native, _applies_w8a8))
+    register_kernel(memsave_ops.linear_bitmask.default, Kernel("native-bitmask", _applies_bitmask, _lower_bitmask))

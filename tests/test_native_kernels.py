@@ -1,0 +1,170 @@
+"""memsave's C kernels (codegen/native) against the plain-torch reference ops they stand in for:
+every stored format, decode-sized and prefill-sized batches (the fused and the tiled path),
+odd shapes, bias, narrow activations, the portable (non-AVX-512) build, and selection through
+the backend."""
+
+import pytest
+import torch
+
+import memsave
+from memsave.codegen.native import build, kernels as native
+from memsave.ops import quantize_weight
+from memsave.ops.log import quantize_weight_log
+from memsave.ops.sparse import nm_keep_mask, pack_bitmask, pack_nm
+from memsave.ops.vq import quantize_weight_vq
+
+memsave_ops = torch.ops.memsave
+pytestmark = pytest.mark.skipif(build.library() is None, reason=f"no native build: {build.unavailable_reason()}")
+
+# rows of activations: 1 and 5 run the fused kernel, 8 its largest block, 11 the tiled GEMM path
+ROWS = (1, 5, 8, 11)
+
+
+def _weight(n, k, seed):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
+
+
+def _close(got, expected):
+    # fp32 throughout: only the summation order differs from the reference's matmul.
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+
+
+def _cases(n, k):
+    """(name, reference op, native op, args without x) for every format on one (n, k) weight."""
+    w, bias = _weight(n, k, n + k), torch.randn(n, generator=torch.Generator().manual_seed(1))
+    cases = []
+    for bits, group, sym in [(8, k, True), (4, 64, False), (4, 32, True), (4, k, False), (3, k, True), (3, 64, False),
+                             (2, k, True), (2, 64, False), (8, 64, False)]:
+        packed, scale, offset = quantize_weight(w, bits, group, sym)
+        args = (packed, scale, offset, bias, bits, group, k)
+        cases.append((f"int{bits}-g{group}", memsave_ops.linear_affine.default, native.linear_affine_native, args))
+    for bits, group in [(4, k), (4, 64), (3, k), (2, k)]:
+        packed, log_zmin, step = quantize_weight_log(w, bits, group)
+        cases.append((f"log{bits}-g{group}", memsave_ops.linear_log.default, native.linear_log_native,
+                      (packed, log_zmin, step, None, bits, group, k)))
+    for dim, centroids in [(2, 256), (4, 256), (1, 16), (2, 64)]:
+        indices, codebook = quantize_weight_vq(w, dim, centroids, iters=2)
+        cases.append((f"vq{dim}x{centroids}", memsave_ops.linear_vq.default, native.linear_vq_native,
+                      (indices, codebook, bias, (centroids - 1).bit_length(), dim, k)))
+    for n_, m_ in [(2, 4), (4, 8), (1, 4), (3, 8)]:
+        values, positions = pack_nm(w, nm_keep_mask(w.abs(), n_, m_), n_, m_)
+        cases.append((f"{n_}:{m_}", memsave_ops.linear_nm.default, native.linear_nm_native, (values, positions, bias, n_, m_, k)))
+    if k % 8 == 0:
+        packed, scale, _ = quantize_weight(w, 8, None, symmetric=True)
+        cases.append(("w8a8", memsave_ops.linear_w8a8.default, native.linear_w8a8_native, (packed, scale, bias)))
+    return cases
+
+
+@pytest.mark.parametrize("n, k", [(96, 256), (80, 200), (130, 72)])
+def test_every_format_matches_its_reference(n, k):
+    for name, reference, op, args in _cases(n, k):
+        for rows in ROWS:
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            try:
+                _close(op(x, *args), reference(x, *args))
+            except AssertionError as e:
+                raise AssertionError(f"{name}, {rows} rows: {e}") from None
+
+
+def test_bitmask_matches_its_reference_with_any_pattern():
+    for n, k, density in [(64, 256, 0.5), (70, 201, 0.1), (33, 48, 0.95)]:
+        w = _weight(n, k, k)
+        keep = torch.rand(n, k, generator=torch.Generator().manual_seed(n)) < density
+        keep[3] = False  # an empty row
+        values, mask = pack_bitmask(w, keep)
+        row_start = native.bitmask_row_start(mask, k)
+        assert row_start[-1] == values.numel() and row_start[4] == row_start[3]
+        bias = torch.randn(n)
+        for rows in ROWS:
+            x = torch.randn(rows, k)
+            _close(native.linear_bitmask_native(x, values, mask, row_start, bias, k),
+                   memsave_ops.linear_bitmask(x, values, mask, bias, k))
+
+
+def test_batch_dims_and_narrow_activations():
+    n, k = 64, 128
+    packed, scale, offset = quantize_weight(_weight(n, k, 0), 4, 64, False)
+    args = (packed, scale, offset, None, 4, 64, k)
+    x = torch.randn(2, 3, k)
+    got = native.linear_affine_native(x, *args)
+    assert got.shape == (2, 3, n) and got.dtype == torch.float32
+    _close(got, memsave_ops.linear_affine(x, *args))
+    # bf16 activations: computed in fp32 and returned in bf16 (the reference computes in bf16).
+    xb = x.bfloat16()
+    got = native.linear_affine_native(xb, *args)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), memsave_ops.linear_affine(xb.float(), *args).bfloat16().float())
+
+
+def test_w8a8_sums_are_exact_integers():
+    """The VNNI path sums (q + 128)·x − 128·Σx in int32: the same integers as torch._int_mm."""
+    n, k = 64, 256
+    packed, scale, _ = quantize_weight(_weight(n, k, 3), 8, None, symmetric=True)
+    one = torch.ones(n, 1, dtype=torch.float16)  # unit scales: the output is the integer sum times x's scale
+    x = torch.randn(5, k)
+    codes, x_scale = memsave_ops.quantize_per_token(x)
+    expected = torch._int_mm(codes, (packed ^ 0x80).view(torch.int8).t().contiguous()).float() * x_scale
+    assert torch.equal(native.linear_w8a8_native(x, packed, one, None), expected)
+
+
+def test_the_portable_build_matches_too():
+    """Machines without AVX-512 run the plain-C path of the same source."""
+    portable = build.library(("-mno-avx512f",))
+    assert portable is not None, build.unavailable_reason()
+    before = native.use_library(portable)
+    try:
+        assert native._lib().ms_isa() == 0
+        for name, reference, op, args in _cases(72, 200)[::3]:
+            for rows in (1, 11):
+                x = torch.randn(rows, 200)
+                _close(op(x, *args), reference(x, *args))
+    finally:
+        native.use_library(before)
+    assert native._lib().ms_isa() > 0
+
+
+def test_ops_pass_opcheck():
+    n, k = 64, 64
+    packed, scale, offset = quantize_weight(_weight(n, k, 5), 4, 32, False)
+    torch.library.opcheck(native.linear_affine_native, (torch.randn(3, k), packed, scale, offset, None, 4, 32, k))
+    values, mask = pack_bitmask(_weight(n, k, 6), torch.rand(n, k) < 0.5)
+    torch.library.opcheck(
+        native.linear_bitmask_native, (torch.randn(2, k), values, mask, native.bitmask_row_start(mask, k), None, k)
+    )
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
+
+
+@pytest.mark.parametrize(
+    "options, kernel",
+    [
+        ({"quantize": "int8"}, "native-affine"),
+        ({"quantize": "int3"}, "native-affine"),
+        ({"quantize": "log4"}, "native-log"),
+        ({"quantize": "vq4"}, "native-vq"),
+        ({"quantize": "w8a8"}, "native-w8a8"),
+        ({"prune": "2:4"}, "native-nm"),
+        ({"prune": "unstructured-50"}, "native-bitmask"),
+    ],
+)
+@pytest.mark.parametrize("codegen", ["inductor", "fx"])
+def test_short_names_run_native_kernels_through_the_backend(options, kernel, codegen, monkeypatch):
+    from memsave.codegen import kernels
+
+    x = torch.randn(3, 128)
+    outputs = {}
+    for registry in ("native", "reference"):
+        torch._dynamo.reset()
+        if registry == "reference":
+            monkeypatch.setattr(kernels, "_KERNELS", {})
+        compiled = torch.compile(_model(), backend="memsave", options={**options, "codegen": codegen})
+        with memsave.collect() as reports, torch.no_grad():
+            outputs[registry] = compiled(x)
+        select = reports[0].records[-1]
+        if registry == "native":
+            assert select.details["kernels"] == {kernel: 2}
+            assert set(select.details["per_layer"].values()) == {kernel}
+    _close(outputs["native"], outputs["reference"])
