@@ -30,7 +30,9 @@ import memsave.ops  # noqa: F401  (registers the reference ops this module twins
 from memsave.codegen.kernels import Kernel, register_kernel
 from memsave.codegen.native.build import library
 from memsave.codegen.oplib import define_kernel_op, twin
+from memsave.graph.meta import hint_int
 from memsave.graph.rewrite import GraphBuilder
+from memsave.memory.estimate import WORKSPACE
 from memsave.ops.pack import packed_length
 from memsave.ops.sparse import index_bits
 
@@ -203,6 +205,19 @@ linear_bitmask_native = define_kernel_op(
 )
 
 
+def _workspace(node: fx.Node) -> int:
+    """Temporary bytes of a native linear beyond its output (memory/estimate.py): an fp32 copy
+    of narrower activations; on the tiled path one decoded tile and one tile of products."""
+    x, out = node.args[0].meta["val"], node.meta["val"]
+    k, n = hint_int(x.shape[-1]), hint_int(out.shape[-1])
+    rows = hint_int(x.numel()) // max(1, k)
+    copy = rows * k * 4 if x.dtype != torch.float32 else 0
+    if rows <= FUSED_ROWS:
+        return copy
+    step = min(n, max(16, TILE_BYTES // (4 * k)))
+    return copy + step * k * 4 + rows * step * 4
+
+
 def bitmask_row_start(mask: torch.Tensor, in_features: int) -> torch.Tensor:
     """(N + 1,) int64: where each row's kept values start in the values array."""
     from memsave.ops.pack import unpack_bits
@@ -287,6 +302,8 @@ def _lower_bitmask(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 
 def register() -> None:
+    for op in (linear_affine_native, linear_log_native, linear_vq_native, linear_nm_native, linear_bitmask_native):
+        WORKSPACE[op] = _workspace
     register_kernel(memsave_ops.linear_affine.default, Kernel.retarget("native-affine", linear_affine_native, _applies_affine))
     register_kernel(memsave_ops.linear_log.default, Kernel.retarget("native-log", linear_log_native, _applies_log))
     register_kernel(memsave_ops.linear_vq.default, Kernel.retarget("native-vq", linear_vq_native, _applies_vq))

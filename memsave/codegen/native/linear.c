@@ -322,6 +322,12 @@ typedef struct {
 
 #define MB_MAX 8
 
+/* Below this many weights (times activation rows) a call runs on one thread: forking costs a few
+ * microseconds, and on a busy machine a region waits for every one of its threads to be
+ * scheduled (a 512 x 1408 linear took 30x longer forked than serial with another process on
+ * one of the two cores). torch's own kernels have a grain size for the same reason. */
+#define PARALLEL_MIN_WORK (1 << 20)
+
 #ifdef MS_AVX512
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -540,9 +546,10 @@ static inline __attribute__((always_inline)) void log_row(const ms_weight *d, co
   _mm256_set_m128i(_mm_set_epi64x((long long)t[at(j + 3)], (long long)t[at(j + 2)]),              \
                    _mm_set_epi64x((long long)t[at(j + 1)], (long long)t[at(j)]))
 
+/* `dim` is a constant at each call (fused_rows), so each width gets its own loop */
 static inline __attribute__((always_inline)) void vq_row(const ms_weight *d, const ms_prep *p, int64_t r,
-                                                         int64_t i0, const int MB, float *acc) {
-  const int64_t K = d->in_features, dim = d->dim, bits = d->bits, V = (K + dim - 1) / dim;
+                                                         int64_t i0, const int MB, float *acc, const int64_t dim) {
+  const int64_t K = d->in_features, bits = d->bits, V = (K + dim - 1) / dim;
   const uint8_t *row = d->codes + r * d->row_bytes;
   const uint16_t *cb16 = d->codebook;
   const uint32_t *cb32 = (const uint32_t *)d->codebook;
@@ -552,26 +559,41 @@ static inline __attribute__((always_inline)) void vq_row(const ms_weight *d, con
   uint32_t ids[16];
   __m512 t0[MB_MAX], t1[MB_MAX];
   for (int i = 0; i < MB; i++) { t0[i] = _mm512_setzero_ps(); t1[i] = _mm512_setzero_ps(); }
-  for (int64_t v = 0; v < V; v += 16) { /* 16 vectors: 16 * dim weights from k = v * dim */
-    const int count = V - v < 16 ? (int)(V - v) : 16;
-    const uint8_t *id8 = row + v;
-    const int bytes = bits == 8 && count == 16;
-    if (!bytes) _mm512_storeu_si512(ids, unpack16(&u, row, bits, v, count)); /* 0 past count: a valid centroid */
-#define AT(j) (bytes ? (uint32_t)id8[j] : ids[j])
-    const int64_t k = v * dim;
-    if (dim == 1) { /* one set: vectors of 16 weights come 16 at a time */
-      fma_rows(_mm512_cvtph_ps(MS_FETCH16(AT, cb16)), p->x, K, k, first(K - k), i0, MB, t0);
-    } else if (dim == 2) {
-      fma_rows(_mm512_cvtph_ps(MS_FETCH32(AT, cb32, 0)), p->x, K, k, first(K - k), i0, MB, t0);
-      fma_rows(_mm512_cvtph_ps(MS_FETCH32(AT, cb32, 8)), p->x, K, k + 16, first(K - k - 16), i0, MB, two ? t1 : t0);
-    } else {
-      fma_rows(_mm512_cvtph_ps(MS_FETCH64(AT, cb64, 0)), p->x, K, k, first(K - k), i0, MB, t0);
-      fma_rows(_mm512_cvtph_ps(MS_FETCH64(AT, cb64, 4)), p->x, K, k + 16, first(K - k - 16), i0, MB, two ? t1 : t0);
-      fma_rows(_mm512_cvtph_ps(MS_FETCH64(AT, cb64, 8)), p->x, K, k + 32, first(K - k - 32), i0, MB, t0);
-      fma_rows(_mm512_cvtph_ps(MS_FETCH64(AT, cb64, 12)), p->x, K, k + 48, first(K - k - 48), i0, MB, two ? t1 : t0);
-    }
-#undef AT
+  /* 16 vectors (16 * dim weights from k = v * dim) whose indices are at(0..15); FMA(w, k) adds
+   * w times x[k .. k+16) into SET, alternating the two sets */
+#define VQ_STEP(at, FMA)                                                                                \
+  do {                                                                                                  \
+    const int64_t k = v * dim;                                                                          \
+    if (dim == 1) {                                                                                     \
+      FMA(_mm512_cvtph_ps(MS_FETCH16(at, cb16)), k, t0);                                                \
+    } else if (dim == 2) {                                                                              \
+      FMA(_mm512_cvtph_ps(MS_FETCH32(at, cb32, 0)), k, t0);                                             \
+      FMA(_mm512_cvtph_ps(MS_FETCH32(at, cb32, 8)), k + 16, two ? t1 : t0);                             \
+    } else {                                                                                            \
+      FMA(_mm512_cvtph_ps(MS_FETCH64(at, cb64, 0)), k, t0);                                             \
+      FMA(_mm512_cvtph_ps(MS_FETCH64(at, cb64, 4)), k + 16, two ? t1 : t0);                             \
+      FMA(_mm512_cvtph_ps(MS_FETCH64(at, cb64, 8)), k + 32, t0);                                        \
+      FMA(_mm512_cvtph_ps(MS_FETCH64(at, cb64, 12)), k + 48, two ? t1 : t0);                            \
+    }                                                                                                   \
+  } while (0)
+#define FULL(w, k, set) fma_full(w, p->x, K, k, i0, MB, set)
+#define MASKED(w, k, set) fma_rows(w, p->x, K, k, first(K - (k)), i0, MB, set)
+  int64_t v = 0;
+  if (bits == 8) { /* byte indices, read where they are stored; unmasked while whole */
+    const uint8_t *id8 = row;
+#define AT8(j) ((uint32_t)id8[v + (j)])
+    for (; (v + 16) * dim <= K; v += 16) VQ_STEP(AT8, FULL);
+#undef AT8
   }
+  for (; v < V; v += 16) {
+    _mm512_storeu_si512(ids, unpack16(&u, row, bits, v, V - v < 16 ? (int)(V - v) : 16)); /* 0 past the end: a valid centroid */
+#define ATI(j) (ids[j])
+    VQ_STEP(ATI, MASKED);
+#undef ATI
+  }
+#undef FULL
+#undef MASKED
+#undef VQ_STEP
   for (int i = 0; i < MB; i++) acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(t0[i], t1[i]));
 }
 
@@ -584,6 +606,13 @@ static inline __attribute__((always_inline)) void nm_chunk(const ms_weight *d, c
   __m512 v = _mm512_maskz_loadu_ps(first(count), values + c);
   __m512i col = _mm512_add_epi32(base, unpack16(u, row, d->bits, c, count));
   const int64_t x0 = c / n * m;
+  if (x0 + 32 <= K) {
+    for (int i = 0; i < MB; i++) {
+      const float *xr = p->x + (i0 + i) * K + x0;
+      t[i] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(_mm512_loadu_ps(xr), col, _mm512_loadu_ps(xr + 16)), t[i]);
+    }
+    return;
+  }
   const __mmask16 lo = first(K - x0), hi = first(K - x0 - 16);
   for (int i = 0; i < MB; i++) {
     const float *xr = p->x + (i0 + i) * K + x0;
@@ -630,10 +659,13 @@ static inline __attribute__((always_inline)) void bitmask_row(const ms_weight *d
   const int two = MB <= 4;
   __m512 t0[MB_MAX], t1[MB_MAX];
   for (int i = 0; i < MB; i++) { t0[i] = _mm512_setzero_ps(); t1[i] = _mm512_setzero_ps(); }
-  for (int64_t k = 0; k < K; k += 32) { /* mask bits past K are 0 */
-    fma_rows(bitmask_chunk(mask, mask_bytes, k, &values), p->x, K, k, first(K - k), i0, MB, t0);
-    if (k + 16 < K) fma_rows(bitmask_chunk(mask, mask_bytes, k + 16, &values), p->x, K, k + 16, first(K - k - 16), i0, MB, two ? t1 : t0);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    fma_full(bitmask_chunk(mask, mask_bytes, k, &values), p->x, K, k, i0, MB, t0);
+    fma_full(bitmask_chunk(mask, mask_bytes, k + 16, &values), p->x, K, k + 16, i0, MB, two ? t1 : t0);
   }
+  for (; k < K; k += 16) /* mask bits past K are 0 */
+    fma_rows(bitmask_chunk(mask, mask_bytes, k, &values), p->x, K, k, first(K - k), i0, MB, t0);
   for (int i = 0; i < MB; i++) acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(t0[i], t1[i]));
 }
 
@@ -643,7 +675,11 @@ static inline __attribute__((always_inline)) void fused_rows(const ms_weight *d,
     case F_AFFINE_SPREAD: affine_spread_row(d, p, r, i0, MB, acc); break;
     case F_AFFINE8: case F_AFFINE: affine_row(d, p, path, r, i0, MB, acc); break;
     case F_LOG: case F_LOG_SPREAD: log_row(d, p, path, r, i0, MB, acc); break;
-    case F_VQ: vq_row(d, p, r, i0, MB, acc); break;
+    case F_VQ:
+      if (d->dim == 2) vq_row(d, p, r, i0, MB, acc, 2);
+      else if (d->dim == 4) vq_row(d, p, r, i0, MB, acc, 4);
+      else vq_row(d, p, r, i0, MB, acc, 1);
+      break;
     case F_NM: nm_row(d, p, r, i0, MB, acc); break;
     default: bitmask_row(d, p, r, i0, MB, acc); break;
   }
@@ -700,7 +736,7 @@ int ms_linear(const ms_weight *d, const float *x, int64_t M, const float *bias, 
       }
   }
 #endif
-#pragma omp parallel
+#pragma omp parallel if (N * K * M >= PARALLEL_MIN_WORK)
   {
     float *w = path == F_DECODE ? aligned_alloc(64, (size_t)((K + 15) / 16 * 16) * sizeof(float)) : NULL;
     float *acc = malloc((size_t)M * sizeof(float));
@@ -728,7 +764,7 @@ int ms_linear(const ms_weight *d, const float *x, int64_t M, const float *bias, 
 int ms_decode(const ms_weight *d, int64_t r0, int64_t r1, float *out) {
   const int64_t K = d->in_features;
   float *codebook = codebook_fp32(d);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((r1 - r0) * K >= PARALLEL_MIN_WORK)
   for (int64_t r = r0; r < r1; r++) decode_row(d, codebook, r, out + (r - r0) * K);
   free(codebook);
   return 0;
@@ -745,7 +781,7 @@ int ms_linear_w8a8(const int8_t *qx, const float *sx, int64_t M, int64_t K, cons
     for (int64_t k = 0; k < K; k++) s += qx[i * K + k];
     xsum[i] = s;
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K * M >= PARALLEL_MIN_WORK)
   for (int64_t r = 0; r < N; r++) {
     const uint8_t *wr = w + r * K;
     const float scale = half_to_float(sw[r]), b = bias ? bias[r] : 0.0f;
