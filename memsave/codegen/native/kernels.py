@@ -12,16 +12,17 @@ reference, not written again), so selecting it only changes a node's target:
 
 How they run (activations are computed in fp32, whatever their dtype, and the result is cast
 back): up to FUSED_ROWS rows of activations (decode, small batches), each thread decodes one
-weight row at a time into a buffer that stays in L1 and multiplies it with every activation
-row — the weight is read once, in its stored form. More rows (prefill) are multiplied tile by
-tile: a few rows of the weight decoded into one fp32 tile (~TILE_BYTES), multiplied by torch's
-GEMM, the next tile decoded into the same buffer. So no call holds more than one tile of
-decoded weight beside what eager would hold.
+weight row at a time into registers and multiplies it with every activation row — the weight
+is read once, in its stored form. More rows (prefill): one parallel region in which each
+thread decodes a tile of weight rows (~TILE_ROWS_BYTES of fp32, in its L2) and multiplies it
+with all activations by torch's own BLAS sgemm (single-threaded inside the region), then the
+next tile into the same buffer. No call holds more than one tile per thread of decoded weight.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -38,7 +39,8 @@ from memsave.ops.sparse import index_bits
 
 memsave_ops = torch.ops.memsave
 FUSED_ROWS = 8  # activation rows up to which the fused kernel beats decode-then-GEMM (measured)
-TILE_BYTES = 1 << 20  # one decoded fp32 tile for the GEMM path: about L2 size of one core
+TILE_ROWS_BYTES = 1 << 19  # a thread's decoded fp32 tile on the GEMM path: half the L2 of one core
+TILE_BYTES = 1 << 24  # the fallback's tile (one per call, decoded by all threads), fewer regions
 AFFINE, LOG, VQ, NM, BITMASK = range(5)
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -66,6 +68,7 @@ def use_library(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
         lib.ms_linear.argtypes = [ctypes.POINTER(WeightDesc), _P, _I, _P, _P]
         lib.ms_decode.argtypes = [ctypes.POINTER(WeightDesc), _I, _I, _P]
         lib.ms_linear_w8a8.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P]
+        lib.ms_linear_tiled.argtypes = [ctypes.POINTER(WeightDesc), _P, _I, _P, _P, _P, _I]
         lib.ms_isa.restype = ctypes.c_int
         _TYPED = lib
     return before
@@ -78,6 +81,21 @@ def _lib() -> ctypes.CDLL:
             raise RuntimeError("memsave native kernels are not available on this machine (see memsave.codegen.native.build)")
         use_library(lib)
     return _TYPED
+
+
+@functools.cache
+def _sgemm() -> int | None:
+    """Address of the Fortran sgemm_ torch links (MKL on x86 builds), or None."""
+    import os
+
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(os.path.dirname(torch.__file__), "lib", name)
+        if os.path.exists(path):
+            try:
+                return ctypes.cast(ctypes.CDLL(path).sgemm_, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                return None
+    return None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -105,7 +123,9 @@ def _multiply(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None, keep
     if rows <= FUSED_ROWS:
         if rows:
             lib.ms_linear(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr())
-    else:
+    elif _sgemm() is not None:
+        lib.ms_linear_tiled(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr(), _sgemm(), TILE_ROWS_BYTES // (4 * k) or 1)
+    else:  # no BLAS symbol to call from C: the same tiles, looped here with torch's GEMM
         step = max(16, TILE_BYTES // (4 * k))
         tile = torch.empty((min(step, n), k), dtype=torch.float32)
         for r0 in range(0, n, step):
@@ -212,8 +232,8 @@ def _workspace(node: fx.Node) -> int:
     k, n = hint_int(x.shape[-1]), hint_int(out.shape[-1])
     rows = hint_int(x.numel()) // max(1, k)
     copy = rows * k * 4 if x.dtype != torch.float32 else 0
-    if rows <= FUSED_ROWS:
-        return copy
+    if rows <= FUSED_ROWS or _sgemm() is not None:
+        return copy  # the C tiled path's per-thread tiles are not tensors (~TILE_ROWS_BYTES each)
     step = min(n, max(16, TILE_BYTES // (4 * k)))
     return copy + step * k * 4 + rows * step * 4
 

@@ -760,6 +760,41 @@ int ms_linear(const ms_weight *d, const float *x, int64_t M, const float *bias, 
   return 0;
 }
 
+/* Fortran BLAS sgemm (LP64), as torch's MKL exports it; the caller passes its address. */
+typedef void (*ms_sgemm)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+
+/* y (M, N) = x (M, K) @ W^T + bias for many rows of x (prefill): one parallel region in which
+ * each thread decodes a tile of `tile_rows` weight rows (fp32, kept in its L2) and multiplies
+ * it with the whole x by a single-threaded GEMM (MKL runs sequentially inside a parallel
+ * region). One region for the call, not one per tile: on a busy machine every region start
+ * waits for all its threads to be scheduled. Column-major view: y^T (N x M, ld N), its rows
+ * r0..r0+rr = tile (rr x K, row-major = K x rr column-major, transposed) times x^T. */
+int ms_linear_tiled(const ms_weight *d, const float *x, int64_t M, const float *bias, float *y, void *sgemm,
+                    int64_t tile_rows) {
+  const int64_t N = d->out_features, K = d->in_features;
+  if (M < 1 || !sgemm || M > 0x7fffffff || N > 0x7fffffff || K > 0x7fffffff) return 1;
+  for (int64_t i = 0; i < M; i++)
+    for (int64_t n = 0; n < N; n++) y[i * N + n] = bias ? bias[n] : 0.0f;
+  const int64_t tiles = (N + tile_rows - 1) / tile_rows;
+  float *codebook = codebook_fp32(d);
+#pragma omp parallel if (N * K * M >= PARALLEL_MIN_WORK)
+  {
+    float *tile = aligned_alloc(64, (size_t)(tile_rows * K) * sizeof(float) + 64);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tiles; t++) {
+      const int64_t r0 = t * tile_rows, rr = N - r0 < tile_rows ? N - r0 : tile_rows;
+      for (int64_t r = r0; r < r0 + rr; r++) decode_row(d, codebook, r, tile + (r - r0) * K);
+      const int m = (int)M, n = (int)rr, k = (int)K, ldc = (int)N;
+      const float one = 1.0f;
+      ((ms_sgemm)sgemm)("T", "N", &n, &m, &k, &one, tile, &k, x, &k, &one, y + r0, &ldc);
+    }
+    free(tile);
+  }
+  free(codebook);
+  return 0;
+}
+
 /* Rows r0..r1 of W, fp32, into out ((r1 - r0), K). */
 int ms_decode(const ms_weight *d, int64_t r0, int64_t r1, float *out) {
   const int64_t K = d->in_features;
