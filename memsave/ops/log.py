@@ -44,7 +44,7 @@ import math
 import torch
 
 from memsave.memory.estimate import WORKSPACE
-from memsave.ops.affine import QPARAM_DTYPE, _grouped, check_qparams, num_groups
+from memsave.ops.affine import QPARAM_DTYPE, _grouped, by_row_blocks, check_qparams, num_groups
 from memsave.ops.pack import pack_bits, packed_length, unpack_bits
 
 LN2 = math.log(2.0)
@@ -106,6 +106,13 @@ def choose_logparams(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch
 
 
 def choose_logparams_mse(
+    w: torch.Tensor, bits: int, group_size: int, grid: int = 24, min_ratio: float = 0.05
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See _choose_logparams_mse; computed a block of rows at a time (affine.by_row_blocks)."""
+    return by_row_blocks(_choose_logparams_mse, w, bits, group_size, grid, min_ratio)
+
+
+def _choose_logparams_mse(
     w: torch.Tensor, bits: int, group_size: int, grid: int = 24, min_ratio: float = 0.05
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group log_zmin and step minimizing the group's squared error over a grid of ranges.
