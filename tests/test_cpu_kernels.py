@@ -142,3 +142,21 @@ def test_one_copy_of_each_weight_and_recompiles_rebuild_the_generic_form():
     new_constants = {id(t) for t in reports[0].constant_tensors()}
     assert {id(t) for t in constants} <= new_constants | {id(t) for t in constants}
     assert any(id(t) in new_constants for t in constants)  # the same kernel tensors are reused
+
+
+def test_compute_dtype_casts_compile_with_inductor():
+    """quantize's compute_dtype casts are prims.convert_element_type: with aten._to_copy (which
+    AOTAutograd decomposes before memsave sees the graph) Inductor failed on an HF Llama with
+    "both a fallback and a decomp for same op: aten._to_copy.default"."""
+    from memsave.models import build_hf_llama, hf_inputs
+
+    model = build_hf_llama("tiny")
+    inputs = hf_inputs(model, batch=1, seq=8)
+    with torch.no_grad():
+        expected = model(*inputs)
+    compiled = torch.compile(model, backend="memsave", options={"quantize": {"bits": 8, "compute_dtype": "bfloat16"}})
+    with memsave.collect() as reports, torch.no_grad():
+        out = compiled(*inputs)
+    kernels = {k for r in reports for rec in r.records if rec.name == "select_kernels" for k in rec.details["kernels"]}
+    assert "cpu-int8pack" in kernels  # codegen: Inductor (the default)
+    assert ErrorStats.between([expected], [out]).sqnr_db > 15
