@@ -146,6 +146,11 @@ def _applies_int4(gm_of, activations: torch.dtype):
         gm = gm_of(node)
         val, (packed, scale, offset), _, bits, group, k = _parts(gm, node)
         n = packed.shape[0] if packed is not None else -1
+        if activations != torch.bfloat16 and offset is None:
+            # ATen's layout stores a zero beside every scale: for a symmetric weight (no stored
+            # offset) it would hold 0.5 bit per weight more at group 32 than memsave's own form,
+            # so the default path keeps the native kernel there.
+            return False
         return (
             val.device.type == "cpu" and val.dtype == activations and bits == 4 and group in INT4_GROUPS
             and k % group == 0 and n % INT4_BLOCK_N == 0 and _owned(packed) and _owned(scale)
