@@ -221,39 +221,17 @@ static void decode_log(const ms_weight *d, int64_t r, float *out) {
   }
 }
 
-/* vq: the fp32 codebook is made once per call (see codebook_fp32). */
+/* vq: centroids copied from the fp32 codebook (made once per call, codebook_fp32), 16 vectors
+ * at a time with fixed-size copies the compiler turns into single moves. */
 static void decode_vq(const ms_weight *d, const float *codebook, int64_t r, float *out) {
   const int64_t K = d->in_features, dim = d->dim, bits = d->bits;
-  const int64_t V = (K + dim - 1) / dim;
+  const int64_t V = (K + dim - 1) / dim, whole = K / dim;
   const uint8_t *row = d->codes + r * d->row_bytes;
   int64_t v = 0;
-#ifdef MS_AVX512
-  if (dim == 2 || dim == 4) {
-    unpacker u = make_unpacker(bits);
-    const int64_t full = K / dim; /* vectors that lie wholly inside the row */
-    for (; v + 16 <= full; v += 16) {
-      __m512i idx = unpack16(&u, row, bits, v, 16);
-      if (dim == 2) { /* one 64-bit gather of 8 centroids = 16 weights, twice */
-        __m512i a = _mm512_i32gather_epi64(_mm512_castsi512_si256(idx), codebook, 8);
-        __m512i b = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(idx, 1), codebook, 8);
-        _mm512_storeu_si512(out + v * 2, a);
-        _mm512_storeu_si512(out + v * 2 + 16, b);
-      } else { /* centroid c is qwords 2c, 2c+1: 4 centroids per gather */
-        const __m512i twice = _mm512_slli_epi32(idx, 1);
-        for (int q = 0; q < 4; q++) {
-          /* lanes 2j, 2j+1 <- 2*idx[4q+j], 2*idx[4q+j]+1 for j < 4 */
-          __m512i sel = _mm512_permutexvar_epi32(
-              _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2, 4 * q + 1,
-                               4 * q + 1, 4 * q, 4 * q),
-              twice);
-          sel = _mm512_add_epi32(sel, _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0));
-          __m512i w = _mm512_i32gather_epi64(_mm512_castsi512_si256(sel), codebook, 8);
-          _mm512_storeu_si512(out + (v + 4 * q) * 4, w);
-        }
-      }
-    }
-  }
-#endif
+  if (bits == 8 && dim == 2)
+    for (; v < whole; v++) memcpy(out + 2 * v, codebook + 2 * (int64_t)row[v], 2 * sizeof(float));
+  else if (bits == 8 && dim == 4)
+    for (; v < whole; v++) memcpy(out + 4 * v, codebook + 4 * (int64_t)row[v], 4 * sizeof(float));
   for (; v < V; v++) {
     const float *c = codebook + (int64_t)code_at(row, bits, v) * dim;
     for (int64_t j = 0; j < dim && v * dim + j < K; j++) out[v * dim + j] = c[j];
@@ -265,7 +243,20 @@ static void decode_nm(const ms_weight *d, int64_t r, float *out) {
   const float *values = d->values + r * kc;
   const uint8_t *row = d->codes + r * d->row_bytes;
   memset(out, 0, (size_t)K * sizeof(float));
-  for (int64_t c = 0; c < kc; c++) out[c / n * m + code_at(row, d->bits, c)] = values[c];
+  int64_t c = 0;
+#ifdef MS_AVX512
+  if ((n == 2 && m == 4) || (n == 4 && m == 8)) { /* 16 values scatter into 32 columns */
+    const unpacker u = make_unpacker(d->bits);
+    int32_t base_lanes[16];
+    for (int i = 0; i < 16; i++) base_lanes[i] = (int32_t)(i / n * m);
+    const __m512i base = _mm512_loadu_si512(base_lanes);
+    for (; c + 16 <= kc; c += 16) {
+      __m512i col = _mm512_add_epi32(base, unpack16(&u, row, d->bits, c, 16));
+      _mm512_i32scatter_ps(out + c / n * m, col, _mm512_loadu_ps(values + c), 4);
+    }
+  }
+#endif
+  for (; c < kc; c++) out[c / n * m + code_at(row, d->bits, c)] = values[c];
 }
 
 static void decode_bitmask(const ms_weight *d, int64_t r, float *out) {
