@@ -5,6 +5,7 @@
     report = memsave.explain(model, *example_inputs)                   # what each pass did
 """
 
+import memsave.backend  # noqa: F401  (registers memsave's ops and kernels; Config's compile function)
 from memsave.calibrate import calibrate
 from memsave.config import Config, DEFAULT_RECIPE, PASS_FAMILIES
 from memsave.explain import Explanation, explain

@@ -32,6 +32,7 @@ from memsave.codegen.native import kernels as native_kernels
 from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes, lower
 from memsave.config import Config, OptionError
+from memsave.config.recipe import set_compile_graph
 from memsave.graph.meta import hint_int
 from memsave.memory.estimate import WEIGHT_TAG, estimate_memory
 from memsave.passes.base import PassContext, WeightInfo
@@ -377,3 +378,6 @@ def _flat_tensors(value: Any) -> list[torch.Tensor]:
         elif isinstance(item, torch.Tensor):
             flat.append(item)
     return flat
+
+
+set_compile_graph(compile_graph)  # memsave.Config(...) used as a backend compiles through here

@@ -1,8 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
 import memsave
-from memsave.config import DEFAULT_RECIPE, PASS_FAMILIES, Config, RecomputeConfig, describe_options
+from memsave.config import DEFAULT_RECIPE, FAMILY_CONFIGS, PASS_FAMILIES, Config, RecomputeConfig, describe_options
 
 
 def test_default_recipe_is_what_the_readme_says():
@@ -50,11 +52,14 @@ def test_bad_family_value_names_choices():
         Config.from_options({"recompute": 3})
 
 
-@pytest.mark.parametrize("family", [f for f in PASS_FAMILIES if f not in ("recompute", "quantize")])
-def test_unimplemented_families_refuse_instead_of_doing_nothing(family):
+@pytest.mark.parametrize("family", PASS_FAMILIES)
+def test_every_family_turns_off_with_none_and_names_its_choices_for_an_unknown_value(family):
     assert getattr(Config.from_options({family: "none"}), family) is None
-    with pytest.raises(ValueError, match=rf"options\['{family}'\].*valid choices: 'none'"):
+    cls = FAMILY_CONFIGS[family]
+    with pytest.raises(ValueError, match=rf"options\['{family}'\]: unknown value 'something'; valid choices: 'none'.* or a dict with keys") as info:
         Config.from_options({family: "something"})
+    for field in dataclasses.fields(cls):
+        assert repr(field.name) in str(info.value)
 
 
 def test_codegen_and_debug_validation(tmp_path, monkeypatch):
