@@ -61,7 +61,7 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
     name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq/-gptq]', 'log<bits>[-g<group>][-mse]', 'vq<bits>'"
     name_parser: ClassVar = staticmethod(_parse_quant_name)
     name_example: ClassVar[str] = 'int4-g128-asym'
-    # int4 alone is memsave's int4 recipe; see README for why this one.
+    # int4 alone is memsave's int4 recipe; see docs/quantization.md for why this one.
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {
         "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn"},
         # memsave's int4 recipe (4.5 bits/weight): GPTQ when memsave.calibrate ran, otherwise
