@@ -86,6 +86,10 @@ class Benchmark:
     repeats: int = 5
     plot: str | Sequence[str] | None = None
     timeout_s: float = 600.0
+    # True: children run with the C allocator's default settings, as a user's process does
+    # (no MALLOC_* variables: neither CHILD_ENV's fixed mmap threshold nor the parent's own).
+    # For benchmarks whose question is what the operating system sees.
+    default_allocator: bool = False
 
     def __post_init__(self) -> None:
         self.configs = list(self.configs)
@@ -298,8 +302,10 @@ def _machine_info_script() -> str:
 # --------------------------------------------------------------------------- parent side
 
 
-def _child_env(params: Mapping[str, Any]) -> dict[str, str]:
+def _child_env(params: Mapping[str, Any], default_allocator: bool = False) -> dict[str, str]:
     env = dict(os.environ, **CHILD_ENV)
+    if default_allocator:
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     # The repo root on the path lets a script anywhere (even in a temp dir) import benchmarks.*
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     if params.get("threads") is not None:
@@ -416,7 +422,7 @@ def run_benchmark(
     repeats = bench.repeats if repeats is None else repeats
     params = dict(bench.params if params is None else params)
     timeout_s = bench.timeout_s if timeout_s is None else timeout_s
-    env = _child_env(params)
+    env = _child_env(params, bench.default_allocator)
 
     # Its own timeout: --timeout is about one benchmark run, not about importing torch.
     info = run_child([sys.executable, "-c", _machine_info_script()], env, MACHINE_INFO_TIMEOUT_S)

@@ -150,7 +150,7 @@ class GraphCompilation:
         self._finish(runner)
         return lower(
             gm, example_inputs, codegen=self.config.codegen, stage="inference",
-            static_input_idxs=_weight_indices(gm),
+            static_input_idxs=_weight_indices(gm), report=runner.report,
         )
 
     def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
@@ -222,6 +222,7 @@ class GraphCompilation:
         return lower(
             gm, example_inputs, codegen=self.config.codegen, stage="forward",
             num_user_outputs=self.num_user_outputs, static_input_idxs=_weight_indices(gm),
+            report=runner.report,
         )
 
     def _backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -229,7 +230,7 @@ class GraphCompilation:
         runner = PassRunner(gm, ctx, codegen=self.config.codegen)
         run_pipeline(runner)
         self._finish(runner)
-        return lower(gm, example_inputs, codegen=self.config.codegen, stage="backward")
+        return lower(gm, example_inputs, codegen=self.config.codegen, stage="backward", report=runner.report)
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from memsave.config import Config
+from memsave.memory.process import rss_bytes
 from memsave.memory.track import MemoryStats, MemoryTracker, live_tensor_bytes
 from memsave.passes.recompute import COMPARING_POLICIES
 from memsave.report import ErrorStats, GraphReport, collect, fmt_bytes
+from memsave.weights import WEIGHTS
 
 
 @dataclass
@@ -34,6 +36,12 @@ class Explanation:
     output_error: ErrorStats
     grad_error: ErrorStats | None = None
     notes: list[str] = field(default_factory=list)
+    # The process as the OS sees it (memory/process.py): RSS before compiling (the model loaded,
+    # eager run done) and after compiling and the measured call; beside it memsave's own count
+    # of what it holds for the model's weights (WeightCache.held_bytes). None where /proc is missing.
+    rss_before: int | None = None
+    rss_after: int | None = None
+    held_bytes: int | None = None
 
     def summary(self) -> str:
         rows = [
@@ -51,6 +59,19 @@ class Explanation:
             f"| weight bytes held (measured storages) | {fmt_bytes(self.weight_bytes)} "
             f"| {fmt_bytes(self.compiled_weight_bytes)} | {_ratio(self.compiled_weight_bytes, self.weight_bytes)} |"
         )
+        if self.rss_before is not None and self.rss_after is not None:
+            delta = self.rss_after - self.rss_before
+            rows.append(
+                f"| process RSS, before compiling → after compile + call (measured; includes code the compile "
+                f"loads, tens of MiB on a process's first compile) | {fmt_bytes(self.rss_before)} "
+                f"| {fmt_bytes(self.rss_after)} ({'+' if delta >= 0 else '−'}{fmt_bytes(abs(delta))}) "
+                f"| {_ratio(self.rss_after, self.rss_before)} |"
+            )
+        if self.held_bytes is not None:
+            rows.append(
+                f"| weight bytes memsave holds (its own count, WeightCache.held_bytes) | {fmt_bytes(self.weight_bytes)} "
+                f"| {fmt_bytes(self.held_bytes)} | {_ratio(self.held_bytes, self.weight_bytes)} |"
+            )
         errors = f"output error vs eager: {self.output_error.short()} (max abs {self.output_error.max_abs:.2e}, cosine {self.output_error.cosine:.6f})"
         if self.grad_error is not None:
             errors += f"; gradient error vs eager: {self.grad_error.short()} (max abs {self.grad_error.max_abs:.2e})"
@@ -120,6 +141,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, train: bool = False, *
     # Eager first: a compile that releases full-precision weights makes eager use impossible.
     eager_out, eager_stats, eager_grads = _measured_step(model, example_inputs, train)
     torch._dynamo.reset()  # a fresh cache: explain reports this model's graphs, not old ones
+    rss_before = rss_bytes()
     compiled = torch.compile(model, backend=config)
     token = COMPARING_POLICIES.set(train)
     try:
@@ -130,6 +152,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, train: bool = False, *
     if not graphs:
         raise RuntimeError("memsave.explain: Dynamo produced no graph for this model (is its forward traceable?)")
     out, compiled_stats, grads = _measured_step(compiled, example_inputs, train)
+    rss_after = rss_bytes()
     constants = [t for g in graphs for t in g.constant_tensors()]
     explanation = Explanation(
         graphs=list(graphs),
@@ -141,7 +164,16 @@ def explain(model: torch.nn.Module, *example_inputs: Any, train: bool = False, *
         compiled=compiled_stats,
         output_error=ErrorStats.between(_tensors(eager_out), _tensors(out)),
         grad_error=ErrorStats.between(eager_grads, grads) if train else None,
+        rss_before=rss_before,
+        rss_after=rss_after,
+        held_bytes=WEIGHTS.held_bytes(weights),
     )
+    if any(r.name == "release_weights" and r.changed for g in graphs for r in g.records):
+        explanation.notes.append(
+            "debug mode (explain always uses it) measures each pass's error on the real weights, so the "
+            "originals were released after the last pass, not one by one as they were compressed: the RSS "
+            "after compiling is the same, the peak while compiling is higher than without debug"
+        )
     return explanation
 
 

@@ -31,7 +31,7 @@ from memsave.passes.prune import prune_weights
 from memsave.passes.quantize import insert_qdq
 from memsave.passes.release_weights import release_weights
 from memsave.report import ErrorStats, GraphReport, PassRecord
-from memsave.weights import is_released
+from memsave.weights import WEIGHTS, is_released
 
 Pass = Callable[[fx.GraphModule, Any, PassContext], PassResult]
 
@@ -157,6 +157,8 @@ class PassRunner:
 
     def finish(self) -> GraphReport:
         self.report.constants = [weakref.ref(t) for t in self.gm.buffers()]
+        weights = [t for name in self.ctx.weights if (t := self.ctx.weight_tensor(name)) is not None]
+        self.report.held_bytes = WEIGHTS.held_bytes(weights)
         self.dump.report(self.report)
         return self.report
 

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import torch
 
+from memsave.memory.process import rss_bytes
+
 
 @dataclass(frozen=True)
 class ErrorStats:
@@ -73,6 +75,13 @@ class GraphReport:
     # Weak references to the constants (packed weights, scales) the compiled graph holds, so
     # their bytes can be measured without the report keeping them alive.
     constants: list = field(default_factory=list, repr=False)
+    # The process as the OS sees it (memory/process.py): RSS when the graph reached memsave
+    # (the report is made then), RSS after lowering and giving freed memory back (lower.py),
+    # and memsave's own count of what it holds for the graph's weights (WeightCache.held_bytes:
+    # originals left + compressed forms), set when the passes finish.
+    rss_before: int | None = field(default_factory=rss_bytes)
+    rss_after: int | None = None
+    held_bytes: int | None = None
 
     def constant_tensors(self) -> list[torch.Tensor]:
         return [t for t in (ref() for ref in self.constants) if t is not None]
@@ -94,11 +103,27 @@ class GraphReport:
                 f"| {r.error.short() if r.error else 'n/a'} | {r.seconds * 1e3:.0f} ms |"
             )
         notes = [f"- {r.name}: {n}" for r in self.records for n in r.notes] + [f"- {n}" for n in self.notes]
+        memory = self.process_line()
+        if memory:
+            notes.append(f"- {memory}")
         if self.weights:
             names = list(self.weights.values())
             shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
             notes.append(f"- weights read: {shown}")
         return "\n".join(rows + ([""] + notes if notes else []))
+
+    def process_line(self) -> str:
+        """Measured process RSS around this compile beside what memsave holds, in one line."""
+        if self.rss_before is None or self.rss_after is None:
+            return "" if self.held_bytes is None else f"memsave holds {fmt_bytes(self.held_bytes)} of weights for this graph"
+        delta = self.rss_after - self.rss_before
+        line = (
+            f"process RSS {fmt_bytes(self.rss_before)} before the passes → {fmt_bytes(self.rss_after)} after "
+            f"lowering ({'+' if delta >= 0 else '−'}{fmt_bytes(abs(delta))})"
+        )
+        if self.held_bytes is not None:
+            line += f"; memsave holds {fmt_bytes(self.held_bytes)} of weights for this graph (originals left + compressed forms)"
+        return line
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

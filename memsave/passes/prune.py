@@ -51,7 +51,7 @@ from memsave.ops.sparse import bitmask_bytes, nm_bytes, nm_keep_mask, pack_bitma
 from memsave.passes.base import DERIVED_KEY, PassContext, PassResult
 from memsave.passes.prune_structured import CalibrationMissing, input_rms, prune_structured  # noqa: F401
 from memsave.report import fmt_bytes, sqnr_db
-from memsave.weights import WEIGHTS
+from memsave.weights import WEIGHTS, release_streamed
 
 aten = torch.ops.aten
 memsave_ops = torch.ops.memsave
@@ -72,9 +72,18 @@ def prune_weights(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext) -> 
         if cfg is not None and cfg.effective_sparsity > 0 and w.tensor.dim() == 2 and w.tensor.dtype.is_floating_point:
             selected[node] = cfg
 
+    def release_replaced(nodes) -> None:
+        # Note [Streaming compression] (memsave/weights.py): free an original as soon as the
+        # graph reads only its pruned form, not after the whole model is pruned.
+        if any(weights[n].tensor in WEIGHTS for n in nodes):
+            gm.graph.eliminate_dead_code()  # the rewritten matmuls still read it until erased
+        for n in nodes:
+            if not n.users:
+                release_streamed(weights[n].tensor, weights[n].name, ctx)
+
     structured = {n for n, cfg in selected.items() if cfg.structure == "structured"}
     if structured:
-        notes += prune_structured(builder, weights, selected, structured, layers)
+        notes += prune_structured(builder, weights, selected, structured, layers, on_group=release_replaced)
 
     position = _position(gm)
     for node, cfg in selected.items():
@@ -94,6 +103,7 @@ def prune_weights(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext) -> 
             )
         first = min((u.transpose for u in uses), key=position)
         layers[w.name] = _prune_layer(builder, w, uses, cfg, first)
+        release_replaced([node])
 
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -63,8 +63,9 @@ def input_rms(weight: torch.Tensor, name: str) -> torch.Tensor:
     return stats.sq_mean.sqrt()
 
 
-def prune_structured(builder: GraphBuilder, weights, selected, structured, layers) -> list[str]:
-    """Find and remove the groups the structured weights belong to; returns report notes."""
+def prune_structured(builder: GraphBuilder, weights, selected, structured, layers, on_group=None) -> list[str]:
+    """Find and remove the groups the structured weights belong to; returns report notes.
+    `on_group(members)` is called after each group is rewritten (prune.py frees the originals)."""
     notes, done, why_not = [], set(), {}
     is_weight = lambda n: n in weights  # noqa: E731
     order = {n: i for i, n in enumerate(builder.gm.graph.nodes)}
@@ -97,6 +98,8 @@ def prune_structured(builder: GraphBuilder, weights, selected, structured, layer
             for m in members:
                 if m in info:
                     layers[weights[m].name] = info[m]
+            if on_group is not None:
+                on_group(members)
             break
         else:
             why_not[node] = reasons[0][1] if len(reasons) == 1 else "; ".join(f"no {k} group: {w}" for k, w in reasons)

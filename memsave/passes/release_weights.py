@@ -9,6 +9,11 @@ they make (a fp32 low-rank factor that quantize then stored in int4).
 
 A weight with any other use left in the graph (an op memsave does not quantize, a tied weight
 used by an unquantized embedding) is kept.
+
+Most originals are gone before this pass runs: quantize frees each one as soon as its codes
+exist (Note [Streaming compression] in memsave/weights.py); this pass reports those with the
+ones it frees itself (debug mode, prune and factorize, derived forms). Then it hands the freed
+memory back to the operating system (memory/process.py: `give_back`).
 """
 
 from __future__ import annotations
@@ -17,20 +22,19 @@ import torch.fx as fx
 
 from memsave.calibrate import CALIBRATION
 from memsave.config import Config
+from memsave.memory.process import give_back
 from memsave.passes.base import PassContext, PassResult
 from memsave.report import fmt_bytes
-from memsave.weights import WEIGHTS, can_release, is_released, release
-
-COMPRESSING = ("prune", "factorize", "quantize")  # the families whose passes replace weights
+from memsave.weights import WEIGHTS, can_release, frees_weights, is_released, release, released_by
 
 
 def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> PassResult:
     """`config` is the whole recipe: weights are released only if every compressing family
     that is on allows it (free_weights)."""
-    families = [getattr(config, f) for f in COMPRESSING if getattr(config, f) is not None]
-    if not families or not all(f.free_weights for f in families) or ctx.stage != "inference":
+    if not frees_weights(config) or ctx.stage != "inference":
         return PassResult(False)
-    freed, names, mapped = 0, [], []
+    streamed = released_by(ctx.graph_id)  # by the compressing passes, as they went
+    freed, names, mapped = sum(n for _, n in streamed), [name for name, _ in streamed], []
     held = {id(t) for t in gm.buffers()}
     for node in gm.graph.nodes:
         if node.op != "placeholder" or node.name not in ctx.weights:
@@ -43,17 +47,19 @@ def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> Pas
         # compressed further (quantized): its uncompressed form goes too.
         for part in _derived_tree(weight):
             if id(part) not in held and part in WEIGHTS and not is_released(part) and can_release(part):
-                freed += release(part, f"{name} (derived)")
+                freed += release(part, f"{name} (derived)", graph_id=ctx.graph_id)
         if node.users or is_released(weight):
             continue
         if not can_release(weight):
             mapped.append(name)
             continue
-        freed += release(weight, name)
+        freed += release(weight, name, graph_id=ctx.graph_id)
         names.append(name)
         # Its calibration statistics (Gram matrices, input samples) can only serve to compress
         # it again, which a released weight cannot be: they go too.
         CALIBRATION.pop(weight, None)
+    if freed:
+        give_back()
     notes = (f"released {len(names)} full-precision weights ({fmt_bytes(freed)} incl. intermediate forms)",) if freed else ()
     if mapped:
         notes += (
