@@ -20,7 +20,7 @@ from memsave.passes.shard_tensor import (
     tp_parameter_bytes,
 )
 
-__version__ = "0.1.0"
+from memsave.version import __version__  # noqa: E402
 
 __all__ = [
     "Config",

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import re
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,6 +33,7 @@ from memsave.config import Config, OptionError
 from memsave.config.recipe import set_compile_graph
 from memsave.graph.meta import hint_int
 from memsave.memory.estimate import WEIGHT_TAG, estimate_memory
+from memsave.graph.inputs import InputInfo, describe_inputs
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
 from memsave.report import PassRecord, publish
@@ -67,7 +66,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Con
         # this same function, pipeline off), so compression runs on its own weights only.
         from memsave.distributed.runtime import compile_pipeline
 
-        return compile_pipeline(gm, example_inputs, config)
+        return compile_pipeline(gm, example_inputs, config, compile_graph)
     _refuse_deferred(example_inputs)
     return GraphCompilation(gm, example_inputs, config).compile()
 
@@ -82,12 +81,6 @@ def _refuse_deferred(example_inputs: Sequence[Any]) -> None:
             "(memsave.distributed.defer_weights), and only options['pipeline'] with 'weights' materializes "
             "them (each rank its own stage); load the weights into the model to compile it otherwise"
         )
-
-
-@dataclass(frozen=True)
-class InputInfo:
-    source: str  # Dynamo's name for where the input came from, e.g. L['self']._modules['fc']...
-    weight: WeightInfo | None
 
 
 class GraphCompilation:
@@ -312,32 +305,6 @@ class GraphCompilation:
                     "compressing it for another graph; compile with options={'quantize': {..., "
                     "'free_weights': False}} to keep the originals"
                 )
-
-
-def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[InputInfo]:
-    """Name each Dynamo graph input and say whether it is a parameter or buffer of the model."""
-    infos = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for index, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        grapharg = node.meta.get("grapharg")
-        source = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
-        source = source() if callable(source) else str(source)
-        weight = None
-        if "._parameters[" in source or isinstance(value, torch.nn.Parameter):
-            weight = WeightInfo(module_path(source), "parameter", index)
-        elif "._buffers[" in source:
-            weight = WeightInfo(module_path(source), "buffer", index)
-        infos.append(InputInfo(source, weight))
-    return infos
-
-
-def module_path(source: str) -> str:
-    """`L['self']._modules['layers']._modules['0']._parameters['weight']` → `layers.0.weight`."""
-    parts = re.findall(r"\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)", source)
-    names = [a or b for a, b in parts]
-    # Drop the frame-local root (L['self'] / L['model'] / G['...']) and the container names.
-    names = [n for n in names[1:] if n not in ("_modules", "_parameters", "_buffers")]
-    return ".".join(names) or source
 
 
 def _same_inputs(placeholders: list[fx.Node], inputs: list[InputInfo], real: list[Any] | None) -> bool:

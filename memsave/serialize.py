@@ -425,9 +425,9 @@ def _infer_options(module: nn.Module, weights: dict[str, dict]) -> dict:
 
 
 def _memsave_version() -> str:
-    import memsave
+    from memsave.version import __version__
 
-    return getattr(memsave, "__version__", "unknown")
+    return __version__
 
 
 # -- load ----------------------------------------------------------------------------------------

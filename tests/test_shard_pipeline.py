@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import memsave.distributed as md
-from memsave.backend import describe_inputs
+from memsave.graph.inputs import describe_inputs
 from memsave.config import Config, OptionError, PipelineConfig
 from memsave.distributed.runtime import _graph_inputs
 from memsave.distributed.validate import check_pipeline

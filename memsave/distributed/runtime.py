@@ -54,8 +54,12 @@ _LAST_RUNTIME: list["PipelineRuntime"] = []
 _CUTS: dict[frozenset, tuple[str, ...]] = {}  # parameter names → where the first plan cut
 
 
-def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config) -> "PipelineRuntime":
-    from memsave.backend import describe_inputs
+def compile_pipeline(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], config: Config, compile_stage: Callable
+) -> "PipelineRuntime":
+    """`compile_stage(gm, example_inputs, config)` compiles one stage's graph (the backend's
+    compile_graph, handed down: this module sits below the backend)."""
+    from memsave.graph.inputs import describe_inputs
 
     group, ranks = pipeline_group(config.pipeline.group)
     if config.tensor_parallel is not None:
@@ -81,7 +85,7 @@ def compile_pipeline(gm: fx.GraphModule, example_inputs: Sequence[Any], config: 
         pipeline_config = dataclasses.replace(pipeline_config, split_points=_CUTS[model_key])
     plan = split_graph(gm, inputs, pipeline_config, stages, training=training)
     _CUTS.setdefault(model_key, tuple(stage.first_module for stage in plan.stages[1:]))
-    runtime = PipelineRuntime(plan, inputs, example_inputs, config, group, ranks)
+    runtime = PipelineRuntime(plan, inputs, example_inputs, config, group, ranks, compile_stage)
     _LAST_RUNTIME[:] = [runtime]
     return runtime
 
@@ -155,9 +159,9 @@ class StageModule(nn.Module):
     accumulates into the user's `param.grad` and its gradient scaling finds them.
     """
 
-    def __init__(self, stage: StageGraph, weights: list[torch.Tensor], config: Config):
+    def __init__(self, stage: StageGraph, weights: list[torch.Tensor], config: Config, compile_stage: Callable):
         super().__init__()
-        self.stage, self.config = stage, config
+        self.stage, self.config, self.compile_stage = stage, config, compile_stage
         self.params = nn.ParameterList([w for w in weights if isinstance(w, nn.Parameter)])
         self.weights = weights
         self.scalars: list[int] = []  # this micro-batch's SymInt values, set before each step
@@ -171,12 +175,10 @@ class StageModule(nn.Module):
             (tuple(a.shape), a.dtype, a.requires_grad) for a in activations
         )
         if key not in self._compiled:
-            from memsave.backend import compile_graph
-
             # This micro-batch's sizes are baked into the graph (one compile per signature),
             # so the compiled graph's inputs are tensors only, as memsave's passes expect.
             gm = _specialize(self.stage.gm, dict(zip(self.stage.scalars, self.scalars)))
-            self._compiled[key] = compile_graph(gm, [*self.weights, *activations], self.config.replace(pipeline=None))
+            self._compiled[key] = self.compile_stage(gm, [*self.weights, *activations], self.config.replace(pipeline=None))
             # Tensor parallelism (options['tensor_parallel']) split some weights in that compile:
             # their shards get the gradients, and the schedule scales those of registered
             # parameters only.
@@ -193,8 +195,8 @@ class PipelineRuntime:
     """The callable for Dynamo: one schedule step per call, on this rank's stage."""
 
     def __init__(self, plan: PipelinePlan, inputs: list[GraphInput], example_inputs, config: Config,
-                 group: dist.ProcessGroup, ranks: tuple[int, ...]):
-        self.plan, self.inputs, self.config = plan, inputs, config
+                 group: dist.ProcessGroup, ranks: tuple[int, ...], compile_stage: Callable):
+        self.plan, self.inputs, self.config, self.compile_stage = plan, inputs, config, compile_stage
         self.group, self.ranks = group, ranks
         self.stage_index = ranks.index(dist.get_rank())
         self.stage = plan.stages[self.stage_index]
@@ -341,7 +343,7 @@ class PipelineRuntime:
             return self._stages[key]
         ins, outs = self._stage_shapes(args, micro_shapes, key, training)
         weights = [args[self._position[w]] for w in self.stage.weights]
-        module = StageModule(self.stage, weights, self.config)
+        module = StageModule(self.stage, weights, self.config, self.compile_stage)
         pipe_stage = PipelineStage(
             module, self.stage_index, self.n_stages, torch.device("cpu"),
             input_args=ins, output_args=outs, group=self.group,

@@ -31,7 +31,7 @@ def check_pipeline(model: torch.nn.Module, example_inputs: Sequence[Any], option
     plans: list[PipelinePlan] = []
 
     def capture(gm, inputs):
-        from memsave.backend import describe_inputs
+        from memsave.graph.inputs import describe_inputs
         from memsave.distributed.runtime import _graph_inputs
 
         described = _graph_inputs(gm, inputs, describe_inputs(gm, inputs))

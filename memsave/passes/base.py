@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
+from memsave.graph.inputs import WeightInfo
 from memsave.graph.meta import PROVENANCE
 
 if TYPE_CHECKING:
@@ -38,15 +39,6 @@ class PassResult:
     changed: bool
     notes: tuple[str, ...] = ()  # one line each, shown in the report (e.g. skipped layers, why)
     details: dict[str, Any] = field(default_factory=dict)  # per-pass facts (e.g. per-layer error)
-
-
-@dataclass(frozen=True)
-class WeightInfo:
-    """A graph input that holds a parameter or buffer of the user's model."""
-
-    name: str  # dotted module path, e.g. "layers.0.mlp.up_proj.weight"
-    kind: str  # "parameter" | "buffer"
-    index: int  # position among the Dynamo graph's inputs
 
 
 @dataclass

@@ -391,7 +391,7 @@ def check_tensor_parallel(model: torch.nn.Module, *example_inputs: Any, world_si
     the graph once on this process (no process group needed) and runs the same analysis as
     the backend. Raises TensorParallelError naming each size that does not divide; returns
     {"column_parallel": [...], "row_parallel": [...], "replicated": {weight: why}}."""
-    from memsave.backend import describe_inputs
+    from memsave.graph.inputs import describe_inputs
     from memsave.config import TensorParallelConfig
 
     config = TensorParallelConfig.parse(options or "auto")
