@@ -186,53 +186,55 @@ def _linear(node: fx.Node, states, plan: ShardPlan):
 
 
 def _rule(node: fx.Node, states, plan: ShardPlan):
-    name = op_name(node)
+    """The sharding of `node`'s result from its operands', by the rule table below; an op
+    with no rule (or a rule that finds the operands incompatible) is a Conflict."""
     if node.op == "output":
         raise Conflict("a sharded value is a graph output")
+    name = op_name(node)
     if name == "linear":  # kept whole
         raise Conflict("a linear kept whole reads a sharded value")
-    if name in POINTWISE:
-        operands = [node.args[0]] if name in ("to", "type") else list(node.args) + list(node.kwargs.values())
-        return _broadcast(node, operands, states)
-    if name == "type_as":
-        return _broadcast(node, [node.args[0]], states)
-    if name in SOFTMAX:
-        state = _broadcast(node, [node.args[0]], states)
-        if _norm(_arg(node, 1, "dim"), len(shape(node))) == state.dim:
-            raise Conflict("softmax over the sharded dimension")
-        return state
-    if name in REDUCTIONS:
-        return _reduce(node, states)
-    if name in VIEWS:
-        return _view(node, states, plan)
-    if name in ("transpose", "swapaxes"):
-        state, nd = states[node.args[0]], len(shape(node))
-        a, b = _norm(node.args[1], nd), _norm(node.args[2], nd)
-        return Sharded({a: b, b: a}.get(state.dim, state.dim), state.sources)
-    if name == "permute":
-        state = states[node.args[0]]
-        dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        return Sharded([_norm(d, len(dims)) for d in dims].index(state.dim), state.sources)
-    if name == "unsqueeze":
-        state = states[node.args[0]]
-        dim = _norm(_arg(node, 1, "dim"), len(shape(node)))
-        return Sharded(state.dim + (dim <= state.dim), state.sources)
-    if name == "expand":
-        return _expand(node, states, plan)
-    if name == "getitem":
-        return _getitem(node, states)
-    if name in ("chunk", "split"):
-        state = states[node.args[0]]
-        if not isinstance(state, Sharded) or _norm(_arg(node, 2, "dim", 0), len(shape(node.args[0]))) == state.dim:
-            raise Conflict("split along the sharded dimension")
-        return tuple(state for _ in node.meta["example_value"])
-    if name == "cat":
-        return _cat(node, states)
-    if name in MATMULS:
-        return _matmul(node, states)
-    if name == "sdpa":
-        return _sdpa(node, states)
-    raise Conflict(f"no sharding rule for {name or node.target!r}")
+    rule = RULES.get(name)
+    if rule is None:
+        raise Conflict(f"no sharding rule for {name or node.target!r}")
+    return rule(node, states, plan)
+
+
+def _pointwise(node: fx.Node, states, plan: ShardPlan) -> Sharded:
+    casts = op_name(node) in ("to", "type")  # their other arguments are dtypes, not operands
+    operands = [node.args[0]] if casts else list(node.args) + list(node.kwargs.values())
+    return _broadcast(node, operands, states)
+
+
+def _softmax(node: fx.Node, states, plan: ShardPlan) -> Sharded:
+    state = _broadcast(node, [node.args[0]], states)
+    if _norm(_arg(node, 1, "dim"), len(shape(node))) == state.dim:
+        raise Conflict("softmax over the sharded dimension")
+    return state
+
+
+def _transpose(node: fx.Node, states, plan: ShardPlan) -> Sharded:
+    state, nd = states[node.args[0]], len(shape(node))
+    a, b = _norm(node.args[1], nd), _norm(node.args[2], nd)
+    return Sharded({a: b, b: a}.get(state.dim, state.dim), state.sources)
+
+
+def _permute(node: fx.Node, states, plan: ShardPlan) -> Sharded:
+    state = states[node.args[0]]
+    dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    return Sharded([_norm(d, len(dims)) for d in dims].index(state.dim), state.sources)
+
+
+def _unsqueeze(node: fx.Node, states, plan: ShardPlan) -> Sharded:
+    state = states[node.args[0]]
+    dim = _norm(_arg(node, 1, "dim"), len(shape(node)))
+    return Sharded(state.dim + (dim <= state.dim), state.sources)
+
+
+def _split(node: fx.Node, states, plan: ShardPlan) -> tuple:
+    state = states[node.args[0]]
+    if not isinstance(state, Sharded) or _norm(_arg(node, 2, "dim", 0), len(shape(node.args[0]))) == state.dim:
+        raise Conflict("split along the sharded dimension")
+    return tuple(state for _ in node.meta["example_value"])
 
 
 def _broadcast(node: fx.Node, operands: list, states) -> Sharded:
@@ -373,3 +375,25 @@ def _sdpa(node: fx.Node, states) -> Sharded:
     if isinstance(mask, fx.Node):
         _broadcast(node, [q, mask], states)
     return Sharded(qkv[0].dim, frozenset().union(*(s.sources for s in qkv)))
+
+
+# op name -> rule(node, states, plan): the sharding of the result, or Conflict. An op not listed
+# has no rule, so a sharded value reaching it is a conflict (left as it was, never approximated).
+RULES = {
+    **{name: _pointwise for name in POINTWISE},
+    "type_as": lambda node, states, plan: _broadcast(node, [node.args[0]], states),
+    **{name: _softmax for name in SOFTMAX},
+    **{name: lambda node, states, plan: _reduce(node, states) for name in REDUCTIONS},
+    **{name: _view for name in VIEWS},
+    "transpose": _transpose,
+    "swapaxes": _transpose,
+    "permute": _permute,
+    "unsqueeze": _unsqueeze,
+    "expand": _expand,
+    "getitem": lambda node, states, plan: _getitem(node, states),
+    "chunk": _split,
+    "split": _split,
+    "cat": lambda node, states, plan: _cat(node, states),
+    **{name: lambda node, states, plan: _matmul(node, states) for name in MATMULS},
+    "sdpa": lambda node, states, plan: _sdpa(node, states),
+}
