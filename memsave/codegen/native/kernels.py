@@ -14,7 +14,7 @@ How they run (activations are computed in fp32, whatever their dtype, and the re
 back): up to FUSED_ROWS rows of activations (decode, small batches), each thread decodes one
 weight row at a time into registers and multiplies it with every activation row — the weight
 is read once, in its stored form. More rows (prefill): one parallel region in which each
-thread decodes a tile of weight rows (~TILE_ROWS_BYTES of fp32, in its L2) and multiplies it
+thread decodes a tile of TILE_ROWS weight rows (fp32) and multiplies it
 with all activations by torch's own BLAS sgemm (single-threaded inside the region), then the
 next tile into the same buffer. No call holds more than one tile per thread of decoded weight.
 """
@@ -39,7 +39,11 @@ from memsave.ops.sparse import index_bits
 
 memsave_ops = torch.ops.memsave
 FUSED_ROWS = 8  # activation rows up to which the fused kernel beats decode-then-GEMM (measured)
-TILE_ROWS_BYTES = 1 << 19  # a thread's decoded fp32 tile on the GEMM path: half the L2 of one core
+# Weight rows a thread decodes at a time on the GEMM path (its fp32 tile: 1 MiB at K = 2048).
+# Fixed rows rather than fixed bytes: at K = 5632 a 512 KiB tile had 23 rows, and sgemm on such
+# skinny tiles ran a 128-token prefill of a 2048 x 5632 int3 linear 10% slower than fp32; 128
+# rows ran 5632 x 2048 at 16.8 ms vs 27.3 ms fp32, 2048 x 5632 at 16.8 vs 17.8 (2 threads).
+TILE_ROWS = 128
 TILE_BYTES = 1 << 24  # the fallback's tile (one per call, decoded by all threads), fewer regions
 AFFINE, LOG, VQ, NM, BITMASK = range(5)
 _P = ctypes.c_void_p
@@ -124,7 +128,7 @@ def _multiply(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None, keep
         if rows:
             lib.ms_linear(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr())
     elif _sgemm() is not None:
-        lib.ms_linear_tiled(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr(), _sgemm(), TILE_ROWS_BYTES // (4 * k) or 1)
+        lib.ms_linear_tiled(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr(), _sgemm(), TILE_ROWS)
     else:  # no BLAS symbol to call from C: the same tiles, looped here with torch's GEMM
         step = max(16, TILE_BYTES // (4 * k))
         tile = torch.empty((min(step, n), k), dtype=torch.float32)
@@ -237,7 +241,7 @@ def _workspace(node: fx.Node) -> int:
     rows = hint_int(x.numel()) // max(1, k)
     copy = rows * k * 4 if x.dtype != torch.float32 else 0
     if rows <= FUSED_ROWS or _sgemm() is not None:
-        return copy  # the C tiled path's per-thread tiles are not tensors (~TILE_ROWS_BYTES each)
+        return copy  # the C tiled path's per-thread tiles (TILE_ROWS x K fp32) are not tensors
     step = min(n, max(16, TILE_BYTES // (4 * k)))
     return copy + step * k * 4 + rows * step * 4
 

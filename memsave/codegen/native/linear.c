@@ -238,25 +238,35 @@ static void decode_vq(const ms_weight *d, const float *codebook, int64_t r, floa
   }
 }
 
+#ifdef MS_AVX512
+/* 16 columns at a time take 8 kept values: the mask of their positions (values are stored in
+ * column order, positions ascending within a group), then one expand puts each value at its
+ * column and zeros elsewhere (a scatter took 2.6x as long). n, m, bits are constants here. */
+static inline __attribute__((always_inline)) int64_t nm_expand(const uint8_t *row, const float *values, int64_t K,
+                                                               float *out, const int n, const int m, const int bits) {
+  int64_t c = 0, k = 0;
+  for (; k + 16 <= K; k += 16, c += 8) {
+    uint32_t packed = 0;
+    memcpy(&packed, row + ((c * bits) >> 3), (size_t)bits); /* 8 positions: 16 or 24 bits */
+    uint32_t keep = 0;
+    for (int j = 0; j < 8; j++) keep |= 1u << ((j / n) * m + ((packed >> (j * bits)) & (m - 1)));
+    _mm512_storeu_ps(out + k, _mm512_maskz_expand_ps((__mmask16)keep, _mm512_maskz_loadu_ps(0xFF, values + c)));
+  }
+  return k;
+}
+#endif
+
 static void decode_nm(const ms_weight *d, int64_t r, float *out) {
-  const int64_t K = d->in_features, n = d->n, m = d->m, kc = K / m * n;
+  const int64_t K = d->in_features, n = d->n, m = d->m, kc = K / m * n, bits = d->bits;
   const float *values = d->values + r * kc;
   const uint8_t *row = d->codes + r * d->row_bytes;
-  memset(out, 0, (size_t)K * sizeof(float));
-  int64_t c = 0;
+  int64_t k = 0;
 #ifdef MS_AVX512
-  if ((n == 2 && m == 4) || (n == 4 && m == 8)) { /* 16 values scatter into 32 columns */
-    const unpacker u = make_unpacker(d->bits);
-    int32_t base_lanes[16];
-    for (int i = 0; i < 16; i++) base_lanes[i] = (int32_t)(i / n * m);
-    const __m512i base = _mm512_loadu_si512(base_lanes);
-    for (; c + 16 <= kc; c += 16) {
-      __m512i col = _mm512_add_epi32(base, unpack16(&u, row, d->bits, c, 16));
-      _mm512_i32scatter_ps(out + c / n * m, col, _mm512_loadu_ps(values + c), 4);
-    }
-  }
+  if (n == 2 && m == 4) k = nm_expand(row, values, K, out, 2, 4, 2);
+  else if (n == 4 && m == 8) k = nm_expand(row, values, K, out, 4, 8, 3);
 #endif
-  for (; c < kc; c++) out[c / n * m + code_at(row, d->bits, c)] = values[c];
+  if (k < K) memset(out + k, 0, (size_t)(K - k) * sizeof(float));
+  for (int64_t c = k / m * n; c < kc; c++) out[c / n * m + code_at(row, bits, c)] = values[c];
 }
 
 static void decode_bitmask(const ms_weight *d, int64_t r, float *out) {
@@ -309,6 +319,9 @@ typedef struct {
   int64_t Kp, spread;
   float *xsum;     /* affine: (M, G) sums of x over each group */
   float *codebook; /* vq: the codebook in fp32 */
+#ifdef MS_AVX512
+  unpacker u; /* the byte permute and shifts for this weight's code width, made once per call */
+#endif
 } ms_prep;
 
 #define MB_MAX 8
@@ -446,7 +459,7 @@ static inline __attribute__((always_inline)) void affine_row(const ms_weight *d,
   const float *x = p->x, *xsum = p->xsum;
   const float centre = -(float)(1 << (bits - 1));
   const int two = MB <= 4;
-  const unpacker u = make_unpacker(bits);
+  const unpacker u = p->u;
   __m512 a[MB_MAX], t0[MB_MAX], t1[MB_MAX];
   float off[MB_MAX];
   for (int i = 0; i < MB; i++) { a[i] = _mm512_setzero_ps(); off[i] = 0.0f; }
@@ -484,7 +497,7 @@ static inline __attribute__((always_inline)) void log_row(const ms_weight *d, co
   const uint16_t *log_zmin = d->param0 + r * G, *step = d->param1 + r * G;
   const uint32_t level_mask = (1u << (bits - 1)) - 1;
   const int two = MB <= 4;
-  unpacker u = make_unpacker(bits);
+  const unpacker u = p->u;
   int32_t lv[16];
   float sg[16];
   for (int c = 0; c < 16; c++) {
@@ -546,7 +559,7 @@ static inline __attribute__((always_inline)) void vq_row(const ms_weight *d, con
   const uint32_t *cb32 = (const uint32_t *)d->codebook;
   const uint64_t *cb64 = (const uint64_t *)d->codebook;
   const int two = MB <= 4;
-  unpacker u = make_unpacker(bits);
+  const unpacker u = p->u;
   uint32_t ids[16];
   __m512 t0[MB_MAX], t1[MB_MAX];
   for (int i = 0; i < MB; i++) { t0[i] = _mm512_setzero_ps(); t1[i] = _mm512_setzero_ps(); }
@@ -618,7 +631,7 @@ static inline __attribute__((always_inline)) void nm_row(const ms_weight *d, con
   const float *values = d->values + r * kc;
   const uint8_t *row = d->codes + r * d->row_bytes;
   const int two = MB <= 4;
-  unpacker u = make_unpacker(d->bits);
+  const unpacker u = p->u;
   int32_t base_lanes[16];
   for (int i = 0; i < 16; i++) base_lanes[i] = (int32_t)(i / n * m);
   const __m512i base = _mm512_loadu_si512(base_lanes);
@@ -715,6 +728,7 @@ int ms_linear(const ms_weight *d, const float *x, int64_t M, const float *bias, 
   const int path = fused_path(d);
   ms_prep p = {x, NULL, K, 1, NULL, codebook_fp32(d)};
 #ifdef MS_AVX512
+  p.u = make_unpacker(d->bits);
   if (path == F_AFFINE_SPREAD || path == F_LOG_SPREAD) p.xd = deinterleave(x, M, K, spread_of(d->bits), &p.Kp);
   if (path == F_AFFINE8 || path == F_AFFINE) {
     const int64_t G = groups_of(d), gs = d->group_size;
