@@ -100,30 +100,34 @@ def test_selected_through_the_backend_and_close_to_the_reference_path(quantize, 
 
 
 def test_fp32_activations_get_the_fastest_kernel_by_default_and_the_exact_one_on_request(monkeypatch):
-    x = torch.randn(4, 128)
     asym = {"bits": 4, "group_size": 64, "symmetric": False}
+    x = torch.randn(12, 128)  # more rows than the fused kernel takes: a prefill-sized call
     _, reference, _ = _compile(_mlp(), x, asym, monkeypatch, no_kernels=True)
     monkeypatch.undo()
     torch._dynamo.reset()
-    # Default: int4 runs ATen's bf16 kernel on a bf16 copy of the activations (the fastest here);
-    # the report names it per layer.
+    # Default: the native kernel with bf16 products at this size (the fastest here); the report
+    # names it per layer, and its error is bf16 rounding.
     _, fast, (report,) = _compile(_mlp(), x, asym)
     select = report.records[-1]
-    assert select.details["kernels"] == {"cpu-int4pack-bf16": 2}
+    assert select.details["kernels"] == {"native-affine-bf16": 2}
     assert set(select.details["per_layer"]) == {"0.weight", "2.weight"}
-    assert 30 < ErrorStats.between([reference], [fast]).sqnr_db < 80  # bf16 rounding: close, not exact
+    assert 30 < ErrorStats.between([reference], [fast]).sqnr_db < 80  # close, not exact
     torch._dynamo.reset()
-    # compute_dtype "float32": the native kernel, exact up to fp32 summation order.
+    # compute_dtype "float32": the native kernel in fp32, exact up to summation order.
     _, exact, (report,) = _compile(_mlp(), x, {**asym, "compute_dtype": "float32"})
     assert report.records[-1].details["kernels"] == {"native-affine": 2}
     torch.testing.assert_close(exact, reference, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-    # int8 has no narrowing kernel: the native one is as fast and exact.
-    _, _, (report,) = _compile(_mlp(), x, "int8")
+    # Decode-sized calls of 4-bit codes in whole 64-weight groups take bf16 products by default
+    # too (a narrowed decode path); other widths decode exactly (int3: no narrowed path).
+    _, _, (report,) = _compile(_mlp(), x[:4], asym)
+    assert report.records[-1].details["kernels"] == {"native-affine-bf16": 2}
+    torch._dynamo.reset()
+    _, _, (report,) = _compile(_mlp(), x[:4], {"bits": 3, "group_size": 64, "symmetric": False})
     assert report.records[-1].details["kernels"] == {"native-affine": 2}
     torch._dynamo.reset()
-    # Symmetric int4 stays native too: ATen's layout would add a zero per group (more bytes).
-    _, _, (report,) = _compile(_mlp(), x, {"bits": 4, "group_size": 32, "symmetric": True})
+    # int8 keeps fp32 products at any size: the format chosen for fidelity.
+    _, _, (report,) = _compile(_mlp(), x, "int8")
     assert report.records[-1].details["kernels"] == {"native-affine": 2}
 
 

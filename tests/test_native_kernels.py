@@ -66,6 +66,29 @@ def test_every_format_matches_its_reference(n, k):
                 raise AssertionError(f"{name}, {rows} rows: {e}") from None
 
 
+def test_narrowed_variants_round_only_prefill_products_to_bf16():
+    n, k = 96, 256
+    for name, reference, op, args in _cases(n, k)[::3]:
+        narrowed = getattr(native, op.name().split("::")[1].split(".")[0] + "_bf16", None)
+        if narrowed is None:
+            continue  # W8A8 has no narrowed variant
+        # Decode-sized calls: bf16 products where linear.c has a narrowed decode path (2/4-bit
+        # affine and log codes), else the same fp32 kernel, bit for bit.
+        small = torch.randn(3, k, generator=torch.Generator().manual_seed(3))
+        bf16_decode = name.split("-")[0] in ("int4", "int2", "log4", "log2") and native._lib().ms_isa() >= 3
+        if bf16_decode:
+            expected = reference(small, *args)
+            relative = ((narrowed(small, *args) - expected).norm() / expected.norm()).item()
+            assert 0 < relative < 1e-2, (name, relative)
+        else:
+            assert torch.equal(narrowed(small, *args), op(small, *args)), name
+        large = torch.randn(40, k, generator=torch.Generator().manual_seed(4))
+        expected = reference(large, *args)
+        got = narrowed(large, *args)
+        relative = ((got - expected).norm() / expected.norm()).item()
+        assert 0 < relative < 1e-2, (name, relative)  # bf16 rounding of weights, activations, sums
+
+
 def test_bitmask_matches_its_reference_with_any_pattern():
     for n, k, density in [(64, 256, 0.5), (70, 201, 0.1), (33, 48, 0.95)]:
         w = _weight(n, k, k)
@@ -153,7 +176,7 @@ def _model():
     [
         ({"quantize": "int8"}, "native-affine"),
         ({"quantize": "int3"}, "native-affine"),
-        ({"quantize": "log4"}, "native-log"),
+        ({"quantize": "log4"}, "native-log-bf16"),  # 4-bit codes: bf16 products by default
         ({"quantize": "vq4"}, "native-vq"),
         ({"quantize": "w8a8"}, "native-w8a8"),
         ({"prune": "2:4"}, "native-nm"),
@@ -177,4 +200,8 @@ def test_short_names_run_native_kernels_through_the_backend(options, kernel, cod
         if registry == "native":
             assert select.details["kernels"] == {kernel: 2}
             assert set(select.details["per_layer"].values()) == {kernel}
-    _close(outputs["native"], outputs["reference"])
+    if kernel.endswith("-bf16"):
+        relative = (outputs["native"] - outputs["reference"]).norm() / outputs["reference"].norm()
+        assert relative < 1e-2
+    else:
+        _close(outputs["native"], outputs["reference"])

@@ -141,18 +141,13 @@ def _owned(tensor) -> bool:
     return tensor is not None and WEIGHTS.owner(tensor) is not None
 
 
-def _applies_int4(gm_of, activations: torch.dtype):
+def _applies_int4(gm_of):
     def applies(node: fx.Node) -> bool:
         gm = gm_of(node)
         val, (packed, scale, offset), _, bits, group, k = _parts(gm, node)
         n = packed.shape[0] if packed is not None else -1
-        if activations != torch.bfloat16 and offset is None:
-            # ATen's layout stores a zero beside every scale: for a symmetric weight (no stored
-            # offset) it would hold 0.5 bit per weight more at group 32 than memsave's own form,
-            # so the default path keeps the native kernel there.
-            return False
         return (
-            val.device.type == "cpu" and val.dtype == activations and bits == 4 and group in INT4_GROUPS
+            val.device.type == "cpu" and val.dtype == torch.bfloat16 and bits == 4 and group in INT4_GROUPS
             and k % group == 0 and n % INT4_BLOCK_N == 0 and _owned(packed) and _owned(scale)
             and int4_layout_matches_torch()
         )
@@ -221,11 +216,10 @@ def _replace(builder: GraphBuilder, node: fx.Node, op, args) -> fx.Node:
 def register() -> None:
     gm_of = lambda node: node.graph.owning_module  # noqa: E731
     affine = memsave_ops.linear_affine.default
-    register_kernel(affine, Kernel("cpu-int4pack", _applies_int4(gm_of, torch.bfloat16), _lower_int4))
+    register_kernel(affine, Kernel("cpu-int4pack", _applies_int4(gm_of), _lower_int4))
     register_kernel(affine, Kernel("cpu-int8pack", _applies_int8(gm_of), _lower_int8))
-    # fp32 activations through the bf16 int4 kernel: lossy in the activations, chosen only when
-    # codegen may narrow them (quantize compute_dtype None, the default). Measured at 5632 x 2048, batch 1,
-    # one thread: 0.59 ms, against 0.79 ms for the exact fp32 native kernel (codegen/native).
-    # int8 gets no such variant: the native fp32 kernel is as fast as ATen's bf16 one (0.70 vs
-    # 0.68 ms) and exact.
-    register_kernel(affine, Kernel("cpu-int4pack-bf16", _applies_int4(gm_of, torch.float32), _lower_int4, narrows=True))
+    # For fp32 activations the native kernels (codegen/native) run every format; with
+    # narrowing allowed, their prefill products are bf16 (a many-rows int4 linear: 3x faster
+    # than this kernel, which the default path therefore does not use; its decode is faster
+    # than the native fp32 one, 0.30 vs 0.61 ms at 5632 x 2048, but converting to its layout
+    # would leave the prefill graphs a second copy of the weight to read).

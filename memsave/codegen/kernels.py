@@ -40,12 +40,14 @@ class Kernel:
     narrows: bool = False
 
     @classmethod
-    def retarget(cls, name: str, op: torch._ops.OpOverload, applies: Callable[[fx.Node], bool]) -> Kernel:
+    def retarget(
+        cls, name: str, op: torch._ops.OpOverload, applies: Callable[[fx.Node], bool], *, narrows: bool = False
+    ) -> Kernel:
         def lower(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
             node.target = op
             return node
 
-        return cls(name, applies, lower, op)
+        return cls(name, applies, lower, op, narrows)
 
 
 _KERNELS: dict[torch._ops.OpOverload, list[Kernel]] = {}

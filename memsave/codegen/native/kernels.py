@@ -44,6 +44,9 @@ FUSED_ROWS = 8  # activation rows up to which the fused kernel beats decode-then
 # skinny tiles ran a 128-token prefill of a 2048 x 5632 int3 linear 10% slower than fp32; 128
 # rows ran 5632 x 2048 at 16.8 ms vs 27.3 ms fp32, 2048 x 5632 at 16.8 vs 17.8 (2 threads).
 TILE_ROWS = 128
+# Weight rows per bf16 tile on the narrowed prefill path (one torch.mm per tile: bigger tiles,
+# fewer calls; 512 rows ran a 5632 x 2048 int4 linear at 128 tokens in 10.6 ms vs 23 ms fp32).
+NARROW_TILE_ROWS = 512
 TILE_BYTES = 1 << 24  # the fallback's tile (one per call, decoded by all threads), fewer regions
 AFFINE, LOG, VQ, NM, BITMASK = range(5)
 _P = ctypes.c_void_p
@@ -69,11 +72,13 @@ def use_library(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
     global _TYPED
     before, _TYPED = _TYPED, None
     if lib is not None:
-        lib.ms_linear.argtypes = [ctypes.POINTER(WeightDesc), _P, _I, _P, _P]
+        lib.ms_linear.argtypes = [ctypes.POINTER(WeightDesc), _P, _I, _P, _P, ctypes.c_int]
         lib.ms_decode.argtypes = [ctypes.POINTER(WeightDesc), _I, _I, _P]
         lib.ms_linear_w8a8.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P]
         lib.ms_linear_tiled.argtypes = [ctypes.POINTER(WeightDesc), _P, _I, _P, _P, _P, _I]
+        lib.ms_decode_bf16.argtypes = [ctypes.POINTER(WeightDesc), _I, _I, _P]
         lib.ms_isa.restype = ctypes.c_int
+        lib.ms_isa.argtypes = []
         _TYPED = lib
     return before
 
@@ -88,18 +93,22 @@ def _lib() -> ctypes.CDLL:
 
 
 @functools.cache
-def _sgemm() -> int | None:
-    """Address of the Fortran sgemm_ torch links (MKL on x86 builds), or None."""
+def _blas(symbol: str) -> int | None:
+    """Address of a BLAS routine torch links (MKL's sgemm_ on x86 builds), or None."""
     import os
 
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
         path = os.path.join(os.path.dirname(torch.__file__), "lib", name)
         if os.path.exists(path):
             try:
-                return ctypes.cast(ctypes.CDLL(path).sgemm_, ctypes.c_void_p).value
+                return ctypes.cast(getattr(ctypes.CDLL(path), symbol), ctypes.c_void_p).value
             except (OSError, AttributeError):
                 return None
     return None
+
+
+def _sgemm() -> int | None:
+    return _blas("sgemm_")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -117,16 +126,27 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # Every call below is on the decode path of every linear: kept lean (a few µs of Python).
-def _multiply(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None, keep: tuple) -> torch.Tensor:
+def _multiply(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None, keep: tuple, narrow: bool = False) -> torch.Tensor:
     """x (..., K) @ W^T + bias for the weight `desc` describes; `keep` holds the tensors its
-    pointers point into, alive for the call."""
+    pointers point into, alive for the call. `narrow`: many-row products in bf16 (fp32 sums)."""
     lib, k, n = _lib(), desc.in_features, desc.out_features
     x2, b = _fp32(x.reshape(-1, k)), _fp32(bias)
     rows = x2.shape[0]
     y = torch.empty((rows, n), dtype=torch.float32)
     if rows <= FUSED_ROWS:
         if rows:
-            lib.ms_linear(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr())
+            lib.ms_linear(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr(), int(narrow))
+    elif narrow:  # bf16 tiles, torch's bf16 GEMM (its threads), results rounded to bf16
+        xb = x2.to(torch.bfloat16)
+        step = min(n, NARROW_TILE_ROWS)
+        tile = torch.empty((step, k), dtype=torch.bfloat16)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            lib.ms_decode_bf16(ctypes.byref(desc), r0, r1, tile.data_ptr())
+            y[:, r0:r1] = torch.mm(xb, tile[: r1 - r0].t())
+        if b is not None:
+            y += b
+        del tile
     elif _sgemm() is not None:
         lib.ms_linear_tiled(ctypes.byref(desc), x2.data_ptr(), rows, _ptr(b), y.data_ptr(), _sgemm(), TILE_ROWS)
     else:  # no BLAS symbol to call from C: the same tiles, looped here with torch's GEMM
@@ -150,54 +170,54 @@ def _multiply(desc: WeightDesc, x: torch.Tensor, bias: torch.Tensor | None, keep
 # -- the ops ------------------------------------------------------------------------------
 
 
-def _affine(x, packed, scale, offset, bias, bits, group_size, in_features):
+def _affine(x, packed, scale, offset, bias, bits, group_size, in_features, narrow=False):
     packed, scale, offset = _contiguous(packed, scale, offset)
     desc = WeightDesc(
         format=AFFINE, out_features=packed.shape[0], in_features=in_features, bits=bits,
         group_size=min(group_size, in_features), row_bytes=packed.stride(0), codes=packed.data_ptr(),
         param0=scale.data_ptr(), param1=_ptr(offset),
     )
-    return _multiply(desc, x, bias, (packed, scale, offset))
+    return _multiply(desc, x, bias, (packed, scale, offset), narrow)
 
 
-def _log(x, packed, log_zmin, step, bias, bits, group_size, in_features):
+def _log(x, packed, log_zmin, step, bias, bits, group_size, in_features, narrow=False):
     packed, log_zmin, step = _contiguous(packed, log_zmin, step)
     desc = WeightDesc(
         format=LOG, out_features=packed.shape[0], in_features=in_features, bits=bits,
         group_size=min(group_size, in_features), row_bytes=packed.stride(0), codes=packed.data_ptr(),
         param0=log_zmin.data_ptr(), param1=step.data_ptr(),
     )
-    return _multiply(desc, x, bias, (packed, log_zmin, step))
+    return _multiply(desc, x, bias, (packed, log_zmin, step), narrow)
 
 
-def _vq(x, indices_packed, codebook, bias, index_bits, dim, in_features):
+def _vq(x, indices_packed, codebook, bias, index_bits, dim, in_features, narrow=False):
     indices_packed, codebook = _contiguous(indices_packed, codebook)
     desc = WeightDesc(
         format=VQ, out_features=indices_packed.shape[0], in_features=in_features, bits=index_bits,
         row_bytes=indices_packed.stride(0), codes=indices_packed.data_ptr(), codebook=codebook.data_ptr(),
         centroids=codebook.shape[0], dim=dim,
     )
-    return _multiply(desc, x, bias, (indices_packed, codebook))
+    return _multiply(desc, x, bias, (indices_packed, codebook), narrow)
 
 
-def _nm(x, values, indices, bias, n, m, in_features):
+def _nm(x, values, indices, bias, n, m, in_features, narrow=False):
     values = _fp32(values.reshape(indices.shape[0], -1))
     (indices,) = _contiguous(indices)
     desc = WeightDesc(
         format=NM, out_features=indices.shape[0], in_features=in_features, bits=index_bits(m),
         row_bytes=indices.stride(0), codes=indices.data_ptr(), values=values.data_ptr(), n=n, m=m,
     )
-    return _multiply(desc, x, bias, (values, indices))
+    return _multiply(desc, x, bias, (values, indices), narrow)
 
 
-def _bitmask(x, values, mask, row_start, bias, in_features):
+def _bitmask(x, values, mask, row_start, bias, in_features, narrow=False):
     values = _fp32(values.reshape(-1))
     mask, row_start = _contiguous(mask, row_start)
     desc = WeightDesc(
         format=BITMASK, out_features=mask.shape[0], in_features=in_features, row_bytes=mask.stride(0),
         codes=mask.data_ptr(), values=values.data_ptr(), row_start=row_start.data_ptr(),
     )
-    return _multiply(desc, x, bias, (values, mask, row_start))
+    return _multiply(desc, x, bias, (values, mask, row_start), narrow)
 
 
 def _w8a8(x, packed, scale, bias):
@@ -222,24 +242,40 @@ linear_log_native = twin(memsave_ops.linear_log.default, "linear_log_native", _l
 linear_vq_native = twin(memsave_ops.linear_vq.default, "linear_vq_native", _vq)
 linear_nm_native = twin(memsave_ops.linear_nm.default, "linear_nm_native", _nm)
 linear_w8a8_native = twin(memsave_ops.linear_w8a8.default, "linear_w8a8_native", _w8a8)
+# The same kernels with bf16 products beyond FUSED_ROWS rows (prefill): chosen only where the
+# config lets codegen narrow the activations (Kernel.narrows); decode-sized calls are the same
+# exact fp32 kernel.
+linear_affine_native_bf16 = twin(memsave_ops.linear_affine.default, "linear_affine_native_bf16", functools.partial(_affine, narrow=True))
+linear_log_native_bf16 = twin(memsave_ops.linear_log.default, "linear_log_native_bf16", functools.partial(_log, narrow=True))
+linear_vq_native_bf16 = twin(memsave_ops.linear_vq.default, "linear_vq_native_bf16", functools.partial(_vq, narrow=True))
+linear_nm_native_bf16 = twin(memsave_ops.linear_nm.default, "linear_nm_native_bf16", functools.partial(_nm, narrow=True))
 
 
 # linear_bitmask with each row's first value index (N + 1, int64) beside the mask.
-linear_bitmask_native = define_kernel_op(
-    "linear_bitmask_native",
-    "(Tensor x, Tensor values, Tensor mask, Tensor row_start, Tensor? bias, SymInt in_features) -> Tensor",
-    _bitmask,
-    lambda x, values, mask, row_start, bias, in_features: memsave_ops.linear_bitmask(x, values, mask, bias, in_features),
+_BITMASK_SCHEMA = "(Tensor x, Tensor values, Tensor mask, Tensor row_start, Tensor? bias, SymInt in_features) -> Tensor"
+
+
+def _bitmask_fake(x, values, mask, row_start, bias, in_features):
+    return memsave_ops.linear_bitmask(x, values, mask, bias, in_features)
+
+
+linear_bitmask_native = define_kernel_op("linear_bitmask_native", _BITMASK_SCHEMA, _bitmask, _bitmask_fake)
+linear_bitmask_native_bf16 = define_kernel_op(
+    "linear_bitmask_native_bf16", _BITMASK_SCHEMA, functools.partial(_bitmask, narrow=True), _bitmask_fake
 )
 
 
-def _workspace(node: fx.Node) -> int:
+def _workspace(node: fx.Node, narrow: bool = False) -> int:
     """Temporary bytes of a native linear beyond its output (memory/estimate.py): an fp32 copy
-    of narrower activations; on the tiled path one decoded tile and one tile of products."""
+    of narrower activations; on the tiled paths the tensors they allocate (the C path's
+    per-thread tiles are not tensors)."""
     x, out = node.args[0].meta["val"], node.meta["val"]
     k, n = hint_int(x.shape[-1]), hint_int(out.shape[-1])
     rows = hint_int(x.numel()) // max(1, k)
     copy = rows * k * 4 if x.dtype != torch.float32 else 0
+    if narrow and rows > FUSED_ROWS:  # bf16 activations, one bf16 tile, one tile of bf16 products
+        step = min(n, NARROW_TILE_ROWS)
+        return copy + rows * k * 2 + step * k * 2 + rows * step * 2
     if rows <= FUSED_ROWS or _sgemm() is not None:
         return copy  # the C tiled path's per-thread tiles (TILE_ROWS x K fp32) are not tensors
     step = min(n, max(16, TILE_BYTES // (4 * k)))
@@ -317,24 +353,65 @@ def _applies_bitmask(node: fx.Node) -> bool:
     )
 
 
-def _lower_bitmask(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    x, values, mask, bias, k = node.args
-    with unset_fake_temporarily():  # kernels are selected under the compile's fake mode
-        row_start = bitmask_row_start(getattr(gm, mask.target), k)
-    builder = GraphBuilder(gm, "codegen:native-bitmask")
-    start = builder.constant("memsave_bitmask_row_start", row_start, before=node)
-    new = builder.call(linear_bitmask_native, (x, values, mask, start, bias, k), before=node)
-    node.replace_all_uses_with(new)
-    gm.graph.erase_node(node)
-    return new
+def _lower_bitmask_to(op):
+    def lower(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+        x, values, mask, bias, k = node.args
+        with unset_fake_temporarily():  # kernels are selected under the compile's fake mode
+            row_start = bitmask_row_start(getattr(gm, mask.target), k)
+        builder = GraphBuilder(gm, "codegen:native-bitmask")
+        start = builder.constant("memsave_bitmask_row_start", row_start, before=node)
+        new = builder.call(op, (x, values, mask, start, bias, k), before=node)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return new
+
+    return lower
+
+
+def _many_rows(node: fx.Node) -> bool:
+    """More activation rows than the fused kernel takes (a prefill): where bf16 products pay."""
+    x = _val(node.args[0])
+    return hint_int(x.numel()) // max(1, hint_int(x.shape[-1])) > FUSED_ROWS
+
+
+def _bf16_decode(node: fx.Node) -> bool:
+    """Whether linear.c has a narrowed decode path for this node (bf16_path there): 2- and 4-bit
+    affine or log codes in groups of whole 32-byte blocks, on a CPU with avx512_bf16."""
+    if node.target not in (memsave_ops.linear_affine.default, memsave_ops.linear_log.default):
+        return False
+    bits, group, k = node.args[5], node.args[6], node.args[7]
+    return bits in (2, 4) and (group % (32 * 8 // bits) == 0 or group >= k) and _lib().ms_isa() >= 3
+
+
+def _narrowed(applies, *, int8_stays_exact: bool = False):
+    """`applies` for the bf16 variant: where it differs from the exact kernel (prefill-sized
+    nodes; decode where a bf16 path exists). Affine int8 keeps fp32 products (the format
+    chosen for fidelity: MiniLM's cosine 0.9997 is what int8 promises)."""
+
+    def narrowed(node: fx.Node) -> bool:
+        if int8_stays_exact and node.args[5] == 8:
+            return False
+        return applies(node) and (_many_rows(node) or _bf16_decode(node))
+
+    return narrowed
 
 
 def register() -> None:
     for op in (linear_affine_native, linear_log_native, linear_vq_native, linear_nm_native, linear_bitmask_native):
         WORKSPACE[op] = _workspace
-    register_kernel(memsave_ops.linear_affine.default, Kernel.retarget("native-affine", linear_affine_native, _applies_affine))
-    register_kernel(memsave_ops.linear_log.default, Kernel.retarget("native-log", linear_log_native, _applies_log))
-    register_kernel(memsave_ops.linear_vq.default, Kernel.retarget("native-vq", linear_vq_native, _applies_vq))
-    register_kernel(memsave_ops.linear_nm.default, Kernel.retarget("native-nm", linear_nm_native, _applies_nm))
+    for op in (linear_affine_native_bf16, linear_log_native_bf16, linear_vq_native_bf16, linear_nm_native_bf16,
+               linear_bitmask_native_bf16):
+        WORKSPACE[op] = functools.partial(_workspace, narrow=True)
+    # Narrowing variants first: select_kernels skips them unless the config allows narrowing.
+    for reference, name, exact, bf16, applies, int8 in (
+        (memsave_ops.linear_affine.default, "native-affine", linear_affine_native, linear_affine_native_bf16, _applies_affine, True),
+        (memsave_ops.linear_log.default, "native-log", linear_log_native, linear_log_native_bf16, _applies_log, False),
+        (memsave_ops.linear_vq.default, "native-vq", linear_vq_native, linear_vq_native_bf16, _applies_vq, False),
+        (memsave_ops.linear_nm.default, "native-nm", linear_nm_native, linear_nm_native_bf16, _applies_nm, False),
+    ):
+        register_kernel(reference, Kernel.retarget(f"{name}-bf16", bf16, _narrowed(applies, int8_stays_exact=int8), narrows=True))
+        register_kernel(reference, Kernel.retarget(name, exact, applies))
+    bitmask = memsave_ops.linear_bitmask.default
+    register_kernel(bitmask, Kernel("native-bitmask-bf16", _narrowed(_applies_bitmask), _lower_bitmask_to(linear_bitmask_native_bf16), narrows=True))
+    register_kernel(bitmask, Kernel("native-bitmask", _applies_bitmask, _lower_bitmask_to(linear_bitmask_native)))
     register_kernel(memsave_ops.linear_w8a8.default, Kernel.retarget("native-w8a8", linear_w8a8_native, _applies_w8a8))
-    register_kernel(memsave_ops.linear_bitmask.default, Kernel("native-bitmask", _applies_bitmask, _lower_bitmask))
