@@ -225,10 +225,10 @@ def test_register_is_idempotent_and_semi_structured_comes_first(registry):
     mt.register()
     mt.register()
     names = [k.name for k in kernels.kernels_for(LINEAR_NM)]
-    # memsave's native CPU kernel is registered by the backend; it applies to CPU activations
-    # only, so its place beside the CUDA kernels does not matter.
-    assert names.count("native-nm") == 1
-    cuda = [k for k in kernels.kernels_for(LINEAR_NM) if k.name != "native-nm"]
+    # memsave's native CPU kernels (exact and bf16-narrowed) are registered by the backend; they
+    # apply to CPU activations only, so their place beside the CUDA kernels does not matter.
+    assert names.count("native-nm") == 1 and names.count("native-nm-bf16") == 1
+    cuda = [k for k in kernels.kernels_for(LINEAR_NM) if not k.name.startswith("native-")]
     assert [k.name for k in cuda] == [semi.KERNEL_NAME, sparse_nm.KERNEL_NAME]
     triton_kernel = cuda[1]
     assert triton_kernel.op is torch.ops.memsave.linear_nm_triton.default  # schema checked on registration
