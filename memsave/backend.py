@@ -37,7 +37,7 @@ from memsave.graph.inputs import InputInfo, describe_inputs
 from memsave.passes.base import PassContext, WeightInfo
 from memsave.pipeline import PassRunner, run_pipeline
 from memsave.report import PassRecord, publish
-from memsave.weights import is_released
+from memsave.weights import is_released, remember_owners
 
 _graph_ids = itertools.count()
 cpu.register()  # ATen packed-weight kernels for quantized linears on CPU (bf16 activations)
@@ -90,6 +90,7 @@ class GraphCompilation:
         self.gm, self.config = gm, config
         self.graph_id = next(_graph_ids)
         self.inputs = describe_inputs(gm, example_inputs)
+        remember_owners(gm, example_inputs)  # so a released weight's module can refuse eager calls
         self.num_user_outputs = len(_flat_outputs(gm))
         # Real example inputs are kept only while compiling (debug-mode error measurement and
         # passes that read weights); holding them longer would keep the user's tensors alive.

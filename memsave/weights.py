@@ -14,6 +14,7 @@ entry stale, and it is rebuilt on next use.
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any, Callable, Hashable, TypeVar
 
@@ -184,10 +185,13 @@ WEIGHTS = WeightCache()
 # storage keeps shape/stride/dtype, so guards still pass and recompiles still trace; they get
 # the compressed copy from the cache above and never need the original again.
 # Eager use of the original module afterwards would fail with an obscure "setStorage" error;
-# a global forward pre-hook turns that into a clear error. It is installed at the first
-# release, not before: torch warns about global hooks on every torch.compile(module), which
-# users who never release a weight should not see. Dynamo does not guard on module hooks
-# (skip_nnmodule_hook_guards), so installing it mid-compile causes no recompile.
+# a forward pre-hook on the module that owns a released weight turns that into a clear error.
+# Per module, not global: with any global module hook, torch warns on every call of every
+# torch.compile(module) in the process and fires such hooks twice. The owners are found when
+# the backend first sees a graph (`remember_owners`, from Dynamo's sources for the
+# parameters); a weight whose owner is unknown is still released, without the clear error.
+# Dynamo does not guard on module hooks (skip_nnmodule_hook_guards), so adding one
+# mid-compile causes no recompile.
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # weight -> (id of the graph whose compile released it, bytes freed): for the reports.
@@ -210,7 +214,7 @@ def release(weight: torch.Tensor, name: str, *, graph_id: int | None = None) -> 
     if not storage.resizable():
         raise ValueError(f"memsave: cannot release {name!r}: its storage is not resizable (memory-mapped?)")
     nbytes = storage.nbytes()
-    install_eager_guard()
+    _guard_owner(weight)
     with unset_fake_temporarily():
         storage.resize_(0)
     _RELEASED[weight] = name
@@ -301,11 +305,42 @@ def _refuse_released_weights(module: torch.nn.Module, args):
     return None
 
 
-_GUARD_INSTALLED = False
+# parameter -> weakref to the module whose _parameters holds it (see Note [Releasing ...]).
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_GUARDED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_OWNER_SOURCE = re.compile(r"(.*)\._parameters\['[^']+'\]$")
 
 
-def install_eager_guard() -> None:
-    global _GUARD_INSTALLED
-    if not _GUARD_INSTALLED:
-        torch.nn.modules.module.register_module_forward_pre_hook(_refuse_released_weights)
-        _GUARD_INSTALLED = True
+def remember_owners(gm: torch.fx.GraphModule, example_inputs) -> None:
+    """Record which module owns each parameter input of a Dynamo graph, so that releasing one
+    can guard that module. Reads Dynamo's frame under compilation (its sources name each
+    parameter from the frame's locals); where that is not available, nothing is recorded."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        scope = {"L": tx.f_locals, "G": tx.f_globals}
+    except Exception:  # not under Dynamo (a graph handed to the backend directly)
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        grapharg = node.meta.get("grapharg")
+        if not isinstance(value, torch.nn.Parameter) or grapharg is None or grapharg.source is None:
+            continue
+        match = _OWNER_SOURCE.match(grapharg.source.name)
+        if match is None:
+            continue
+        try:
+            module = eval(match.group(1), {"__builtins__": {}}, scope)  # a source path, e.g. L['self']._modules['fc']
+        except Exception:
+            continue
+        if isinstance(module, torch.nn.Module) and any(p is value for p in module._parameters.values()):
+            _OWNERS[value] = weakref.ref(module)
+
+
+def _guard_owner(weight: torch.Tensor) -> None:
+    ref = _OWNERS.get(weight)
+    module = ref() if ref is not None else None
+    if module is not None and module not in _GUARDED:
+        module.register_forward_pre_hook(_refuse_released_weights)
+        _GUARDED.add(module)

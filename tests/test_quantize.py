@@ -1,5 +1,7 @@
 """The quantize → fold_weights → release_weights passes: structure, numerics, memory really freed."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -153,7 +155,12 @@ def test_recompiles_need_neither_the_originals_nor_new_work():
 def test_eager_use_after_release_is_a_clear_error_and_keeping_is_an_option():
     model = build_mlp()
     x = torch.randn(2, 64)
-    compile_and_run(model, x, quantize="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's warning about global module hooks
+        compile_and_run(model, x, quantize="int8")
+    # The guard is a hook on the modules that own released weights, not a global one (with a
+    # global module hook torch warns on every call of every compiled module).
+    assert not torch.nn.modules.module._has_any_global_hook()
     with pytest.raises(RuntimeError, match=r"Linear.weight \(layers.0.weight\) was released by memsave"):
         model(x)
     kept = build_mlp()
@@ -222,22 +229,6 @@ def test_hf_llama_quantizes_and_stays_close():
     _, out, (report,) = compile_and_run(model, *inputs, quantize="int8")
     assert len(report.records[1].details["quantized"]) == 2 * 7 + 1  # q,k,v,o,gate,up,down × 2 + lm_head
     assert ErrorStats.between([expected], [out]).sqnr_db > 35
-
-
-def test_no_global_hook_until_a_weight_is_released():
-    import subprocess
-    import sys
-
-    code = (
-        "import warnings, torch\n"
-        "warnings.filterwarnings('error', message='.*global hooks.*')\n"
-        "m = torch.nn.Linear(4, 4)\n"
-        "torch.compile(m, backend='memsave')(torch.randn(2, 4))\n"
-        "torch.compile(m, backend='memsave')\n"  # torch warns here if a global module hook exists
-        "print('ok')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_linear_affine_passes_opcheck_and_matches_its_definition():

@@ -6,11 +6,10 @@
 
 Both are exact only for bf16 activations (then they compute what the reference computes, up
 to bf16 rounding: the reference rounds the dequantized weight to bf16, the kernels keep scales
-in bf16). With fp32 activations ATen takes slow generic loops, so an fp32 model reaches them
-on a bf16 copy of its activations: explicitly through quantize's compute_dtype="bfloat16" (casts
-in the graph), or, for int4, as the kernel "cpu-int4pack-bf16" that codegen picks by default
-because it is the fastest here (the error it adds is in the report; compute_dtype="float32"
-keeps the exact native kernel of codegen/native instead).
+in bf16). With fp32 activations ATen takes slow generic loops, so they serve only graphs whose
+activations are bf16: quantize's compute_dtype="bfloat16" (casts in the graph) or a bf16 model.
+An fp32 model with the default options runs memsave's own kernels (codegen/native), which read
+fp32 activations directly and are faster here than these on a bf16 copy.
 
 One copy of each weight: when a kernel with its own layout is chosen, the weight cache
 converts memsave's packed codes (and scales) into that layout and keeps only the converted
