@@ -253,12 +253,6 @@ def _coverage(model, reports, linear_names: list[str]) -> dict[str, float]:
     return out
 
 
-def _sqnr_db(ref, out) -> float:
-    noise = (out - ref).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    return 200.0 if noise == 0 else 10 * math.log10(signal / noise)  # 200: identical (finite for JSON)
-
-
 # ----------------------------------------------------------------------------- measure: decoder
 
 
@@ -268,6 +262,7 @@ def _measure_decoder(s: dict, params: dict) -> dict[str, float]:
 
     import memsave
     from memsave.models import build_decoder, decoder_inputs
+    from memsave.report import sqnr_db
 
     quick = bool(params.get("quick"))
     size = params["quick_decoder_size"] if quick else params["decoder_size"]
@@ -297,7 +292,7 @@ def _measure_decoder(s: dict, params: dict) -> dict[str, float]:
         compiled = torch.compile(model, backend="memsave", options=s["options"])
         y = compiled(x).double()
     out["compile_and_first_call_s"] = time.perf_counter() - t0
-    out["logits_sqnr_db"] = _sqnr_db(ref, y)
+    out["logits_sqnr_db"] = sqnr_db(ref, y)  # memsave.report's: inf when identical
     out["logits_cosine"] = F.cosine_similarity(ref.flatten(), y.flatten(), dim=0).item()
     out["top1_agreement"] = (ref.argmax(-1) == y.argmax(-1)).double().mean().item()
     del y, ref

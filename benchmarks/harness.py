@@ -402,7 +402,9 @@ def summarize(runs: Sequence[dict], configs: Sequence[str], baseline: str, metri
     for config in configs:
         for metric, stat in summary[config]["metrics"].items():
             base = summary[baseline]["metrics"].get(metric)
-            stat["ratio"] = stat["median"] / base["median"] if base and base["median"] != 0 else None
+            # No ratio to or from an infinite median (an SQNR of identical outputs is inf).
+            finite = base is not None and math.isfinite(base["median"]) and math.isfinite(stat["median"])
+            stat["ratio"] = stat["median"] / base["median"] if finite and base["median"] != 0 else None
     return summary
 
 
@@ -566,6 +568,9 @@ def render_plot(results: Mapping, path: Path) -> None:
                 ax.text(x, 0, "failed", ha="center", va="bottom", color="tab:red")
                 continue
             median = stat["median"]
+            if not math.isfinite(median):
+                ax.text(x, 0, _fmt(median), ha="center", va="bottom")
+                continue
             ax.bar(x, median, color="tab:gray" if config == base else "tab:blue",
                    yerr=[[median - stat["min"]], [stat["max"] - median]], capsize=4)
             if stat["ratio"] is not None:

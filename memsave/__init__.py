@@ -13,7 +13,7 @@ from memsave.memory.estimate import MemoryEstimate, estimate_memory
 from memsave.memory.track import MemoryStats, MemoryTracker, measure_peak
 from memsave.report import GraphReport, PassRecord, collect, recent_reports
 from memsave.serialize import load, save
-from memsave.passes.shard_tensor import (
+from memsave.passes.dynamo.shard_tensor import (
     check_tensor_parallel,
     named_sharded_parameters,
     sharded_parameters,

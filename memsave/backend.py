@@ -9,16 +9,18 @@ inference and training alike, so memsave's passes always see ATen graphs with sh
 metadata, and a training graph never runs without AOTAutograd (which also keeps RNG state
 right for dropout under recomputation). AOTAutograd calls back into this file:
 
-  inference graph ──▶ _inference: pipeline ─▶ lower
-  training graph  ──▶ _partition: pipeline on the joint graph ─▶ recompute pass (fw, bw)
-                  ──▶ _forward / _backward: pipeline ─▶ lower (boxed: inputs freed as used)
+  Dynamo graph    ──▶ pipeline.run_dynamo_steps (chunk capture, tensor-parallel split)
+  inference graph ──▶ _inference: pipeline.run_graph ─▶ lower
+  training graph  ──▶ _partition: pipeline.run_joint (passes, recompute partition) ─▶ (fw, bw)
+                  ──▶ _forward / _backward: pipeline.run_graph ─▶ lower (boxed: inputs freed as used)
+
+The order of every step is pipeline.py's; this file is the wiring.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,17 +29,15 @@ import torch.fx as fx
 import memsave.ops  # noqa: F401  (registers memsave's custom ops before any graph holds them)
 from memsave.codegen import cpu
 from memsave.codegen.native import kernels as native_kernels
-from memsave.codegen.kernels import select_kernels_pass
-from memsave.codegen.lower import inductor_joint_graph_passes, lower
+from memsave.codegen.lower import lower
 from memsave.config import Config, OptionError
 from memsave.config.recipe import set_compile_graph
 from memsave.graph.meta import hint_int
-from memsave.memory.estimate import WEIGHT_TAG, estimate_memory
+from memsave.memory.estimate import WEIGHT_TAG
 from memsave.graph.inputs import InputInfo, describe_inputs
 from memsave.passes.base import PassContext, WeightInfo
-from memsave.pipeline import PassRunner, run_pipeline
-from memsave.report import PassRecord, publish
-from memsave.weights import is_released, remember_owners
+from memsave.pipeline import DynamoSteps, PassRunner, run_dynamo_steps, run_graph, run_joint
+from memsave.weights import remember_owners
 
 _graph_ids = itertools.count()
 cpu.register()  # ATen packed-weight kernels for quantized linears on CPU (bf16 activations)
@@ -97,8 +97,7 @@ class GraphCompilation:
         self._real: list[Any] | None = list(example_inputs)
         self._forward_weights: dict[str, WeightInfo] = {}
         self._num_fwd_outputs: int | None = None
-        self._capture = None  # the chunk capture step's result, recorded in the first report
-        self._tp_split = None  # the tensor-parallel split's summary, likewise
+        self._dynamo_steps: DynamoSteps | None = None  # recorded in the first ATen graph's report
 
     def compile(self) -> Callable:
         from torch._dynamo.backends.common import aot_autograd
@@ -112,25 +111,10 @@ class GraphCompilation:
             decompositions=select_decomp_table,  # called lazily by aot_autograd
             keep_inference_input_mutations=True,
         )
-        if self.config.chunk is not None:
-            # Loss and attention rewrites that bring their own backward happen on the Dynamo
-            # graph, before AOTAutograd traces forward and backward (passes/chunk_capture.py).
-            from memsave.passes.chunk_capture import capture_chunk_patterns
-
-            training = torch.is_grad_enabled() and any(
-                isinstance(t, torch.Tensor) and t.requires_grad for t in self._real or ()
-            )
-            self._capture = capture_chunk_patterns(self.gm, self.config.chunk, training=training)
-        wrap = lambda compiled: compiled  # noqa: E731
-        if self.config.tensor_parallel is not None:
-            # Before AOTAutograd, so the backward and every later pass see this rank's shards.
-            from memsave.passes.shard_tensor import shard_for_tensor_parallel
-
-            names = [i.weight.name if i.weight is not None and i.weight.kind == "parameter" else None for i in self.inputs]
-            self._tp_split = shard_for_tensor_parallel(self.gm, self._real, names, self.config.tensor_parallel)
-            wrap = self._tp_split.wrap
+        names = [i.weight.name if i.weight is not None and i.weight.kind == "parameter" else None for i in self.inputs]
+        self._dynamo_steps = run_dynamo_steps(self.gm, self._real, names, self.config)
         try:
-            return wrap(aot(self.gm, self._real))
+            return self._dynamo_steps.wrap(aot(self.gm, self._real))
         finally:
             self._real = None
 
@@ -139,92 +123,35 @@ class GraphCompilation:
     def _inference(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = self._context(gm, "inference", positional=True)
         runner = PassRunner(gm, ctx, codegen=self.config.codegen)
-        self._record_capture(runner)
-        run_pipeline(runner)
-        self._finish(runner)
+        report = run_graph(runner, self._dynamo_steps)
         return lower(
             gm, example_inputs, codegen=self.config.codegen, stage="inference",
-            static_input_idxs=_weight_indices(gm), report=runner.report,
+            static_input_idxs=_weight_indices(gm), report=report,
         )
 
     def _partition(self, joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
-        from memsave.passes.recompute import COMPARING_POLICIES, compare_policies, partition
-
         ctx = self._context(joint, "joint", positional=True)
         runner = PassRunner(joint, ctx, codegen=self.config.codegen)
-        self._record_capture(runner)
-        run_pipeline(runner)
-        if self.config.codegen == "inductor":
-            joint = inductor_joint_graph_passes(joint, _flat_tensors(joint_inputs))
-        start = time.perf_counter()
-        fw, bw, result = partition(
-            joint, self.config.recompute, ctx, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
-        )
-        seconds = time.perf_counter() - start
-        # "Before" is the same schedule with nothing recomputed, so the line reads as what
-        # this policy saved over saving everything.
-        _, _, baseline = partition(joint, None, ctx, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
-        if COMPARING_POLICIES.get():  # `memsave explain --train`: every policy on the same graph
-            result.details["policies"] = compare_policies(joint, ctx, num_fwd_outputs=num_fwd_outputs, **kwargs)
-        runner.add_record(
-            PassRecord(
-                name="recompute",
-                changed=result.details["recomputed"] != [],
-                nodes_before=len(joint.graph.nodes),
-                nodes_after=len(fw.graph.nodes) + len(bw.graph.nodes),
-                nodes_added=len(result.details["recomputed"]),
-                nodes_removed=0,
-                weight_bytes_before=baseline.details["weight_bytes"],
-                weight_bytes_after=result.details["weight_bytes"],
-                peak_activation_bytes_before=baseline.details["peak_activation_bytes"],
-                peak_activation_bytes_after=result.details["peak_activation_bytes"],
-                seconds=seconds,
-                notes=result.notes,
-                details=result.details,
-            )
-        )
-        if self.config.precision is not None and self.config.precision.saved is not None:
-            self._narrow_saved(runner, fw, bw, num_fwd_outputs)
-        self._finish(runner)
+        fw, bw = run_joint(runner, joint_inputs, num_fwd_outputs=num_fwd_outputs, dynamo_steps=self._dynamo_steps, **kwargs)
         self._num_fwd_outputs = num_fwd_outputs
         return fw, bw
-
-    def _narrow_saved(self, runner: PassRunner, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
-        """Saved activations in bf16/fp8 between forward and backward (precision's `saved`)."""
-        from memsave.passes.mixed_precision import narrow_saved_activations
-        from memsave.passes.recompute_graph import simulated_peak
-
-        before = simulated_peak(fw, bw, num_fwd_outputs)
-        start = time.perf_counter()
-        result = narrow_saved_activations(fw, bw, num_fwd_outputs, self.config.precision)
-        after = simulated_peak(fw, bw, num_fwd_outputs)
-        runner.add_record(
-            PassRecord(
-                name="narrow_saved", changed=result.changed, nodes_before=0, nodes_after=0, nodes_added=0,
-                nodes_removed=0, weight_bytes_before=before["weight_bytes"], weight_bytes_after=after["weight_bytes"],
-                peak_activation_bytes_before=before["peak"], peak_activation_bytes_after=after["peak"],
-                seconds=time.perf_counter() - start, notes=result.notes, details=result.details,
-            )
-        )
 
     def _forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = self._context(gm, "forward", positional=True)
         self._forward_weights = dict(ctx.weights)
         runner = PassRunner(gm, ctx, codegen=self.config.codegen, user_outputs=self._num_fwd_outputs)
-        run_pipeline(runner)
-        self._finish(runner)
+        report = run_graph(runner)
         return lower(
             gm, example_inputs, codegen=self.config.codegen, stage="forward",
             num_user_outputs=self.num_user_outputs, static_input_idxs=_weight_indices(gm),
-            report=runner.report,
+            report=report,
         )
 
     def _backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         ctx = self._context(gm, "backward", positional=False)
         runner = PassRunner(gm, ctx, codegen=self.config.codegen)
-        run_pipeline(runner)
-        self._finish(runner)
-        return lower(gm, example_inputs, codegen=self.config.codegen, stage="backward", report=runner.report)
+        report = run_graph(runner)
+        return lower(gm, example_inputs, codegen=self.config.codegen, stage="backward", report=report)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -255,59 +182,6 @@ class GraphCompilation:
                 node.meta[WEIGHT_TAG] = weights[node.name].name
         return PassContext(self.config, stage, self.graph_id, weights, real)
 
-    def _record_capture(self, runner: PassRunner) -> None:
-        """The tensor-parallel split and the chunk capture step ran on the Dynamo graph; they
-        show first in this graph's report."""
-        split = self._tp_split
-        if split is not None:
-            estimate, nodes = estimate_memory(runner.gm), len(runner.gm.graph.nodes)
-            runner.add_record(
-                PassRecord(
-                    name="shard_tensor", changed=split.world > 1, nodes_before=nodes, nodes_after=nodes,
-                    nodes_added=0, nodes_removed=0,
-                    # Its effect is already in this graph: "before" adds back what the shards saved.
-                    weight_bytes_before=estimate.weight_bytes + split.bytes_before - split.bytes_after,
-                    weight_bytes_after=estimate.weight_bytes,
-                    peak_activation_bytes_before=estimate.peak_activation_bytes,
-                    peak_activation_bytes_after=estimate.peak_activation_bytes,
-                    seconds=split.seconds, notes=split.notes(),
-                    details={"world": split.world, "rank": split.rank, "column": split.column, "row": split.row,
-                             "vocab": split.vocab, "split_bytes_before": split.bytes_before,
-                             "split_bytes_after": split.bytes_after},
-                )
-            )
-        if self._capture is not None:
-            # Its effect is already in this graph: before and after are this graph's estimate
-            # (the bytes it saved are in the notes).
-            result, estimate = self._capture, estimate_memory(runner.gm)
-            nodes = len(runner.gm.graph.nodes)
-            runner.add_record(
-                PassRecord(
-                    name="chunk_capture", changed=result.changed, nodes_before=nodes, nodes_after=nodes,
-                    nodes_added=0, nodes_removed=0, weight_bytes_before=estimate.weight_bytes,
-                    weight_bytes_after=estimate.weight_bytes,
-                    peak_activation_bytes_before=estimate.peak_activation_bytes,
-                    peak_activation_bytes_after=estimate.peak_activation_bytes,
-                    seconds=result.details["seconds"], notes=result.notes, details=result.details,
-                )
-            )
-
-    def _finish(self, runner: PassRunner) -> None:
-        # Codegen's kernel choice, recorded like a pass: what runs, and (debug) its error.
-        runner.run("select_kernels", select_kernels_pass, True)
-        publish(runner.finish())
-        # A released weight must not be read by any graph that runs (see weights.py).
-        for node in runner.gm.graph.nodes:
-            value = runner.ctx.real_inputs.get(node.name) if node.op == "placeholder" else None
-            if node.users and isinstance(value, torch.Tensor) and is_released(value):
-                raise RuntimeError(
-                    f"{runner.report.title} reads weight {runner.ctx.weights[node.name].name!r} in full "
-                    f"precision (by {', '.join(u.name for u in node.users)}), but memsave released it after "
-                    "compressing it for another graph; compile with options={'quantize': {..., "
-                    "'free_weights': False}} to keep the originals"
-                )
-
-
 def _same_inputs(placeholders: list[fx.Node], inputs: list[InputInfo], real: list[Any] | None) -> bool:
     if len(placeholders) < len(inputs):
         return False
@@ -337,16 +211,6 @@ def _flat_outputs(gm: fx.GraphModule) -> list:
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     out = output.args[0]
     return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def _flat_tensors(value: Any) -> list[torch.Tensor]:
-    flat = []
-    for item in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(item, (list, tuple)):
-            flat += _flat_tensors(item)
-        elif isinstance(item, torch.Tensor):
-            flat.append(item)
-    return flat
 
 
 set_compile_graph(compile_graph)  # memsave.Config(...) used as a backend compiles through here

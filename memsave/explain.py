@@ -19,7 +19,7 @@ import torch
 from memsave.config import Config
 from memsave.memory.process import rss_bytes
 from memsave.memory.track import MemoryStats, MemoryTracker, live_tensor_bytes
-from memsave.passes.recompute import COMPARING_POLICIES
+from memsave.passes.joint.recompute import COMPARING_POLICIES
 from memsave.report import ErrorStats, GraphReport, collect, fmt_bytes
 from memsave.weights import WEIGHTS
 

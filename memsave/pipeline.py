@@ -1,39 +1,210 @@
-"""The pass pipeline: one ordered function, and the runner that observes every pass.
+"""The pass pipeline: the whole order of memsave's steps, and the runner that observes them.
 
-`run_pipeline` is the whole order of memsave's passes over one ATen graph; read it top to
-bottom. `PassRunner` wraps each pass call with what the report needs (node counts, weight
-bytes and estimated peak activation bytes before/after, time) and, in debug mode, with the
-invariant check and the error against the untransformed graph on the example input.
+Read top to bottom, one Dynamo graph's trip is:
+
+  run_dynamo_steps   on the Dynamo graph, before AOTAutograd: chunk capture (the LM-head loss,
+                     attention and MLP rewrites that bring their own backward), then the
+                     tensor-parallel split (so every later step sees this rank's shards)
+  run_graph          an inference, forward or backward ATen graph: run_pipeline, then finish
+  run_joint          a training joint graph: run_pipeline, the partition into forward and
+                     backward (recompute), saved activations narrowed (precision), finish
+  run_pipeline       every ATen pass, in order (each step says why it sits where it does)
+  finish             kernel selection (codegen's choice per linear, recorded like a pass), the
+                     report published, and the check that no graph reads a released weight
+
+backend.py only wires these into AOTAutograd (and lowers what they return). `PassRunner` wraps
+each step with what the report needs (node counts, weight bytes and estimated peak activation
+bytes before/after, time) and, in debug mode, with the invariant check and the error against
+the untransformed graph on the example input.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from memsave.codegen.kernels import select_kernels_pass
+from memsave.codegen.lower import inductor_joint_graph_passes
 from memsave.debug import DebugDump
 from memsave.graph.invariants import GraphInvariantError, check_invariants, graph_signature
 from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
 from memsave.codegen.fuse import fuse_dequant_matmul
-from memsave.passes.chunk import chunk_sequences
-from memsave.passes.cleanup import eliminate_dead_code
-from memsave.passes.factorize import factorize_weights
-from memsave.passes.fold_weights import fold_weights
-from memsave.passes.mixed_precision import PRECISION_STAGES, cast_to_mixed_precision
-from memsave.passes.plan_memory import STAGES as PLAN_STAGES, plan_memory
-from memsave.passes.prune import prune_weights
-from memsave.passes.quantize import insert_qdq
-from memsave.passes.release_weights import release_weights
-from memsave.report import ErrorStats, GraphReport, PassRecord
+from memsave.passes.aten.chunk import chunk_sequences
+from memsave.passes.aten.cleanup import eliminate_dead_code
+from memsave.passes.aten.factorize import factorize_weights
+from memsave.passes.aten.fold_weights import fold_weights
+from memsave.passes.aten.mixed_precision import PRECISION_STAGES, cast_to_mixed_precision
+from memsave.passes.aten.plan_memory import STAGES as PLAN_STAGES, plan_memory
+from memsave.passes.aten.prune import prune_weights
+from memsave.passes.aten.quantize import insert_qdq
+from memsave.passes.aten.release_weights import release_weights
+from memsave.report import ErrorStats, GraphReport, PassRecord, publish
 from memsave.weights import WEIGHTS, is_released
 
 Pass = Callable[[fx.GraphModule, Any, PassContext], PassResult]
+
+
+# -- the Dynamo graph, before AOTAutograd ---------------------------------------------------
+
+
+@dataclass
+class DynamoSteps:
+    """What the steps on the Dynamo graph did; their records lead the ATen graph's report."""
+
+    capture: PassResult | None = None  # chunk capture
+    split: Any = None  # passes.dynamo.shard_tensor.TensorParallelSplit
+
+    def wrap(self, compiled: Callable) -> Callable:
+        """The compiled graph as the caller runs it (a split graph takes the full inputs)."""
+        return self.split.wrap(compiled) if self.split is not None else compiled
+
+
+def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], weight_names: Sequence[str | None], config) -> DynamoSteps:
+    """The steps that rewrite the Dynamo graph, in order. `weight_names`: the parameter name of
+    each graph input (None for other inputs)."""
+    steps = DynamoSteps()
+    if config.chunk is not None:
+        # Loss and attention rewrites that bring their own backward happen here, before
+        # AOTAutograd traces forward and backward (passes/dynamo/chunk_capture.py).
+        from memsave.passes.dynamo.chunk_capture import capture_chunk_patterns
+
+        training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in real_inputs)
+        steps.capture = capture_chunk_patterns(gm, config.chunk, training=training)
+    if config.tensor_parallel is not None:
+        # Before AOTAutograd, so the backward and every later pass see this rank's shards.
+        from memsave.passes.dynamo.shard_tensor import shard_for_tensor_parallel
+
+        steps.split = shard_for_tensor_parallel(gm, real_inputs, weight_names, config.tensor_parallel)
+    return steps
+
+
+def _record_dynamo_steps(runner: PassRunner, steps: DynamoSteps | None) -> None:
+    """The split and the capture ran on the Dynamo graph; their effect is already in this graph,
+    so "after" is this graph's estimate, and "before" adds back what they saved."""
+    if steps is None:
+        return
+    split = steps.split
+    if split is not None:
+        runner.add_done(
+            "shard_tensor", changed=split.world > 1, seconds=split.seconds, notes=split.notes(),
+            details={"world": split.world, "rank": split.rank, "column": split.column, "row": split.row,
+                     "vocab": split.vocab, "split_bytes_before": split.bytes_before,
+                     "split_bytes_after": split.bytes_after},
+            weight_bytes_saved=split.bytes_before - split.bytes_after,
+        )
+    if steps.capture is not None:
+        # The bytes it saved are in its notes.
+        result = steps.capture
+        runner.add_done("chunk_capture", changed=result.changed, seconds=result.details["seconds"],
+                        notes=result.notes, details=result.details)
+
+
+# -- ATen graphs ------------------------------------------------------------------------------
+
+
+def run_graph(runner: PassRunner, dynamo_steps: DynamoSteps | None = None) -> GraphReport:
+    """An inference, forward or backward graph: every pass, then finish."""
+    _record_dynamo_steps(runner, dynamo_steps)
+    run_pipeline(runner)
+    return finish(runner)
+
+
+def run_joint(
+    runner: PassRunner, joint_inputs: Any, *, num_fwd_outputs: int, dynamo_steps: DynamoSteps | None = None,
+    **partition_kwargs: Any,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """A training joint graph: every pass on it (so forward and backward both see the casts and
+    compressed weights), Inductor's joint-graph passes where it lowers, the partition into
+    forward and backward by the recompute policy, the saved activations narrowed; then finish."""
+    _record_dynamo_steps(runner, dynamo_steps)
+    run_pipeline(runner)
+    config = runner.ctx.config
+    joint = runner.gm
+    if config.codegen == "inductor":
+        joint = inductor_joint_graph_passes(joint, _flat_tensors(joint_inputs))
+    fw, bw = _partition(runner, joint, joint_inputs, num_fwd_outputs, partition_kwargs)
+    if config.precision is not None and config.precision.saved is not None:
+        _narrow_saved(runner, fw, bw, num_fwd_outputs)
+    finish(runner)
+    return fw, bw
+
+
+def _partition(runner: PassRunner, joint: fx.GraphModule, joint_inputs: Any, num_fwd_outputs: int, kwargs: dict):
+    from memsave.passes.joint.recompute import COMPARING_POLICIES, compare_policies, partition
+
+    ctx = runner.ctx
+    start = time.perf_counter()
+    fw, bw, result = partition(
+        joint, ctx.config.recompute, ctx, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+    )
+    seconds = time.perf_counter() - start
+    # "Before" is the same schedule with nothing recomputed, so the line reads as what this
+    # policy saved over saving everything.
+    _, _, baseline = partition(joint, None, ctx, joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+    if COMPARING_POLICIES.get():  # `memsave explain --train`: every policy on the same graph
+        result.details["policies"] = compare_policies(joint, ctx, num_fwd_outputs=num_fwd_outputs, **kwargs)
+    runner.add_record(
+        PassRecord(
+            name="recompute",
+            changed=result.details["recomputed"] != [],
+            nodes_before=len(joint.graph.nodes),
+            nodes_after=len(fw.graph.nodes) + len(bw.graph.nodes),
+            nodes_added=len(result.details["recomputed"]),
+            nodes_removed=0,
+            weight_bytes_before=baseline.details["weight_bytes"],
+            weight_bytes_after=result.details["weight_bytes"],
+            peak_activation_bytes_before=baseline.details["peak_activation_bytes"],
+            peak_activation_bytes_after=result.details["peak_activation_bytes"],
+            seconds=seconds,
+            notes=result.notes,
+            details=result.details,
+        )
+    )
+    return fw, bw
+
+
+def _narrow_saved(runner: PassRunner, fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> None:
+    """Saved activations in bf16/fp8 between forward and backward (precision's `saved`)."""
+    from memsave.memory.saved_activations import simulated_peak
+    from memsave.passes.aten.mixed_precision import narrow_saved_activations
+
+    before = simulated_peak(fw, bw, num_fwd_outputs)
+    start = time.perf_counter()
+    result = narrow_saved_activations(fw, bw, num_fwd_outputs, runner.ctx.config.precision)
+    after = simulated_peak(fw, bw, num_fwd_outputs)
+    runner.add_record(
+        PassRecord(
+            name="narrow_saved", changed=result.changed, nodes_before=0, nodes_after=0, nodes_added=0,
+            nodes_removed=0, weight_bytes_before=before["weight_bytes"], weight_bytes_after=after["weight_bytes"],
+            peak_activation_bytes_before=before["peak"], peak_activation_bytes_after=after["peak"],
+            seconds=time.perf_counter() - start, notes=result.notes, details=result.details,
+        )
+    )
+
+
+def finish(runner: PassRunner) -> GraphReport:
+    """Codegen's kernel choice, recorded like a pass (what runs and, in debug mode, its error);
+    the report published; and no graph that runs may read a released weight (weights.py)."""
+    runner.run("select_kernels", select_kernels_pass, True)
+    report = runner.finish()
+    publish(report)
+    for node in runner.gm.graph.nodes:
+        value = runner.ctx.real_inputs.get(node.name) if node.op == "placeholder" else None
+        if node.users and isinstance(value, torch.Tensor) and is_released(value):
+            raise RuntimeError(
+                f"{runner.report.title} reads weight {runner.ctx.weights[node.name].name!r} in full "
+                f"precision (by {', '.join(u.name for u in node.users)}), but memsave released it after "
+                "compressing it for another graph; compile with options={'quantize': {..., "
+                "'free_weights': False}} to keep the originals"
+            )
+    return report
 
 
 def run_pipeline(runner: PassRunner) -> None:
@@ -55,13 +226,13 @@ def run_pipeline(runner: PassRunner) -> None:
     # the stored form: no full weight is materialized, and codegen can pick a fast kernel for
     # it. Last, so it sees every dequantize.
     runner.run("fuse_dequant_matmul", fuse_dequant_matmul, config.quantize or config.prune)
-    # The LM-head losses the capture step fused (backend.py, before AOTAutograd) get their
+    # The LM-head losses the capture step fused (run_dynamo_steps, before AOTAutograd) get their
     # chunk size here, where shapes and the estimator are at hand; after compression, so it
     # sizes the graph that runs.
     runner.run("chunk", chunk_sequences, config.chunk)
-    # Recompute is the partition function of training graphs (backend.py). Tensor parallelism
-    # splits the Dynamo graph before AOTAutograd (passes/shard_tensor.py), so every pass here
-    # sees, and compresses, this rank's shards.
+    # Recompute is the partition of training graphs (run_joint, after this). Tensor parallelism
+    # split the Dynamo graph before AOTAutograd (run_dynamo_steps), so every pass here sees,
+    # and compresses, this rank's shards.
     # Mixed precision after compression (a packed linear keeps its own compute dtype), on the
     # joint graph in training so the forward and backward both see the casts.
     runner.run("mixed_precision", cast_to_mixed_precision, config.precision, stages=PRECISION_STAGES)
@@ -155,6 +326,22 @@ class PassRunner:
         """For steps that are not in-place graph rewrites (the training partition)."""
         self.report.records.append(record)
 
+    def add_done(self, name: str, *, changed: bool, seconds: float, notes: list[str], details: dict,
+                 weight_bytes_saved: int = 0) -> None:
+        """The record of a step that ran on the Dynamo graph, before this graph existed: its
+        effect is already here, so "after" is this graph's estimate and "before" adds back the
+        weight bytes it saved."""
+        estimate, nodes = estimate_memory(self.gm), len(self.gm.graph.nodes)
+        self.add_record(
+            PassRecord(
+                name=name, changed=changed, nodes_before=nodes, nodes_after=nodes, nodes_added=0, nodes_removed=0,
+                weight_bytes_before=estimate.weight_bytes + weight_bytes_saved, weight_bytes_after=estimate.weight_bytes,
+                peak_activation_bytes_before=estimate.peak_activation_bytes,
+                peak_activation_bytes_after=estimate.peak_activation_bytes,
+                seconds=seconds, notes=notes, details=details,
+            )
+        )
+
     def finish(self) -> GraphReport:
         self.report.constants = [weakref.ref(t) for t in self.gm.buffers()]
         weights = [t for name in self.ctx.weights if (t := self.ctx.weight_tensor(name)) is not None]
@@ -214,3 +401,13 @@ def _mutated_placeholders(gm: fx.GraphModule) -> set[str]:
 def _read_inputs(gm: fx.GraphModule, real_inputs: dict[str, Any]) -> list[Any]:
     """Real values of the placeholders the graph actually reads."""
     return [real_inputs.get(n.name) for n in gm.graph.nodes if n.op == "placeholder" and n.users]
+
+
+def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    flat = []
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, (list, tuple)):
+            flat += _flat_tensors(item)
+        elif isinstance(item, torch.Tensor):
+            flat.append(item)
+    return flat

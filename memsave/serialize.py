@@ -59,6 +59,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
+import memsave.weight_keys as weight_keys
 from memsave.config import Config, QuantizeConfig
 from memsave.ops.affine import QPARAM_DTYPE, num_groups
 from memsave.ops.pack import packed_length
@@ -76,29 +77,14 @@ CACHE_PREFIX = ".memsave_cache"  # tensors among other cached values of a weight
 __all__ = ["save", "load", "saved_options"]
 
 
-# -- The weight-cache keys the passes use -----------------------------------------------------
-# They are built inline in passes/quantize.py and passes/fold_weights.py; these functions build
-# them the same way, and tests/test_serialize.py fails if they drift (a compile after `load`
-# would then rebuild from a released weight and raise).
+# The weight-cache keys come from memsave/weight_keys.py, as the passes' do; tests/test_serialize.py
+# checks that a compile after `load` finds everything cached (it would otherwise rebuild from a
+# released weight and raise).
 
 
 def qparams_key(bits: int, group: int, symmetric: bool, method: str) -> tuple:
-    """quantize.py: ("qparams", bits, group, symmetric, method) → (scale, offset)."""
-    return ("qparams", bits, group, symmetric, method)
-
-
-def packed_key(qkey: tuple) -> tuple:
-    """fold_weights.py: ("packed", qparams key) → the packed codes."""
-    return ("packed", qkey)
-
-
-def cpu_int4_key(qkey: tuple) -> tuple:
-    """codegen/cpu.py: ("cpu_int4", packed key, qparams key) → (int4pack weight, scales_zeros)."""
-    return ("cpu_int4", packed_key(qkey), qkey)
-
-
-def _is_qparams_key(key: Hashable) -> bool:
-    return isinstance(key, tuple) and len(key) == 5 and key[0] == "qparams"
+    """The affine parameters' key, the form memsave.save stores."""
+    return weight_keys.quant_params("affine", bits, group, symmetric, method)
 
 
 class _NotCached(Exception):
@@ -250,11 +236,11 @@ def _compressed_form(name: str, weight: torch.Tensor, config: QuantizeConfig | N
         return None
     keys = _cached_keys(weight)
     forms = []
-    for qkey in filter(_is_qparams_key, keys):
-        if packed_key(qkey) not in keys:
+    for qkey in filter(weight_keys.is_affine_params, keys):
+        if weight_keys.packed(qkey) not in keys:
             continue
         try:
-            qparams, packed = _cached(weight, qkey), _cached(weight, packed_key(qkey))
+            qparams, packed = _cached(weight, qkey), _cached(weight, weight_keys.packed(qkey))
         except _NotCached:
             continue  # stale: the weight changed after it was compressed
         forms.append((qkey, qparams, packed))
@@ -274,9 +260,9 @@ def _compressed_form(name: str, weight: torch.Tensor, config: QuantizeConfig | N
     qkey, (scale, offset), packed = forms[0]
     _check_form(name, weight, qkey, scale, offset, packed)
     layout = None
-    if cpu_int4_key(qkey) in keys:
+    if weight_keys.cpu_int4(qkey) in keys:
         try:
-            layout = _cached(weight, cpu_int4_key(qkey))[1]
+            layout = _cached(weight, weight_keys.cpu_int4(qkey))[1]
         except _NotCached:
             pass
     return qkey, (scale, offset), packed, _cached_extras(weight, keys), layout
@@ -310,7 +296,7 @@ def _cached_extras(weight: torch.Tensor, keys: list[Hashable]) -> list[tuple[Has
     for the int4 scales/zeros stored on their own)."""
     out = []
     for key in keys:
-        if _is_qparams_key(key) or (isinstance(key, tuple) and key[:1] in (("packed",), *_LAYOUT_KEYS)):
+        if weight_keys.is_affine_params(key) or weight_keys.is_packed(key) or weight_keys.is_cpu_layout(key):
             continue
         if not _json_key(key):
             continue
@@ -323,7 +309,6 @@ def _cached_extras(weight: torch.Tensor, keys: list[Hashable]) -> list[tuple[Has
     return out
 
 
-_LAYOUT_KEYS = (("cpu_int4",), ("cpu_int8",))
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -611,7 +596,7 @@ def _load_compressed(
     qkey = qparams_key(info["bits"], info["group_size"], info["symmetric"], info["method"])
     qparams = (parts["scale"], parts.get("offset"))
     WEIGHTS.get_or_build(weight, qkey, lambda: qparams, reads_weight=False)
-    WEIGHTS.get_or_build(weight, packed_key(qkey), lambda: parts["packed"], reads_weight=False)
+    WEIGHTS.get_or_build(weight, weight_keys.packed(qkey), lambda: parts["packed"], reads_weight=False)
     for key, value in parts["cache"]:
         WEIGHTS.get_or_build(weight, key, lambda value=value: value, reads_weight=False)
     if "cpu_int4" in parts and device.type == "cpu":
@@ -632,10 +617,10 @@ def _restore_int4_layout(weight: torch.Tensor, qkey: tuple, packed: torch.Tensor
     n, k = weight.shape
     symmetric = qkey[3]
     WEIGHTS.convert(
-        weight, cpu_int4_key(qkey),
+        weight, weight_keys.cpu_int4(qkey),
         lambda: (cpu.to_int4pack(packed, n, k), scales_zeros),
         rebuild={
-            packed_key(qkey): lambda kernel: cpu.from_int4pack(kernel[0], n, k),
+            weight_keys.packed(qkey): lambda kernel: cpu.from_int4pack(kernel[0], n, k),
             qkey: lambda kernel: cpu.qparams_from_int4(kernel[1], symmetric),
         },
     )

@@ -206,7 +206,7 @@ def pipeline_and_tensor_parallel(rank: int, world: int, pipeline: dict, extra: d
 def _pp_tp_run(options: dict, batch: int, seq: int, model_name: str = "decoder") -> dict:
     import memsave
     from memsave.models import build_decoder, build_hf_llama
-    from memsave.passes.shard_tensor import _SHARDS
+    from memsave.passes.dynamo.shard_tensor import _SHARDS
 
     # dropout 0 in both
     model = build_decoder("tiny", n_layers=2) if model_name == "decoder" else build_hf_llama("tiny")

@@ -24,6 +24,7 @@ MODELS = {
 }
 
 
+@pytest.mark.slow
 def test_backend_by_name_in_a_fresh_interpreter():
     code = textwrap.dedent(
         """
@@ -231,6 +232,7 @@ def test_lowered_graphs_use_the_boxed_convention(monkeypatch):
     assert lowered == [("forward", True), ("backward", True)] * 2
 
 
+@pytest.mark.slow
 def test_training_with_dropout_through_inductor():
     # Inductor's joint-graph rewrite of random ops needs V.fake_mode set around it.
     model = build_decoder("tiny", dropout=0.2).train()

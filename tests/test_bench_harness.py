@@ -138,6 +138,7 @@ def test_fresh_processes_interleaved_rss_ratios_and_failure(tmp_path):
     assert (out / "tiny.md").read_text() == md and (out / "tiny.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_module_mode_quick_params_and_timeout_kills_process_group(tmp_path):
     out = tmp_path / "out"
     proc = _run(tmp_path, "-m", "bench_tiny", "--quick", "--configs", "hang", "--timeout", "10",

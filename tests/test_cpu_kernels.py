@@ -153,6 +153,7 @@ def test_one_copy_of_each_weight_and_recompiles_rebuild_the_generic_form():
     assert any(id(t) in new_constants for t in constants)  # the same kernel tensors are reused
 
 
+@pytest.mark.slow
 def test_compute_dtype_casts_compile_with_inductor():
     """quantize's compute_dtype casts are prims.convert_element_type: with aten._to_copy (which
     AOTAutograd decomposes before memsave sees the graph) Inductor failed on an HF Llama with

@@ -34,6 +34,7 @@ def test_one_rank_raising_ends_every_rank_with_its_error():
     assert elapsed < 60, elapsed
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_hung_rank_ends_at_the_deadline():
     start = time.monotonic()

@@ -8,7 +8,7 @@ from helpers import aten_inference_graph, context_for
 from memsave.graph.invariants import GraphInvariantError
 from memsave.models import build_mlp
 from memsave.passes.base import PassResult
-from memsave.passes.cleanup import eliminate_dead_code
+from memsave.passes.aten.cleanup import eliminate_dead_code
 from memsave.pipeline import PassRunner
 
 aten = torch.ops.aten

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memsave"
 # Bottom to top; a module belongs to the longest prefix listed. Keep in step with
 # docs/architecture.md.
 LAYERS = [
-    ("memsave.version", "memsave.config", "memsave.graph"),
+    ("memsave.version", "memsave.config", "memsave.graph", "memsave.weight_keys"),
     ("memsave.memory",),
     ("memsave.ops", "memsave.report", "memsave.calibrate", "memsave.models"),
     ("memsave.weights", "memsave.debug"),
@@ -81,4 +81,4 @@ def test_the_check_sees_function_level_imports():
     known = modules()
     # runtime.py imports describe_inputs inside compile_pipeline, not at module level
     assert "memsave.graph.inputs" in imports(known["memsave.distributed.runtime"], "memsave.distributed.runtime", known)
-    assert layer_of("memsave.backend") > layer_of("memsave.distributed") > layer_of("memsave.passes.shard_tensor")
+    assert layer_of("memsave.backend") > layer_of("memsave.distributed") > layer_of("memsave.passes.dynamo.shard_tensor")

@@ -1,4 +1,4 @@
-"""Mixed precision (passes/mixed_precision.py): the dtypes the graph gets (structure), its error
+"""Mixed precision (passes/aten/mixed_precision.py): the dtypes the graph gets (structure), its error
 against fp32 (budgets, and no worse than torch's own autocast), fp32 master weights and
 gradients in training, saved activations in bf16/fp8, fp16 training with loss scaling."""
 
@@ -15,7 +15,7 @@ from memsave.graph.meta import node_val
 from memsave.graph.rewrite import GraphBuilder
 from memsave.memory.track import MemoryTracker
 from memsave.models import build_decoder, decoder_inputs
-from memsave.passes.mixed_precision import cast_to_mixed_precision, loss_scaler
+from memsave.passes.aten.mixed_precision import cast_to_mixed_precision, loss_scaler
 from memsave.report import sqnr_db
 from memsave.weights import WEIGHTS
 from tests.helpers import aten_inference_graph, compile_and_run, context_for
@@ -228,6 +228,7 @@ def test_saved_bf16_halves_saved_bytes(fp32_step):
     assert _min_cosine(grads, [p.grad for p in model.parameters()]) > 0.9999
 
 
+@pytest.mark.slow
 def test_saved_fp8_with_scale_quarters_saved_bytes(fp32_step):
     grads, loss_fp32, stats_fp32 = fp32_step
     model, loss, stats, reports = _train_step({"precision": "saved-fp8"}, codegen="inductor")
@@ -238,6 +239,7 @@ def test_saved_fp8_with_scale_quarters_saved_bytes(fp32_step):
     assert _min_cosine(grads, [p.grad for p in model.parameters()]) > 0.99
 
 
+@pytest.mark.slow
 def test_fp16_training_with_dynamic_loss_scaling():
     model = build_decoder("tiny").train()
     x, labels = decoder_inputs(model, batch=4, seq=32, labels=True)

@@ -1,4 +1,4 @@
-"""plan_memory (passes/plan_memory.py, memory/liveness.py): exact results, a lower measured
+"""plan_memory (passes/aten/plan_memory.py, memory/liveness.py): exact results, a lower measured
 peak, planned >= lower bound, the in-place and layout rules, and the option forms."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from memsave.config import Config, OptionError, PlanMemoryConfig
 from memsave.memory.liveness import Buffer, _greedy_by_size, plan_buffers
 from memsave.memory.track import MemoryTracker
 from memsave.models import build_decoder, decoder_inputs
-from memsave.passes.plan_memory import drop_needless_layout_ops, out_variant, plan_memory, reuse_dying_inputs
+from memsave.passes.aten.plan_memory import drop_needless_layout_ops, out_variant, plan_memory, reuse_dying_inputs
 from tests.helpers import aten_inference_graph, context_for
 
 aten = torch.ops.aten

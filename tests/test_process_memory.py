@@ -171,6 +171,20 @@ def test_quantize_frees_each_original_before_the_next_weight(monkeypatch, debug)
     assert all(is_released(m.weight) for m in model if isinstance(m, nn.Linear))
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_factorize_frees_each_original_before_the_next_weight(monkeypatch, debug):
+    model = mlp(width=128, depth=4)
+    log = _build_log(monkeypatch)
+    compiled = torch.compile(model, backend="memsave", options={"factorize": "svd-50", "codegen": "fx", "debug": debug})
+    with torch.no_grad():
+        compiled(torch.randn(2, 128))
+    factors = [entry for entry in log if entry[0] == "factor"]
+    assert len(factors) == 4
+    for _, _, earlier in factors:
+        assert all(earlier) if not debug else not any(earlier)
+    assert all(is_released(m.weight) for m in model if isinstance(m, nn.Linear))
+
+
 def test_streamed_releases_are_reported_and_recompiles_need_no_original():
     model = mlp(width=128, depth=3)
     with memsave.collect() as reports:

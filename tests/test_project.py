@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from memsave.config import DEFAULT_RECIPE, options_table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert command in ci.splitlines()
 
 
+@pytest.mark.slow
 def test_memsave_demo_runs_in_under_a_minute():
     start = time.perf_counter()
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""memsave's recompute policies (passes/recompute*.py): exact gradients, the budget, the
+"""memsave's recompute policies (passes/joint/recompute*.py): exact gradients, the budget, the
 report, the solvers, and the option forms.
 
 Most tests partition one captured joint graph per model with every policy and run the two
@@ -16,9 +16,9 @@ import torch.fx as fx
 import memsave
 from memsave.config import Config, RecomputeConfig
 from memsave.models import build_decoder, build_hf_gpt2, decoder_inputs, hf_inputs
-from memsave.passes.recompute import copy_joint, partition
-from memsave.passes.recompute_graph import JointGraph
-from memsave.passes.recompute_plan import minimum_plan, no_recompute_plan, solve_greedy, solve_ilp
+from memsave.passes.joint.recompute import copy_joint, partition
+from memsave.passes.joint.recompute_graph import JointGraph
+from memsave.passes.joint.recompute_plan import minimum_plan, no_recompute_plan, solve_greedy, solve_ilp
 
 POLICIES = {
     "none": RecomputeConfig("none"),
@@ -315,7 +315,7 @@ def test_torch_compile_trains_under_a_budget_with_dropout():
 
 
 def test_explain_train_compares_policies_and_lists_what_is_saved():
-    from memsave.passes.recompute import COMPARED_POLICIES
+    from memsave.passes.joint.recompute import COMPARED_POLICIES
 
     model, inputs = _build("decoder", 0.0)
     report = memsave.explain(model, *inputs, train=True, codegen="fx", recompute={"budget": 0.25})

@@ -19,7 +19,8 @@ from memsave.memory.track import MemoryTracker
 from memsave.models import MLP, build_decoder, build_mlp, decoder_inputs
 from memsave.models.decoder import Decoder
 from memsave.ops.affine import bits_per_weight
-from memsave.serialize import packed_key, qparams_key, saved_options
+from memsave.serialize import qparams_key, saved_options
+from memsave.weight_keys import packed as packed_key
 from memsave.weights import WEIGHTS, is_released, release
 
 # The ATen CPU int4 kernel: bf16 compute, groups of 64, linear dims multiples of 64.

@@ -21,8 +21,8 @@ from memsave.config import Config, OptionError, PipelineConfig
 from memsave.distributed.runtime import _graph_inputs
 from memsave.distributed.validate import check_pipeline
 from memsave.models import build_decoder
-from memsave.passes import shard_pipeline
-from memsave.passes.shard_pipeline import fold_lifted_scalars, split_graph
+from memsave.passes.dynamo import shard_pipeline
+from memsave.passes.dynamo.shard_pipeline import fold_lifted_scalars, split_graph
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_workers as workers  # noqa: E402  (module-level spawn targets)
@@ -196,6 +196,7 @@ def _check(results, world, *, modes):
             assert len(names) == len(set(names)) == results[0][mode_index]["n_params"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_pipeline_on_2_ranks_matches_one_process_decoder():
     scenarios = [
@@ -211,6 +212,7 @@ def test_pipeline_on_2_ranks_matches_one_process_decoder():
         assert per_rank[0]["kept_bytes"] <= inference["total_bytes"] / 2 * 1.05 + 2 * 128 * 16 * 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_pipeline_on_2_ranks_keeps_its_cuts_for_training_and_shards_a_quantized_decoder():
     scenarios = [
@@ -224,6 +226,7 @@ def test_pipeline_on_2_ranks_keeps_its_cuts_for_training_and_shards_a_quantized_
     _check(results, 2, modes=[m for m, _ in scenarios])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_pipeline_on_4_ranks_matches_one_process_decoder():
     scenarios = [
@@ -234,6 +237,7 @@ def test_pipeline_on_4_ranks_matches_one_process_decoder():
     _check(results, 4, modes=[m for m, _ in scenarios])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_pipeline_on_2_ranks_matches_one_process_hf_llama():
     scenarios = [
@@ -244,6 +248,7 @@ def test_pipeline_on_2_ranks_matches_one_process_hf_llama():
     _check(results, 2, modes=[m for m, _ in scenarios])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_pipeline_over_the_pp_groups_of_a_2x2_mesh():
     results = md.launch(workers.mesh_pipeline, 4, (2, 2), timeout_s=650)
@@ -256,6 +261,7 @@ def test_pipeline_over_the_pp_groups_of_a_2x2_mesh():
         assert r["max_diff"] <= ATOL, (rank, r)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_pipeline_and_tensor_parallel_on_a_2x2_grid_match_one_process_decoder_and_hf_llama():
     # Stage 0 on ranks {0, 1}, stage 1 on ranks {2, 3}; within a stage the linears are split in
@@ -289,6 +295,7 @@ def test_pipeline_and_tensor_parallel_on_a_2x2_grid_match_one_process_decoder_an
         assert all(names.count(n) == 2 for n in set(names))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_deferred_weights_each_rank_materializes_only_its_stage_and_tied_weights_sum(tmp_path):
     # The models are built on meta with storage-less weights (defer_weights); each rank reads its

@@ -1,4 +1,4 @@
-"""Tensor parallelism (memsave/passes/shard_tensor.py): spawned gloo ranks on the CPU must
+"""Tensor parallelism (memsave/passes/dynamo/shard_tensor.py): spawned gloo ranks on the CPU must
 reproduce the single-process model — outputs, gradients and an optimizer step — in fp32.
 
 Each spawning test starts its ranks once and checks inference, training and the optimizer
@@ -14,7 +14,7 @@ import torch
 import memsave
 from memsave.config import Config, OptionError
 from memsave.ops.affine import dequantize_affine, quantize_weight
-from memsave.passes.shard_tensor import TensorParallelError
+from memsave.passes.dynamo.shard_tensor import TensorParallelError
 import tp_workers
 from tp_workers import build, spawn
 
@@ -83,6 +83,7 @@ def _check_bytes(results: list, world: int) -> None:
         assert b["held"] == b["sharded"] + b["replicated"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_decoder_two_ranks_match_single_process_and_int8_shards_are_exact():
     overrides: dict = {}
@@ -126,6 +127,7 @@ def _int8(w: torch.Tensor) -> torch.Tensor:
     return dequantize_affine(packed, scale, offset, 8, w.shape[1], w.shape[1], w.dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_decoder_four_ranks_with_gqa_and_vocab_parallel_and_two_rank_groups_match_single_process():
     """Four ranks: the whole world with vocab_parallel (embedding and LM head split by
@@ -146,6 +148,7 @@ def test_decoder_four_ranks_with_gqa_and_vocab_parallel_and_two_rank_groups_matc
     _check_bytes(pairs, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_hf_llama_two_ranks_match_single_process():
     overrides = {"num_hidden_layers": 1}

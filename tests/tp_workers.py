@@ -78,7 +78,7 @@ def build(model: str, overrides: dict):
 
 
 def _shard_info(model) -> dict:
-    from memsave.passes.shard_tensor import _SHARDS
+    from memsave.passes.dynamo.shard_tensor import _SHARDS
 
     info = {}
     for name, param in model.named_parameters():

@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import memsave.ops  # noqa: F401  (registers memsave::linear_affine)
+import memsave.weight_keys as weight_keys
 from memsave.codegen.kernels import Kernel, register_kernel
 from memsave.codegen.oplib import define_kernel_op
 from memsave.graph.rewrite import GraphBuilder
@@ -161,7 +162,7 @@ def _lower_int4(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     _, qparams_key = WEIGHTS.owner(scale)
     symmetric = offset is None
     w4, sz = WEIGHTS.convert(
-        weight, ("cpu_int4", packed_key, qparams_key),
+        weight, weight_keys.kernel_layout("cpu_int4", packed_key, qparams_key),
         lambda: (to_int4pack(packed, n, k), int4_scales_zeros(scale, offset)),
         rebuild={
             packed_key: lambda kernel: from_int4pack(kernel[0], n, k),
@@ -192,7 +193,7 @@ def _lower_int8(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     _, qparams_key = WEIGHTS.owner(scale)
     # Codes are stored offset by 128; as signed bytes that is a flip of the top bit.
     w8, s8 = WEIGHTS.convert(
-        weight, ("cpu_int8", packed_key, qparams_key),
+        weight, weight_keys.kernel_layout("cpu_int8", packed_key, qparams_key),
         lambda: ((packed ^ 0x80).view(torch.int8), scale.reshape(-1).to(torch.bfloat16)),
         rebuild={
             packed_key: lambda kernel: kernel[0].view(torch.uint8) ^ 0x80,

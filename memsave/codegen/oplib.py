@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 
 _LIBRARY = torch.library.Library("memsave", "FRAGMENT")
+# Triton kernels' key: every device, since they also run on CPU tensors under TRITON_INTERPRET=1.
+TRITON_DISPATCH = "CompositeExplicitAutograd"
 
 
 def schema_of(reference: torch._ops.OpOverload) -> str:
@@ -21,15 +23,21 @@ def schema_of(reference: torch._ops.OpOverload) -> str:
     return text[text.index("(") :]
 
 
-def define_kernel_op(name: str, schema: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload:
-    """`memsave::<name>` with `schema`, `impl` as its CPU kernel and `fake` for tracing."""
+def define_kernel_op(
+    name: str, schema: str, impl: Callable, fake: Callable, *, dispatch_key: str = "CPU"
+) -> torch._ops.OpOverload:
+    """`memsave::<name>` with `schema`, `impl` as its kernel for `dispatch_key` ("CPU" for the
+    native and ATen-packed kernels; "CompositeExplicitAutograd", every device, for Triton's,
+    which also run on CPU tensors under TRITON_INTERPRET=1) and `fake` for tracing."""
     _LIBRARY.define(name + schema)
-    _LIBRARY.impl(name, impl, "CPU")
+    _LIBRARY.impl(name, impl, dispatch_key)
     torch.library.register_fake(f"memsave::{name}", lib=_LIBRARY)(fake)
     return getattr(torch.ops.memsave, name).default
 
 
-def twin(reference: torch._ops.OpOverload, name: str, impl: Callable) -> torch._ops.OpOverload:
+def twin(reference: torch._ops.OpOverload, name: str, impl: Callable, *, dispatch_key: str = "CPU") -> torch._ops.OpOverload:
     """A kernel op with exactly `reference`'s schema (so selecting it only changes a node's
     target) and the reference's fake kernel."""
-    return define_kernel_op(name, schema_of(reference), impl, lambda *args, **kwargs: reference(*args, **kwargs))
+    return define_kernel_op(
+        name, schema_of(reference), impl, lambda *args, **kwargs: reference(*args, **kwargs), dispatch_key=dispatch_key
+    )

@@ -25,7 +25,7 @@ class PrecisionConfig(FamilyConfig):
     weights (inference): "narrow" stores each weight that only matmul-like ops read as one
     compute-dtype copy made at compile time and releases its fp32 original (the model then runs
     only compiled); "fp32" keeps the fp32 weights and casts them per call.
-    fp16 training needs loss scaling: use memsave.passes.mixed_precision.loss_scaler().
+    fp16 training needs loss scaling: use memsave.passes.aten.mixed_precision.loss_scaler().
     """
 
     family: ClassVar[str] = "precision"

@@ -8,7 +8,7 @@
     save_weights(model, path)           options["pipeline"]["weights"] (a save_weights file, ...)
 
 The pipeline itself is the backend option `options={"pipeline": {...}}` (memsave.config
-PipelineConfig); see runtime.py for how a call runs and passes/shard_pipeline.py for the split.
+PipelineConfig); see runtime.py for how a call runs and passes/dynamo/shard_pipeline.py for the split.
 """
 
 from memsave.distributed.deferred import defer_weights, save_weights

@@ -1,7 +1,7 @@
 """Running a pipelined graph: this rank's stage inside torch.distributed.pipelining.
 
 `compile_pipeline` is what the backend returns for options={"pipeline": ...}: it splits the
-Dynamo graph (passes/shard_pipeline.py), frees every weight this rank's stage does not read,
+Dynamo graph (passes/dynamo/shard_pipeline.py), frees every weight this rank's stage does not read,
 and returns a `PipelineRuntime`, the callable Dynamo runs in place of the graph.
 
 A call runs one schedule step over the whole batch (`Schedule1F1B` / `ScheduleGPipe` over a
@@ -35,8 +35,8 @@ from torch import nn
 from memsave.config import Config, OptionError
 from memsave.distributed.deferred import WeightSource, deferred_name, is_deferred, materialize
 from memsave.distributed.mesh import pipeline_group
-from memsave.passes.shard_pipeline import GraphInput, PipelinePlan, StageGraph, fold_lifted_scalars, split_graph
-from memsave.passes.shard_tensor import shard_of
+from memsave.passes.dynamo.shard_pipeline import GraphInput, PipelinePlan, StageGraph, fold_lifted_scalars, split_graph
+from memsave.passes.dynamo.shard_tensor import shard_of
 from memsave.weights import is_released, release
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from memsave.config import Config, OptionError
-from memsave.passes.shard_pipeline import PipelinePlan, fold_lifted_scalars, split_graph
+from memsave.passes.dynamo.shard_pipeline import PipelinePlan, fold_lifted_scalars, split_graph
 
 
 def check_pipeline(model: torch.nn.Module, example_inputs: Sequence[Any], options: dict, nproc: int) -> PipelinePlan:

@@ -52,6 +52,29 @@ def node_val(node: fx.Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+def example_val(node: Any) -> Any:
+    """A Dynamo graph node's traced value (`example_value`; `val` appears once ATen-traced);
+    None for a constant argument."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def arg_val(arg: Any) -> Any:
+    """The traced value of a call's argument: its node's value, None for a constant."""
+    return node_val(arg) if isinstance(arg, fx.Node) else None
+
+
+def call_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument `name`: positional at `index`, else by keyword, else `default`."""
+    return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
+
+
+def op_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """`call_arg` for a call of an op with a schema (ATen's or memsave's own): the position
+    comes from the schema."""
+    names = [a.name for a in node.target._schema.arguments]
+    return call_arg(node, names.index(name), name, default)
+
+
 def node_tensor_bytes(node: fx.Node) -> int:
     """Bytes of every tensor a node produces (sum over tuple outputs)."""
     return sum(tensor_storage_bytes(t) for t in iter_tensors(node_val(node)))

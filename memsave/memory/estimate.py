@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from memsave.graph.meta import aliased_input, is_getitem, iter_tensors, node_val, tensor_storage_bytes
+from memsave.graph.meta import iter_tensors, node_val, tensor_storage_bytes
+from memsave.graph.storages import storages_by_node
 
 WEIGHT_TAG = "memsave_weight"  # node.meta key set on placeholders that hold parameters/buffers
 
@@ -55,41 +56,26 @@ def is_weight_node(node: fx.Node) -> bool:
 def estimate_memory(gm: fx.GraphModule) -> MemoryEstimate:
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    # Each node maps to the storages its value lives in (one per tensor it produces).
-    storages_of: dict[fx.Node, list[_Storage]] = {}
     weight_bytes = input_bytes = 0
 
-    for node in nodes:
+    def allocate(node: fx.Node) -> list[_Storage]:
+        nonlocal weight_bytes, input_bytes
         val = node_val(node)
         if node.op == "get_attr" and val is None:
             val = _get_attr(gm, node.target)
-        if node.op in ("placeholder", "get_attr"):
-            kind = "weight" if is_weight_node(node) else "input"
-            sts = [_Storage(tensor_storage_bytes(t), kind, node.name) for t in iter_tensors(val)]
-            nbytes = sum(s.nbytes for s in sts) if node.users else 0  # an input nothing reads costs nothing
-            if kind == "weight":
-                weight_bytes += nbytes
-            else:
-                input_bytes += nbytes
-            storages_of[node] = sts
-        elif node.op == "call_function":
-            if is_getitem(node):
-                parent, index = node.args
-                parent_sts = storages_of.get(parent, [])
-                storages_of[node] = [parent_sts[index]] if isinstance(index, int) and index < len(parent_sts) else []
-                continue
-            base = aliased_input(node)
-            if base is not None:
-                # A view: its tensors live in the base's storage.
-                base_sts = storages_of.get(base, [])
-                n_out = len(list(iter_tensors(val)))
-                storages_of[node] = [base_sts[0]] * n_out if base_sts else []
-            else:
-                storages_of[node] = [
-                    _Storage(tensor_storage_bytes(t), "activation", node.name) for t in iter_tensors(val)
-                ]
-        else:  # output, call_module/call_method (not in ATen graphs)
-            storages_of[node] = []
+        if node.op == "call_function":
+            return [_Storage(tensor_storage_bytes(t), "activation", node.name) for t in iter_tensors(val)]
+        kind = "weight" if is_weight_node(node) else "input"
+        sts = [_Storage(tensor_storage_bytes(t), kind, node.name) for t in iter_tensors(val)]
+        nbytes = sum(s.nbytes for s in sts) if node.users else 0  # an input nothing reads costs nothing
+        if kind == "weight":
+            weight_bytes += nbytes
+        else:
+            input_bytes += nbytes
+        return sts
+
+    # Each node maps to the storages its value lives in (one per tensor it produces).
+    storages_of = storages_by_node(nodes, allocate)
 
     # A storage dies after the last use of any node that refers to it. FX keeps a tuple-valued
     # node alive until its last getitem, so its elements live at least that long.

@@ -23,7 +23,8 @@ import torch.fx as fx
 
 import torch
 
-from memsave.graph.meta import aliased_input, hint_int, is_getitem, iter_tensors, node_val, tensor_storage_bytes
+from memsave.graph.meta import hint_int, iter_tensors, node_val, tensor_storage_bytes
+from memsave.graph.storages import storages_by_node
 from memsave.memory.estimate import is_weight_node
 
 ALIGNMENT = 64  # bytes; CPU and CUDA allocators align at least this much
@@ -50,33 +51,27 @@ class MemoryPlan:
     planned_peak_bytes: int  # arena size of the greedy-by-size placement
 
 
-def storages_by_node(gm: fx.GraphModule, *, inputs_die: bool) -> tuple[dict[fx.Node, list[Buffer]], list[Buffer]]:
+def buffers_by_node(gm: fx.GraphModule, *, inputs_die: bool) -> tuple[dict[fx.Node, list[Buffer]], list[Buffer]]:
     """Each node's buffers (a view maps to its base's), and the list of all buffers."""
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    of: dict[fx.Node, list[Buffer]] = {}
     buffers: list[Buffer] = []
-    for node in nodes:
+
+    def allocate(node: fx.Node) -> list[Buffer]:
         val = node_val(node)
         if node.op == "placeholder":
             # Inputs the caller holds (weights, user inputs) cost the graph nothing; a backward's
             # saved activations are freed by the boxed call at their last use.
             counted = inputs_die and not is_weight_node(node)
-            of[node] = [Buffer(node.name, tensor_storage_bytes(t), 0, 0) for t in iter_tensors(val)] if counted else []
-        elif node.op == "call_function" and is_getitem(node):
-            parent, index = node.args
-            parent_buffers = of.get(parent, [])
-            of[node] = [parent_buffers[index]] if isinstance(index, int) and index < len(parent_buffers) else []
-            continue
-        elif node.op == "call_function" and aliased_input(node) is not None:
-            base = of.get(aliased_input(node), [])
-            of[node] = [base[0]] * len(list(iter_tensors(val))) if base else []
-            continue
+            made = [Buffer(node.name, tensor_storage_bytes(t), 0, 0) for t in iter_tensors(val)] if counted else []
         elif node.op == "call_function":
-            of[node] = [Buffer(node.name, tensor_storage_bytes(t), position[node], position[node]) for t in iter_tensors(val)]
-        else:
-            of[node] = []
-        buffers += of[node]
+            made = [Buffer(node.name, tensor_storage_bytes(t), position[node], position[node]) for t in iter_tensors(val)]
+        else:  # constants (get_attr) belong to the module
+            made = []
+        buffers.extend(made)
+        return made
+
+    of = storages_by_node(nodes, allocate)
     # A buffer dies after the last node reading anything that refers to it; FX holds a
     # tuple-valued node until its last getitem, so its elements live at least that long.
     for node in nodes:
@@ -91,7 +86,7 @@ def storages_by_node(gm: fx.GraphModule, *, inputs_die: bool) -> tuple[dict[fx.N
 
 
 def plan_buffers(gm: fx.GraphModule, *, inputs_die: bool = False) -> MemoryPlan:
-    _, buffers = storages_by_node(gm, inputs_die=inputs_die)
+    _, buffers = buffers_by_node(gm, inputs_die=inputs_die)
     n = len(gm.graph.nodes)
     # Lower bound: a sweep over program points (+bytes at start, -bytes after end).
     delta = [0] * (n + 1)

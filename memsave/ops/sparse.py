@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from memsave.graph.meta import call_arg
 from memsave.memory.estimate import WORKSPACE
 from memsave.ops.pack import pack_bits, packed_length, unpack_bits
 
@@ -343,35 +344,27 @@ def nm_workspace(rows: int, in_features: int, n: int, m: int, cast_element_size:
     return block * max(unpack, 1 + 8 + cast_element_size) + kc * 8
 
 
-def _arg(node, index: int, name: str):
-    return node.args[index] if index < len(node.args) else node.kwargs[name]
-
-
-def _val(node, index: int, name: str) -> torch.Tensor:
-    return _arg(node, index, name).meta["val"]
-
-
 def _densify_bitmask_workspace(node) -> int:
-    values, mask = _val(node, 0, "values"), _val(node, 1, "mask")
-    return bitmask_workspace(int(mask.shape[0]), int(_arg(node, 2, "in_features")), values.element_size())
+    values, mask = call_arg(node, 0, "values").meta["val"], call_arg(node, 1, "mask").meta["val"]
+    return bitmask_workspace(int(mask.shape[0]), int(call_arg(node, 2, "in_features")), values.element_size())
 
 
 def _linear_bitmask_workspace(node) -> int:
     # The reference materializes the whole (N, K) weight in the activations' dtype.
-    x, mask, k = _val(node, 0, "x"), _val(node, 2, "mask"), int(_arg(node, 4, "in_features"))
+    x, mask, k = call_arg(node, 0, "x").meta["val"], call_arg(node, 2, "mask").meta["val"], int(call_arg(node, 4, "in_features"))
     rows = int(mask.shape[0])
     return rows * k * x.element_size() + bitmask_workspace(rows, k, x.element_size())
 
 
 def _densify_nm_workspace(node) -> int:
-    values, indices, dtype = _val(node, 0, "values"), _val(node, 1, "indices"), _arg(node, 5, "dtype")
-    n, m, k = int(_arg(node, 2, "n")), int(_arg(node, 3, "m")), int(_arg(node, 4, "in_features"))
+    values, indices, dtype = call_arg(node, 0, "values").meta["val"], call_arg(node, 1, "indices").meta["val"], call_arg(node, 5, "dtype")
+    n, m, k = int(call_arg(node, 2, "n")), int(call_arg(node, 3, "m")), int(call_arg(node, 4, "in_features"))
     return nm_workspace(int(indices.shape[0]), k, n, m, dtype.itemsize if dtype != values.dtype else 0)
 
 
 def _linear_nm_workspace(node) -> int:
-    x, indices = _val(node, 0, "x"), _val(node, 2, "indices")
-    n, m, k = int(_arg(node, 4, "n")), int(_arg(node, 5, "m")), int(_arg(node, 6, "in_features"))
+    x, indices = call_arg(node, 0, "x").meta["val"], call_arg(node, 2, "indices").meta["val"]
+    n, m, k = int(call_arg(node, 4, "n")), int(call_arg(node, 5, "m")), int(call_arg(node, 6, "in_features"))
     rows = int(indices.shape[0])
     return rows * k * x.element_size() + nm_workspace(rows, k, n, m)  # values are in x.dtype
 

@@ -31,7 +31,7 @@ import memsave.ops  # noqa: F401  (registers the reference ops this module twins
 from memsave.codegen.kernels import Kernel, register_kernel
 from memsave.codegen.native.build import library
 from memsave.codegen.oplib import define_kernel_op, twin
-from memsave.graph.meta import hint_int
+from memsave.graph.meta import arg_val, hint_int
 from memsave.graph.rewrite import GraphBuilder
 from memsave.memory.estimate import WORKSPACE
 from memsave.ops.pack import packed_length
@@ -296,17 +296,13 @@ def bitmask_row_start(mask: torch.Tensor, in_features: int) -> torch.Tensor:
 # -- selection ---------------------------------------------------------------------------
 
 
-def _val(arg):
-    return arg.meta.get("val") if isinstance(arg, fx.Node) else None
-
-
 def _dtype_is(arg, *dtypes) -> bool:
-    v = _val(arg)
+    v = arg_val(arg)
     return isinstance(v, torch.Tensor) and v.dtype in dtypes
 
 
 def _activations_ok(node: fx.Node) -> bool:
-    x = _val(node.args[0])
+    x = arg_val(node.args[0])
     return (
         isinstance(x, torch.Tensor) and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and library() is not None
@@ -318,7 +314,7 @@ def _applies_affine(node: fx.Node) -> bool:
     return (
         _activations_ok(node) and 2 <= bits <= 8 and _dtype_is(packed, torch.uint8)
         and _dtype_is(scale, torch.float16) and (offset is None or _dtype_is(offset, torch.float16))
-        and _val(packed).shape[1] == packed_length(-(-k // min(group, k)) * min(group, k), bits)
+        and arg_val(packed).shape[1] == packed_length(-(-k // min(group, k)) * min(group, k), bits)
     )
 
 
@@ -338,10 +334,10 @@ def _applies_nm(node: fx.Node) -> bool:
 
 def _applies_w8a8(node: fx.Node) -> bool:
     x, packed, scale, bias = node.args
-    v = _val(packed)
+    v = arg_val(packed)
     return (
         _activations_ok(node) and _dtype_is(scale, torch.float16) and v is not None
-        and v.shape[1] == _val(x).shape[-1]  # rows unpadded: K a multiple of 8
+        and v.shape[1] == arg_val(x).shape[-1]  # rows unpadded: K a multiple of 8
     )
 
 
@@ -370,7 +366,7 @@ def _lower_bitmask_to(op):
 
 def _many_rows(node: fx.Node) -> bool:
     """More activation rows than the fused kernel takes (a prefill): where bf16 products pay."""
-    x = _val(node.args[0])
+    x = arg_val(node.args[0])
     return hint_int(x.numel()) // max(1, hint_int(x.shape[-1])) > FUSED_ROWS
 
 

@@ -24,11 +24,11 @@ import importlib.util
 import torch
 import torch.fx as fx
 
+from memsave.graph.meta import arg_val, op_arg
 from memsave.codegen.triton.launcher import interpreting, launch, linear_affine_triton
 from memsave.codegen.triton.spec import GEMV_MAX_ROWS, SUPPORTED_BITS, SUPPORTED_DTYPES, KernelSpec
 
 KERNEL_NAME = "triton-linear-affine"
-_ARG_NAMES = ("x", "packed", "scale", "offset", "bias", "bits", "group_size", "in_features")
 
 __all__ = [
     "GEMV_MAX_ROWS",
@@ -50,24 +50,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _arg(node: fx.Node, name: str):
-    i = _ARG_NAMES.index(name)
-    return node.args[i] if i < len(node.args) else node.kwargs.get(name)
-
-
-def _val(arg):
-    return arg.meta.get("val") if isinstance(arg, fx.Node) else None
-
-
 def applies(node: fx.Node) -> bool:
     """A memsave::linear_affine node the Triton kernel can run: CUDA activations of a
     supported dtype (bf16 needs sm80+), supported bits, weights on the same device."""
-    x, packed = _val(_arg(node, "x")), _val(_arg(node, "packed"))
+    x, packed = arg_val(op_arg(node, "x")), arg_val(op_arg(node, "packed"))
     if not isinstance(x, torch.Tensor) or not isinstance(packed, torch.Tensor):
         return False
     if x.device.type != "cuda" or packed.device != x.device or packed.dtype != torch.uint8:
         return False
-    if x.dtype not in SUPPORTED_DTYPES or _arg(node, "bits") not in SUPPORTED_BITS:
+    if x.dtype not in SUPPORTED_DTYPES or op_arg(node, "bits") not in SUPPORTED_BITS:
         return False
     if x.dtype == torch.bfloat16 and not _has_bf16_dot(x.device):
         return False

@@ -23,6 +23,8 @@ import threading
 import torch
 import torch.fx as fx
 
+import memsave.ops  # noqa: F401  (the reference ops the twins copy)
+from memsave.codegen.oplib import TRITON_DISPATCH, twin
 from memsave.codegen.triton import source
 from memsave.codegen.triton.launcher import interpreting
 
@@ -208,44 +210,14 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-@torch.library.custom_op("memsave::linear_cross_entropy_triton", mutates_args=())
-def linear_cross_entropy_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int,
-    upcast: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward(hidden, weight, bias, labels, ignore_index, reduction, chunk_size, upcast)
-
-
-@linear_cross_entropy_triton.register_fake
-def _(*args):
-    return torch.ops.memsave.linear_cross_entropy.default(*args)  # the reference's fake kernel
-
-
-@torch.library.custom_op("memsave::linear_cross_entropy_backward_triton", mutates_args=())
-def linear_cross_entropy_backward_triton(
-    grad_loss: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward(grad_loss, hidden, weight, bias, labels, lse, ignore_index, reduction, chunk_size, needs)
-
-
-@linear_cross_entropy_backward_triton.register_fake
-def _(*args):
-    return torch.ops.memsave.linear_cross_entropy_backward.default(*args)
+# Twins of the reference ops (codegen/oplib.py): their schemas and fake kernels.
+linear_cross_entropy_triton = twin(
+    torch.ops.memsave.linear_cross_entropy.default, "linear_cross_entropy_triton", forward, dispatch_key=TRITON_DISPATCH
+)
+linear_cross_entropy_backward_triton = twin(
+    torch.ops.memsave.linear_cross_entropy_backward.default, "linear_cross_entropy_backward_triton", backward,
+    dispatch_key=TRITON_DISPATCH,
+)
 
 
 def applies(node: fx.Node) -> bool:
@@ -266,7 +238,6 @@ def applies(node: fx.Node) -> bool:
 
 def register() -> None:
     """Offer the kernels for memsave::linear_cross_entropy and its backward (idempotent)."""
-    import memsave.ops  # noqa: F401  (defines the reference ops)
     from memsave.codegen.kernels import Kernel, register_kernel
 
     register_kernel(

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+import memsave.ops  # noqa: F401  (the reference ops the twins copy)
+from memsave.codegen.oplib import TRITON_DISPATCH, twin
 from memsave.codegen.triton import source, templates
 from memsave.codegen.triton.configs import block_configs, fit_block_k
 from memsave.codegen.triton.spec import GEMV_MAX_ROWS, VARIANTS, KernelSpec, check_bits, check_dtype, make_spec
@@ -177,21 +179,8 @@ def launch(
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("memsave::linear_affine_triton", mutates_args=())
-def linear_affine_triton(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """memsave::linear_affine on Triton: reads the packed codes, never the dequantized weight."""
-    return launch(x, packed, scale, offset, bias, bits, group_size, in_features)
-
-
-@linear_affine_triton.register_fake
-def _(x, packed, scale, offset, bias, bits, group_size, in_features):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+# memsave::linear_affine on Triton: reads the packed codes, never the dequantized weight. The
+# reference's schema and fake kernel (codegen/oplib.py), so selecting it only retargets a node.
+linear_affine_triton = twin(
+    torch.ops.memsave.linear_affine.default, "linear_affine_triton", launch, dispatch_key=TRITON_DISPATCH
+)

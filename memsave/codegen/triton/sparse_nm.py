@@ -29,7 +29,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from memsave.codegen.oplib import TRITON_DISPATCH, twin
 from memsave.codegen.triton import source
+from memsave.graph.meta import arg_val, op_arg
 from memsave.codegen.triton.configs import GEMM_CONFIGS, GROUP_M, INTERPRET_GEMM
 from memsave.codegen.triton.launcher import _autotuner, interpreting, prepare
 from memsave.codegen.triton.spec import MIN_BLOCK_K, SUPPORTED_DTYPES, check_dtype
@@ -38,7 +40,6 @@ from memsave.ops.sparse import check_nm, compressed_features, index_bits
 from memsave.ops.pack import packed_length
 
 KERNEL_NAME = "triton-linear-nm"
-_ARG_NAMES = ("x", "values", "indices", "bias", "n", "m", "in_features")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -256,36 +257,11 @@ def launch(
     return y.reshape(*x.shape[:-1], rows)
 
 
-@torch.library.custom_op("memsave::linear_nm_triton", mutates_args=())
-def linear_nm_triton(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    m: int,
-    in_features: int,
-) -> torch.Tensor:
-    """memsave::linear_nm on Triton: reads values and positions, never the dense weight."""
-    return launch(x, values, indices, bias, n, m, in_features)
-
-
-@linear_nm_triton.register_fake
-def _(x, values, indices, bias, n, m, in_features):
-    return x.new_empty((*x.shape[:-1], indices.shape[0]))
+# memsave::linear_nm on Triton: reads values and positions, never the dense weight.
+linear_nm_triton = twin(torch.ops.memsave.linear_nm.default, "linear_nm_triton", launch, dispatch_key=TRITON_DISPATCH)
 
 
 # --------------------------------------------------------------------------- selection
-
-
-def node_arg(node: fx.Node, name: str):
-    i = _ARG_NAMES.index(name)
-    return node.args[i] if i < len(node.args) else node.kwargs.get(name)
-
-
-def node_val(node: fx.Node, name: str):
-    arg = node_arg(node, name)
-    return arg.meta.get("val") if isinstance(arg, fx.Node) else None
 
 
 def applies(node: fx.Node) -> bool:
@@ -293,14 +269,14 @@ def applies(node: fx.Node) -> bool:
     (bf16 needs sm80+), values in that dtype, indices and values on the same device."""
     from memsave.codegen.triton import _has_bf16_dot, triton_available
 
-    x, values, indices = node_val(node, "x"), node_val(node, "values"), node_val(node, "indices")
+    x, values, indices = arg_val(op_arg(node, "x")), arg_val(op_arg(node, "values")), arg_val(op_arg(node, "indices"))
     if not all(isinstance(t, torch.Tensor) for t in (x, values, indices)):
         return False
     if x.device.type != "cuda" or values.device != x.device or indices.device != x.device:
         return False
     if x.dtype not in SUPPORTED_DTYPES or values.dtype != x.dtype or indices.dtype != torch.uint8:
         return False
-    n, m = node_arg(node, "n"), node_arg(node, "m")
+    n, m = op_arg(node, "n"), op_arg(node, "m")
     try:
         check_nm(n, m)
     except ValueError:

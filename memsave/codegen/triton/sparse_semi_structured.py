@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from memsave.codegen.triton.sparse_nm import node_arg, node_val
+import memsave.weight_keys as weight_keys
+from memsave.graph.meta import arg_val, op_arg
 from memsave.graph.rewrite import GraphBuilder
 from memsave.ops.sparse import nm_from_dense, unpack_nm
 from memsave.weights import WEIGHTS
@@ -129,21 +130,21 @@ def _is_constant(arg) -> bool:
 def applies(node: fx.Node) -> bool:
     """A 2:4 memsave::linear_nm node with fp16/bf16 CUDA activations on sm80+, whose values and
     positions are constants (so they can be converted at compile time) of a supported shape."""
-    if node_arg(node, "n") != 2 or node_arg(node, "m") != 4:
+    if op_arg(node, "n") != 2 or op_arg(node, "m") != 4:
         return False
-    x, values, indices = node_val(node, "x"), node_val(node, "values"), node_val(node, "indices")
+    x, values, indices = arg_val(op_arg(node, "x")), arg_val(op_arg(node, "values")), arg_val(op_arg(node, "indices"))
     if not all(isinstance(t, torch.Tensor) for t in (x, values, indices)):
         return False
-    if not (_is_constant(node_arg(node, "values")) and _is_constant(node_arg(node, "indices"))):
+    if not (_is_constant(op_arg(node, "values")) and _is_constant(op_arg(node, "indices"))):
         return False  # e.g. values dequantized at run time
     if x.device.type != "cuda" or values.device != x.device or indices.device != x.device:
         return False
     if x.dtype not in DTYPES or values.dtype != x.dtype:
         return False
-    bias = node_val(node, "bias")
-    if node_arg(node, "bias") is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
+    bias = arg_val(op_arg(node, "bias"))
+    if op_arg(node, "bias") is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
         return False  # cuSPARSELt adds the bias in the weight's dtype
-    k = node_arg(node, "in_features")
+    k = op_arg(node, "in_features")
     if not shape_supported(default_backend(), x.dtype, int(indices.shape[0]), int(k)):
         return False
     return _sm80_or_later(x.device)
@@ -162,7 +163,7 @@ def converted(values: torch.Tensor, indices: torch.Tensor, in_features: int, bac
             return build()
     weight, values_key = owners[0]
     indices_key = owners[1][1]
-    to_key = ("cuda_semi_structured", backend, values_key, indices_key)
+    to_key = weight_keys.kernel_layout("cuda_semi_structured", backend, values_key, indices_key)
     if WEIGHTS.has(weight, to_key):
         return WEIGHTS.convert(weight, to_key, build, {})  # converted by an earlier compile
 
@@ -209,9 +210,9 @@ def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def lower(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    x, bias, k = node_arg(node, "x"), node_arg(node, "bias"), int(node_arg(node, "in_features"))
-    values = _constant(gm, node_arg(node, "values"))
-    indices = _constant(gm, node_arg(node, "indices"))
+    x, bias, k = op_arg(node, "x"), op_arg(node, "bias"), int(op_arg(node, "in_features"))
+    values = _constant(gm, op_arg(node, "values"))
+    indices = _constant(gm, op_arg(node, "indices"))
     backend = default_backend()
     packed, meta = converted(values, indices, k, backend)
     builder = GraphBuilder(gm, "codegen:semi-structured")

@@ -28,18 +28,16 @@ from typing import Any
 import torch.fx as fx
 
 from memsave.graph.meta import describe_val, node_tensor_bytes
+from memsave.memory.saved_activations import saved_activation_bytes, saved_outputs, simulated_peak
 from memsave.passes.base import PassContext, PassResult
-from memsave.passes.recompute_graph import (
+from memsave.passes.joint.recompute_graph import (
     JointGraph,
     node_flops,
     Plan,
     recomputed_in_backward,
-    saved_activation_bytes,
-    saved_outputs,
-    simulated_peak,
     split,
 )
-from memsave.passes.recompute_plan import choose_budget_plan, no_recompute_plan, plan_selective, plan_sqrt
+from memsave.passes.joint.recompute_plan import choose_budget_plan, no_recompute_plan, plan_selective, plan_sqrt
 from memsave.report import fmt_bytes
 
 

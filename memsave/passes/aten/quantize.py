@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
+import memsave.weight_keys as weight_keys
 from memsave.calibrate import CALIBRATION
 from memsave.config import QuantizeConfig
 from memsave.graph.meta import node_val
@@ -97,7 +98,7 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             # fold_weights drops); computed here once so the per-layer error below is GPTQ's.
             hessian = _hessian(weight)
             packed = WEIGHTS.get_or_build(
-                weight, ("packed", key),
+                weight, weight_keys.packed(key),
                 lambda: memsave_ops.quantize_affine_gptq(weight, *params, hessian, *rules.quantize_extra(spec)),
             )
             quantize_op = memsave_ops.quantize_affine_gptq.default
@@ -125,14 +126,14 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
                 _compute_in(builder, use, node, dequantize(compute), compute)
             else:
                 use.replace_input_with(node, dequantize(val.dtype))
-        if packed is None and not WEIGHTS.has(weight, ("packed", key)):
+        if packed is None and not WEIGHTS.has(weight, weight_keys.packed(key)):
             # The codes now rather than in fold_weights (which finds them cached), so the
             # original can be freed before the next weight is touched (release_streamed).
             packed = WEIGHTS.get_or_build(
-                weight, ("packed", key), lambda: _quantize_in_blocks(weight, rules, spec, params, column_scale)
+                weight, weight_keys.packed(key), lambda: _quantize_in_blocks(weight, rules, spec, params, column_scale)
             )
         errors[name] = WEIGHTS.get_or_build(
-            weight, ("sqnr", key), lambda: _weight_sqnr(weight, rules, spec, params, column_scale, packed)
+            weight, weight_keys.sqnr(key), lambda: _weight_sqnr(weight, rules, spec, params, column_scale, packed)
         )
         packed = None
         if all(user is q or user is quantized_input for user in node.users):
@@ -156,9 +157,7 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
 
 def _params_key(scheme: QuantizeConfig, group: int) -> tuple:
     """The weight-cache key of a weight's side parameters (memsave.save relies on the affine form)."""
-    if scheme.scheme == "affine":
-        return ("qparams", scheme.bits, group, scheme.symmetric, scheme.method)
-    return ("params", scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
+    return weight_keys.quant_params(scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
 
 
 def _calibrated(weight: torch.Tensor, scheme: QuantizeConfig, group: int) -> bool:
@@ -166,8 +165,8 @@ def _calibrated(weight: torch.Tensor, scheme: QuantizeConfig, group: int) -> boo
     key = _params_key(scheme, group)
     stats = CALIBRATION.get(weight)
     if scheme.method == "awq":
-        return stats is not None or WEIGHTS.has(weight, ("awq",) + key)
-    return (stats is not None and stats.gram is not None) or WEIGHTS.has(weight, ("packed", key))
+        return stats is not None or WEIGHTS.has(weight, weight_keys.awq(key))
+    return (stats is not None and stats.gram is not None) or WEIGHTS.has(weight, weight_keys.packed(key))
 
 
 def _hessian(weight: torch.Tensor) -> torch.Tensor:
@@ -187,7 +186,7 @@ def _awq(weight: torch.Tensor, spec: QuantSpec, key: tuple):
         found.extend(choose_awq(weight, stats.mean_abs, stats.sample, spec.bits, spec.group, spec.symmetric))
         return found[0], found[3]
 
-    column_scale, alpha = WEIGHTS.get_or_build(weight, ("awq",) + key, search)
+    column_scale, alpha = WEIGHTS.get_or_build(weight, weight_keys.awq(key), search)
     params = WEIGHTS.get_or_build(weight, key, lambda: (found[1], found[2]))
     return params, column_scale, alpha
 

@@ -22,10 +22,11 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+import memsave.weight_keys as weight_keys
 from memsave.calibrate import CALIBRATION
 from memsave.config import FactorizeConfig
 from memsave.graph.linears import linear_uses
-from memsave.graph.rewrite import GraphBuilder
+from memsave.graph.rewrite import GraphBuilder, erase_if_dead
 from memsave.ops.lowrank import (
     allocate_ranks,
     factor_error,
@@ -38,7 +39,7 @@ from memsave.ops.lowrank import (
 )
 from memsave.passes.base import DERIVED_KEY, PassContext, PassResult
 from memsave.report import fmt_bytes
-from memsave.weights import WEIGHTS
+from memsave.weights import WEIGHTS, release_streamed
 
 aten = torch.ops.aten
 
@@ -71,6 +72,12 @@ def factorize_weights(gm: fx.GraphModule, config: FactorizeConfig, ctx: PassCont
             continue
         u, v, error = _factors(w, cfg, rank)
         _rewrite(builder, w, uses, u, v, first=min((use.transpose for use in uses), key=position.__getitem__))
+        for use in uses:
+            erase_if_dead(gm, use.matmul)  # the replaced matmul, then its transpose of the weight
+        if not w.derived and not w.node.users:
+            # Note [Streaming compression] (memsave/weights.py): the graph reads only the factors
+            # now; free the original before the next weight's SVD, not after the whole model.
+            release_streamed(w.tensor, w.name, ctx)
         layers[w.label] = {
             "rank": rank, "shape": (n, k), "bytes_before": dense,
             "bytes_after": (u.numel() + v.numel()) * u.element_size(), "relative_error": error,
@@ -100,7 +107,7 @@ def _gram(w, cfg: FactorizeConfig) -> torch.Tensor | None:
 
 
 def _spectrum(w, cfg: FactorizeConfig) -> torch.Tensor:
-    key = ("spectrum", cfg.method, cfg.damp)
+    key = weight_keys.spectrum(cfg.method, cfg.damp)
     return WEIGHTS.get_or_build(w.tensor, key, lambda: spectrum(w.tensor.float(), _gram(w, cfg), cfg.damp))
 
 
@@ -139,7 +146,7 @@ def _factors(w, cfg: FactorizeConfig, rank: int):
         error = factor_error(weight, u, v, gram)
         return u.to(w.tensor.dtype).contiguous(), v.to(w.tensor.dtype).contiguous(), error
 
-    u, v, error = WEIGHTS.get_or_build(w.tensor, ("factor", cfg.method, rank, cfg.damp), build)
+    u, v, error = WEIGHTS.get_or_build(w.tensor, weight_keys.factors(cfg.method, rank, cfg.damp), build)
     WEIGHTS.mark_derived(u, v)
     return u, v, error
 

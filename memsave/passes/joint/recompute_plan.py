@@ -57,7 +57,8 @@ from typing import Any
 import torch.fx as fx
 
 from memsave.graph.meta import aliased_input, is_getitem
-from memsave.passes.recompute_graph import JointGraph, Plan, Value, simulated_peak, split
+from memsave.memory.saved_activations import simulated_peak
+from memsave.passes.joint.recompute_graph import JointGraph, Plan, Value, split
 
 ILP_MAX_VALUES = 5_000  # forward values; larger graphs use the greedy heuristic
 ILP_TIME_LIMIT_S = 10.0

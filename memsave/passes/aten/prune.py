@@ -44,12 +44,13 @@ import torch.fx as fx
 
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
+import memsave.weight_keys as weight_keys
 from memsave.config import PruneConfig
 from memsave.graph.linears import linear_uses
 from memsave.graph.rewrite import GraphBuilder
 from memsave.ops.sparse import bitmask_bytes, nm_bytes, nm_keep_mask, pack_bitmask, pack_nm
 from memsave.passes.base import DERIVED_KEY, PassContext, PassResult
-from memsave.passes.prune_structured import CalibrationMissing, input_rms, prune_structured  # noqa: F401
+from memsave.passes.aten.prune_structured import CalibrationMissing, input_rms, prune_structured  # noqa: F401
 from memsave.report import fmt_bytes, sqnr_db
 from memsave.weights import WEIGHTS, release_streamed
 
@@ -126,7 +127,7 @@ def _prune_layer(builder: GraphBuilder, w, uses, cfg: PruneConfig, first: fx.Nod
     n_out, k = weight.shape
     element = weight.element_size()
     dense = n_out * k * element
-    key = ("prune", cfg.structure, cfg.method, cfg.sparsity)
+    key = weight_keys.pruned(cfg.structure, cfg.method, cfg.sparsity)
     info = {"describe": cfg.describe(), "bytes_before": dense}
 
     def build():

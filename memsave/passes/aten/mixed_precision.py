@@ -47,6 +47,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+import memsave.weight_keys as weight_keys
 from memsave.config import PrecisionConfig
 from memsave.graph.meta import describe_val, is_getitem, node_val
 from memsave.graph.rewrite import GraphBuilder
@@ -185,7 +186,7 @@ def _stored_weight(builder: GraphBuilder, arg: fx.Node, dtype: torch.dtype, cons
     key = (arg.name, dtype)
     if key not in constants:
         weight = stored[arg]
-        value = WEIGHTS.get_or_build(weight, ("precision", dtype), lambda: weight.detach().to(dtype))
+        value = WEIGHTS.get_or_build(weight, weight_keys.precision(dtype), lambda: weight.detach().to(dtype))
         node = builder.constant(f"{arg.name}_{str(dtype).replace('torch.', '')}", value, before=before)
         constants[key] = node
     return constants[key]

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from memsave.graph.meta import PROVENANCE, hint_int
+from memsave.graph.meta import PROVENANCE, example_val, hint_int
 from memsave.report import fmt_bytes
 
 LINEARS = (torch._C._nn.linear, F.linear)
@@ -42,7 +42,7 @@ def chunk_mlps(gm: fx.GraphModule, config: Any, *, training: bool) -> tuple[int,
                    "backward (use recompute); MLP chunking is for inference prefill"]
     count, notes = 0, []
     for m in matches:
-        x = _val(m["x"])
+        x = example_val(m["x"])
         shape = [d for d in x.shape]
         if any(not isinstance(d, int) for d in shape):
             notes.append(f"mlp {m['out'].name} left as is: the token count is dynamic (chunks are unrolled)")
@@ -50,7 +50,7 @@ def chunk_mlps(gm: fx.GraphModule, config: Any, *, training: bool) -> tuple[int,
         tokens = 1
         for d in shape[:-1]:
             tokens *= d
-        widths = [hint_int(_val(n).shape[-1]) for n in m["inner"]]
+        widths = [hint_int(example_val(n).shape[-1]) for n in m["inner"]]
         row_bytes = sum(widths) * x.element_size()  # the block's intermediates for one token
         chunk = config.rows_for(row_bytes)
         if chunk >= tokens:
@@ -91,8 +91,8 @@ def _match(out: fx.Node) -> dict[str, Any] | None:
 def _unroll(gm: fx.GraphModule, m: dict[str, Any], tokens: int, chunk: int) -> None:
     graph = gm.graph
     x, out = m["x"], m["out"]
-    width_in = _val(x).shape[-1]
-    out_shape = tuple(_val(out).shape)
+    width_in = example_val(x).shape[-1]
+    out_shape = tuple(example_val(out).shape)
     with graph.inserting_before(out):
         flat = _tag(graph.call_method("reshape", (x, tokens, width_in)))  # (N, H)
         pieces = _tag(graph.call_function(torch.split, (flat, chunk)))
@@ -117,7 +117,7 @@ def _tag(node: fx.Node) -> fx.Node:
 
 
 def _is_linear(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in LINEARS and _val(node) is not None
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in LINEARS and example_val(node) is not None
 
 
 def _is_activation(node: Any) -> bool:
@@ -129,5 +129,3 @@ def _single_users(*nodes: fx.Node) -> bool:
     return all(len(n.users) == 1 for n in nodes)
 
 
-def _val(node: Any):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None

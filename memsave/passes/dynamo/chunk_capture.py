@@ -4,7 +4,7 @@ These rewrites need their own backward (a chunked loss whose gradient is also ch
 SDPA's memory-efficient backward), so they happen on the Dynamo (torch IR) graph BEFORE
 AOTAutograd, which then traces forward and backward of the replacements: a custom op with
 registered autograd (memsave::linear_cross_entropy) and torch's own SDPA. The ATen-level
-chunk pass (passes/chunk.py) later picks the loss's chunk size from the budget.
+chunk pass (passes/aten/chunk.py) later picks the loss's chunk size from the budget.
 
 Loss pattern (HF-style and memsave's decoder):
 
@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import memsave.ops  # noqa: F401  (registers memsave::linear_cross_entropy)
-from memsave.graph.meta import PROVENANCE, hint_int
+from memsave.graph.meta import PROVENANCE, example_val, hint_int
 from memsave.passes.base import PassResult
 from memsave.report import fmt_bytes
 
@@ -52,10 +52,10 @@ def capture_loss(gm: fx.GraphModule) -> tuple[int, list[str], int]:
             notes.append(f"loss ({node.name}) left as is: {match}")
             continue
         linear, chain, args, upcast = match
-        logits = _val(linear)
+        logits = example_val(linear)
         h, w = linear.args[:2]  # linear(input, weight, bias=None)
         b = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-        hidden_size = hint_int(_val(h).shape[-1])
+        hidden_size = hint_int(example_val(h).shape[-1])
         graph = gm.graph
         with graph.inserting_before(node):
             flat = graph.call_method("reshape", (h, -1, hidden_size))
@@ -102,7 +102,7 @@ def _match_loss(ce: fx.Node) -> tuple[fx.Node, list[fx.Node], dict[str, Any], bo
     if not isinstance(args["ignore_index"], int):
         return "ignore_index is not a constant int"
     source, target = args["input"], args["target"]
-    source_val, target_val = _val(source), _val(target)
+    source_val, target_val = example_val(source), example_val(target)
     if not isinstance(source_val, torch.Tensor) or source_val.dim() != 2:
         return "the loss input is not a (tokens, vocab) matrix"
     if not isinstance(target_val, torch.Tensor) or target_val.dtype != torch.int64 or target_val.dim() != 1:
@@ -123,7 +123,7 @@ def _match_loss(ce: fx.Node) -> tuple[fx.Node, list[fx.Node], dict[str, Any], bo
         if len(n.users) != 1:
             others = ", ".join(u.name if u.op != "output" else "the graph output" for u in n.users)
             return f"the logits are also used by {others}: they must exist in full anyway"
-    logits_val = _val(linear)
+    logits_val = example_val(linear)
     if logits_val is None or hint_int(logits_val.shape[-1]) != hint_int(source_val.shape[-1]):
         return "the loss input's last dimension is not the linear's output features"
     return linear, list(reversed(chain)), args, upcast
@@ -131,23 +131,19 @@ def _match_loss(ce: fx.Node) -> tuple[fx.Node, list[fx.Node], dict[str, Any], bo
 
 def _chain_step(node: fx.Node) -> str | None:
     """'reshape' or 'upcast' for the ops allowed between the linear and the loss, else None."""
-    val = _val(node)
+    val = example_val(node)
     if node.op == "call_method" and node.target in RESHAPE_METHODS:
         return "reshape"
     if node.op == "call_function" and node.target in RESHAPE_FUNCTIONS:
         return "reshape"
     if node.op == "call_method" and node.target in ("float", "to") and isinstance(val, torch.Tensor):
-        src = _val(node.args[0])
+        src = example_val(node.args[0])
         extra = [a for a in node.args[1:] if not isinstance(a, torch.dtype)] + [
             k for k in node.kwargs if k != "dtype"
         ]
         if not extra and val.dtype == torch.float32 and src is not None and src.is_floating_point() and src.element_size() <= 4:
             return "upcast"
     return None
-
-
-def _val(node: Any):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def _describe(node: fx.Node) -> str:
@@ -158,8 +154,8 @@ def _describe(node: fx.Node) -> str:
 def capture_chunk_patterns(gm: fx.GraphModule, config: Any, *, training: bool) -> PassResult:
     """The capture step, as a pass record for the report (see backend.GraphCompilation).
     `training`: AOTAutograd will build a joint forward+backward graph from this one."""
-    from memsave.passes.chunk_attention import route_attention
-    from memsave.passes.chunk_mlp import chunk_mlps
+    from memsave.passes.dynamo.chunk_attention import route_attention
+    from memsave.passes.dynamo.chunk_mlp import chunk_mlps
 
     start = time.perf_counter()
     notes: list[str] = []

@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+import memsave.weight_keys as weight_keys
 from memsave.calibrate import CALIBRATION
 from memsave.config import PruneConfig
 from memsave.graph.channels import VIEWS, ChannelGroup, find_group
@@ -129,7 +130,7 @@ def _sliced(builder, use, dim: int, index: torch.Tensor, weights, cfg, members, 
         removed = dense.clone().index_fill_(dim, index, 0)
         return value, sqnr_db(dense, dense - removed)
 
-    value, sqnr = WEIGHTS.get_or_build(w.tensor, ("prune-structured", cfg.method, cfg.sparsity, members), build)
+    value, sqnr = WEIGHTS.get_or_build(w.tensor, weight_keys.pruned_group("structured", cfg.method, cfg.sparsity, members), build)
     WEIGHTS.mark_derived(value)
     node = builder.constant("memsave_pruned_weight", value, before=before)
     node.meta[DERIVED_KEY] = (w.name, label)
@@ -143,7 +144,7 @@ def _sliced(builder, use, dim: int, index: torch.Tensor, weights, cfg, members, 
 def _sliced_bias(builder, bias_node, keep, before, weights, cfg, members) -> fx.Node:
     if bias_node in weights:
         tensor = weights[bias_node].tensor
-        value = WEIGHTS.get_or_build(tensor, ("prune-structured", cfg.method, cfg.sparsity, members), lambda: tensor.index_select(0, keep).contiguous())
+        value = WEIGHTS.get_or_build(tensor, weight_keys.pruned_group("structured", cfg.method, cfg.sparsity, members), lambda: tensor.index_select(0, keep).contiguous())
         return builder.constant("memsave_pruned_bias", value, before=before)
     return builder.call(aten.index_select.default, (bias_node, 0, builder.constant("memsave_keep", keep, before=before)), before=before)
 
@@ -194,7 +195,7 @@ def _apply_channels(builder: GraphBuilder, group: ChannelGroup, weights, cfg: Pr
     anchor = weights[group.consumers[0].weight].tensor
     members = tuple(weights[u.weight].name for u in group.producers + group.consumers)
     keep = WEIGHTS.get_or_build(
-        anchor, ("prune-channels", cfg.method, cfg.sparsity, members),
+        anchor, weight_keys.pruned_group("channels", cfg.method, cfg.sparsity, members),
         lambda: _channel_scores(group, weights, cfg).argsort(descending=True, stable=True)[:kept].sort().values,
     )
 
@@ -243,7 +244,7 @@ def _apply_heads(builder: GraphBuilder, group: HeadGroup, weights, cfg: PruneCon
     kept = units - removed
     anchor = weights[group.consumers[0].weight].tensor
     keep = WEIGHTS.get_or_build(
-        anchor, ("prune-heads", cfg.method, cfg.sparsity, members),
+        anchor, weight_keys.pruned_group("heads", cfg.method, cfg.sparsity, members),
         lambda: _head_scores(group, weights, cfg).argsort(descending=True, stable=True)[:kept].sort().values,
     )
 

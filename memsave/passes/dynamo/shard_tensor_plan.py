@@ -37,6 +37,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from memsave.graph.meta import call_arg
+
 
 @dataclass(frozen=True)
 class Sharded:
@@ -110,12 +112,6 @@ def _norm(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def plan_sharding(gm: fx.GraphModule, world: int, shardable) -> ShardPlan:
     """The fixed point described above. `shardable(linear_node, weight_node) -> str | None`
     says why a linear must stay whole (a tied weight, excluded by the options), or None."""
@@ -169,7 +165,7 @@ def _divides(size, what: str, node: fx.Node, plan: ShardPlan) -> None:
 
 def _linear(node: fx.Node, states, plan: ShardPlan):
     x, weight = node.args[0], node.args[1]
-    bias = _arg(node, 2, "bias")
+    bias = call_arg(node, 2, "bias")
     if any(states.get(a) is not None for a in (weight, bias) if isinstance(a, fx.Node)):
         raise Conflict("a sharded value is used as a weight")
     state = states.get(x)
@@ -207,7 +203,7 @@ def _pointwise(node: fx.Node, states, plan: ShardPlan) -> Sharded:
 
 def _softmax(node: fx.Node, states, plan: ShardPlan) -> Sharded:
     state = _broadcast(node, [node.args[0]], states)
-    if _norm(_arg(node, 1, "dim"), len(shape(node))) == state.dim:
+    if _norm(call_arg(node, 1, "dim"), len(shape(node))) == state.dim:
         raise Conflict("softmax over the sharded dimension")
     return state
 
@@ -226,13 +222,13 @@ def _permute(node: fx.Node, states, plan: ShardPlan) -> Sharded:
 
 def _unsqueeze(node: fx.Node, states, plan: ShardPlan) -> Sharded:
     state = states[node.args[0]]
-    dim = _norm(_arg(node, 1, "dim"), len(shape(node)))
+    dim = _norm(call_arg(node, 1, "dim"), len(shape(node)))
     return Sharded(state.dim + (dim <= state.dim), state.sources)
 
 
 def _split(node: fx.Node, states, plan: ShardPlan) -> tuple:
     state = states[node.args[0]]
-    if not isinstance(state, Sharded) or _norm(_arg(node, 2, "dim", 0), len(shape(node.args[0]))) == state.dim:
+    if not isinstance(state, Sharded) or _norm(call_arg(node, 2, "dim", 0), len(shape(node.args[0]))) == state.dim:
         raise Conflict("split along the sharded dimension")
     return tuple(state for _ in node.meta["example_value"])
 
@@ -263,13 +259,13 @@ def _broadcast(node: fx.Node, operands: list, states) -> Sharded:
 
 def _reduce(node: fx.Node, states) -> Sharded:
     state, nd = states[node.args[0]], len(shape(node.args[0]))
-    dims = _arg(node, 1, "dim")
+    dims = call_arg(node, 1, "dim")
     if dims is None:
         raise Conflict("a reduction over all dimensions")
     dims = [_norm(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
     if state.dim in dims:
         raise Conflict("a reduction over the sharded dimension")
-    keepdim = _arg(node, 2, "keepdim", False)
+    keepdim = call_arg(node, 2, "keepdim", False)
     return Sharded(state.dim - (0 if keepdim else sum(d < state.dim for d in dims)), state.sources)
 
 
@@ -347,7 +343,7 @@ def _getitem(node: fx.Node, states):
 
 def _cat(node: fx.Node, states) -> Sharded:
     tensors, nd = node.args[0], len(shape(node))
-    dim = _norm(_arg(node, 1, "dim", 0), nd)
+    dim = _norm(call_arg(node, 1, "dim", 0), nd)
     found = [states.get(t) for t in tensors]
     if not all(isinstance(s, Sharded) and s.dim == found[0].dim for s in found) or found[0].dim == dim:
         raise Conflict("cat of values not all sharded alike, or along the sharded dimension")
@@ -366,12 +362,12 @@ def _matmul(node: fx.Node, states) -> Sharded:
 
 
 def _sdpa(node: fx.Node, states) -> Sharded:
-    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    q, k, v = (call_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     qkv = [states.get(t) for t in (q, k, v)]
     nd = len(shape(q))
     if not all(isinstance(s, Sharded) and s.dim == qkv[0].dim for s in qkv) or qkv[0].dim >= nd - 2:
         raise Conflict("attention whose query, key and value are not all sharded on the heads")
-    mask = _arg(node, 3, "attn_mask")
+    mask = call_arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         _broadcast(node, [q, mask], states)
     return Sharded(qkv[0].dim, frozenset().union(*(s.sources for s in qkv)))

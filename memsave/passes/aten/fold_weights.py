@@ -18,6 +18,7 @@ import torch.fx as fx
 
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
+import memsave.weight_keys as weight_keys
 from memsave.graph.rewrite import GraphBuilder, drop_unused_constants, erase_if_dead
 from memsave.ops.schemes import QUANTIZE_OPS
 from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
@@ -46,7 +47,7 @@ def fold_weights(gm: fx.GraphModule, config: object, ctx: PassContext) -> PassRe
         # must still find the codes.
         if node.meta.get(QPARAMS_KEY) is None:
             continue  # a quantize node this pass did not make: its scales' provenance is unknown
-        key = ("packed", node.meta[QPARAMS_KEY])
+        key = weight_keys.packed(node.meta[QPARAMS_KEY])
         packed = WEIGHTS.get_or_build(weight, key, lambda: node.target(_evaluate(source, gm, weights), *constants))
         constant = builder.constant("memsave_packed", packed, before=node)
         constant.meta["memsave_weight_of"] = found.label

@@ -41,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import memsave.ops.collectives  # noqa: F401  (registers memsave::tp_copy / tp_reduce / tp_gather)
 from memsave.config import OptionError
-from memsave.passes.shard_tensor_plan import ShardPlan, plan_sharding
+from memsave.passes.dynamo.shard_tensor_plan import ShardPlan, plan_sharding
 from memsave.report import fmt_bytes
 from memsave.weights import is_released, release
 

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from memsave.graph.meta import PROVENANCE, hint_int
+from memsave.graph.meta import PROVENANCE, example_val, hint_int
 from memsave.report import fmt_bytes
 
 MATMULS = (operator.matmul, torch.matmul)
@@ -81,7 +81,7 @@ def _is_softmax(node: fx.Node) -> bool:
 def _match(out: fx.Node) -> dict[str, Any] | str:
     chain = [out]
     probs, v = out.args[0], out.args[1]
-    if _val(out) is None or _val(out).dim() != 4:
+    if example_val(out) is None or example_val(out).dim() != 4:
         return "not 4-D (batch, heads, tokens, head_dim) attention"
     # dropout, then casts, then softmax
     node = probs
@@ -105,7 +105,7 @@ def _match(out: fx.Node) -> dict[str, Any] | str:
     dtype = softmax.kwargs.get("dtype", softmax.args[3] if softmax.op == "call_function" and len(softmax.args) > 3 else None)
     if dtype not in (None, torch.float32):
         return f"softmax in {dtype}"
-    if _val(out).dtype != _val(v).dtype:
+    if example_val(out).dtype != example_val(v).dtype:
         return "probabilities and values differ in dtype"
     # mask
     node = softmax.args[0]
@@ -146,9 +146,9 @@ def _match(out: fx.Node) -> dict[str, Any] | str:
     for n in chain[1:]:
         if len(n.users) != 1:
             return f"{n.name} (scores or probabilities) is also used elsewhere"
-    if mask["kind"] == "bool" and _val(mask["mask"]).dtype != torch.bool:
+    if mask["kind"] == "bool" and example_val(mask["mask"]).dtype != torch.bool:
         return "masked_fill mask is not boolean"
-    if mask["kind"] == "add" and _val(mask["mask"]).dtype != _val(q).dtype:
+    if mask["kind"] == "add" and example_val(mask["mask"]).dtype != example_val(q).dtype:
         return "additive mask dtype differs from the queries'"
     return {"q": q, "k": k, "v": v, "scale": scale, "mask": mask, "chain": chain, "transpose": transpose}
 
@@ -181,15 +181,15 @@ def _is_causal_mask(mask: fx.Node, t: int, s: int) -> bool:
         and isinstance(ones, fx.Node)
         and ones.op == "call_function"
         and ones.target is torch.ones
-        and _val(ones) is not None
-        and _val(ones).dtype == torch.bool
-        and [hint_int(d) for d in _val(ones).shape] == [t, s]
+        and example_val(ones) is not None
+        and example_val(ones).dtype == torch.bool
+        and [hint_int(d) for d in example_val(ones).shape] == [t, s]
     )
 
 
 def _rewrite(gm: fx.GraphModule, out: fx.Node, m: dict[str, Any]) -> int:
     graph = gm.graph
-    scores = _val(m["chain"][-1])  # (B, H, T, S)
+    scores = example_val(m["chain"][-1])  # (B, H, T, S)
     t, s = hint_int(scores.shape[-2]), hint_int(scores.shape[-1])
     kwargs: dict[str, Any] = {"dropout_p": 0.0, "scale": m["scale"]}
     with graph.inserting_before(out):
@@ -213,5 +213,3 @@ def _rewrite(gm: fx.GraphModule, out: fx.Node, m: dict[str, Any]) -> int:
     return hint_int(scores.numel()) * scores.element_size()
 
 
-def _val(node: Any):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
