@@ -150,9 +150,9 @@ def test_weights_are_named_as_in_the_model():
 
 
 def test_weight_work_happens_once_per_weight_across_recompiles_and_graph_breaks(monkeypatch):
-    import memsave.backend
+    import memsave.pipeline
 
-    real_pipeline = memsave.backend.run_pipeline
+    real_pipeline = memsave.pipeline.run_pipeline
     seen_graphs = []
 
     def compress_weights(gm, cfg, ctx):
@@ -166,7 +166,7 @@ def test_weight_work_happens_once_per_weight_across_recompiles_and_graph_breaks(
         real_pipeline(runner)
         runner.run("compress", compress_weights, True)
 
-    monkeypatch.setattr(memsave.backend, "run_pipeline", pipeline)
+    monkeypatch.setattr(memsave.pipeline, "run_pipeline", pipeline)
     model = WithGraphBreak()
     compiled = torch.compile(model, backend="memsave", options={"codegen": "fx"})
     builds = WEIGHTS.builds

@@ -154,9 +154,9 @@ def test_a_pass_that_raises_is_named(runner):
 
 
 def test_broken_pass_is_caught_through_torch_compile(monkeypatch):
-    import memsave.backend
+    import memsave.pipeline
 
-    real_pipeline = memsave.backend.run_pipeline
+    real_pipeline = memsave.pipeline.run_pipeline
 
     def pipeline_with_a_broken_pass(runner):
         real_pipeline(runner)
@@ -168,7 +168,7 @@ def test_broken_pass_is_caught_through_torch_compile(monkeypatch):
 
         runner.run("broken", break_output, True)
 
-    monkeypatch.setattr(memsave.backend, "run_pipeline", pipeline_with_a_broken_pass)
+    monkeypatch.setattr(memsave.pipeline, "run_pipeline", pipeline_with_a_broken_pass)
     compiled = torch.compile(build_mlp(), backend="memsave", options={"debug": True})
     with pytest.raises(Exception, match=r"pass 'broken' broke graph invariants .*passes run before it: cleanup"):
         with torch.no_grad():
