@@ -156,31 +156,18 @@ def _build_log(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_quantize_frees_each_original_before_the_next_weight(monkeypatch, debug):
+@pytest.mark.parametrize("options, built", [({"quantize": "int4-g32"}, "qparams"), ({"factorize": "svd-50"}, "factor")])
+def test_compression_frees_each_original_before_the_next_weight(monkeypatch, options, built, debug):
     model = mlp(width=128, depth=4)
     log = _build_log(monkeypatch)
-    compiled = torch.compile(model, backend="memsave", options={"quantize": "int4-g32", "codegen": "fx", "debug": debug})
+    compiled = torch.compile(model, backend="memsave", options={**options, "codegen": "fx", "debug": debug})
     with torch.no_grad():
         compiled(torch.randn(2, 128))
-    params = [entry for entry in log if entry[0] == "qparams"]
-    assert len(params) == 4
-    for _, _, earlier in params:
-        # Streaming (debug off): every weight quantized before is gone already. Debug mode
+    builds = [entry for entry in log if entry[0] == built]  # each weight's compressed form
+    assert len(builds) == 4
+    for _, _, earlier in builds:
+        # Streaming (debug off): every weight compressed before is gone already. Debug mode
         # measures each pass on the real weights: all are released at the end instead.
-        assert all(earlier) if not debug else not any(earlier)
-    assert all(is_released(m.weight) for m in model if isinstance(m, nn.Linear))
-
-
-@pytest.mark.parametrize("debug", [False, True])
-def test_factorize_frees_each_original_before_the_next_weight(monkeypatch, debug):
-    model = mlp(width=128, depth=4)
-    log = _build_log(monkeypatch)
-    compiled = torch.compile(model, backend="memsave", options={"factorize": "svd-50", "codegen": "fx", "debug": debug})
-    with torch.no_grad():
-        compiled(torch.randn(2, 128))
-    factors = [entry for entry in log if entry[0] == "factor"]
-    assert len(factors) == 4
-    for _, _, earlier in factors:
         assert all(earlier) if not debug else not any(earlier)
     assert all(is_released(m.weight) for m in model if isinstance(m, nn.Linear))
 
