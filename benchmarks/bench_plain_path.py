@@ -46,7 +46,6 @@ Writes docs/results/plain_path{,_quick}.{json,md,png}.
 from __future__ import annotations
 
 import gc
-import json
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Benchmark, MiB, main_with_extras, render_markdown, time_call
+from benchmarks.harness import Benchmark, MiB, main_with_extras, time_call, with_sections
 
 BASELINE = "eager-fp32"
 TORCHAO = "torchao-int8wo"
@@ -312,17 +311,5 @@ def extra_sections(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_extras(json_path: Path) -> None:
-    results = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render_markdown(results) + extra_sections(results))
-
-
-def redraw(json_path: Path) -> None:
-    from benchmarks.harness import render_plot
-
-    write_extras(json_path)
-    render_plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
-
-
 if __name__ == "__main__":
-    main_with_extras(BENCH, write_extras, "added speed ratios, goals and kernels to", redraw)
+    main_with_extras(BENCH, with_sections(extra_sections), "added speed ratios, goals and kernels to", replot=True)

@@ -62,7 +62,6 @@ and no slower than torchao int8 weight-only).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -77,9 +76,9 @@ from benchmarks.harness import (
     current_rss_bytes,
     main_with_extras,
     peak_rss_bytes,
-    render_markdown,
     reset_peak_rss,
     time_call,
+    with_sections,
 )
 
 BASELINE = "eager-fp32"
@@ -423,18 +422,5 @@ def extra_sections(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_extras(json_path: Path) -> None:
-    """Rewrite <name>.md: the harness table plus the sections above."""
-    results = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render_markdown(results) + extra_sections(results))
-
-
-def redraw(json_path: Path) -> None:
-    from benchmarks.harness import render_plot
-
-    write_extras(json_path)
-    render_plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
-
-
 if __name__ == "__main__":
-    main_with_extras(BENCH, write_extras, "added speedups, bandwidth limits, kernel counts and goals to", redraw)
+    main_with_extras(BENCH, with_sections(extra_sections), "added speedups, bandwidth limits, kernel counts and goals to", replot=True)

@@ -724,16 +724,22 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
 
 
 
-def main_with_extras(
-    bench: Benchmark,
-    extras: Callable[[Path], None],
-    done: str,
-    redraw: Callable[[Path], None] | None = None,
-) -> None:
+def with_sections(extra_sections: Callable[[dict], str]) -> Callable[[Path], None]:
+    """An `extras` for main_with_extras: <name>.md becomes the harness's table followed by
+    `extra_sections(results)`."""
+
+    def write(json_path: Path) -> None:
+        results = json.loads(json_path.read_text())
+        json_path.with_suffix(".md").write_text(render_markdown(results) + extra_sections(results))
+
+    return write
+
+
+def main_with_extras(bench: Benchmark, extras: Callable[[Path], None], done: str, *, replot: bool = False) -> None:
     """`main` for a benchmark whose report has sections of its own: after a run (also when a
     config failed: the report is written anyway) `extras(json_path)` adds them; `--redraw`
-    rewrites the report from the JSON alone with `redraw` (default: `extras`). Exits with
-    main's code."""
+    rewrites the report from the JSON alone with `extras` (after the harness's plot, with
+    `replot`). Exits with main's code."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--redraw", action="store_true")
@@ -741,7 +747,9 @@ def main_with_extras(
     known, _ = parser.parse_known_args()
     json_path = Path(known.out) / f"{bench.name}.json"
     if known.redraw:
-        (redraw or extras)(json_path)
+        if replot:
+            render_plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
+        extras(json_path)
         print(f"redrew {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
         sys.exit(0)
     if known.worker is not None:

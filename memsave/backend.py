@@ -111,8 +111,7 @@ class GraphCompilation:
             decompositions=select_decomp_table,  # called lazily by aot_autograd
             keep_inference_input_mutations=True,
         )
-        names = [i.weight.name if i.weight is not None and i.weight.kind == "parameter" else None for i in self.inputs]
-        self._dynamo_steps = run_dynamo_steps(self.gm, self._real, names, self.config)
+        self._dynamo_steps = run_dynamo_steps(self.gm, self._real, self.inputs, self.config)
         try:
             return self._dynamo_steps.wrap(aot(self.gm, self._real))
         finally:

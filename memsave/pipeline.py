@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes
 from memsave.debug import DebugDump
+from memsave.graph.inputs import InputInfo
 from memsave.graph.invariants import GraphInvariantError, check_invariants, graph_signature
 from memsave.memory.estimate import estimate_memory
 from memsave.passes.base import PassContext, PassResult
@@ -66,9 +67,9 @@ class DynamoSteps:
         return self.split.wrap(compiled) if self.split is not None else compiled
 
 
-def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], weight_names: Sequence[str | None], config) -> DynamoSteps:
-    """The steps that rewrite the Dynamo graph, in order. `weight_names`: the parameter name of
-    each graph input (None for other inputs)."""
+def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequence[InputInfo], config) -> DynamoSteps:
+    """The steps that rewrite the Dynamo graph, in order. `inputs`: what each graph input is
+    (graph.inputs.describe_inputs)."""
     steps = DynamoSteps()
     if config.chunk is not None:
         # Loss and attention rewrites that bring their own backward happen here, before
@@ -81,7 +82,8 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], weight_names: S
         # Before AOTAutograd, so the backward and every later pass see this rank's shards.
         from memsave.passes.dynamo.shard_tensor import shard_for_tensor_parallel
 
-        steps.split = shard_for_tensor_parallel(gm, real_inputs, weight_names, config.tensor_parallel)
+        names = [i.weight.name if i.weight is not None and i.weight.kind == "parameter" else None for i in inputs]
+        steps.split = shard_for_tensor_parallel(gm, real_inputs, names, config.tensor_parallel)
     return steps
 
 

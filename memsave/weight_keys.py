@@ -59,7 +59,7 @@ def cpu_int4(params_key: tuple) -> tuple:
 
 
 def is_cpu_layout(key: Hashable) -> bool:
-    return isinstance(key, tuple) and key[:1] in tuple((name,) for name in CPU_LAYOUTS)
+    return isinstance(key, tuple) and len(key) > 0 and key[0] in CPU_LAYOUTS
 
 
 # -- prune, factorize, precision ---------------------------------------------------------------

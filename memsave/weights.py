@@ -307,7 +307,6 @@ def _refuse_released_weights(module: torch.nn.Module, args):
 
 # parameter -> weakref to the module whose _parameters holds it (see Note [Releasing ...]).
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_GUARDED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _OWNER_SOURCE = re.compile(r"(.*)\._parameters\['[^']+'\]$")
 
 
@@ -341,6 +340,5 @@ def remember_owners(gm: torch.fx.GraphModule, example_inputs) -> None:
 def _guard_owner(weight: torch.Tensor) -> None:
     ref = _OWNERS.get(weight)
     module = ref() if ref is not None else None
-    if module is not None and module not in _GUARDED:
+    if module is not None and _refuse_released_weights not in module._forward_pre_hooks.values():
         module.register_forward_pre_hook(_refuse_released_weights)
-        _GUARDED.add(module)

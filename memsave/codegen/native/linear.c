@@ -805,37 +805,34 @@ static void fused_row(const ms_weight *d, const ms_prep *p, int path, int64_t r,
 }
 #endif
 
-/* x deinterleaved by `spread` within blocks of 16*spread: lane j of the block's part q is
+/* x deinterleaved by `spread` within blocks of lanes*spread: lane j of the block's part q is
  * x[block + spread*j + q]. Matches codes that come out of a byte (int4: low nibbles, then
- * high) or a gather (vq dim 4: component q of 16 vectors). */
-static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t spread, int64_t *Kp) {
-  const int64_t block = 16 * spread;
+ * high) or a gather (vq dim 4: component q of 16 vectors). lanes 16: fp32 for the fp32 paths;
+ * lanes 32: bf16 for bf16_row (one vdpbf16ps takes 32). */
+static void *deinterleave_lanes(const float *x, int64_t M, int64_t K, int64_t spread, int64_t lanes, int bf16,
+                                int64_t *Kp) {
+  const int64_t block = lanes * spread;
   *Kp = (K + block - 1) / block * block;
-  float *xd = aligned_alloc(64, (size_t)(M * *Kp) * sizeof(float) + 64);
+  const size_t size = bf16 ? sizeof(uint16_t) : sizeof(float);
+  void *xd = aligned_alloc(64, (size_t)(M * *Kp) * size + 64);
   for (int64_t i = 0; i < M; i++)
     for (int64_t b = 0; b < *Kp; b += block)
       for (int64_t q = 0; q < spread; q++)
-        for (int64_t j = 0; j < 16; j++) {
-          int64_t k = b + spread * j + q;
-          xd[i * *Kp + b + 16 * q + j] = k < K ? x[i * K + k] : 0.0f;
+        for (int64_t j = 0; j < lanes; j++) {
+          const int64_t k = b + spread * j + q, at = i * *Kp + b + lanes * q + j;
+          const float v = k < K ? x[i * K + k] : 0.0f;
+          if (bf16) ((uint16_t *)xd)[at] = float_to_bf16(v);
+          else ((float *)xd)[at] = v;
         }
   return xd;
 }
 
-/* x in bf16, deinterleaved for bf16_row: lane j of plane q of a block of 32*spread is
- * x[block + spread*j + q]. */
+static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t spread, int64_t *Kp) {
+  return deinterleave_lanes(x, M, K, spread, 16, 0, Kp);
+}
+
 static uint16_t *deinterleave_bf16(const float *x, int64_t M, int64_t K, int64_t spread, int64_t *Kp) {
-  const int64_t block = 32 * spread;
-  *Kp = (K + block - 1) / block * block;
-  uint16_t *xd = aligned_alloc(64, (size_t)(M * *Kp) * sizeof(uint16_t) + 64);
-  for (int64_t i = 0; i < M; i++)
-    for (int64_t b = 0; b < *Kp; b += block)
-      for (int64_t q = 0; q < spread; q++)
-        for (int64_t j = 0; j < 32; j++) {
-          int64_t k = b + spread * j + q;
-          xd[i * *Kp + b + 32 * q + j] = k < K ? float_to_bf16(x[i * K + k]) : 0;
-        }
-  return xd;
+  return deinterleave_lanes(x, M, K, spread, 32, 1, Kp);
 }
 
 /* y (M, N) = x (M, K) @ W^T + bias, M small (decode). narrow: bf16 products where a narrowed
