@@ -7,7 +7,7 @@ Model: `transformers.LlamaForCausalLM` from a config (hidden 2048, intermediate 
 variables, so RSS is what a user's `top` shows):
 
   1. warm-up: a tiny HF Llama prepared exactly as the config prepares the measured one and
-     called (imports — transformers alone is ~87 MiB — and Dynamo's, Inductor's and memsave's
+     called (imports — transformers' among them — and Dynamo's, Inductor's and memsave's
      one-time setup are then not counted); RSS0 = RSS now;
   2. the model is built (fp32, eval), then prepared as the config says, and called twice on
      the one-token input: `rss_kept` = (RSS after that − RSS0) / fp32 weight bytes, the
@@ -112,7 +112,7 @@ def _bandwidth_gbps(mib: int) -> float:
 
 def _warm_up(config: str) -> None:
     """Prepare a tiny HF Llama exactly as `config` prepares the measured one and call it, so the
-    imports (transformers alone is ~87 MiB of RSS, torchao for its config) and Dynamo's,
+    imports (transformers', torchao's for its config) and Dynamo's,
     Inductor's and memsave's one-time setup are in RSS0, not in the measured growth."""
     import torch
 
