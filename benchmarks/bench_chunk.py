@@ -38,30 +38,13 @@ A config that does not fit in memory fails and is shown as failed ("where it fit
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import (  # noqa: E402
-    DEFAULT_OUT,
-    Benchmark,
-    MiB,
-    _display_command,
-    _parse_overrides,
-    add_run_arguments,
-    estimated_peak_mib,
-    failed_exit_code,
-    parse_configs,
-    render_markdown,
-    run_benchmark,
-    summarize,
-    time_call,
-    write_report,
-)
+from benchmarks.harness import Benchmark, MiB, estimated_peak_mib, main, render_markdown, time_call  # noqa: E402
 
 NAME = "chunk"
 TITLE = "Sequence chunking: peak memory of the LM-head loss, unchunked vs chunked (decoder, vocab 32k, CPU fp32)"
@@ -171,14 +154,6 @@ def measure(config: str, params: dict) -> dict[str, float]:
     return out
 
 
-def make_bench(name: str = NAME) -> Benchmark:
-    return Benchmark(name=name, title=TITLE, configs=CONFIGS, baseline=BASELINE, measure=measure, metrics=METRICS,
-                     params=PARAMS, repeats=1, plot=["tracked_peak_mib"], timeout_s=1800.0)
-
-
-BENCH = make_bench()
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -284,51 +259,10 @@ def render_plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
-    return write_report(results, out_dir, markdown=render_report, plot=render_plot)
-
-
-def cli(argv: list[str]) -> int:
-    if "--worker" in argv:  # a child of run_benchmark: measure one config
-        from benchmarks.harness import main
-
-        main(BENCH, argv)
-        return 0
-    parser = argparse.ArgumentParser(description=TITLE)
-    add_run_arguments(parser, BENCH, quick_help="1k-4k tokens, codegen fx; writes chunk_quick.*")
-    parser.add_argument("--redraw", type=Path, nargs="*", help="redraw md and png from these JSON files")
-    parser.add_argument("--merge", type=Path, help="run --configs and replace their runs in this results JSON")
-    args = parser.parse_args(argv)
-    if args.redraw is not None:
-        for path in args.redraw or [DEFAULT_OUT / f"{NAME}.json"]:
-            paths = write_outputs(json.loads(path.read_text()), path.parent)
-            print("redrew " + ", ".join(str(p) for p in paths.values()))
-        return 0
-    try:
-        params = _parse_overrides({**PARAMS, **QUICK} if args.quick else PARAMS, args.param)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.quick:
-        params["quick"] = True
-    configs = QUICK_CONFIGS if args.quick else CONFIGS
-    if args.configs:
-        wanted = parse_configs(parser, args.configs, CONFIGS)
-        configs = [c for c in CONFIGS if c in wanted or c == BASELINE]
-    bench = make_bench(f"{NAME}_quick" if args.quick else NAME)
-    results = run_benchmark(bench, configs=configs, repeats=args.repeats or BENCH.repeats, params=params,
-                            timeout_s=args.timeout, command=_display_command(bench, argv))
-    if args.merge is not None:  # e.g. a config re-run after a fix, into an earlier run's results
-        merged = json.loads(args.merge.read_text())
-        merged["runs"] = [r for r in merged["runs"] if r["config"] not in configs or r["config"] == BASELINE]
-        merged["runs"] += [r for r in results["runs"] if r["config"] != BASELINE]
-        merged["configs"] += [c for c in configs if c not in merged["configs"]]
-        merged["command"] += f"; then {results['command']} (replacing those configs' runs)"
-        merged["summary"] = summarize(merged["runs"], merged["configs"], merged["baseline"], merged["metrics"])
-        results, args.out = merged, args.merge.parent
-    paths = write_outputs(results, args.out)
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return failed_exit_code(results)
+BENCH = Benchmark(name=NAME, title=TITLE, configs=CONFIGS, baseline=BASELINE, measure=measure, metrics=METRICS,
+                  params=PARAMS, quick=QUICK, quick_configs=QUICK_CONFIGS, repeats=1, plot=["tracked_peak_mib"],
+                  timeout_s=1800.0, report=render_report, draw=render_plot)
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    main(BENCH)

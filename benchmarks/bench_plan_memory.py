@@ -32,9 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import json  # noqa: E402
 
-from benchmarks.harness import Benchmark, main_with_extras  # noqa: E402
+from benchmarks.harness import Benchmark, main, with_sections  # noqa: E402
 
 MODELS = ("decoder", "mlp", "gpt2", "decoder-train")
 VARIANTS = ("fx", "fx-plan", "inductor", "memsave-inductor-plan")
@@ -42,7 +41,6 @@ CONFIGS = [f"{m}.{v}" for m in MODELS for v in VARIANTS]
 METRICS = {"measured_peak_mib": "lower", "planned_peak_mib": "lower", "lower_bound_mib": "lower"}
 PARAMS = {"decoder": "small", "batch": 4, "seq": 256, "mlp_batch": 256, "gpt2_seq": 128}  # the tiny GPT-2 has 128 positions
 QUICK = {"decoder": "tiny", "batch": 2, "seq": 64, "mlp_batch": 32, "gpt2_seq": 64}
-NAME = "plan_memory_quick" if "--quick" in sys.argv else "plan_memory"
 MiB = 2**20
 
 
@@ -77,8 +75,6 @@ def measure(config: str, params: dict) -> dict[str, float]:
     import memsave
     from memsave import MemoryTracker
 
-    if params.get("quick"):
-        params = {**params, **QUICK}
     name, variant = config.split(".")
     torch.manual_seed(0)
     model, inputs = _model(name, params)
@@ -107,24 +103,9 @@ def measure(config: str, params: dict) -> dict[str, float]:
     return result
 
 
-BENCH = Benchmark(
-    name=NAME,
-    title="Memory planning: planned vs measured vs lower-bound peak, and Inductor",
-    configs=CONFIGS,
-    baseline="decoder.fx",
-    measure=measure,
-    metrics=METRICS,
-    params=PARAMS,
-    repeats=1,  # allocation peaks are deterministic for a fixed graph and input
-    plot=["measured_peak_mib"],
-    timeout_s=1800.0,
-)
-
-
-
-def per_model(json_path: Path) -> None:
-    """Append each model against its own `fx` row (the harness's ratios are all vs decoder.fx)."""
-    summary = json.loads(json_path.read_text())["summary"]
+def per_model(results: dict) -> str:
+    """Each model against its own `fx` row (the harness's ratios are all vs decoder.fx)."""
+    summary = results["summary"]
     lines = ["", "## Each model against its own unplanned FX run", "",
              "| model | variant | measured MiB | vs fx | planned MiB | lower bound MiB | measured / lower bound |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -138,9 +119,24 @@ def per_model(json_path: Path) -> None:
             vs = "–" if measured is None or not base else f"{measured / base['median']:.2f}×"
             over = "–" if measured is None or not lower else f"{measured / lower:.2f}"
             lines.append(f"| {model} | {variant} | {fmt(measured)} | {vs} | {fmt(planned)} | {fmt(lower)} | {over} |")
-    md = json_path.with_suffix(".md")
-    md.write_text(md.read_text().split("\n## Each model against")[0].rstrip() + "\n" + "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+BENCH = Benchmark(
+    name="plan_memory",
+    title="Memory planning: planned vs measured vs lower-bound peak, and Inductor",
+    configs=CONFIGS,
+    baseline="decoder.fx",
+    measure=measure,
+    metrics=METRICS,
+    params=PARAMS,
+    quick=QUICK,
+    repeats=1,  # allocation peaks are deterministic for a fixed graph and input
+    plot=["measured_peak_mib"],
+    timeout_s=1800.0,
+    report=with_sections(per_model),
+)
 
 
 if __name__ == "__main__":
-    main_with_extras(BENCH, per_model, done="plan_memory report written")
+    main(BENCH)

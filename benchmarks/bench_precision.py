@@ -36,13 +36,12 @@ compares each suite to its own fp32 row.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Benchmark, estimated_peak_mib, main_with_extras  # noqa: E402
+from benchmarks.harness import Benchmark, estimated_peak_mib, main, with_sections  # noqa: E402
 
 SUITES = {
     "decoder-infer": ("fp32", "bf16", "fp16"),
@@ -61,7 +60,6 @@ PRECISION = {
 METRICS = {"tracked_peak_mib": "lower", "est_peak_mib": "lower", "weights_mib": "lower", "saved_mib": "lower", "sqnr_db": "higher", "cosine": "higher"}
 PARAMS = {"decoder": "small", "batch": 4, "seq": 256, "sentences": 256, "minilm_batch": 32, "codegen": "inductor"}
 QUICK = {"decoder": "tiny", "batch": 2, "seq": 64, "sentences": 64, "minilm_batch": 32, "codegen": "fx"}
-NAME = "precision_quick" if "--quick" in sys.argv else "precision"
 MiB = 2**20
 
 
@@ -76,8 +74,6 @@ def measure(config: str, params: dict) -> dict[str, float]:
     import torch
 
     torch.manual_seed(0)
-    if params.get("quick"):
-        params = {**params, **QUICK}
     suite, variant = config.split(".")
     return {"decoder-infer": _decoder_infer, "decoder-train": _decoder_train, "minilm": _minilm}[suite](variant, params)
 
@@ -161,23 +157,8 @@ def _minilm(variant: str, params: dict) -> dict[str, float]:
             "weights_mib": _weights_mib(model), "cosine": cos.mean().item(), "min_cosine": cos.min().item()}
 
 
-BENCH = Benchmark(
-    name=NAME,
-    title="Mixed precision: memory and error vs fp32 (built-in decoder, real MiniLM)",
-    configs=CONFIGS,
-    baseline="decoder-infer.fp32",
-    measure=measure,
-    metrics=METRICS,
-    params=PARAMS,
-    repeats=1,  # memory and error are deterministic here; time is not measured
-    plot=["tracked_peak_mib"],
-    timeout_s=1800.0,
-)
-
-
-def per_suite(json_path: Path) -> None:
-    """Append each suite against its own fp32 row to the markdown report."""
-    results = json.loads(json_path.read_text())
+def per_suite(results: dict) -> str:
+    """Each suite against its own fp32 row."""
     summary = results["summary"]
     lines = ["", "## Each suite against its own fp32", ""]
     for suite, variants in SUITES.items():
@@ -199,9 +180,24 @@ def per_suite(json_path: Path) -> None:
                          f"{ratio('weights_mib')} | {cell('saved_mib')} | "
                          f"{ratio('saved_mib')} | {cell('sqnr_db', '{:.1f}')} | {cell('cosine', '{:.6f}')} |")
         lines.append("")
-    md = json_path.with_suffix(".md")
-    md.write_text(md.read_text().split("\n## Each suite against its own fp32")[0].rstrip() + "\n" + "\n".join(lines))
+    return "\n".join(lines)
+
+
+BENCH = Benchmark(
+    name="precision",
+    title="Mixed precision: memory and error vs fp32 (built-in decoder, real MiniLM)",
+    configs=CONFIGS,
+    baseline="decoder-infer.fp32",
+    measure=measure,
+    metrics=METRICS,
+    params=PARAMS,
+    quick=QUICK,
+    repeats=1,  # memory and error are deterministic here; time is not measured
+    plot=["tracked_peak_mib"],
+    timeout_s=1800.0,
+    report=with_sections(per_suite),
+)
 
 
 if __name__ == "__main__":
-    main_with_extras(BENCH, per_suite, done="precision report written")
+    main(BENCH)

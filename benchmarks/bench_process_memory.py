@@ -38,14 +38,13 @@ Writes docs/results/process_memory.{json,md,png}.
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import MiB, Benchmark, main_with_extras  # noqa: E402
+from benchmarks.harness import MiB, Benchmark, main, with_sections  # noqa: E402
 
 LLAMA = {
     "eager": None,
@@ -194,25 +193,8 @@ def measure(config: str, params: dict) -> dict[str, float]:
     return out
 
 
-BENCH = Benchmark(
-    name="process_memory",
-    title="Process RSS after compiling and its peak while compiling, glibc's default allocator (HF Llama, real MiniLM)",
-    configs=CONFIGS,
-    baseline="eager",
-    measure=measure,
-    metrics={"kept_x": "lower", "peak_x": "lower", "held_x": "lower", "trimmed_x": "lower"},
-    params={"hidden": 2048, "intermediate": 5632, "layers": 4, "heads": 16, "vocab": 1024, "tokens": 8},
-    repeats=3,
-    plot=["kept_x", "peak_x"],
-    timeout_s=1200.0,
-    default_allocator=True,
-)
-
-
-def extras(json_path: Path) -> None:
+def extra_sections(results: dict) -> str:
     """The targets, and the MiB columns, under the harness's table."""
-    results = json.loads(json_path.read_text())
-    md = json_path.with_suffix(".md")
     summary = results["summary"]
 
     def median(config, metric):
@@ -245,10 +227,25 @@ def extras(json_path: Path) -> None:
         "A compile also loads code (Inductor's generated modules, C kernels): a fixed cost of some 15-25 MiB "
         "per model here, a larger share of the small --quick model than of the issue's.",
     ]
-    md.write_text(md.read_text().rstrip() + "\n" + "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+BENCH = Benchmark(
+    name="process_memory",
+    title="Process RSS after compiling and its peak while compiling, glibc's default allocator (HF Llama, real MiniLM)",
+    configs=CONFIGS,
+    baseline="eager",
+    measure=measure,
+    metrics={"kept_x": "lower", "peak_x": "lower", "held_x": "lower", "trimmed_x": "lower"},
+    params={"hidden": 2048, "intermediate": 5632, "layers": 4, "heads": 16, "vocab": 1024, "tokens": 8},
+    repeats=3,
+    plot=["kept_x", "peak_x"],
+    timeout_s=1200.0,
+    default_allocator=True,
+    quick_configs=QUICK_CONFIGS,
+    report=with_sections(extra_sections),
+)
 
 
 if __name__ == "__main__":
-    if "--quick" in sys.argv and not any(a.startswith("--configs") for a in sys.argv):
-        sys.argv += ["--configs", ",".join(QUICK_CONFIGS)]
-    main_with_extras(BENCH, extras, "added the targets to")
+    main(BENCH)

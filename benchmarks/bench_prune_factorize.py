@@ -49,17 +49,17 @@ whitened by the inputs' Gram matrix) at 10/20/30/40/50% reduction of the linears
     python benchmarks/bench_prune_factorize.py             # everything: 75 processes (67 without the 8
                                                            # structured-heads ones took 34 min on 2 shared cores)
     python benchmarks/bench_prune_factorize.py --quick     # 10 configs, 64 sentences, small shapes: ~2.5 min
+                                                           # -> docs/results/prune_factorize_quick.*
     python benchmarks/bench_prune_factorize.py --configs minilm-wanda-2of4,decoder-svd-llm-20
     python benchmarks/bench_prune_factorize.py --redraw    # md + png again from the JSON
 
-Writes docs/results/prune_factorize.{json,md,png}.
+Writes docs/results/prune_factorize.{json,md,png}. `--repeats N` sets every part's runs (the
+fidelity parts are deterministic: one is enough).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import math
 import os
 import re
@@ -71,19 +71,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
-    DEFAULT_OUT,
     MiB,
     Benchmark,
+    Part,
     _malloc_trim,
-    _parse_overrides,
     current_rss_bytes,
-    failed_exit_code,
     main,
     render_markdown,
-    run_benchmark,
-    summarize,
     time_call,
-    write_report,
 )
 
 NAME = "prune_factorize"
@@ -478,33 +473,6 @@ PARAMS = {
     # one 384x384 float64 SVD while other jobs ran). The speed part uses every core.
     "fidelity_threads": 1,
 }
-
-BENCHES = {
-    "decoder": Benchmark(
-        name=NAME, title=TITLE, configs=PART_CONFIGS["decoder"], baseline=BASELINES["decoder"], measure=measure,
-        metrics={"logits_sqnr_db": "higher", "held_weight_mib": "lower", "linear_param_reduction": "higher"},
-        params=PARAMS, repeats=1,
-    ),
-    "minilm": Benchmark(
-        name=NAME, title=TITLE, configs=PART_CONFIGS["minilm"], baseline=BASELINES["minilm"], measure=measure,
-        metrics={"mean_cosine": "higher", "linear_param_reduction": "higher"}, params=PARAMS, repeats=1,
-    ),
-    "speed": Benchmark(
-        name=NAME, title=TITLE, configs=SPEED_CONFIGS, baseline=BASELINES["speed"], measure=measure,
-        metrics={"ms": "lower"}, params=PARAMS, repeats=3,  # the real metric names come from the shapes (cli)
-    ),
-}
-
-
-def _speed_bench(params: dict) -> Benchmark:
-    (n, k), batches = _shapes(params)[0], _batches(params)
-    return Benchmark(name=NAME, title=TITLE, configs=SPEED_CONFIGS, baseline=BASELINES["speed"], measure=measure,
-                     metrics={_speed_key(n, k, b): "lower" for b in batches}, params=PARAMS, repeats=3)
-
-
-def _part(config: str) -> str:
-    return next(p for p, configs in PART_CONFIGS.items() if config in configs)
-
 
 # ----------------------------------------------------------------------------- report helpers
 
@@ -993,87 +961,27 @@ def render_plot(results: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def _merge(parts: list[tuple[str, dict]], params: dict) -> dict:
-    first = parts[0][1]
-    results = {k: v for k, v in first.items() if k not in ("runs", "summary", "configs", "metrics", "baseline", "repeats")}
-    results.update(name=NAME, title=TITLE, runs=[], summary={}, configs=[], metrics={}, parts={}, plot=["mean_cosine"])
-    for part, r in parts:
-        results["runs"] += r["runs"]
-        results["configs"] += r["configs"]
-        results["metrics"].update(r["metrics"])
-        results["summary"].update(summarize(r["runs"], r["configs"], r["baseline"], r["metrics"]))
-        results["parts"][part] = {"baseline": r["baseline"], "configs": r["configs"], "repeats": r["repeats"],
-                                  "threads": r["params"].get("threads")}
-    results["metrics"].setdefault("mean_cosine", "higher")
-    results["params"] = dict(params)  # each part's own threads are in results["parts"]
-    results["baseline"] = parts[0][1]["baseline"]
-    results["repeats"] = max(r["repeats"] for _, r in parts)
-    return results
+def _parts(params: dict) -> dict[str, Part]:
+    """The decoder's and MiniLM's fidelity parts (one run each: deterministic; `fidelity_threads`)
+    and the speed part (`speed_repeats` runs, every core; its metric names come from the shapes)."""
+    fidelity = {"threads": params["fidelity_threads"]} if params.get("threads") is None else {}
+    (n, k), batches = _shapes(params)[0], _batches(params)
+    return {
+        "decoder": Part(PART_CONFIGS["decoder"], BASELINES["decoder"], repeats=1, params=fidelity,
+                        metrics={"logits_sqnr_db": "higher", "held_weight_mib": "lower", "linear_param_reduction": "higher"}),
+        "minilm": Part(PART_CONFIGS["minilm"], BASELINES["minilm"], repeats=1, params=fidelity,
+                       metrics={"mean_cosine": "higher", "linear_param_reduction": "higher"}),
+        "speed": Part(SPEED_CONFIGS, BASELINES["speed"], repeats=params["speed_repeats"],
+                      metrics={_speed_key(n, k, b): "lower" for b in batches}),
+    }
 
 
-def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
-    return write_report(results, out_dir, name=NAME, markdown=render_report, plot=render_plot)
-
-
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=TITLE)
-    parser.add_argument("--configs", help="comma-separated subset; each part's baseline always runs")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--timeout", type=float, help="seconds per child run (default 600)")
-    parser.add_argument("--quick", action="store_true", help="a few configs, fewer sentences, small shapes, 1 repeat")
-    parser.add_argument("--repeats", type=int, help="fresh-process runs per speed config (default: param speed_repeats)")
-    parser.add_argument("--redraw", action="store_true", help="rewrite the md and png from the JSON")
-    args = parser.parse_args(argv)
-    json_path = args.out / f"{NAME}.json"
-    if args.redraw:
-        results = json.loads(json_path.read_text())
-        json_path.with_suffix(".md").write_text(render_report(results))
-        render_plot(results, json_path.with_suffix(".png"))
-        print(f"redrew {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
-        return 0
-    try:
-        params = _parse_overrides(PARAMS, args.param)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.quick:
-        params["quick"] = True
-    wanted = None
-    if args.configs:
-        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-    elif args.quick:
-        wanted = QUICK_CONFIGS
-    if wanted is not None:
-        unknown = [c for c in wanted if not any(c in cs for cs in PART_CONFIGS.values())]
-        if unknown:
-            parser.error(f"unknown config(s) {unknown}")
-    command = "python " + " ".join([os.path.relpath(__file__)] + argv)
-    parts = []
-    for part, bench in BENCHES.items():
-        part_params = dict(params)
-        if part == "speed":
-            bench = _speed_bench(params)
-        elif params.get("threads") is None:
-            part_params["threads"] = params["fidelity_threads"]
-        configs = [c for c in bench.configs if wanted is None or c in wanted or c == bench.baseline]
-        if wanted is not None and not any(c in wanted for c in bench.configs):
-            continue
-        repeats = 1
-        if part == "speed":
-            repeats = 1 if args.quick else (args.repeats or params["speed_repeats"])
-        print(f"== part {part}: {len(configs)} configs x {repeats} repeat(s)", flush=True)
-        parts.append((part, run_benchmark(bench, configs=configs, repeats=repeats, params=part_params,
-                                          timeout_s=args.timeout, command=command)))
-    results = _merge(parts, params)
-    paths = write_outputs(results, args.out)
-    print("\n" + extra_sections(results))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return failed_exit_code(results)
+BENCH = Benchmark(
+    name=NAME, title=TITLE, configs=[c for cs in PART_CONFIGS.values() for c in cs], baseline=BASELINES["decoder"],
+    measure=measure, metrics={"mean_cosine": "higher"}, params=PARAMS, quick_configs=QUICK_CONFIGS,
+    repeats=1, timeout_s=600.0, parts=_parts, report=render_report, draw=render_plot,
+)
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker = sys.argv[sys.argv.index("--worker") + 1]
-        main(BENCHES[_part(worker)])
-        sys.exit(0)
-    sys.exit(cli(sys.argv[1:]))
+    main(BENCH)

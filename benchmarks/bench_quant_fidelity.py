@@ -50,8 +50,6 @@ run reproduces them exactly, so medians over repeats would add nothing. Time is 
     python benchmarks/bench_quant_fidelity.py --quick           # 64 sentences
     python benchmarks/bench_quant_fidelity.py --configs memsave-int4,torchao-int4-g64
     python benchmarks/bench_quant_fidelity.py --redraw          # md + png again from the JSON
-                                                                # (python -m benchmarks.harness would drop the
-                                                                # sections below and draw bars instead)
 
 Writes docs/results/quant_fidelity.{json,md,png}. After the harness's table the markdown gets the
 requirement checks (bits per weight), the targets (int8 >= 0.9995; best int4 at <= 4.5 bits >=
@@ -71,7 +69,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import Benchmark, main_with_extras, render_markdown
+from benchmarks.harness import Benchmark, main, with_sections
 
 # ----------------------------------------------------------------------------- configs
 
@@ -294,24 +292,6 @@ def measure(config: str, params: dict) -> dict[str, float]:
                            f"the formula says {out['bits_per_weight']:.4f}")
     return out
 
-
-BENCH = Benchmark(
-    name="quant_fidelity",
-    title="Weight-only quantization of the real all-MiniLM-L6-v2: bits per weight vs embedding fidelity, memsave vs torchao",
-    configs=CONFIGS,
-    baseline="fp32",
-    measure=measure,
-    metrics={
-        "bits_per_weight": "lower",
-        "bits_per_weight_4096": "lower",
-        "mean_cosine": "higher",
-        "min_cosine": "higher",
-        "nn_agreement": "higher",
-    },
-    params={"sentences": 256, "batch": 64, "max_length": 64, "codegen": "fx"},
-    repeats=1,
-    plot=["mean_cosine"],  # replaced by the scatter plot below
-)
 
 # ----------------------------------------------------------------------------- report
 
@@ -538,12 +518,26 @@ def _equal_bit_pairs(ran: list[str]) -> list[tuple[str, str]]:
     return [(m, t) for m, t in pairs if m in ran and t in ran]
 
 
-def write_extras(json_path: Path) -> None:
-    """Rewrite <name>.md (harness table + the sections above) and <name>.png (the scatter plot)."""
-    results = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render_markdown(results) + extra_sections(results))
-    render_scatter(results, json_path.with_suffix(".png"))
+BENCH = Benchmark(
+    name="quant_fidelity",
+    title="Weight-only quantization of the real all-MiniLM-L6-v2: bits per weight vs embedding fidelity, memsave vs torchao",
+    configs=CONFIGS,
+    baseline="fp32",
+    measure=measure,
+    metrics={
+        "bits_per_weight": "lower",
+        "bits_per_weight_4096": "lower",
+        "mean_cosine": "higher",
+        "min_cosine": "higher",
+        "nn_agreement": "higher",
+    },
+    params={"sentences": 256, "batch": 64, "max_length": 64, "codegen": "fx"},
+    repeats=1,
+    plot=["mean_cosine"],  # the png is the scatter plot (draw) instead
+    report=with_sections(extra_sections),
+    draw=render_scatter,
+)
 
 
 if __name__ == "__main__":
-    main_with_extras(BENCH, write_extras, "added the requirement/target sections and the scatter plot to")
+    main(BENCH)

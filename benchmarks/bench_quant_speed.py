@@ -74,7 +74,7 @@ from benchmarks.harness import (
     Benchmark,
     MiB,
     current_rss_bytes,
-    main_with_extras,
+    main,
     peak_rss_bytes,
     reset_peak_rss,
     time_call,
@@ -250,34 +250,6 @@ def measure(config: str, params: dict) -> dict[str, float]:
     return out
 
 
-BENCH = Benchmark(
-    name="quant_speed",
-    title="CPU speed of weight-only quantization, 1.1B decoder at batch 1: memsave int8/int4 vs eager, Inductor, torchao",
-    configs=CONFIGS,
-    baseline=BASELINE,
-    measure=measure,
-    metrics={
-        "decode_ms": "lower",
-        "prefill_ms": "lower",
-        "decode_limit_ms": "lower",
-        "weight_mib": "lower",
-        "timed_rss_growth_mib": "lower",
-    },
-    params={
-        "size": "1b",
-        "quick_size": "medium",
-        "prefill_len": 128,
-        "decode_iters": 20,
-        "prefill_iters": 3,
-        "bandwidth_mib": 512,
-        "memsave_codegen": "fx",
-        "int4_method": "rtn",
-    },
-    repeats=3,
-    plot=["decode_ms", "prefill_ms", "weight_mib"],
-    timeout_s=3600.0,  # memsave's int4 MSE search over 1B weights alone takes minutes
-)
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -422,5 +394,35 @@ def extra_sections(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+BENCH = Benchmark(
+    name="quant_speed",
+    title="CPU speed of weight-only quantization, 1.1B decoder at batch 1: memsave int8/int4 vs eager, Inductor, torchao",
+    configs=CONFIGS,
+    baseline=BASELINE,
+    measure=measure,
+    metrics={
+        "decode_ms": "lower",
+        "prefill_ms": "lower",
+        "decode_limit_ms": "lower",
+        "weight_mib": "lower",
+        "timed_rss_growth_mib": "lower",
+    },
+    params={
+        "size": "1b",
+        "quick_size": "medium",
+        "prefill_len": 128,
+        "decode_iters": 20,
+        "prefill_iters": 3,
+        "bandwidth_mib": 512,
+        "memsave_codegen": "fx",
+        "int4_method": "rtn",
+    },
+    repeats=3,
+    plot=["decode_ms", "prefill_ms", "weight_mib"],
+    timeout_s=3600.0,  # memsave's int4 MSE search over 1B weights alone takes minutes
+    report=with_sections(extra_sections),
+)
+
+
 if __name__ == "__main__":
-    main_with_extras(BENCH, with_sections(extra_sections), "added speedups, bandwidth limits, kernel counts and goals to", replot=True)
+    main(BENCH)

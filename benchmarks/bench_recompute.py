@@ -53,8 +53,6 @@ about 30-35 min on a 2-core CPU. `--repeats 1` halves it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
@@ -63,22 +61,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
-    DEFAULT_OUT,
     Benchmark,
     MiB,
-    _display_command,
-    _parse_overrides,
-    add_run_arguments,
+    Part,
     current_rss_bytes,
-    failed_exit_code,
-    parse_configs,
+    main,
     peak_rss_bytes,
     render_markdown,
     reset_peak_rss,
-    run_benchmark,
-    summarize,
     time_call,
-    write_report,
 )
 
 NAME = "recompute"
@@ -370,14 +361,6 @@ def measure(config: str, params: dict) -> dict[str, float]:
     return out
 
 
-def make_bench(name: str = NAME) -> Benchmark:
-    return Benchmark(name=name, title=TITLE, configs=CONFIGS, baseline=f"{MODELS[0]}.{BASELINE}", measure=measure,
-                     metrics=METRICS, params=PARAMS, repeats=2, plot=["tracked_peak_mib", "step_ms"], timeout_s=900.0)
-
-
-BENCH = make_bench()
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -425,7 +408,7 @@ def _size_line(results: dict, model: str) -> str:
 def _table(results: dict, model: str) -> list[str]:
     base = f"{model}.{BASELINE}"
     configs = [c for c in results["configs"] if c.startswith(model + ".")]
-    summary = summarize(results["runs"], configs, base, results["metrics"]) if base in configs else None
+    summary = results["summary"] if base in configs else None  # each model's part: ratios vs its own eager
     fwd = _value(results, base, "forward_gflops")
     lines = [
         f"### {model}", "",
@@ -692,62 +675,15 @@ def render_plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _per_model_summary(results: dict) -> None:
-    """The harness summarizes against one baseline; here each model's ratios are against its own eager."""
-    results["summary"], results["baselines"] = {}, {}
-    for model in _models(results):
-        configs = [c for c in results["configs"] if c.startswith(model + ".")]
-        base = f"{model}.{BASELINE}"
-        if base in configs:
-            results["summary"].update(summarize(results["runs"], configs, base, results["metrics"]))
-            results["baselines"][model] = base
+def _parts(params: dict) -> dict[str, Part]:
+    """Each model against its own eager step."""
+    return {m: Part([f"{m}.{v}" for v in VARIANTS], f"{m}.{BASELINE}") for m in MODELS}
 
 
-def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
-    _per_model_summary(results)
-    return write_report(results, out_dir, markdown=render_report, plot=render_plot)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def cli(argv: list[str]) -> int:
-    if "--worker" in argv:  # a child of run_benchmark: measure one config
-        from benchmarks.harness import main
-
-        main(BENCH, argv)
-        return 0
-    parser = argparse.ArgumentParser(description=TITLE)
-    add_run_arguments(parser, BENCH, quick_help="tiny models, one repeat; writes recompute_quick.* instead of recompute.*")
-    parser.add_argument("--redraw", type=Path, nargs="*", help="redraw md and png from these JSON files")
-    args = parser.parse_args(argv)
-    if args.redraw is not None:
-        for path in args.redraw or [DEFAULT_OUT / f"{NAME}.json"]:
-            results = json.loads(path.read_text())
-            paths = write_outputs(results, path.parent)
-            print("redrew " + ", ".join(str(p) for p in paths.values()))
-        return 0
-
-    try:  # --quick's sizes first, so that --param still overrides them
-        params = _parse_overrides({**PARAMS, **QUICK} if args.quick else PARAMS, args.param)
-    except ValueError as exc:
-        parser.error(str(exc))
-    repeats = args.repeats if args.repeats is not None else BENCH.repeats
-    if args.quick:
-        repeats, params["quick"] = 1, True
-    configs = CONFIGS
-    if args.configs:
-        wanted = parse_configs(parser, args.configs, CONFIGS)
-        models = {c.split(".", 1)[0] for c in wanted}
-        configs = [c for c in CONFIGS if c in wanted or c in {f"{m}.{BASELINE}" for m in models}]
-    bench = make_bench(f"{NAME}_quick" if args.quick else NAME)
-    bench.baseline = configs[0] if configs[0].endswith("." + BASELINE) else bench.baseline
-    results = run_benchmark(bench, configs=configs, repeats=repeats, params=params, timeout_s=args.timeout,
-                            command=_display_command(bench, argv))
-    paths = write_outputs(results, args.out)
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return failed_exit_code(results)
+BENCH = Benchmark(name=NAME, title=TITLE, configs=CONFIGS, baseline=f"{MODELS[0]}.{BASELINE}", measure=measure,
+                  metrics=METRICS, params=PARAMS, quick=QUICK, repeats=2, plot=["tracked_peak_mib", "step_ms"],
+                  timeout_s=900.0, parts=_parts, report=render_report, draw=render_plot)
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    main(BENCH)

@@ -155,7 +155,6 @@ def schedule_rank(rank: int, world: int, params: dict, schedule: str, microbatch
 def measure(config: str, params: dict) -> dict[str, float]:
     import memsave.distributed as md
 
-    params = {**(QUICK if params.get("quick") else PARAMS), **params}
     if config.startswith("ranks-"):
         world = int(config.split("-")[1])
         with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +190,7 @@ def measure(config: str, params: dict) -> dict[str, float]:
 
 
 BENCH = Benchmark(
-    name="shard_quick" if "--quick" in sys.argv else "shard",
+    name="shard",
     title="Pipeline sharding on CPU ranks (gloo): per-rank memory, and GPipe vs 1F1B throughput and bubble",
     configs=MEMORY_CONFIGS + SCHEDULE_CONFIGS,
     baseline="ranks-1",
@@ -202,7 +201,8 @@ BENCH = Benchmark(
         "infer_ms": "lower", "step_ms": "lower", "samples_per_s": "higher", "bubble": "lower",
         "bubble_theory": "lower",
     },
-    params=QUICK if "--quick" in sys.argv else PARAMS,  # --param still overrides either
+    params=PARAMS,
+    quick=QUICK,
     repeats=2,
     plot=["weights_held_mib", "peak_rss_run_mib", "samples_per_s", "bubble"],
     timeout_s=1500,

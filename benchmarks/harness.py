@@ -20,13 +20,15 @@ The parent process re-runs the same script as ``<script> --worker <config> --par
 once per config per repeat, in the order A, B, C, A, B, C, ... so that drift on a shared
 machine hits every config alike. Each child prints its metrics as one JSON line behind
 :data:`RESULT_MARKER`. The parent writes ``<out>/<name>.json`` (raw runs), ``.md`` and ``.png``.
-``python -m benchmarks.harness <out>/<name>.json`` redraws the ``.md`` and ``.png`` from the JSON.
+``<script> --redraw`` rewrites the ``.md`` and ``.png`` from the JSON; ``--quick``, ``--configs``
+and ``--merge`` are the same on every script (:func:`main` is the one command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -66,6 +68,20 @@ MACHINE_INFO_TIMEOUT_S = 300.0
 # --------------------------------------------------------------------------- declaration
 
 
+@dataclass(frozen=True)
+class Part:
+    """Configs compared with a baseline of their own, run as one interleaved block (e.g. one
+    model's variants against its eager run, or a speed part beside a fidelity part). ``repeats``
+    is the part's default (``--repeats`` and ``--quick`` override it); ``params`` are overrides
+    its children get (e.g. ``threads``); ``metrics`` replace the benchmark's for this part."""
+
+    configs: Sequence[str]
+    baseline: str
+    repeats: int | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, str] | None = None
+
+
 @dataclass
 class Benchmark:
     """One benchmark: which configs to compare, how to measure one run, what to report.
@@ -74,6 +90,12 @@ class Benchmark:
     "higher"); ``measure`` may return further values (kept in the JSON, not in the table).
     ``params`` are passed to ``measure`` and can be overridden with ``--param key=value``.
     ``plot`` names the metric(s) to draw; by default every metric in ``metrics``.
+
+    A benchmark with a report of its own passes ``report`` (results -> markdown; see
+    :func:`with_sections`) and/or ``draw`` (results, png path). ``--quick`` runs one repeat of
+    ``quick_configs`` (default: all) with ``quick`` merged into the params and writes
+    ``<name>_quick.*``. ``parts(params)`` splits the configs into :class:`Part` s, each with its
+    own baseline (by default one part: every config against ``baseline``).
     """
 
     name: str
@@ -90,9 +112,17 @@ class Benchmark:
     # (no MALLOC_* variables: neither CHILD_ENV's fixed mmap threshold nor the parent's own).
     # For benchmarks whose question is what the operating system sees.
     default_allocator: bool = False
+    report: Callable[[Mapping], str] | None = None
+    draw: Callable[[Mapping, Path], None] | None = None
+    quick: Mapping[str, Any] = field(default_factory=dict)
+    quick_configs: Sequence[str] | None = None
+    parts: Callable[[Mapping[str, Any]], Mapping[str, Part]] | None = None
 
     def __post_init__(self) -> None:
         self.configs = list(self.configs)
+        unknown = [c for c in self.quick_configs or () if c not in self.configs]
+        if unknown:
+            raise ValueError(f"quick_configs {unknown} are not among the configs {self.configs}")
         self.metrics = dict(self.metrics)
         self.params = dict(self.params)
         if not _NAME_RE.match(self.name):
@@ -516,6 +546,16 @@ def render_markdown(results: Mapping) -> str:
         f"Cells: median (min–max) over the runs. Ratios: config median / `{base}` median of this same run.",
         "",
     ]
+    baselines = {base}
+    if results.get("parts"):
+        parts = results["parts"]
+        baselines = {p["baseline"] for p in parts.values()}
+        lines[-2] = ("Parts, run one after another, configs interleaved within a part: "
+                     + "; ".join(f"{name} ({len(p['configs'])} configs x {p['repeats']} run(s), baseline `{p['baseline']}`)"
+                                 for name, p in parts.items())
+                     + ". Each run in a fresh process. Cells: median (min–max) over the runs. "
+                       "Ratios: config median / its part's baseline median of this same run.")
+        base = "baseline"
     header = ["config", "runs"]
     for metric, direction in metrics.items():
         header += [f"{metric} ({direction} is better)", f"vs {base}"]
@@ -523,7 +563,7 @@ def render_markdown(results: Mapping) -> str:
     for config in results["configs"]:
         s = results["summary"][config]
         runs = f"{s['ok']}/{s['runs']}" + (" FAILED" if s["ok"] < s["runs"] else "")
-        row = [f"{config} (baseline)" if config == base else config, runs]
+        row = [f"{config} (baseline)" if config in baselines else config, runs]
         for metric in metrics:
             stat = s["metrics"].get(metric)
             if stat is None:
@@ -649,18 +689,27 @@ def _display_command(bench: Benchmark, argv: Sequence[str]) -> str:
     return shlex.join(["python", *entry, *argv])
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, bench: Benchmark, *, quick_help: str,
-                      configs: Sequence[str] | None = None) -> None:
-    """The options every benchmark command line has: --repeats, --configs, --param, --out,
-    --timeout, --quick."""
-    configs = bench.configs if configs is None else configs
-    parser.add_argument("--repeats", type=int, help=f"fresh-process runs per config (default {bench.repeats})")
-    parser.add_argument("--configs", help=f"comma-separated subset of {','.join(configs)}; the baseline always runs")
+def add_run_arguments(parser: argparse.ArgumentParser, bench: Benchmark) -> None:
+    """The options every benchmark command line has."""
+    parser.add_argument("--repeats", type=int,
+                        help=f"fresh-process runs per config (default {bench.repeats}, or each part's own)")
+    parser.add_argument("--configs", help=f"comma-separated subset of {','.join(bench.configs)}; "
+                                          "the baseline (each chosen part's) always runs")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a param (repeatable); defaults: {json.dumps(bench.params)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: docs/results)")
     parser.add_argument("--timeout", type=float, help=f"seconds per child run (default {bench.timeout_s:g})")
-    parser.add_argument("--quick", action="store_true", help=quick_help)
+    quick = f"; params {json.dumps(dict(bench.quick))}" if bench.quick else ""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke test: one repeat{quick}"
+                             f"{'; configs ' + ','.join(bench.quick_configs) if bench.quick_configs else ''}; "
+                             f"writes {bench.name}_quick.*")
+    parser.add_argument("--redraw", type=Path, nargs="*", metavar="JSON",
+                        help="measure nothing: rewrite the .md and .png of these results files "
+                             "(default: <out>/<name>.json)")
+    parser.add_argument("--merge", type=Path, metavar="JSON",
+                        help="put this run's configs into an earlier results file in place of their runs "
+                             "(its baselines' runs kept) and rewrite that file's report")
 
 
 def parse_configs(parser: argparse.ArgumentParser, text: str, known: Sequence[str]) -> list[str]:
@@ -681,11 +730,95 @@ def failed_exit_code(results: Mapping) -> int:
     return 0
 
 
+def select_parts(bench: Benchmark, params: Mapping[str, Any], wanted: Sequence[str] | None) -> dict[str, Part]:
+    """The parts to run, each cut to the wanted configs and its baseline (declared order); a part
+    with none of the wanted configs is left out. One unnamed part when the benchmark has none."""
+    parts = dict(bench.parts(params)) if bench.parts else {"": Part(bench.configs, bench.baseline)}
+    chosen, directions = {}, dict(bench.metrics)
+    for name, part in parts.items():
+        clash = [m for m, d in (part.metrics or {}).items() if directions.setdefault(m, d) != d]
+        if clash:  # one results file has one direction per metric
+            raise ValueError(f"part {name!r}: metrics {clash} have another direction elsewhere in the benchmark")
+        stray = [c for c in part.configs if c not in bench.configs]
+        if stray or part.baseline not in part.configs:
+            raise ValueError(f"part {name!r}: configs {stray} are not the benchmark's, or its baseline "
+                             f"{part.baseline!r} is not among its configs")
+        if wanted is not None and not any(c in wanted for c in part.configs):
+            continue
+        configs = [c for c in part.configs if wanted is None or c in wanted or c == part.baseline]
+        chosen[name] = Part(configs, part.baseline, part.repeats, dict(part.params), part.metrics)
+    return chosen
+
+
+def run_parts(bench: Benchmark, parts: Mapping[str, Part], *, repeats: int | None = None,
+              params: Mapping[str, Any] | None = None, timeout_s: float | None = None, command: str = "") -> dict:
+    """run_benchmark over each part in turn (configs interleaved within a part); several parts
+    give one results dict whose ``parts`` records each part's baseline, configs, repeats and
+    params, and whose ratios are each against its own part's baseline."""
+    params = dict(bench.params if params is None else params)
+    if list(parts) == [""]:
+        return run_benchmark(bench, configs=parts[""].configs, repeats=repeats, params=params,
+                             timeout_s=timeout_s, command=command)
+    merged: dict = {}
+    for name, part in parts.items():
+        metrics = dict(part.metrics or bench.metrics)
+        sub = Benchmark(name=bench.name, title=bench.title, configs=part.configs, baseline=part.baseline,
+                        measure=bench.measure, metrics=metrics, params=bench.params,
+                        plot=[m for m in bench.plot if m in metrics] or None, timeout_s=bench.timeout_s,
+                        default_allocator=bench.default_allocator)
+        part_repeats = repeats if repeats is not None else (part.repeats or bench.repeats)
+        print(f"== part {name}: {len(part.configs)} configs x {part_repeats} repeat(s)", flush=True)
+        r = run_benchmark(sub, configs=part.configs, repeats=part_repeats, params={**params, **part.params},
+                          timeout_s=timeout_s, command=command)
+        if not merged:
+            merged = {**r, "params": params, "runs": [], "configs": [], "metrics": {}, "summary": {},
+                      "plot": list(bench.plot), "parts": {}}
+        merged["runs"] += r["runs"]
+        merged["configs"] += r["configs"]
+        merged["metrics"].update(r["metrics"])
+        merged["summary"].update(r["summary"])
+        merged["repeats"] = max(merged["repeats"], r["repeats"])
+        merged["parts"][name] = {"baseline": part.baseline, "configs": r["configs"], "repeats": r["repeats"],
+                                 "params": dict(part.params), "metrics": list(r["metrics"])}
+    return merged
+
+
+def resummarize(results: dict) -> dict:
+    """``results["summary"]`` computed again from its runs, each part against its own baseline."""
+    parts = results.get("parts") or {"": {"baseline": results["baseline"], "configs": results["configs"]}}
+    results["summary"] = {}
+    for part in parts.values():
+        metrics = {m: results["metrics"][m] for m in part.get("metrics", results["metrics"])}
+        results["summary"].update(summarize(results["runs"], part["configs"], part["baseline"], metrics))
+    return results
+
+
+def merge_into(earlier: dict, new: Mapping) -> dict:
+    """`new`'s configs (baselines excepted) in `earlier` in place of their runs: a config re-run after
+    a fix. The baselines' runs stay the earlier ones, so the ratios mix two runs: the command says so."""
+    parts = earlier.get("parts") or {"": {"baseline": earlier["baseline"], "configs": earlier["configs"]}}
+    baselines = {p["baseline"] for p in parts.values()}
+    rerun = [c for c in new["configs"] if c not in baselines]
+    unknown = [c for c in rerun if c not in earlier["configs"]]
+    if unknown:
+        raise ValueError(f"--merge: configs {unknown} are not in the earlier results ({earlier['configs']})")
+    earlier["runs"] = [r for r in earlier["runs"] if r["config"] not in rerun]
+    earlier["runs"] += [r for r in new["runs"] if r["config"] in rerun]
+    earlier["command"] += f"; then {new['command']} (replacing those configs' runs)"
+    return resummarize(earlier)
+
+
+def write_outputs(bench: Benchmark, results: Mapping, out_dir: Path, name: str | None = None) -> dict[str, Path]:
+    """The benchmark's report of ``results``: <name>.json, .md (``bench.report``) and .png (``bench.draw``)."""
+    return write_report(results, out_dir, name=name, markdown=bench.report, plot=bench.draw)
+
+
 def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
-    """Command line of a benchmark script; exits non-zero if any config failed."""
+    """The command line of every benchmark script (run, --quick, --configs, --redraw, --merge, and
+    the children's --worker); exits non-zero if any config failed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=bench.title)
-    add_run_arguments(parser, bench, quick_help="one repeat and params['quick']=True: a smoke test")
+    add_run_arguments(parser, bench)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -693,28 +826,36 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
     if args.worker is not None:
         _run_worker(bench, args.worker, json.loads(args.params or "{}"))
         return
+    name = f"{bench.name}_quick" if args.quick else bench.name
+    if args.redraw is not None:
+        for path in args.redraw or [args.out / f"{name}.json"]:
+            paths = write_outputs(bench, json.loads(path.read_text()), path.parent, path.stem)
+            print("redrew " + ", ".join(str(p) for p in paths.values() if p.suffix != ".json"))
+        return
 
     try:
-        params = _parse_overrides(bench.params, args.param)
+        params = _parse_overrides({**bench.params, **bench.quick} if args.quick else bench.params, args.param)
     except ValueError as exc:
         parser.error(str(exc))
-    repeats = args.repeats if args.repeats is not None else bench.repeats
+    repeats = args.repeats
     if args.quick:
         repeats = 1
         params["quick"] = True
-    if repeats < 1:
+    if repeats is not None and repeats < 1:
         parser.error(f"--repeats must be >= 1, got {repeats}")
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
-    configs = bench.configs
-    if args.configs:
-        wanted = parse_configs(parser, args.configs, bench.configs)
-        # Declared order, baseline included: ratios always compare against this same run.
-        configs = [c for c in bench.configs if c in wanted or c == bench.baseline]
+    wanted = parse_configs(parser, args.configs, bench.configs) if args.configs else None
+    if wanted is None and args.quick:
+        wanted = bench.quick_configs
+    parts = select_parts(bench, params, wanted)
 
-    results = run_benchmark(bench, configs=configs, repeats=repeats, params=params, timeout_s=args.timeout,
-                            command=_display_command(bench, argv))
-    paths = write_report(results, args.out)
+    results = run_parts(dataclasses.replace(bench, name=name), parts, repeats=repeats, params=params,
+                        timeout_s=args.timeout, command=_display_command(bench, argv))
+    out = args.out
+    if args.merge is not None:
+        results, out, name = merge_into(json.loads(args.merge.read_text()), results), args.merge.parent, args.merge.stem
+    paths = write_outputs(bench, results, out, name)
     print()
     table = render_markdown(results).split("## Results", 1)[1].split("## Failures", 1)[0]
     print(table.strip())
@@ -723,58 +864,10 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
 
 
+def with_sections(extra_sections: Callable[[Mapping], str]) -> Callable[[Mapping], str]:
+    """A ``report`` for a Benchmark: the harness's markdown followed by ``extra_sections(results)``."""
 
-def with_sections(extra_sections: Callable[[dict], str]) -> Callable[[Path], None]:
-    """An `extras` for main_with_extras: <name>.md becomes the harness's table followed by
-    `extra_sections(results)`."""
+    def report(results: Mapping) -> str:
+        return render_markdown(results) + extra_sections(results)
 
-    def write(json_path: Path) -> None:
-        results = json.loads(json_path.read_text())
-        json_path.with_suffix(".md").write_text(render_markdown(results) + extra_sections(results))
-
-    return write
-
-
-def main_with_extras(bench: Benchmark, extras: Callable[[Path], None], done: str, *, replot: bool = False) -> None:
-    """`main` for a benchmark whose report has sections of its own: after a run (also when a
-    config failed: the report is written anyway) `extras(json_path)` adds them; `--redraw`
-    rewrites the report from the JSON alone with `extras` (after the harness's plot, with
-    `replot`). Exits with main's code."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--redraw", action="store_true")
-    parser.add_argument("--worker")
-    known, _ = parser.parse_known_args()
-    json_path = Path(known.out) / f"{bench.name}.json"
-    if known.redraw:
-        if replot:
-            render_plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
-        extras(json_path)
-        print(f"redrew {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
-        sys.exit(0)
-    if known.worker is not None:
-        main(bench)
-        sys.exit(0)
-    started = time.time()
-    code = 0
-    try:
-        main(bench)
-    except SystemExit as exc:  # main() exits 1 when a config failed
-        code = exc.code
-    if json_path.exists() and json_path.stat().st_mtime >= started:
-        extras(json_path)
-        print(f"{done} {json_path.with_suffix('.md')}")
-    sys.exit(code)
-
-def _replot(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description="Redraw <name>.md and <name>.png from a harness JSON file.")
-    parser.add_argument("json", type=Path, nargs="+")
-    for path in parser.parse_args(argv).json:
-        results = json.loads(path.read_text())
-        path.with_suffix(".md").write_text(render_markdown(results))
-        render_plot(results, path.with_suffix(".png"))
-        print(f"redrew {path.with_suffix('.md')} and {path.with_suffix('.png')}")
-
-
-if __name__ == "__main__":
-    _replot(sys.argv[1:])
+    return report

@@ -62,6 +62,8 @@ TINY_BENCH = textwrap.dedent(
         measure=measure,
         metrics={"rss_growth_mib": "lower", "time_ms": "lower"},
         params={"scale": 1},
+        quick={"scale": 2},
+        quick_configs=["small", "big"],
         repeats=3,
     )
 
@@ -131,10 +133,11 @@ def test_fresh_processes_interleaved_rss_ratios_and_failure(tmp_path):
     assert f"{summary['big']['metrics']['rss_growth_mib']['ratio']:.2f}×" in md
     assert "bench_tiny.py --repeats 2" in md and "## Machine" in md and "broken config on purpose" in md
 
-    # The report can be redrawn from the JSON alone.
+    # The report can be redrawn from the JSON alone, through the benchmark's own command line.
     (out / "tiny.md").unlink()
     (out / "tiny.png").unlink()
-    harness._replot([str(out / "tiny.json")])
+    proc = _run(tmp_path, "bench_tiny.py", "--redraw", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "tiny.md").read_text() == md and (out / "tiny.png").stat().st_size > 0
 
 
@@ -143,11 +146,14 @@ def test_module_mode_quick_params_and_timeout_kills_process_group(tmp_path):
     out = tmp_path / "out"
     proc = _run(tmp_path, "-m", "bench_tiny", "--quick", "--configs", "hang", "--timeout", "10",
                 "--param", "scale=3", "--param", "threads=1", "--out", str(out))
-    assert proc.returncode == 1 and (out / "tiny.json").exists(), proc.stdout + proc.stderr
-    results = json.loads((out / "tiny.json").read_text())
+    # --quick writes <name>_quick.*, never over a full run's results.
+    assert proc.returncode == 1 and (out / "tiny_quick.json").exists(), proc.stdout + proc.stderr
+    assert not (out / "tiny.json").exists()
+    results = json.loads((out / "tiny_quick.json").read_text())
     runs = {r["config"]: r for r in results["runs"]}
-    assert list(runs) == ["small", "hang"], "the baseline always runs, and --quick means one repeat"
+    assert list(runs) == ["small", "hang"], "the baseline always runs, --configs beats quick_configs, one repeat"
     assert runs["small"]["ok"], runs["small"]["error"]
+    # The quick params (scale 2) are merged first, so --param still overrides them.
     assert runs["small"]["metrics"]["quick"] == 1.0 and runs["small"]["metrics"]["scale"] == 3
     assert results["params"] == {"scale": 3, "threads": 1, "quick": True}
     assert runs["small"]["metrics"]["torch_threads"] == 1.0 and runs["small"]["metrics"]["omp_threads"] == 1.0
@@ -156,6 +162,77 @@ def test_module_mode_quick_params_and_timeout_kills_process_group(tmp_path):
     assert not runs["hang"]["ok"] and runs["hang"]["error"].startswith("timed out after 10 s")
     child, grandchild = map(int, (tmp_path / "pids").read_text().split())
     assert not _alive(child) and not _alive(grandchild)
+
+
+PARTS_BENCH = textwrap.dedent(
+    '''
+    import os
+
+    from benchmarks.harness import Benchmark, Part, main
+
+    VALUES = {"a1": 1.0, "a2": 3.0, "b1": 2.0, "b2": 8.0}
+
+    def measure(config, params):
+        return {"value": VALUES[config] * params["scale"], "pid": os.getpid(),
+                "omp_threads": float(os.environ.get("OMP_NUM_THREADS", 0))}
+
+    def parts(params):
+        return {"a": Part(["a1", "a2"], "a1"),
+                "b": Part(["b1", "b2"], "b1", repeats=2, params={"threads": 1},
+                          metrics={"value": "lower", "omp_threads": "lower"})}
+
+    BENCH = Benchmark(name="parts", title="Parts self-test", configs=["a1", "a2", "b1", "b2"], baseline="a1",
+                      measure=measure, metrics={"value": "lower"}, params={"scale": 1}, repeats=1, parts=parts)
+
+    if __name__ == "__main__":
+        main(BENCH)
+    '''
+)
+
+
+def test_parts_have_their_own_baselines_repeats_params_and_merge(tmp_path):
+    (tmp_path / "bench_parts.py").write_text(PARTS_BENCH)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    out = tmp_path / "out"
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "bench_parts.py", "--out", str(out), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads((out / "parts.json").read_text())
+
+    results = run()
+    # Part a (one repeat) then part b (its own two, interleaved), each child with its part's params.
+    assert [r["config"] for r in results["runs"]] == ["a1", "a2", "b1", "b2", "b1", "b2"]
+    assert [r["metrics"]["omp_threads"] for r in results["runs"]] == [0, 0, 1, 1, 1, 1]
+    assert results["parts"]["b"] == {"baseline": "b1", "configs": ["b1", "b2"], "repeats": 2,
+                                     "params": {"threads": 1}, "metrics": ["value", "omp_threads"]}
+    summary = results["summary"]
+    assert summary["a2"]["metrics"]["value"]["ratio"] == pytest.approx(3.0)  # vs a1, not vs b1
+    assert summary["b2"]["metrics"]["value"]["ratio"] == pytest.approx(4.0)  # vs b1
+    # Part b reports a metric of its own; part a's table cells for it stay empty.
+    assert results["metrics"] == {"value": "lower", "omp_threads": "lower"}
+    assert "omp_threads" in summary["b2"]["metrics"] and "omp_threads" not in summary["a2"]["metrics"]
+    md = (out / "parts.md").read_text()
+    assert "| a1 (baseline) |" in md and "| b1 (baseline) |" in md and "| a2 | 1/1 |" in md
+    assert "its part's baseline" in md
+
+    # --configs b2: only part b runs, with its baseline; part a is left out.
+    only_b = run("--configs", "b2")
+    assert [r["config"] for r in only_b["runs"]] == ["b1", "b2", "b1", "b2"] and list(only_b["parts"]) == ["b"]
+
+    # --merge: a2 measured again (scale 2) into the full run; a1's earlier runs stay.
+    full = out / "full.json"
+    full.write_text(json.dumps(results))
+    run("--configs", "a2", "--param", "scale=2", "--merge", str(full))
+    merged = json.loads(full.read_text())
+    a1 = [r for r in merged["runs"] if r["config"] == "a1"]
+    assert [r["metrics"]["pid"] for r in a1] == [r["metrics"]["pid"] for r in results["runs"] if r["config"] == "a1"]
+    assert [r["metrics"]["value"] for r in merged["runs"] if r["config"] == "a2"] == [6.0]
+    assert merged["summary"]["a2"]["metrics"]["value"]["ratio"] == pytest.approx(6.0)
+    assert merged["summary"]["b2"]["metrics"]["value"]["ratio"] == pytest.approx(4.0)
+    assert "then " in merged["command"] and "--merge" in merged["command"]
+    assert (out / "full.md").read_text().count("(baseline)") == 2
 
 
 def test_param_overrides_are_typed_and_checked():
@@ -171,7 +248,7 @@ def test_benchmark_declaration_is_validated():
     ok = dict(name="x", title="t", configs=["a", "b"], baseline="a", measure=lambda c, p: {}, metrics={"m": "lower"})
     assert harness.Benchmark(**ok).plot == ["m"]
     for bad in ({"baseline": "c"}, {"metrics": {"m": "smaller"}}, {"configs": ["a", "a"]}, {"plot": "n"},
-                {"repeats": 0}, {"name": "a/b"}, {"params": {"f": object()}}):
+                {"repeats": 0}, {"name": "a/b"}, {"params": {"f": object()}}, {"quick_configs": ["c"]}):
         with pytest.raises((ValueError, TypeError)):
             harness.Benchmark(**{**ok, **bad})
 
