@@ -5,24 +5,21 @@ and prefill (M = 128, 512 rows), weights int4 in groups of 128 (asymmetric) and 
 output channel (symmetric). Each kernel is timed with `triton.testing.do_bench` (median; it
 clears L2 before every call, so the weights come from HBM as in a real decode step).
 
-Bandwidth: the device's copy bandwidth is measured with a 1 GiB `copy_` timed by CUDA events
-(bytes read + written per second). A decode kernel's achieved bandwidth is the bytes it must
-move — packed codes + scales (+ offsets) + x + y — over its time; the goal for batch-1 int4
-is ≥ 70 % of the copy bandwidth.
+Configs `<form>.m<rows>`, one fresh process each (benchmarks/harness.py), in parts by row
+count: `bf16` (x @ the dequantized bf16 weight: the baseline of its part), `int4-g128` and
+`int8` (memsave's Triton kernel), `torchao-int4-g128` (torchao's int4 weight-only linear).
+Per shape: `us_<N>x<K>` (median µs) and, for memsave's kernels, `copy_share_<N>x<K>`: the bytes
+the kernel must move (packed codes + scales (+ offsets), or the bf16 weight, + x + y) over its time, as a share of
+the device's copy bandwidth (a 1 GiB `copy_` timed by CUDA events, bytes read + written). The
+goal for batch-1 int4 is ≥ 70 % of the copy bandwidth.
 
-    python benchmarks/bench_triton_gpu.py                 # CUDA: writes docs/results/triton_gpu.md
-    python benchmarks/bench_triton_gpu.py --rows 1,8,16   # other row counts
-    python benchmarks/bench_triton_gpu.py --dry-run       # CPU, TRITON_INTERPRET=1, tiny shapes:
-                                                          # checks the script, prints the table
-
-Standalone (not on benchmarks/harness.py, whose fresh process per run and RSS metrics are for
-CPU memory): GPU timings here are per-kernel medians inside one process.
+    python benchmarks/bench_triton_gpu.py             # CUDA -> docs/results/triton_gpu.*
+    python benchmarks/bench_triton_gpu.py --quick     # CPU, TRITON_INTERPRET=1, tiny shapes: checks
+                                                      # the script (the numbers mean nothing)
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -30,30 +27,34 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "docs" / "results" / "triton_gpu.md"
-GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): attention / MLP up / MLP down
-DRY_SHAPES = ((48, 64), (40, 200))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import Benchmark, Part, main, with_sections  # noqa: E402
+
+NAME = "triton_gpu"
+TITLE = "Triton quantized linear on GPU: memsave int4/int8 vs bf16 matmul and torchao int4"
+GPU_SHAPES = "4096x4096,11008x4096,4096x11008"  # (N, K): attention / MLP up / MLP down
+DRY_SHAPES = "48x64,40x200"
+ROWS = (1, 128, 512)
 GOAL = 0.70  # int4 batch-1 bandwidth, as a fraction of copy bandwidth
 
 
 @dataclass(frozen=True)
 class Weights:
-    label: str
     bits: int
     group: int | None  # None: per output channel
     symmetric: bool
 
 
-WEIGHTS = (Weights("int4 g128 asym", 4, 128, False), Weights("int8 per-channel sym", 8, None, True))
+FORMS = {"int4-g128": Weights(4, 128, False), "int8": Weights(8, None, True)}
+CONFIGS = [f"{form}.m{m}" for m in ROWS for form in ("bf16", *FORMS, "torchao-int4-g128")]
+PARAMS = {"shapes": GPU_SHAPES, "dry": False}
+QUICK = {"shapes": DRY_SHAPES, "dry": True}
+QUICK_CONFIGS = [c for c in CONFIGS if not c.startswith("torchao") and c.endswith((".m1", ".m128"))]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1 with tiny shapes")
-    p.add_argument("--rows", default=None, help="comma-separated M values (default 1,128,512; dry run 1,20)")
-    p.add_argument("--out", type=Path, default=None, help=f"markdown output (default {DEFAULT_OUT}; dry run: none)")
-    return p.parse_args(argv)
+def _shapes(params: dict) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.split("x")) for s in params["shapes"].split(",")]
 
 
 # --------------------------------------------------------------------------- timing
@@ -133,161 +134,100 @@ def torchao_int4(w_bf16, group_size: int):
     return None, "torchao int4 failed (" + "; ".join(errors) + ")"
 
 
-# --------------------------------------------------------------------------- main
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.dry_run:
-        # Set before memsave's kernel files are imported (@triton.jit reads it then).
+def measure(config: str, params: dict) -> dict[str, float]:
+    form, rows = config.rsplit(".m", 1)
+    m, dry = int(rows), bool(params["dry"])
+    if dry:  # before memsave's kernel files are imported: @triton.jit reads it then
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print(
-            "bench_triton_gpu: no CUDA device (torch.cuda.is_available() is False). This benchmark "
-            "times GPU kernels; run it on a CUDA machine, or use --dry-run to check the script on CPU.",
-            file=sys.stderr,
-        )
-        return 2
-    import triton
-
+    if not dry and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device (torch.cuda.is_available() is False): this benchmark times GPU "
+                           "kernels; run it on a CUDA machine, or --quick to check the script on CPU")
     import memsave.ops  # noqa: F401  (memsave::linear_affine)
     from memsave.codegen.triton import launch, launcher
     from memsave.codegen.triton.spec import GEMV_MAX_ROWS, make_spec
-    from memsave.ops.affine import dequantize_affine, quantize_weight
+    from memsave.ops.affine import quantize_weight
 
-    dry = args.dry_run
     device = torch.device("cpu" if dry else "cuda")
-    rows = [int(r) for r in (args.rows or ("1,20" if dry else "1,128,512")).split(",")]
-    shapes = DRY_SHAPES if dry else GPU_SHAPES
     timer = cpu_time_ms if dry else gpu_time_ms
-    out_path = args.out if args.out is not None else (None if dry else DEFAULT_OUT)
     torch.manual_seed(0)
-
     copy_bw = copy_bandwidth(device, dry)
-    device_name = "CPU (dry run, TRITON_INTERPRET=1)" if dry else torch.cuda.get_device_name()
-    print(f"{device_name}: copy bandwidth {copy_bw / 1e9:.0f} GB/s", flush=True)
-
-    results = []
-    ao_notes = {}
-    for n, k in shapes:
+    out = {"copy_gbps": copy_bw / 1e9}
+    for n, k in _shapes(params):
+        shape = f"{n}x{k}"
         w = torch.randn(n, k, device=device) * 0.02
-        w_bf16 = w.to(torch.bfloat16)
-        ao = None
-        if not dry:
-            ao, ao_notes[(n, k)] = torchao_int4(w_bf16, 128)
-        for spec_w in WEIGHTS:
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        if form == "bf16":
+            w_bf16 = w.to(torch.bfloat16)
+            t = timer(lambda: torch.nn.functional.linear(x, w_bf16))
+            out[f"us_{shape}"] = t * 1e3
+            out[f"copy_share_{shape}"] = (w_bf16.nbytes + x.nbytes + m * n * 2) / (t * 1e-3) / copy_bw
+        elif form == "torchao-int4-g128":
+            ao, how = torchao_int4(w.to(torch.bfloat16), 128)
+            if ao is None:
+                raise RuntimeError(how)
+            with torch.no_grad():
+                out[f"us_{shape}"] = timer(lambda: ao(x)) * 1e3
+        else:
+            spec_w = FORMS[form]
             group = spec_w.group or k
             packed, scale, offset = quantize_weight(w, spec_w.bits, group, spec_w.symmetric)
-            for m in rows:
-                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
 
-                def run():
-                    return launch(x, packed, scale, offset, None, spec_w.bits, group, k)
+            def run():
+                return launch(x, packed, scale, offset, None, spec_w.bits, group, k)
 
-                y = run()  # first call: compiles and autotunes
-                ref = torch.ops.memsave.linear_affine(x, packed, scale, offset, None, spec_w.bits, group, k)
-                err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
-                t_triton = timer(run)
+            y = run()  # first call: compiles and autotunes
+            ref = torch.ops.memsave.linear_affine(x, packed, scale, offset, None, spec_w.bits, group, k)
+            out[f"err_{shape}"] = ((y.float() - ref.float()).abs().max()
+                                   / ref.float().abs().max().clamp_min(1e-12)).item()
+            t = timer(run)
+            moved = packed.nbytes + scale.nbytes + (offset.nbytes if offset is not None else 0) + x.nbytes + y.nbytes
+            out[f"us_{shape}"] = t * 1e3
+            out[f"copy_share_{shape}"] = moved / (t * 1e-3) / copy_bw
+            out[f"tflops_{shape}"] = 2 * m * n * k / (t * 1e-3) / 1e12
+            if not dry:
                 variant = "gemv" if m <= GEMV_MAX_ROWS else "gemm"
-                chosen = ""
-                if not dry:
-                    spec = make_spec(variant, spec_w.bits, group, k, spec_w.symmetric, False, x.dtype, False)
-                    tuner = launcher._autotuned.get(spec)
-                    chosen = str(getattr(tuner, "best_config", "") or "")
-                w_deq = dequantize_affine(packed, scale, offset, spec_w.bits, group, k, torch.bfloat16)
-                t_bf16 = timer(lambda: torch.nn.functional.linear(x, w_deq))
-                t_ao = None
-                if ao is not None and spec_w.bits == 4:
-                    with torch.no_grad():
-                        t_ao = timer(lambda: ao(x))
-                moved = packed.nbytes + scale.nbytes + (offset.nbytes if offset is not None else 0)
-                moved += x.nbytes + y.nbytes
-                results.append(
-                    dict(
-                        weights=spec_w.label, m=m, n=n, k=k, variant=variant, triton_ms=t_triton, bf16_ms=t_bf16,
-                        torchao_ms=t_ao, bandwidth=moved / (t_triton * 1e-3), error=err, config=chosen,
-                        tflops=2 * m * n * k / (t_triton * 1e-3) / 1e12,
-                    )
-                )
-                r = results[-1]
-                print(
-                    f"{spec_w.label:>22} M={m:<4} {n}x{k}: triton {t_triton * 1e3:8.1f} us  bf16 {t_bf16 * 1e3:8.1f} us"
-                    + (f"  torchao {t_ao * 1e3:8.1f} us" if t_ao is not None else "")
-                    + f"  {r['bandwidth'] / 1e9:7.0f} GB/s ({r['bandwidth'] / copy_bw:.0%} of copy)  err {err:.1e}",
-                    flush=True,
-                )
-            del packed, scale, offset
-        del w, w_bf16, ao
+                spec = make_spec(variant, spec_w.bits, group, k, spec_w.symmetric, False, x.dtype, False)
+                tuner = launcher._autotuned.get(spec)
+                print(f"{config} {shape}: autotuned {getattr(tuner, 'best_config', '')}", file=sys.stderr)
+        del w, x
         if not dry:
             torch.cuda.empty_cache()
-
-    text = report(results, copy_bw, device_name, ao_notes, dry, torch.__version__, triton.__version__)
-    if out_path is None:
-        print(text)
-    else:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(text)
-        print(f"wrote {out_path}")
-    return 0
+    return out
 
 
-def _us(ms):
-    return "–" if ms is None else f"{ms * 1e3:.1f}"
+def _parts(params: dict) -> dict[str, Part]:
+    """Per row count: every form against the bf16 matmul of the same rows."""
+    shapes = [f"{n}x{k}" for n, k in _shapes(params)]
+    metrics = {f"us_{s}": "lower" for s in shapes} | {f"copy_share_{s}": "higher" for s in shapes}
+    return {f"m{m}": Part([c for c in CONFIGS if c.endswith(f".m{m}")], f"bf16.m{m}", metrics=metrics) for m in ROWS}
 
 
-def report(results, copy_bw, device_name, ao_notes, dry, torch_version, triton_version) -> str:
-    try:
-        import importlib.metadata
-
-        ao_version = importlib.metadata.version("torchao")
-    except Exception:
-        ao_version = "not installed"
-    lines = [
-        "# Triton quantized linear on GPU",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- device: {device_name}",
-        f"- torch {torch_version}, triton {triton_version}, torchao {ao_version}",
-        f"- copy bandwidth (1 GiB `copy_`, read + written): {copy_bw / 1e9:.0f} GB/s",
-        "- times: `triton.testing.do_bench` medians (L2 cleared before each call); x in bf16",
-        "- bandwidth: (packed codes + scales + offsets + x + y) bytes / Triton time",
-        "",
-    ]
-    if dry:
-        lines += ["**Dry run** (CPU, interpreter, tiny shapes): the numbers mean nothing.", ""]
-    lines += [
-        "| weights | M | N×K | kernel | Triton µs | bf16 µs | torchao int4 µs | vs bf16 | GB/s | of copy | TFLOP/s "
-        "| rel. error | config |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['weights']} | {r['m']} | {r['n']}×{r['k']} | {r['variant']} | {_us(r['triton_ms'])} | "
-            f"{_us(r['bf16_ms'])} | {_us(r['torchao_ms'])} | {r['bf16_ms'] / r['triton_ms']:.2f}× | "
-            f"{r['bandwidth'] / 1e9:.0f} | {r['bandwidth'] / copy_bw:.0%} | {r['tflops']:.1f} | {r['error']:.1e} | "
-            f"{r['config'].replace('|', '/')} |"
-        )
-    decode = [r for r in results if r["weights"].startswith("int4") and r["m"] == 1]
-    if decode:
-        fractions = [r["bandwidth"] / copy_bw for r in decode]
-        verdict = "met" if min(fractions) >= GOAL else "not met"
-        lines += [
-            "",
-            f"**Goal: int4 batch-1 bandwidth ≥ {GOAL:.0%} of copy bandwidth — {verdict}** "
-            f"(per shape: {', '.join(f'{f:.0%}' for f in fractions)}).",
-        ]
-    if ao_notes:
-        lines += ["", "torchao int4 (group 128): " + "; ".join(f"{n}×{k}: {v}" for (n, k), v in ao_notes.items())]
-    lines += [
-        "",
-        "vs bf16 = bf16 time / Triton time (above 1: Triton faster). Relative error: max |Triton − "
-        "memsave reference| / max |reference|. Config: the block sizes autotuning picked.",
-        "",
-    ]
+def goal_section(results: dict) -> str:
+    lines = ["", "## Goal", ""]
+    if results["params"].get("dry"):
+        lines += ["**Dry run** (CPU, TRITON_INTERPRET=1, tiny shapes): the numbers mean nothing.", ""]
+    fractions = {m.removeprefix("copy_share_"): s["median"] for m, s in
+                 results["summary"].get("int4-g128.m1", {}).get("metrics", {}).items() if m.startswith("copy_share_")}
+    if fractions:
+        verdict = "met" if min(fractions.values()) >= GOAL else "NOT met"
+        lines.append(f"int4 batch-1 bandwidth ≥ {GOAL:.0%} of copy bandwidth: **{verdict}** (per shape: "
+                     + ", ".join(f"{s} {f:.0%}" for s, f in fractions.items()) + ").")
+    copy = [r["metrics"]["copy_gbps"] for r in results["runs"] if r["ok"]]
+    if copy:
+        lines.append(f"Copy bandwidth over the runs: median {statistics.median(copy):.0f} GB/s.")
+    lines += ["", "us: `triton.testing.do_bench` median µs (L2 cleared before each call), x in bf16. "
+              "Ratios: time / the bf16 matmul's at the same rows (below 1: faster). copy_share: bytes the kernel must "
+              "move / its time / copy bandwidth. The JSON has each kernel's relative error vs memsave's reference "
+              "(err_*), its TFLOP/s, and the stderr of each run names the block sizes autotuning picked.", ""]
     return "\n".join(lines)
 
 
+BENCH = Benchmark(name=NAME, title=TITLE, configs=CONFIGS, baseline="bf16.m1", measure=measure,
+                  metrics={"copy_gbps": "higher"}, params=PARAMS, quick=QUICK, quick_configs=QUICK_CONFIGS,
+                  repeats=3, timeout_s=900.0, parts=_parts, report=with_sections(goal_section))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main(BENCH)

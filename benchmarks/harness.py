@@ -780,6 +780,7 @@ def run_parts(bench: Benchmark, parts: Mapping[str, Part], *, repeats: int | Non
         merged["repeats"] = max(merged["repeats"], r["repeats"])
         merged["parts"][name] = {"baseline": part.baseline, "configs": r["configs"], "repeats": r["repeats"],
                                  "params": dict(part.params), "metrics": list(r["metrics"])}
+    merged["plot"] = [m for m in bench.plot if m in merged["metrics"]] or list(merged["metrics"])
     return merged
 
 

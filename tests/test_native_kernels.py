@@ -89,6 +89,23 @@ def test_narrowed_variants_round_only_prefill_products_to_bf16():
         assert 0 < relative < 1e-2, (name, relative)  # bf16 rounding of weights, activations, sums
 
 
+@pytest.mark.skipif(build.library() is None or native._lib().ms_isa() < 3, reason="needs avx512_bf16")
+@pytest.mark.parametrize("k, group, symmetric", [(256, 64, False), (256, 32, True), (384, 128, False), (256, 256, True)])
+def test_int4_decode_rounds_only_the_activations_to_bf16(k, group, symmetric):
+    """The int4 narrowed decode (scale after the sums, codes as exact bf16 integers) is the
+    reference on bf16-rounded activations up to fp32 summation order: weights are not rounded."""
+    n = 70
+    packed, scale, offset = quantize_weight(_weight(n, k, k + group), 4, group, symmetric)
+    args = (packed, scale, offset, torch.randn(n), 4, group, k)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3 + 1  # a mean: offsets matter
+        expected = memsave_ops.linear_affine(x.bfloat16().float(), *args)
+        got = native.linear_affine_native_bf16(x, *args)
+        relative = ((got - expected).norm() / expected.norm()).item()
+        assert relative < 2e-5, (rows, relative)
+        assert not torch.equal(got, native.linear_affine_native(x, *args))  # the narrowed path ran
+
+
 def test_bitmask_matches_its_reference_with_any_pattern():
     for n, k, density in [(64, 256, 0.5), (70, 201, 0.1), (33, 48, 0.95)]:
         w = _weight(n, k, k)

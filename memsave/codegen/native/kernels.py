@@ -371,12 +371,16 @@ def _many_rows(node: fx.Node) -> bool:
 
 
 def _bf16_decode(node: fx.Node) -> bool:
-    """Whether linear.c has a narrowed decode path for this node (bf16_path there): 2- and 4-bit
-    affine or log codes in groups of whole 32-byte blocks, on a CPU with avx512_bf16."""
+    """Whether linear.c has a narrowed decode path for this node (bf16_path there), on a CPU with
+    avx512_bf16: 2- and 4-bit affine or log codes in groups of whole 32-byte blocks, or 4-bit
+    affine codes in blocks of 128 that groups of 32, 64 or a multiple of 128 tile."""
     if node.target not in (memsave_ops.linear_affine.default, memsave_ops.linear_log.default):
         return False
     bits, group, k = node.args[5], node.args[6], node.args[7]
-    return bits in (2, 4) and (group % (32 * 8 // bits) == 0 or group >= k) and _lib().ms_isa() >= 3
+    int4_blocks = (node.target == memsave_ops.linear_affine.default and bits == 4 and k % 128 == 0
+                   and (group in (32, 64) or group % 128 == 0))
+    whole_blocks = bits in (2, 4) and (group % (32 * 8 // bits) == 0 or group >= k)
+    return (int4_blocks or whole_blocks) and _lib().ms_isa() >= 3
 
 
 def _narrowed(applies, *, int8_stays_exact: bool = False):

@@ -349,7 +349,8 @@ static inline __mmask16 first(int64_t count) {
 }
 
 /* Which fused path a weight takes; 0: decode the row into a buffer and dot it. */
-enum { F_DECODE = 0, F_AFFINE8, F_AFFINE_SPREAD, F_AFFINE, F_LOG_SPREAD, F_LOG, F_VQ, F_NM, F_BITMASK, F_AFFINE_BF16, F_LOG_BF16 };
+enum { F_DECODE = 0, F_AFFINE8, F_AFFINE_SPREAD, F_AFFINE, F_LOG_SPREAD, F_LOG, F_VQ, F_NM, F_BITMASK, F_AFFINE_BF16, F_LOG_BF16,
+       F_AFFINE4_BF16 };
 
 /* Codes of 2 or 4 bits come 8/bits to a byte; 16 bytes widened to 16 int32 lanes hold
  * 16*(8/bits) codes, plane p (the bits p*bits..) being codes p, p + 8/bits, ... of the block.
@@ -365,6 +366,9 @@ static inline int64_t spread_of(int64_t bits) { return bits == 2 || bits == 4 ? 
 static int bf16_path(const ms_weight *d) {
 #ifdef MS_BF16
   const int64_t G = groups_of(d), gs = d->group_size;
+  /* int4 affine in whole blocks of 128 codes whose groups tile them: scale after the sums */
+  if (d->format == MS_AFFINE && d->bits == 4 && d->in_features % 128 == 0 && (gs == 32 || gs == 64 || gs % 128 == 0))
+    return F_AFFINE4_BF16;
   if ((d->format == MS_AFFINE || d->format == MS_LOG) && (d->bits == 2 || d->bits == 4) &&
       (gs % (32 * spread_of(d->bits)) == 0 || G == 1))
     return d->format == MS_AFFINE ? F_AFFINE_BF16 : F_LOG_BF16;
@@ -762,6 +766,56 @@ static inline __attribute__((always_inline)) void bf16_row(const ms_weight *d, c
   }
   for (int i = 0; i < MB; i++) acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(t0[i], t1[i]));
 }
+
+/* int4 affine, narrowed, with the scale applied after the sums instead of a bf16 table per group:
+ *   sum_k x_k (s c_k + m) = s sum_k x_k (128 + c_k) + (m - 128 s) sum_k x_k
+ * 64 bytes of codes are 32 16-bit lanes of 4 codes each; plane q = (lane >> 4q) & 15, OR'd with
+ * 0x4300 in one vpternlogd, is the bf16 number 128 + c exactly, so no table is built and no code
+ * is converted. vdpbf16ps adds pairs of lanes, so fp32 lane i holds codes 8i..8i+7 of the block:
+ * one group's (g >= 128), or lanes i / (gs / 8) of 128 / gs groups: their scales, widened to those
+ * lanes, multiply the block's sums. The group sums of x (of its bf16 values, which the products
+ * used) take the offsets. x is deinterleaved by 4 in blocks of 128 (deinterleave_lanes). Compared
+ * with bf16_row: no table per group, and one load and no widening per 128 codes. */
+static inline __attribute__((always_inline)) void affine4_bf16_row(const ms_weight *d, const ms_prep *p, int64_t r,
+                                                                   int64_t i0, const int MB, float *acc) {
+  const int64_t K = d->in_features, gs = d->group_size, G = groups_of(d), Kp = p->Kp;
+  const uint8_t *row = d->codes + r * d->row_bytes;
+  const uint16_t *scale = d->param0 + r * G, *offset = d->param1 ? d->param1 + r * G : NULL;
+  const int64_t per_block = gs < 128 ? 128 / gs : 1; /* groups in a block of 128 codes */
+  const int64_t lanes_per_group = gs < 128 ? gs / 8 : 16;
+  int32_t lane_group[16];
+  for (int i = 0; i < 16; i++) lane_group[i] = (int32_t)(i / lanes_per_group);
+  const __m512i which = _mm512_loadu_si512(lane_group), low = _mm512_set1_epi16(15);
+  const __m512i bf16_128 = _mm512_set1_epi16(0x4300);
+  const __mmask8 scales_in_block = (__mmask8)((1u << per_block) - 1);
+  __m512 a[MB_MAX];
+  for (int i = 0; i < MB; i++) a[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 128) {
+    const __m512i raw = _mm512_loadu_si512(row + k / 2);
+    __m512 t[MB_MAX];
+    for (int q = 0; q < 4; q++) {
+      /* (raw >> 4q) & 15 | 0x4300: ternary-logic table 0xEA = (A & B) | C */
+      const __m512i w = _mm512_ternarylogic_epi32(q ? _mm512_srli_epi16(raw, (unsigned)(4 * q)) : raw, low, bf16_128, 0xEA);
+      for (int i = 0; i < MB; i++) {
+        const __m512bh xq = (__m512bh)_mm512_loadu_si512(p->xb + (i0 + i) * Kp + k + 32 * q);
+        t[i] = _mm512_dpbf16_ps(q ? t[i] : _mm512_setzero_ps(), (__m512bh)w, xq);
+      }
+    }
+    const __m512 s4 = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(scales_in_block, scale + k / gs)));
+    const __m512 sv = _mm512_permutexvar_ps(which, s4);
+    for (int i = 0; i < MB; i++) a[i] = _mm512_fmadd_ps(t[i], sv, a[i]);
+  }
+  /* + sum_g (m_g - 128 s_g) xsum_g, 16 groups at a time; m_g = -8 s_g without offsets */
+  const __m512 c128 = _mm512_set1_ps(128.0f), minus136 = _mm512_set1_ps(-136.0f);
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 in = first(G - g);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, scale + g));
+    const __m512 m = offset ? _mm512_fnmadd_ps(c128, s, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, offset + g)))
+                            : _mm512_mul_ps(minus136, s);
+    for (int i = 0; i < MB; i++) a[i] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(in, p->xsum + (i0 + i) * G + g), a[i]);
+  }
+  for (int i = 0; i < MB; i++) acc[i] = _mm512_reduce_add_ps(a[i]);
+}
 #endif
 
 static inline __attribute__((always_inline)) void fused_rows(const ms_weight *d, const ms_prep *p, int path,
@@ -785,6 +839,7 @@ static inline __attribute__((always_inline)) void fused_rows(const ms_weight *d,
       if (d->bits == 4) bf16_row(d, p, r, i0, MB, acc, 4, 1);
       else bf16_row(d, p, r, i0, MB, acc, 2, 1);
       break;
+    case F_AFFINE4_BF16: affine4_bf16_row(d, p, r, i0, MB, acc); break;
 #endif
     default: bitmask_row(d, p, r, i0, MB, acc); break;
   }
@@ -846,6 +901,22 @@ int ms_linear(const ms_weight *d, const float *x, int64_t M, const float *bias, 
   p.u = make_unpacker(d->bits);
   if (path == F_AFFINE_SPREAD || path == F_LOG_SPREAD) p.xd = deinterleave(x, M, K, spread_of(d->bits), &p.Kp);
   if (path == F_AFFINE_BF16 || path == F_LOG_BF16) p.xb = deinterleave_bf16(x, M, K, spread_of(d->bits), &p.Kp);
+  if (path == F_AFFINE4_BF16) { /* 4 codes per 16-bit lane; group sums of the bf16 values the products see */
+    const int64_t G = groups_of(d), gs = d->group_size;
+    p.xb = deinterleave_lanes(x, M, K, 4, 32, 1, &p.Kp);
+    p.xsum = malloc((size_t)(M * G) * sizeof(float));
+    for (int64_t i = 0; i < M; i++)
+      for (int64_t g = 0; g < G; g++) {
+        float s = 0.0f;
+        for (int64_t k = g * gs; k < (g + 1) * gs && k < K; k++) {
+          const uint32_t bits = (uint32_t)float_to_bf16(x[i * K + k]) << 16;
+          float v;
+          memcpy(&v, &bits, 4);
+          s += v;
+        }
+        p.xsum[i * G + g] = s;
+      }
+  }
   if (path == F_AFFINE8 || path == F_AFFINE) {
     const int64_t G = groups_of(d), gs = d->group_size;
     p.xsum = malloc((size_t)(M * G) * sizeof(float));
