@@ -6,6 +6,7 @@
     memsave explain path/to/model.py:factory  ... or for your own model
     memsave explain hf-gpt2-tiny -o recompute=none -o codegen=fx
     memsave models                            list the built-in models
+    memsave lm [--rebuild]                    the small causal LM trained on Python's docstrings
 
 A factory is a function with no arguments returning either `(model, example_inputs)` or a
 model with an `example_inputs()` method.
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("models", help="list the built-in models")
 
+    lm = sub.add_parser("lm", help="train (once, cached) the small causal LM of Python's docstrings; print its perplexity")
+    lm.add_argument("--rebuild", action="store_true", help="train again even if cached")
+
     args = parser.parse_args(argv)
+    if args.command == "lm":
+        return _lm(args.rebuild)
     if args.command == "models":
         from memsave.models import MODELS
 
@@ -74,6 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(compiled and measured in {time.perf_counter() - start:.1f} s)")
     if args.command == "demo" and not options:
         print("try a lossy recipe: memsave demo -o quantize=int8   (or int4, int4-g128-asym, ...; -o prune=2:4, -o factorize=svd-20)")
+    return 0
+
+
+def _lm(rebuild: bool) -> int:
+    import logging
+
+    from memsave.models import docs_lm
+
+    # transformers imports torchao where installed, whose enum registration makes torch log a
+    # deprecation warning per enum: noise about neither this command nor the user's code.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+    folder = docs_lm.path_for()
+    if rebuild or not (folder / "model.safetensors").exists():
+        print(f"training the docs LM ({docs_lm.DEFAULT_RECIPE.steps} steps, a few minutes on 2 cores) ...", flush=True)
+    _, meta = docs_lm.load(rebuild=rebuild, log=lambda line: print("  " + line, flush=True))
+    print(f"docs LM: {meta['parameters'] / 1e6:.1f}M parameters, trained {meta['recipe']['steps']} steps on "
+          f"{meta['train_bytes'] / 1e6:.1f} MB of Python {meta['python']} docstrings in {meta['train_seconds']:.0f} s")
+    print(f"held-out perplexity {meta['held_out_perplexity']:.3f} per byte "
+          f"({meta['held_out_bits_per_byte']:.3f} bits per byte) on modules it never saw")
+    print(f"cached in {folder}")
     return 0
 
 
