@@ -3,9 +3,11 @@
     compiled = torch.compile(model, backend="memsave")                 # default recipe
     compiled = torch.compile(model, backend="memsave", options={...})  # see README's table
     report = memsave.explain(model, *example_inputs)                   # what each pass did
+    plan = memsave.plan(model, *example_inputs, budget="24MiB")        # fit a byte budget
 """
 
 import memsave.backend  # noqa: F401  (registers memsave's ops and kernels; Config's compile function)
+from memsave.budget import BudgetError, Plan, plan
 from memsave.calibrate import calibrate
 from memsave.config import Config, DEFAULT_RECIPE, PASS_FAMILIES
 from memsave.explain import Explanation, explain
@@ -23,6 +25,9 @@ from memsave.passes.dynamo.shard_tensor import (
 from memsave.version import __version__  # noqa: E402
 
 __all__ = [
+    "BudgetError",
+    "Plan",
+    "plan",
     "Config",
     "calibrate",
     "DEFAULT_RECIPE",

@@ -75,38 +75,32 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
         group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
         # AWQ and GPTQ need calibration statistics, unless their result is cached already (a
         # recompile, or a model loaded with memsave.load).
-        if scheme.method in ("awq", "gptq") and not _calibrated(weight, scheme, group):
+        resolved = resolve_method(weight, scheme, group)
+        if resolved is not scheme:
             skipped_awq.append(f"{name} ({scheme.method})")
-            scheme = dataclasses.replace(scheme, method="mse")
-        spec = QuantSpec(scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
-        rules, key = SCHEMES[spec.scheme], _params_key(scheme, group)
+            scheme = resolved
+        # The codes now rather than in fold_weights (which finds them cached), so the original
+        # can be freed before the next weight is touched (release_streamed).
+        codes = weight_codes(weight, scheme, group)
+        spec, rules, params, column_scale = codes.spec, codes.rules, codes.params, codes.column_scale
         first_use = min(uses, key=position.__getitem__)
-        quantized_input, column_scale = node, None
+        quantized_input = node
         if spec.method == "awq":
-            params, column_scale, alpha = _awq(weight, spec, key)
             quantized_input = _apply_awq(builder, node, uses, column_scale, val.dtype, first_use)
-            alphas[name] = alpha
-        else:
-            params = WEIGHTS.get_or_build(weight, key, lambda: _choose_in_blocks(weight, rules, dataclasses.replace(spec, method="mse" if spec.method == "gptq" else spec.method)))
+            alphas[name] = codes.alpha
         param_nodes = [
             builder.constant(f"memsave_{spec.scheme}_param", p, before=first_use) if p is not None else None
             for p in params
         ]
-        quantize_op, extra_nodes, packed = rules.quantize, [], None
+        quantize_op, extra_nodes = rules.quantize, []
         if spec.method == "gptq":
-            # GPTQ picks the codes with the inputs' Hessian (a compile-time constant that
-            # fold_weights drops); computed here once so the per-layer error below is GPTQ's.
-            hessian = _hessian(weight)
-            packed = WEIGHTS.get_or_build(
-                weight, weight_keys.packed(key),
-                lambda: memsave_ops.quantize_affine_gptq(weight, *params, hessian, *rules.quantize_extra(spec)),
-            )
+            # The Hessian is a compile-time constant that fold_weights drops.
             quantize_op = memsave_ops.quantize_affine_gptq.default
-            extra_nodes = [builder.constant("memsave_gptq_hessian", hessian, before=first_use)]
+            extra_nodes = [builder.constant("memsave_gptq_hessian", _hessian(weight), before=first_use)]
         q = builder.call(
             quantize_op, (quantized_input, *param_nodes, *extra_nodes, *rules.quantize_extra(spec)), before=first_use
         )
-        q.meta[QPARAMS_KEY] = key  # fold_weights caches the packed codes under it
+        q.meta[QPARAMS_KEY] = codes.key  # fold_weights caches the packed codes under it
         # None (codegen picks the kernel) and "float32" (exact) leave the graph's dtypes alone.
         compute = getattr(torch, scheme.compute_dtype) if scheme.compute_dtype in ("bfloat16", "float16") else val.dtype
         dequantized: dict[torch.dtype, fx.Node] = {}
@@ -126,16 +120,10 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
                 _compute_in(builder, use, node, dequantize(compute), compute)
             else:
                 use.replace_input_with(node, dequantize(val.dtype))
-        if packed is None and not WEIGHTS.has(weight, weight_keys.packed(key)):
-            # The codes now rather than in fold_weights (which finds them cached), so the
-            # original can be freed before the next weight is touched (release_streamed).
-            packed = WEIGHTS.get_or_build(
-                weight, weight_keys.packed(key), lambda: _quantize_in_blocks(weight, rules, spec, params, column_scale)
-            )
         errors[name] = WEIGHTS.get_or_build(
-            weight, weight_keys.sqnr(key), lambda: _weight_sqnr(weight, rules, spec, params, column_scale, packed)
+            weight, weight_keys.sqnr(codes.key),
+            lambda: _weight_sqnr(weight, rules, spec, params, column_scale, codes.packed),
         )
-        packed = None
         if all(user is q or user is quantized_input for user in node.users):
             release_streamed(weight, name, ctx)  # only the quantize node reads it, and its codes are cached
         quantized.append(f"{name}: {scheme.describe()}" + (f" (group {group})" if group != scheme.group_size and scheme.group_size else ""))
@@ -153,6 +141,59 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
     )
     details = {"quantized": quantized, "skipped": skipped, "sqnr_db": errors, "awq_alpha": alphas}
     return PassResult(bool(quantized), notes, details)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightCodes:
+    """What insert_qdq stores for one weight: the side parameters, the packed codes, AWQ's
+    column scale (and exponent) where the method is AWQ."""
+
+    spec: QuantSpec
+    rules: object
+    key: tuple
+    params: tuple
+    packed: torch.Tensor
+    column_scale: torch.Tensor | None = None
+    alpha: float | None = None
+
+    def dequantized(self, in_features: int) -> torch.Tensor:
+        """ŵ in fp32: what the model computes with (AWQ's column scale undone)."""
+        s = self.spec
+        w_hat = self.rules.dequantize(self.packed, *self.params, *self.rules.dequantize_extra(s), in_features, torch.float32)
+        return w_hat if self.column_scale is None else w_hat / self.column_scale
+
+
+def resolve_method(weight: torch.Tensor, scheme: QuantizeConfig, group: int) -> QuantizeConfig:
+    """`scheme`, with AWQ or GPTQ replaced by "mse" where neither calibration statistics nor a
+    cached result exist for `weight` (the pass reports which)."""
+    if scheme.method in ("awq", "gptq") and not _calibrated(weight, scheme, group):
+        return dataclasses.replace(scheme, method="mse")
+    return scheme
+
+
+def weight_codes(weight: torch.Tensor, scheme: QuantizeConfig, group: int, cached=None) -> WeightCodes:
+    """The codes insert_qdq stores for `weight` under `scheme` (method already resolved, see
+    resolve_method) with groups of `group`. `cached(key, build)` keeps each result (default: the
+    weight cache, which the pass, fold_weights and memsave.save share); the planner passes one
+    that keeps nothing, to score candidate forms without holding their codes."""
+    if cached is None:
+        def cached(key, build):
+            return WEIGHTS.get_or_build(weight, key, build)
+    spec = QuantSpec(scheme.scheme, scheme.bits, group, scheme.symmetric, scheme.method)
+    rules, key = SCHEMES[spec.scheme], _params_key(scheme, group)
+    column_scale = alpha = None
+    if spec.method == "awq":
+        params, column_scale, alpha = _awq(weight, spec, key, cached)
+    else:
+        # GPTQ starts from the MSE grid and then picks each code with the inputs' Hessian.
+        choose = dataclasses.replace(spec, method="mse" if spec.method == "gptq" else spec.method)
+        params = cached(key, lambda: _choose_in_blocks(weight, rules, choose))
+    if spec.method == "gptq":
+        packed = cached(weight_keys.packed(key), lambda: memsave_ops.quantize_affine_gptq(
+            weight, *params, _hessian(weight), *rules.quantize_extra(spec)))
+    else:
+        packed = cached(weight_keys.packed(key), lambda: _quantize_in_blocks(weight, rules, spec, params, column_scale))
+    return WeightCodes(spec, rules, key, tuple(params), packed, column_scale, alpha)
 
 
 def _params_key(scheme: QuantizeConfig, group: int) -> tuple:
@@ -177,8 +218,8 @@ def _hessian(weight: torch.Tensor) -> torch.Tensor:
     return torch.empty(0)
 
 
-def _awq(weight: torch.Tensor, spec: QuantSpec, key: tuple):
-    """AWQ's channel scales and the affine parameters of W·s, once per weight (cached)."""
+def _awq(weight: torch.Tensor, spec: QuantSpec, key: tuple, cached):
+    """AWQ's channel scales and the affine parameters of W·s, once per weight (`cached`)."""
     found: list = []
 
     def search():
@@ -186,8 +227,8 @@ def _awq(weight: torch.Tensor, spec: QuantSpec, key: tuple):
         found.extend(choose_awq(weight, stats.mean_abs, stats.sample, spec.bits, spec.group, spec.symmetric))
         return found[0], found[3]
 
-    column_scale, alpha = WEIGHTS.get_or_build(weight, weight_keys.awq(key), search)
-    params = WEIGHTS.get_or_build(weight, key, lambda: (found[1], found[2]))
+    column_scale, alpha = cached(weight_keys.awq(key), search)
+    params = cached(key, lambda: (found[1], found[2]))
     return params, column_scale, alpha
 
 

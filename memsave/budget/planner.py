@@ -1,0 +1,171 @@
+"""memsave.plan: fit a model's weights (and one call's working memory) in a byte budget, with
+each linear layer in the form that costs the least predicted error for the bytes it saves.
+
+    plan = memsave.plan(model, *example_inputs, budget="24MiB", calibration=batches)
+    print(plan)                                   # per layer: form, bytes, predicted error
+    compiled = torch.compile(model, backend="memsave", options=plan.options)
+    json.dump(plan.options, f)                    # the same plan again, without searching
+
+Budget (inference): the stored weights + the peak of live tensors during one call at the
+example inputs' shape. The weights that are not planned (embeddings, norms, biases, a linear
+weight tied to an embedding) count at their size; the call's working memory is measured on one
+eager call (memsave.MemoryTracker), which memsave's kernels do not exceed (they never
+materialize a dense weight). What is left is divided among the linear weights by a multiple-
+choice knapsack (knapsack.py) over the forms in candidates.py, each scored by the output noise
+it adds on the layer's calibration inputs (sensitivity.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from memsave.budget.units import format_bytes, parse_bytes
+from memsave.budget.candidates import FORMS, FORMS_BY_NAME, Form, reconstructed
+from memsave.budget.knapsack import BudgetError, choose
+from memsave.budget.sensitivity import input_moment, relative_output_noise
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str  # the weight's name (what options' include/overrides patterns match)
+    shape: tuple[int, int]
+    form: str
+    bytes: int
+    error: float  # predicted: relative output noise on the calibration inputs
+    candidates: dict[str, tuple[int, float]] = field(default_factory=dict)  # form -> (bytes, error)
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    layers: tuple[LayerPlan, ...]
+    fixed_bytes: int  # weights the plan does not choose for (embeddings, norms, biases, ...)
+    working_bytes: int  # measured peak of live tensors of one call, beyond the weights
+    solver: str
+    calibrated: bool
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.fixed_bytes + sum(layer.bytes for layer in self.layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.working_bytes
+
+    @property
+    def predicted_error(self) -> float:
+        return sum(layer.error for layer in self.layers)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The plan as torch.compile(..., backend="memsave", options=...) takes it: a plain dict."""
+        quantized = [layer for layer in self.layers if FORMS_BY_NAME[layer.form].bits is not None]
+        if not quantized:
+            return {}
+        return {"quantize": {
+            "include": [layer.name for layer in quantized],
+            "overrides": {layer.name: FORMS_BY_NAME[layer.form].override() for layer in quantized},
+        }}
+
+    def to_json(self) -> str:
+        return json.dumps({"budget": self.budget, "total_bytes": self.total_bytes, "solver": self.solver,
+                           "fixed_bytes": self.fixed_bytes, "working_bytes": self.working_bytes,
+                           "calibrated": self.calibrated, "predicted_error": self.predicted_error,
+                           "layers": [asdict(layer) for layer in self.layers], "options": self.options}, indent=1)
+
+    def __str__(self) -> str:
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"memsave plan: {format_bytes(self.total_bytes)} of a {format_bytes(self.budget)} budget "
+                 f"({self.solver}; errors {'on calibration inputs' if self.calibrated else 'of the weights (no calibration)'})",
+                 f"  {'layer':<{width}}  {'shape':>12}  {'form':<10} {'MiB':>8}  predicted error"]
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.shape))
+            lines.append(f"  {layer.name:<{width}}  {shape:>12}  {layer.form:<10} {layer.bytes / 2**20:8.3f}  {layer.error:.3e}")
+        lines += [f"  planned weights {format_bytes(sum(layer.bytes for layer in self.layers))} + other weights "
+                  f"{format_bytes(self.fixed_bytes)} + one call's working memory {format_bytes(self.working_bytes)} "
+                  f"= {format_bytes(self.total_bytes)}; predicted error (sum) {self.predicted_error:.3e}"]
+        return "\n".join(lines)
+
+
+def plannable_linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> weight of every linear whose weight the plan may change: 2-D float, used by this
+    linear only (a weight tied to an embedding or shared by two linears stays as it is)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    found = {}
+    for module_name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype.is_floating_point:
+            if uses.get(id(w), 0) == 1:
+                found[f"{module_name}.weight" if module_name else "weight"] = w
+    return found
+
+
+def _tensor_bytes(model: nn.Module, skip: set[int]) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if id(t) in skip or ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def working_bytes(model: nn.Module, inputs: Sequence) -> int:
+    """Peak live bytes of one eager call above what existed before it (weights excluded)."""
+    from memsave.memory.track import MemoryTracker
+
+    with torch.no_grad(), MemoryTracker("cpu") as tracker:
+        model(*inputs)
+    return tracker.stats.peak_bytes
+
+
+def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Form] = FORMS) -> Plan:
+    """The plan for `model` called on `inputs` within `budget` (bytes, or "24MiB", "1.5GB").
+    calibration: batches for memsave.calibrate (run here, with Gram matrices); without them,
+    any statistics an earlier memsave.calibrate left are used, else the weights' own error."""
+    limit = parse_bytes(budget)
+    if calibration is not None:
+        from memsave.calibrate import calibrate
+
+        calibrate(model, calibration, progress=False, hessian=True)
+    layers = plannable_linears(model)
+    fixed = _tensor_bytes(model, {id(w) for w in layers.values()})
+    working = working_bytes(model, inputs)
+    names, options, costs, sizes = [], [], [], []
+    calibrated = bool(layers) and all(input_moment(w) is not None for w in layers.values())
+    for name, w in layers.items():
+        n, k = w.shape
+        moment = input_moment(w)
+        usable = [f for f in forms if f.fits(k)]
+        scored = []
+        for form in usable:
+            size = form.bytes(n, k, w.element_size())
+            error = 0.0 if form.bits is None else relative_output_noise(w, reconstructed(w, form), moment)
+            scored.append((form, size, error))
+        names.append(name)
+        options.append(scored)
+        costs.append([e for _, _, e in scored])
+        sizes.append([s for _, s, _ in scored])
+    capacity = limit - fixed - working
+    try:
+        picked, solver = choose(costs, sizes, capacity)
+    except BudgetError as e:
+        smallest = fixed + working + e.smallest_bytes
+        raise BudgetError(
+            f"budget {format_bytes(limit)} cannot be met: the smallest plan memsave found needs {format_bytes(smallest)} "
+            f"(other weights {format_bytes(fixed)} + one call's working memory {format_bytes(working)} + every "
+            f"linear at its smallest form {format_bytes(e.smallest_bytes)})", smallest) from None
+    planned = []
+    for name, w, scored, o in zip(names, layers.values(), options, picked):
+        form, size, error = scored[o]
+        planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error,
+                                 {f.name: (s, e) for f, s, e in scored}))
+    return Plan(limit, tuple(planned), fixed, working, solver, calibrated)
