@@ -112,6 +112,7 @@ class GraphCompilation:
             keep_inference_input_mutations=True,
         )
         self._dynamo_steps = run_dynamo_steps(self.gm, self._real, self.inputs, self.config)
+        self.config = self._dynamo_steps.config  # a budget's plan chose the forms
         try:
             return self._dynamo_steps.wrap(aot(self.gm, self._real))
         finally:

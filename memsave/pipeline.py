@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes
+from memsave.config import OptionError
 from memsave.debug import DebugDump
 from memsave.graph.inputs import InputInfo
 from memsave.graph.invariants import GraphInvariantError, check_invariants, graph_signature
@@ -61,6 +62,9 @@ class DynamoSteps:
 
     capture: PassResult | None = None  # chunk capture
     split: Any = None  # passes.dynamo.shard_tensor.TensorParallelSplit
+    plan: Any = None  # budget.planner.Plan, when options['budget'] chose the forms
+    config: Any = None  # the config the rest of the compile uses (the plan's quantize merged in)
+    plan_seconds: float = 0.0
 
     def wrap(self, compiled: Callable) -> Callable:
         """The compiled graph as the caller runs it (a split graph takes the full inputs)."""
@@ -70,7 +74,21 @@ class DynamoSteps:
 def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequence[InputInfo], config) -> DynamoSteps:
     """The steps that rewrite the Dynamo graph, in order. `inputs`: what each graph input is
     (graph.inputs.describe_inputs)."""
-    steps = DynamoSteps()
+    steps = DynamoSteps(config=config)
+    if config.budget is not None:
+        # First: the plan's forms are what every later step compresses.
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in real_inputs):
+            raise OptionError("options['budget'] plans inference graphs only for now (call the model under "
+                              "torch.no_grad() or inference_mode); a training step's budget is not implemented yet")
+        from memsave.budget.graph import plan_graph
+        from memsave.config import QuantizeConfig
+
+        started = time.perf_counter()
+        steps.plan = plan_graph(gm, real_inputs, inputs, config.budget)
+        steps.plan_seconds = time.perf_counter() - started
+        quantize = steps.plan.options.get("quantize")
+        # budget=None: the plan is made; what is left is an ordinary config with its choices
+        steps.config = config = config.replace(quantize=QuantizeConfig.parse(quantize) if quantize else None, budget=None)
     if config.chunk is not None:
         # Loss and attention rewrites that bring their own backward happen here, before
         # AOTAutograd traces forward and backward (passes/dynamo/chunk_capture.py).
@@ -92,6 +110,12 @@ def _record_dynamo_steps(runner: PassRunner, steps: DynamoSteps | None) -> None:
     so "after" is this graph's estimate, and "before" adds back what they saved."""
     if steps is None:
         return
+    if steps.plan is not None:
+        plan = steps.plan
+        runner.add_done("budget", changed=bool(plan.options), seconds=steps.plan_seconds, notes=tuple(str(plan).splitlines()),
+                        details={"budget": plan.budget, "total_bytes": plan.total_bytes, "solver": plan.solver,
+                                 "predicted_error": plan.predicted_error, "options": plan.options,
+                                 "forms": {layer.name: layer.form for layer in plan.layers}})
     split = steps.split
     if split is not None:
         runner.add_done(

@@ -12,7 +12,7 @@ import memsave
 from memsave.budget import knapsack
 from memsave.budget.candidates import FORMS_BY_NAME, reconstructed
 from memsave.budget.sensitivity import relative_output_noise
-from memsave.budget.units import parse_bytes
+from memsave.config.units import parse_bytes
 
 
 def test_budgets_are_read_as_people_write_them():
@@ -151,3 +151,38 @@ def test_reconstruction_is_what_the_quantize_pass_stores():
         approx = reconstructed(w, FORMS_BY_NAME[name])
         assert approx.shape == w.shape and not torch.equal(approx, w)
         assert relative_output_noise(w, approx, None) < {"int8": 1e-4, "int4-g32": 2e-2, "int2-g32": 0.3}[name]
+
+
+def test_the_budget_option_plans_and_compiles_in_one_call():
+    model = TwoLayers().eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    memsave.calibrate(model, _batches(), progress=False)
+    with torch.no_grad():
+        expected = model(ids)
+    dense = sum(p.numel() * 4 for p in model.parameters())
+    budget = int(0.45 * dense) + memsave.budget.planner.working_bytes(model, (ids,))
+    reference = memsave.plan(model, ids, budget=budget)  # what the option must choose too
+    with memsave.collect() as reports:
+        compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
+        with torch.no_grad():
+            out = compiled(ids)
+    records = {r.name: r for report in reports for r in report.records}
+    assert records["budget"].details["forms"] == {layer.name: layer.form for layer in reference.layers}
+    assert records["budget"].details["total_bytes"] <= budget
+    assert "memsave plan" in records["budget"].notes[0]
+    quantized = dict(q.split(": ", 1) for q in records["quantize"].details["quantized"])
+    assert set(quantized) == {layer.name for layer in reference.layers if layer.form != "dense"}
+    assert ((out - expected).pow(2).sum() / expected.pow(2).sum()).item() < 20 * max(reference.predicted_error, 1e-6)
+    torch._dynamo.reset()
+
+
+def test_the_budget_option_refuses_what_it_cannot_do_yet():
+    with pytest.raises(ValueError, match="does not take pinned choices yet"):
+        memsave.Config.from_options({"budget": "1MiB", "quantize": "int8"})
+    with pytest.raises(ValueError, match="options\\['budget'\\]"):
+        memsave.Config.from_options({"budget": "lots"})
+    model = TwoLayers()
+    compiled = torch.compile(model, backend="memsave", options={"budget": "1GiB", "codegen": "fx"})
+    with pytest.raises(Exception, match="inference graphs only"):
+        compiled(torch.randint(0, 64, (1, 8))).sum().backward()
+    torch._dynamo.reset()

@@ -17,7 +17,7 @@ LAYERS = [
     ("memsave.ops", "memsave.report", "memsave.calibrate", "memsave.models"),
     ("memsave.weights", "memsave.debug"),
     ("memsave.passes",),
-    ("memsave.codegen",),
+    ("memsave.codegen", "memsave.budget"),
     ("memsave.pipeline",),
     ("memsave.distributed",),
     ("memsave.backend",),

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from memsave.budget.units import format_bytes, parse_bytes
+from memsave.config.units import format_bytes, parse_bytes
 from memsave.budget.candidates import FORMS, FORMS_BY_NAME, Form, reconstructed
 from memsave.budget.knapsack import BudgetError, choose
 from memsave.budget.sensitivity import input_moment, relative_output_noise
@@ -138,15 +138,20 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         calibrate(model, calibration, progress=False, hessian=True)
     layers = plannable_linears(model)
     fixed = _tensor_bytes(model, {id(w) for w in layers.values()})
-    working = working_bytes(model, inputs)
+    return plan_layers(layers, fixed, working_bytes(model, inputs), limit, forms)
+
+
+def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit: int,
+                forms: Sequence[Form] = FORMS) -> Plan:
+    """The plan for these linear weights (name -> the weight itself: calibration statistics are
+    keyed by it), given the bytes of everything else and of one call's working memory."""
     names, options, costs, sizes = [], [], [], []
     calibrated = bool(layers) and all(input_moment(w) is not None for w in layers.values())
     for name, w in layers.items():
         n, k = w.shape
         moment = input_moment(w)
-        usable = [f for f in forms if f.fits(k)]
         scored = []
-        for form in usable:
+        for form in (f for f in forms if f.fits(k)):
             size = form.bytes(n, k, w.element_size())
             error = 0.0 if form.bits is None else relative_output_noise(w, reconstructed(w, form), moment)
             scored.append((form, size, error))
@@ -154,9 +159,8 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         options.append(scored)
         costs.append([e for _, _, e in scored])
         sizes.append([s for _, s, _ in scored])
-    capacity = limit - fixed - working
     try:
-        picked, solver = choose(costs, sizes, capacity)
+        picked, solver = choose(costs, sizes, limit - fixed - working)
     except BudgetError as e:
         smallest = fixed + working + e.smallest_bytes
         raise BudgetError(
@@ -166,6 +170,5 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
     planned = []
     for name, w, scored, o in zip(names, layers.values(), options, picked):
         form, size, error = scored[o]
-        planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error,
-                                 {f.name: (s, e) for f, s, e in scored}))
+        planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error, {f.name: (s, e) for f, s, e in scored}))
     return Plan(limit, tuple(planned), fixed, working, solver, calibrated)

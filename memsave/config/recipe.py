@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
+from memsave.config.units import parse_bytes
 from memsave.config.base import CODEGEN_CHOICES, PASS_FAMILIES, FamilyConfig, OptionError, _choices
 from memsave.config.chunk import ChunkConfig
 from memsave.config.factorize import FactorizeConfig
@@ -67,6 +68,9 @@ class Config:
     chunk: FamilyConfig | None = None
     precision: FamilyConfig | None = None
     plan_memory: FamilyConfig | None = None
+    # Bytes (or "24MiB", "1.5GB") that the stored weights plus one call's peak of live tensors
+    # must fit in: memsave.plan chooses each linear's form (inference graphs).
+    budget: Any = None
     # "inductor" hands the transformed graph to Inductor; "fx" runs it as plain FX code.
     codegen: str = "inductor"
     # Write the graph after every pass and the per-pass table here (implies debug).
@@ -78,6 +82,17 @@ class Config:
     def __post_init__(self):
         for name in PASS_FAMILIES:
             object.__setattr__(self, name, FAMILY_CONFIGS[name].parse(getattr(self, name)))
+        if self.budget is not None:
+            try:
+                object.__setattr__(self, "budget", parse_bytes(self.budget))
+            except ValueError as e:
+                raise OptionError(f"options['budget']: {e}") from None
+            pinned = [name for name in ("quantize", "prune", "factorize") if getattr(self, name) is not None]
+            if pinned:
+                raise OptionError(
+                    f"options['budget'] with options {pinned}: the planner does not take pinned choices yet; "
+                    "plan with memsave.plan(model, *inputs, budget=...), edit plan.options and compile with those"
+                )
         if self.codegen not in CODEGEN_CHOICES:
             raise OptionError(
                 f"options['codegen']: invalid value {self.codegen!r}; valid choices: "
@@ -147,6 +162,8 @@ def describe_options() -> list[tuple[str, str, str]]:
             shorts += ", " + cls.name_pattern
         keys = ", ".join(f.name for f in fields(cls))
         rows.append((name, f"{shorts} or dict({keys})", (cls.__doc__ or "").strip().splitlines()[0]))
+    rows.append(("budget", "bytes, or a string such as '24MiB', '1.5GB'",
+                 "stored weights + one call's peak of live tensors within this: memsave.plan picks each linear's form (inference)"))
     rows.append(("codegen", _choices(CODEGEN_CHOICES), "how the transformed graph runs"))
     rows.append(("debug_dir", "path", "write the graph after every pass and the per-pass table"))
     rows.append(("debug", "True/False", "check invariants and measure error after every pass"))
