@@ -88,15 +88,19 @@ def _batches():
     return [(torch.randint(0, 64, (4, 16), generator=g),) for _ in range(3)]
 
 
-def test_a_plan_fits_its_budget_and_compiles_to_exactly_its_choices():
+@pytest.mark.parametrize("share", [0.45, 0.2])
+def test_a_plan_fits_its_budget_and_compiles_to_exactly_its_choices(share):
     model = TwoLayers().eval()
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
     dense = sum(p.numel() * 4 for p in model.parameters())
-    budget = int(0.45 * dense) + memsave.budget.planner.working_bytes(model, (ids,))
+    budget = int(share * dense) + memsave.budget.planner.working_bytes(model, (ids,))
     plan = memsave.plan(model, ids, budget=budget, calibration=_batches())
     assert plan.calibrated and plan.solver == "highs"
-    assert plan.total_bytes <= budget and plan.weight_bytes < 0.45 * dense
-    assert [layer.name for layer in plan.layers] == ["up.weight", "down.weight", "head.weight"]
+    assert plan.total_bytes <= budget and plan.weight_bytes < share * dense
+    if share == 0.2:  # this tight, the embedding table is compressed too
+        assert plan.layers[0].form != "dense" and plan.options["quantize"]["embeddings"] is True
+    assert [layer.name for layer in plan.layers] == ["embed.weight", "up.weight", "down.weight", "head.weight"]
+    assert [layer.embedding for layer in plan.layers] == [True, False, False, False]
     # Each layer's error is that form's, as the candidates scored it, and the bytes its formula.
     for layer in plan.layers:
         assert layer.candidates[layer.form] == (layer.bytes, layer.error)

@@ -2,7 +2,7 @@
 the compiled model will compute with.
 
 Affine quantization only for now (int8 per channel; int4 in groups of 32/64/128; int3 and int2 in
-groups of 32), each through the quantize pass's own code (weight_codes), so the error a plan
+groups of 32 and 128), each through the quantize pass's own code (weight_codes), so the error a plan
 predicts is that of the codes the compile stores. GPTQ where calibration statistics exist (its
 codes need the inputs' Hessian), else the MSE grid search: the same fallback as the pass.
 """
@@ -52,7 +52,9 @@ FORMS: tuple[Form, ...] = (
     Form("int4-g64", 4, 64),
     Form("int4-g32", 4, 32),
     Form("int3-g32", 3, 32),
+    Form("int3-g128", 3, 128),
     Form("int2-g32", 2, 32),
+    Form("int2-g128", 2, 128),
 )
 FORMS_BY_NAME = {f.name: f for f in FORMS}
 

@@ -17,10 +17,13 @@ from memsave.graph.inputs import InputInfo
 from memsave.memory.track import MemoryTracker
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+EMBEDDINGS = (torch.nn.functional.embedding,)
 
 
-def graph_linears(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo]) -> dict[str, torch.Tensor]:
-    """name -> weight of the parameters that only a linear call reads (as its weight)."""
+def graph_weights(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo],
+                  tables: set[str]) -> dict[str, torch.Tensor]:
+    """name -> weight of the parameters that only one linear or embedding call reads (as its
+    weight); the embeddings' names are added to `tables`."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = {}
     for index, (node, info) in enumerate(zip(placeholders, inputs)):
@@ -28,13 +31,17 @@ def graph_linears(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequen
         if info.weight is None or info.weight.kind != "parameter" or not isinstance(w, torch.Tensor) or w.dim() != 2:
             continue
         users = list(node.users)
-        if len(users) == 1 and users[0].target in LINEARS and len(users[0].args) > 1 and users[0].args[1] is node:
+        if len(users) == 1 and users[0].target in LINEARS + EMBEDDINGS and len(users[0].args) > 1 \
+                and users[0].args[1] is node:
             found[info.weight.name] = w
+            if users[0].target in EMBEDDINGS:
+                tables.add(info.weight.name)
     return found
 
 
 def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo], limit: int) -> Plan:
-    layers = graph_linears(gm, real_inputs, inputs)
+    tables: set[str] = set()
+    layers = graph_weights(gm, real_inputs, inputs, tables)
     planned = {id(w) for w in layers.values()}
     seen, fixed = set(), 0
     for info, value in zip(inputs, real_inputs):
@@ -46,4 +53,4 @@ def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[
             fixed += value.untyped_storage().nbytes()
     with torch.no_grad(), MemoryTracker("cpu") as tracker:
         gm(*real_inputs)
-    return plan_layers(layers, fixed, tracker.stats.peak_bytes, limit)
+    return plan_layers(layers, fixed, tracker.stats.peak_bytes, limit, embeddings=frozenset(tables))

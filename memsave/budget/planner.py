@@ -7,8 +7,9 @@ each linear layer in the form that costs the least predicted error for the bytes
     json.dump(plan.options, f)                    # the same plan again, without searching
 
 Budget (inference): the stored weights + the peak of live tensors during one call at the
-example inputs' shape. The weights that are not planned (embeddings, norms, biases, a linear
-weight tied to an embedding) count at their size; the call's working memory is measured on one
+example inputs' shape. Linear weights and embedding tables are planned (an embedding's error is
+its rows' own relative error: each call reads some rows, not a product with the inputs); the
+other weights (norms, biases, a weight tied between two modules) count at their size; the call's working memory is measured on one
 eager call (memsave.MemoryTracker), which memsave's kernels do not exceed (they never
 materialize a dense weight). What is left is divided among the linear weights by a multiple-
 choice knapsack (knapsack.py) over the forms in candidates.py, each scored by the output noise
@@ -38,6 +39,7 @@ class LayerPlan:
     bytes: int
     error: float  # predicted: relative output noise on the calibration inputs
     candidates: dict[str, tuple[int, float]] = field(default_factory=dict)  # form -> (bytes, error)
+    embedding: bool = False  # an embedding table (its error: the rows' own relative error)
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,13 @@ class Plan:
         quantized = [layer for layer in self.layers if FORMS_BY_NAME[layer.form].bits is not None]
         if not quantized:
             return {}
-        return {"quantize": {
+        options = {
             "include": [layer.name for layer in quantized],
             "overrides": {layer.name: FORMS_BY_NAME[layer.form].override() for layer in quantized},
-        }}
+        }
+        if any(layer.embedding for layer in quantized):
+            options["embeddings"] = True  # include names the tables; the others stay as they are
+        return {"quantize": options}
 
     def to_json(self) -> str:
         return json.dumps({"budget": self.budget, "total_bytes": self.total_bytes, "solver": self.solver,
@@ -92,18 +97,19 @@ class Plan:
         return "\n".join(lines)
 
 
-def plannable_linears(model: nn.Module) -> dict[str, torch.Tensor]:
-    """name -> weight of every linear whose weight the plan may change: 2-D float, used by this
-    linear only (a weight tied to an embedding or shared by two linears stays as it is)."""
+def plannable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> weight of every linear and embedding whose weight the plan may change: 2-D float,
+    used by that one module only (a weight tied between an embedding and the LM head, or shared
+    by two linears, stays as it is)."""
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
     found = {}
     for module_name, module in model.named_modules():
         w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype.is_floating_point:
-            if uses.get(id(w), 0) == 1:
-                found[f"{module_name}.weight" if module_name else "weight"] = w
+        if isinstance(module, (nn.Linear, nn.Embedding)) and isinstance(w, torch.Tensor) and w.dim() == 2 \
+                and w.dtype.is_floating_point and uses.get(id(w), 0) == 1:
+            found[f"{module_name}.weight" if module_name else "weight"] = w
     return found
 
 
@@ -136,17 +142,20 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         from memsave.calibrate import calibrate
 
         calibrate(model, calibration, progress=False, hessian=True)
-    layers = plannable_linears(model)
+    layers = plannable_weights(model)
     fixed = _tensor_bytes(model, {id(w) for w in layers.values()})
-    return plan_layers(layers, fixed, working_bytes(model, inputs), limit, forms)
+    tables = frozenset(name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+                       for name in [f"{name}.weight"] if name in layers)
+    return plan_layers(layers, fixed, working_bytes(model, inputs), limit, forms, tables)
 
 
 def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit: int,
-                forms: Sequence[Form] = FORMS) -> Plan:
-    """The plan for these linear weights (name -> the weight itself: calibration statistics are
-    keyed by it), given the bytes of everything else and of one call's working memory."""
+                forms: Sequence[Form] = FORMS, embeddings: frozenset[str] = frozenset()) -> Plan:
+    """The plan for these weights (name -> the weight itself: calibration statistics are keyed
+    by it; `embeddings` names the embedding tables among them), given the bytes of everything
+    else and of one call's working memory."""
     names, options, costs, sizes = [], [], [], []
-    calibrated = bool(layers) and all(input_moment(w) is not None for w in layers.values())
+    calibrated = any(input_moment(w) is not None for w in layers.values())
     for name, w in layers.items():
         n, k = w.shape
         moment = input_moment(w)
@@ -170,5 +179,6 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     planned = []
     for name, w, scored, o in zip(names, layers.values(), options, picked):
         form, size, error = scored[o]
-        planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error, {f.name: (s, e) for f, s, e in scored}))
+        planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error, {f.name: (s, e) for f, s, e in scored},
+                                 embedding=name in embeddings))
     return Plan(limit, tuple(planned), fixed, working, solver, calibrated)
