@@ -339,3 +339,31 @@ def test_allocate_ranks_fast_path_matches_the_move_by_move_greedy():
         plans = [lowrank._LayerPlan(name, *layer) for name, layer in layers.items()]
         lowrank._fill_greedily(plans, lowrank._parameter_budget(ratio, dense, "test") - sum(p.cost() for p in plans))
         assert allocate_ranks(layers, ratio) == {p.name: p.rank() for p in plans}
+
+
+@pytest.mark.parametrize("n,k", [(300, 120), (120, 300)])
+def test_large_weights_factor_through_the_gram_matrix_to_the_same_approximation(n, k, monkeypatch):
+    """Above LARGE_SVD_BYTES the factors come from an eigh of the smaller Gram matrix, a block of
+    rows at a time: the same best rank-r approximation as the SVD (to float64 rounding, for a
+    weight whose kept singular values are far above 1e-8 of the largest)."""
+    from memsave.ops import lowrank
+
+    w = _randn(n, k, seed=n + k)
+    sv = torch.linalg.svdvals(w)
+    monkeypatch.setattr(lowrank, "ROW_BLOCK", 64)  # several blocks
+    for r in (1, 17, 60):
+        monkeypatch.setattr(lowrank, "LARGE_SVD_BYTES", 1 << 40)
+        u0, v0 = svd_factors(w, r)
+        monkeypatch.setattr(lowrank, "LARGE_SVD_BYTES", 0)
+        u, v = svd_factors(w, r)
+        assert u.shape == (n, r) and v.shape == (r, k) and u.dtype == torch.float64
+        torch.testing.assert_close(u @ v, u0 @ v0, rtol=0, atol=1e-9 * sv[0].item())
+        assert torch.isclose((w - u @ v).pow(2).sum(), sv[r:].pow(2).sum(), rtol=1e-8)
+        assert torch.isclose(u.pow(2).sum(), v.pow(2).sum(), rtol=1e-8)  # the √Σ split
+        # factor_error by blocks of rows is the whole-matrix formula.
+        assert factor_error(w, u, v) == pytest.approx(((w - u @ v).norm() / w.norm()).item(), rel=1e-10)
+        g = _randn(k, k, seed=3)
+        g = g @ g.t()
+        e = w - u @ v
+        expected = (((e @ g) * e).sum() / ((w @ g) * w).sum()).sqrt().item()
+        assert factor_error(w, u, v, g) == pytest.approx(expected, rel=1e-10)

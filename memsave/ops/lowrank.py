@@ -105,11 +105,51 @@ def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     error is the sum of the discarded σ². The √Σ split gives both factors the same scale.
     """
     _check_rank(w, rank, "svd_factors")
+    if w.numel() * 8 > LARGE_SVD_BYTES:
+        return _svd_factors_by_gram(w, rank)
     left, sv, right_t = torch.linalg.svd(w.detach().double(), full_matrices=False)  # (N, L) (L,) (L, K)
     root = sv[:rank].sqrt()  # (r,)
     u = left[:, :rank] * root  # (N, r)
     v = root.unsqueeze(1) * right_t[:rank]  # (r, K)
     return u.to(_out_dtype(w)), v.to(_out_dtype(w))
+
+
+# A float64 SVD of an (N, K) weight holds a float64 copy, U (N, min) and LAPACK's workspace:
+# about 3x the weight's fp32 bytes twice over (a 5632 x 2048 weight: ~300 MiB at its peak, what
+# kept factorizing a 210M model from streaming in half its fp32 size). Above this many float64
+# bytes the factors come from the (min, min) Gram matrix instead (_svd_factors_by_gram).
+LARGE_SVD_BYTES = 16 << 20
+ROW_BLOCK = 1024
+
+
+def _svd_factors_by_gram(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """svd_factors through the eigen-decomposition of the smaller Gram matrix, built and used a
+    block of rows at a time in float64: for N >= K, WᵀW = V Σ² Vᵀ, so V_r and σ_r come from a
+    (K, K) eigh and U_r·√Σ_r = W V_r / √σ_r. The squared condition number costs accuracy only in
+    singular values below ~1e-8 of the largest, far under what a truncation to `rank` keeps
+    from an fp32 weight; memory: the (K, K) Gram and its eigenvectors beside the fp32 factors."""
+    weight = w.detach()
+    if weight.shape[0] < weight.shape[1]:
+        v_t, u_t = _svd_factors_by_gram(weight.t(), rank)  # W = (Wᵀ)ᵀ: swap the roles
+        return u_t.t().contiguous(), v_t.t().contiguous()
+    n, k = weight.shape
+    gram = torch.zeros(k, k, dtype=torch.float64, device=weight.device)
+    for i in range(0, n, ROW_BLOCK):
+        rows = weight[i : i + ROW_BLOCK].double()
+        gram.addmm_(rows.t(), rows)
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    del gram
+    top = torch.flip(values[-rank:], [0]).clamp_min(0)  # σ², largest first
+    basis = torch.flip(vectors[:, -rank:], [1])  # (K, r): V_r
+    del vectors
+    sigma = top.sqrt()
+    inverse_root = torch.where(sigma > 0, sigma.rsqrt(), torch.zeros_like(sigma))
+    out = _out_dtype(w)
+    u = torch.empty(n, rank, dtype=out, device=weight.device)
+    for i in range(0, n, ROW_BLOCK):
+        u[i : i + ROW_BLOCK] = (weight[i : i + ROW_BLOCK].double() @ basis * inverse_root).to(out)  # U_r √Σ_r
+    v = (sigma.sqrt().unsqueeze(1) * basis.t()).to(out)  # √Σ_r V_rᵀ
+    return u, v
 
 
 def whitened_svd_factors(
@@ -164,19 +204,23 @@ def factor_error(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, gram: torch.
 
     0 when W and UV are both zero, inf when only W is.
     """
-    weight = w.detach().double()
-    n, k = weight.shape if weight.dim() == 2 else (-1, -1)
+    n, k = w.shape if w.dim() == 2 else (-1, -1)
     if u.dim() != 2 or v.dim() != 2 or n < 0 or u.shape[0] != n or v.shape[1] != k or u.shape[1] != v.shape[0]:
         raise ValueError(
             f"factor_error: need W (N, K), U (N, r), V (r, K), got {tuple(w.shape)}, {tuple(u.shape)}, {tuple(v.shape)}"
         )
-    error = weight - u.detach().double().to(weight.device) @ v.detach().double().to(weight.device)  # (N, K)
-    if gram is None:
-        num, den = error.pow(2).sum(), weight.pow(2).sum()
-    else:
-        g = _check_gram(gram, weight.shape[1], "factor_error").to(weight.device)  # (K, K)
-        # tr(E G Eᵀ) = Σ (E G) ∘ E; a PSD G makes both ≥ 0, up to rounding.
-        num, den = ((error @ g) * error).sum().clamp_min(0), ((weight @ g) * weight).sum().clamp_min(0)
+    g = None if gram is None else _check_gram(gram, k, "factor_error").to(w.device)  # (K, K)
+    vd = v.detach().double().to(w.device)
+    num = den = torch.zeros((), dtype=torch.float64, device=w.device)
+    for i in range(0, n, ROW_BLOCK):  # a block of rows at a time: no (N, K) float64 temporaries
+        rows = w[i : i + ROW_BLOCK].detach().double()
+        error = rows - u[i : i + ROW_BLOCK].detach().double().to(w.device) @ vd
+        if g is None:
+            num, den = num + error.pow(2).sum(), den + rows.pow(2).sum()
+        else:
+            # tr(E G Eᵀ) = Σ (E G) ∘ E; a PSD G makes both ≥ 0, up to rounding.
+            num, den = num + ((error @ g) * error).sum(), den + ((rows @ g) * rows).sum()
+    num, den = num.clamp_min(0), den.clamp_min(0)
     if den == 0:
         return 0.0 if num == 0 else math.inf
     return math.sqrt(num.item() / den.item())
