@@ -210,10 +210,10 @@ def sections(results: dict) -> str:
         verdict = "–" if best is None else ("yes" if ppl < best[1] else ("equal" if ppl == best[1] else "NO"))
         better += best is not None and ppl < best[1]
         lines.append(f"| {c} | {budget:.2f} | {planned:.2f} / {weights:.2f} | {peak:.2f} | {total:.2f} | "
-                     f"{'yes' if total <= budget else 'NO'} | {ppl:.4f} | {best[0] if best else 'none fits'} | "
-                     f"{best[1]:.4f} | {verdict} |" if best else
+                     f"{'yes' if total <= budget else 'NO'} | {ppl:.5f} | {best[0] if best else 'none fits'} | "
+                     f"{best[1]:.5f} | {verdict} |" if best else
                      f"| {c} | {budget:.2f} | {planned:.2f} / {weights:.2f} | {peak:.2f} | {total:.2f} | "
-                     f"{'yes' if total <= budget else 'NO'} | {ppl:.4f} | none fits | – | (meets a budget no uniform "
+                     f"{'yes' if total <= budget else 'NO'} | {ppl:.5f} | none fits | – | (meets a budget no uniform "
                      f"configuration meets) |")
     lines += ["", f"Plan strictly better than the best uniform configuration that fits: {better} of {len(plans)} budgets."]
     scored = [c for c in ran if _median(results, c, "predicted_error") is not None and fp32 is not None]

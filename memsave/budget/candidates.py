@@ -27,14 +27,12 @@ class Form:
     method: str = "gptq"
 
     def bytes(self, n: int, k: int, element_size: int = 4) -> int:
+        """Stored bytes; a last group that the row does not fill is stored whole (zero-padded),
+        as the quantize ops store it."""
         if self.bits is None:
             return n * k * element_size
         group = k if self.group_size is None or self.group_size >= k else self.group_size
         return round(bits_per_weight(n, k, self.bits, group, self.symmetric) * n * k / 8)
-
-    def fits(self, k: int) -> bool:
-        """Groups must tile the row (the pass would widen a group larger than the row to it)."""
-        return self.group_size is None or self.group_size >= k or k % self.group_size == 0
 
     def scheme(self) -> QuantizeConfig:
         return QuantizeConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, method=self.method)

@@ -160,7 +160,7 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
         n, k = w.shape
         moment = input_moment(w)
         scored = []
-        for form in (f for f in forms if f.fits(k)):
+        for form in forms:
             size = form.bytes(n, k, w.element_size())
             error = 0.0 if form.bits is None else relative_output_noise(w, reconstructed(w, form), moment)
             scored.append((form, size, error))
