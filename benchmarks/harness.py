@@ -438,6 +438,14 @@ def summarize(runs: Sequence[dict], configs: Sequence[str], baseline: str, metri
     return summary
 
 
+def collect_machine_info(env: Mapping[str, str]) -> dict:
+    # Its own timeout: --timeout is about one benchmark run, not about importing torch.
+    info = run_child([sys.executable, "-c", _machine_info_script()], env, MACHINE_INFO_TIMEOUT_S)
+    if not info["ok"]:
+        raise RuntimeError(f"could not collect machine info in a child process: {info['error']}")
+    return info["metrics"]
+
+
 def run_benchmark(
     bench: Benchmark,
     *,
@@ -446,8 +454,10 @@ def run_benchmark(
     params: Mapping[str, Any] | None = None,
     timeout_s: float | None = None,
     command: str = "",
+    machine: dict | None = None,
 ) -> dict:
-    """Run every config ``repeats`` times, interleaved, each in a fresh process; return the results dict."""
+    """Run every config ``repeats`` times, interleaved, each in a fresh process; return the results
+    dict. ``machine``: the machine record if the caller has it already (else collected here)."""
     configs = list(configs or bench.configs)
     if bench.baseline not in configs:
         raise ValueError(f"configs {configs} must include the baseline {bench.baseline!r}")
@@ -456,10 +466,8 @@ def run_benchmark(
     timeout_s = bench.timeout_s if timeout_s is None else timeout_s
     env = _child_env(params, bench.default_allocator)
 
-    # Its own timeout: --timeout is about one benchmark run, not about importing torch.
-    info = run_child([sys.executable, "-c", _machine_info_script()], env, MACHINE_INFO_TIMEOUT_S)
-    if not info["ok"]:
-        raise RuntimeError(f"could not collect machine info in a child process: {info['error']}")
+    if machine is None:
+        machine = collect_machine_info(env)
 
     entry = _entry_point(bench)
     runs = []
@@ -483,7 +491,7 @@ def run_benchmark(
         "name": bench.name,
         "title": bench.title,
         "command": command,
-        "machine": info["metrics"],
+        "machine": machine,
         "params": params,
         "repeats": repeats,
         "configs": configs,
@@ -760,6 +768,7 @@ def run_parts(bench: Benchmark, parts: Mapping[str, Part], *, repeats: int | Non
         return run_benchmark(bench, configs=parts[""].configs, repeats=repeats, params=params,
                              timeout_s=timeout_s, command=command)
     merged: dict = {}
+    machine = collect_machine_info(_child_env(params, bench.default_allocator))  # once for all parts
     for name, part in parts.items():
         metrics = dict(part.metrics or bench.metrics)
         sub = Benchmark(name=bench.name, title=bench.title, configs=part.configs, baseline=part.baseline,
@@ -769,7 +778,7 @@ def run_parts(bench: Benchmark, parts: Mapping[str, Part], *, repeats: int | Non
         part_repeats = repeats if repeats is not None else (part.repeats or bench.repeats)
         print(f"== part {name}: {len(part.configs)} configs x {part_repeats} repeat(s)", flush=True)
         r = run_benchmark(sub, configs=part.configs, repeats=part_repeats, params={**params, **part.params},
-                          timeout_s=timeout_s, command=command)
+                          timeout_s=timeout_s, command=command, machine=machine)
         if not merged:
             merged = {**r, "params": params, "runs": [], "configs": [], "metrics": {}, "summary": {},
                       "plot": list(bench.plot), "parts": {}}

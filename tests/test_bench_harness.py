@@ -173,13 +173,12 @@ PARTS_BENCH = textwrap.dedent(
     VALUES = {"a1": 1.0, "a2": 3.0, "b1": 2.0, "b2": 8.0}
 
     def measure(config, params):
-        return {"value": VALUES[config] * params["scale"], "pid": os.getpid(),
-                "omp_threads": float(os.environ.get("OMP_NUM_THREADS", 0))}
+        return {"value": VALUES[config] * params["scale"], "pid": os.getpid(), "tag": params.get("tag", 0)}
 
     def parts(params):
         return {"a": Part(["a1", "a2"], "a1"),
-                "b": Part(["b1", "b2"], "b1", repeats=2, params={"threads": 1},
-                          metrics={"value": "lower", "omp_threads": "lower"})}
+                "b": Part(["b1", "b2"], "b1", repeats=2, params={"tag": 7},
+                          metrics={"value": "lower", "tag": "lower"})}
 
     BENCH = Benchmark(name="parts", title="Parts self-test", configs=["a1", "a2", "b1", "b2"], baseline="a1",
                       measure=measure, metrics={"value": "lower"}, params={"scale": 1}, repeats=1, parts=parts)
@@ -204,15 +203,15 @@ def test_parts_have_their_own_baselines_repeats_params_and_merge(tmp_path):
     results = run()
     # Part a (one repeat) then part b (its own two, interleaved), each child with its part's params.
     assert [r["config"] for r in results["runs"]] == ["a1", "a2", "b1", "b2", "b1", "b2"]
-    assert [r["metrics"]["omp_threads"] for r in results["runs"]] == [0, 0, 1, 1, 1, 1]
+    assert [r["metrics"]["tag"] for r in results["runs"]] == [0, 0, 7, 7, 7, 7]
     assert results["parts"]["b"] == {"baseline": "b1", "configs": ["b1", "b2"], "repeats": 2,
-                                     "params": {"threads": 1}, "metrics": ["value", "omp_threads"]}
+                                     "params": {"tag": 7}, "metrics": ["value", "tag"]}
     summary = results["summary"]
     assert summary["a2"]["metrics"]["value"]["ratio"] == pytest.approx(3.0)  # vs a1, not vs b1
     assert summary["b2"]["metrics"]["value"]["ratio"] == pytest.approx(4.0)  # vs b1
     # Part b reports a metric of its own; part a's table cells for it stay empty.
-    assert results["metrics"] == {"value": "lower", "omp_threads": "lower"}
-    assert "omp_threads" in summary["b2"]["metrics"] and "omp_threads" not in summary["a2"]["metrics"]
+    assert results["metrics"] == {"value": "lower", "tag": "lower"}
+    assert "tag" in summary["b2"]["metrics"] and "tag" not in summary["a2"]["metrics"]
     md = (out / "parts.md").read_text()
     assert "| a1 (baseline) |" in md and "| b1 (baseline) |" in md and "| a2 | 1/1 |" in md
     assert "its part's baseline" in md
