@@ -18,8 +18,9 @@ weights hold after compiling: WEIGHTS.held_bytes; torchao and fp32: storage byte
 one call above the weights, memsave.MemoryTracker), `budget_mib` (plans), `total_mib`
 (weight_mib + call_peak_mib: what the budget bounds), `rss_growth_mib` (process RSS after
 compiling and two calls, minus before the model was loaded: weights, calibration statistics,
-compiled code and allocator slack together), `predicted_error` (the sum over layers of the
-relative output noise the plan's scoring gives this configuration's forms; fp32 0).
+compiled code and allocator slack together), `predicted_error` (the plan's prediction of the model
+output's relative change for this configuration's forms: per layer its output noise times its
+measured gain, summed; fp32 0).
 
     python benchmarks/bench_budget.py              # -> docs/results/budget.{json,md,png}
     python benchmarks/bench_budget.py --quick      # 4 configs, a short held-out text
@@ -98,7 +99,9 @@ def measure(config: str, params: dict) -> dict[str, float]:
     step = len(train) // params["calib_batches"]
     calibration = [(docs_lm._tokens(train[i * step : i * step + batch * window]).view(batch, window),)
                    for i in range(params["calib_batches"])]
-    example = tokens[: batch * window].view(batch, window)
+    # Planning measures each layer's effect on the output with the example: training text, never
+    # the held-out text the perplexity is measured on.
+    example = calibration[0][0]
     out: dict[str, float] = {"fp32_weight_mib": fp32 / MiB, "lm_trained_ppl": meta["held_out_perplexity"]}
 
     def logits(fn):
@@ -126,7 +129,9 @@ def measure(config: str, params: dict) -> dict[str, float]:
             options = {"quantize": variant}
             form = SAME_FORM.get(variant)
             if form is not None:  # the planner's own score of this uniform choice
-                scored = memsave.plan(model, example, budget=10 * fp32 + 2**30)
+                from memsave.budget.candidates import DENSE, FORMS_BY_NAME
+
+                scored = memsave.plan(model, example, budget=10 * fp32 + 2**30, forms=(DENSE, FORMS_BY_NAME[form]))
                 out["predicted_error"] = sum(layer.candidates[form][1] for layer in scored.layers
                                              if not layer.embedding and form in layer.candidates)
         run = torch.compile(model, backend="memsave", options={**options, "codegen": params["codegen"]})

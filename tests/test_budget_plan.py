@@ -119,9 +119,11 @@ def test_a_plan_fits_its_budget_and_compiles_to_exactly_its_choices(share):
     quantized = dict(q.split(": ", 1) for r in records for q in r.details["quantized"])
     assert quantized == {layer.name: FORMS_BY_NAME[layer.form].scheme().describe()
                          for layer in plan.layers if layer.form != "dense"}
-    # Small relative error, as the per-layer predictions say (sum of output noises ~ 1e-3 here).
+    # The predicted error is the model output's relative change, summed over layers from each
+    # layer's measured gain: the compiled model's measured change is that, within a factor of 3.
     noise = ((out - expected).pow(2).sum() / expected.pow(2).sum()).item()
-    assert noise < 20 * max(plan.predicted_error, 1e-6), (noise, plan.predicted_error)
+    assert plan.predicted_error / 3 < noise < 3 * plan.predicted_error, (noise, plan.predicted_error)
+    assert all(layer.gain > 0 for layer in plan.layers)
     torch._dynamo.reset()
 
 

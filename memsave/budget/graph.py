@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from memsave.budget.planner import Plan, plan_layers
+from memsave.budget.planner import Plan, output_tensor, plan_layers, relative_change
 from memsave.graph.inputs import InputInfo
 from memsave.memory.track import MemoryTracker
 
@@ -52,5 +52,13 @@ def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[
             seen.add(ptr)
             fixed += value.untyped_storage().nbytes()
     with torch.no_grad(), MemoryTracker("cpu") as tracker:
-        gm(*real_inputs)
-    return plan_layers(layers, fixed, tracker.stats.peak_bytes, limit, embeddings=frozenset(tables))
+        reference = output_tensor(gm(*real_inputs)).float()
+    index = {id(value): i for i, value in enumerate(real_inputs)}
+
+    def effect(name: str, approx: torch.Tensor) -> float:
+        args = list(real_inputs)
+        args[index[id(layers[name])]] = approx.to(layers[name].dtype)
+        with torch.no_grad():
+            return relative_change(output_tensor(gm(*args)), reference)
+
+    return plan_layers(layers, fixed, tracker.stats.peak_bytes, limit, embeddings=frozenset(tables), effect=effect)

@@ -13,7 +13,8 @@ other weights (norms, biases, a weight tied between two modules) count at their 
 eager call (memsave.MemoryTracker), which memsave's kernels do not exceed (they never
 materialize a dense weight). What is left is divided among the linear weights by a multiple-
 choice knapsack (knapsack.py) over the forms in candidates.py, each scored by the output noise
-it adds on the layer's calibration inputs (sensitivity.py).
+it adds on the layer's calibration inputs (sensitivity.py) times the layer's gain (layer_gain:
+how much of that noise reaches the model's output, measured with one forward per layer).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class LayerPlan:
     error: float  # predicted: relative output noise on the calibration inputs
     candidates: dict[str, tuple[int, float]] = field(default_factory=dict)  # form -> (bytes, error)
     embedding: bool = False  # an embedding table (its error: the rows' own relative error)
+    gain: float = 1.0  # model output error per unit of this layer's output noise (measured)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,23 @@ class Plan:
         return "\n".join(lines)
 
 
+# The form whose error measures a layer's gain: coarse enough that the model's output moves well
+# above rounding, fine enough to stay where output error grows in proportion to the noise.
+PROBE = FORMS_BY_NAME["int3-g128"]
+
+
+def layer_gain(name: str, w: torch.Tensor, moment, effect) -> float:
+    """How much of one unit of this layer's relative output noise reaches the model's output:
+    the measured output change with the layer at PROBE, over its predicted noise. A layer whose
+    output feeds a residual stream read by many others weighs more than one near the loss."""
+    approx = reconstructed(w, PROBE)
+    noise = relative_output_noise(w, approx, moment)
+    if noise <= 0:
+        return 1.0
+    change = effect(name, approx)
+    return change / noise if change == change and change >= 0 else 1.0  # NaN: keep the plain noise
+
+
 def plannable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> weight of every linear and embedding whose weight the plan may change: 2-D float,
     used by that one module only (a weight tied between an embedding and the LM head, or shared
@@ -136,7 +155,9 @@ def working_bytes(model: nn.Module, inputs: Sequence) -> int:
 def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Form] = FORMS) -> Plan:
     """The plan for `model` called on `inputs` within `budget` (bytes, or "24MiB", "1.5GB").
     calibration: batches for memsave.calibrate (run here, with Gram matrices); without them,
-    any statistics an earlier memsave.calibrate left are used, else the weights' own error."""
+    any statistics an earlier memsave.calibrate left are used, else the weights' own error.
+    `inputs` also measure how much each layer's noise moves the model's output: use inputs
+    like the ones the model will see (not the text you will evaluate on)."""
     limit = parse_bytes(budget)
     if calibration is not None:
         from memsave.calibrate import calibrate
@@ -146,24 +167,60 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
     fixed = _tensor_bytes(model, {id(w) for w in layers.values()})
     tables = frozenset(name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
                        for name in [f"{name}.weight"] if name in layers)
-    return plan_layers(layers, fixed, working_bytes(model, inputs), limit, forms, tables)
+    with torch.no_grad():
+        reference = output_tensor(model(*inputs)).float()
+
+    def effect(name: str, approx: torch.Tensor) -> float:
+        w = layers[name]
+        original = w.data
+        try:
+            w.data = approx.to(w.dtype)
+            with torch.no_grad():
+                return relative_change(output_tensor(model(*inputs)), reference)
+        finally:
+            w.data = original
+
+    return plan_layers(layers, fixed, working_bytes(model, inputs), limit, forms, tables, effect)
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The tensor a call's output is judged by: itself, `.logits` (HF), or the first tensor of a
+    tuple, list or dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"memsave.plan: cannot find a tensor in the model's output ({type(out).__name__})")
+
+
+def relative_change(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖out − reference‖² / ‖reference‖²."""
+    den = reference.pow(2).sum().item()
+    return (out.float() - reference).pow(2).sum().item() / den if den > 0 else 0.0
 
 
 def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit: int,
-                forms: Sequence[Form] = FORMS, embeddings: frozenset[str] = frozenset()) -> Plan:
+                forms: Sequence[Form] = FORMS, embeddings: frozenset[str] = frozenset(), effect=None) -> Plan:
     """The plan for these weights (name -> the weight itself: calibration statistics are keyed
     by it; `embeddings` names the embedding tables among them), given the bytes of everything
-    else and of one call's working memory."""
+    else and of one call's working memory. `effect(name, approx)`: the model output's relative
+    change with that one weight replaced (see layer_gain); None: every layer's gain is 1."""
     names, options, costs, sizes = [], [], [], []
     calibrated = any(input_moment(w) is not None for w in layers.values())
+    gains = {}
     for name, w in layers.items():
         n, k = w.shape
         moment = input_moment(w)
+        gains[name] = layer_gain(name, w, moment, effect) if effect is not None else 1.0
         scored = []
         for form in forms:
             size = form.bytes(n, k, w.element_size())
-            error = 0.0 if form.bits is None else relative_output_noise(w, reconstructed(w, form), moment)
-            scored.append((form, size, error))
+            noise = 0.0 if form.bits is None else relative_output_noise(w, reconstructed(w, form), moment)
+            scored.append((form, size, gains[name] * noise))
         names.append(name)
         options.append(scored)
         costs.append([e for _, _, e in scored])
@@ -180,5 +237,5 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     for name, w, scored, o in zip(names, layers.values(), options, picked):
         form, size, error = scored[o]
         planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error, {f.name: (s, e) for f, s, e in scored},
-                                 embedding=name in embeddings))
+                                 embedding=name in embeddings, gain=gains[name]))
     return Plan(limit, tuple(planned), fixed, working, solver, calibrated)
