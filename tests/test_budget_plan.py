@@ -192,3 +192,26 @@ def test_the_budget_option_refuses_what_it_cannot_do_yet():
     with pytest.raises(Exception, match="inference graphs only"):
         compiled(torch.randint(0, 64, (1, 8))).sum().backward()
     torch._dynamo.reset()
+
+
+class WithIdleParts(TwoLayers):
+    def __init__(self):
+        super().__init__()
+        self.never = nn.Linear(128, 512)  # never called
+        self.ignored = nn.Linear(128, 512)  # called, its output thrown away (as MiniLM's pooler)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        self.ignored(h)
+        return self.head(self.down(torch.relu(self.up(h))))
+
+
+def test_weights_that_do_not_reach_the_output_are_not_planned():
+    """The compiled graph drops them, so compressing them would save nothing: the plan counts
+    them at their size (MiniLM's pooler: 0.55 MiB the plan had counted as 2-bit)."""
+    model = WithIdleParts().eval()
+    ids = torch.randint(0, 64, (2, 16))
+    plan = memsave.plan(model, ids, budget="1GiB")
+    names = [layer.name for layer in plan.layers]
+    assert "never.weight" not in names and "ignored.weight" not in names and "up.weight" in names
+    assert plan.fixed_bytes >= 2 * 128 * 512 * 4

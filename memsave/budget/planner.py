@@ -114,12 +114,15 @@ def layer_gain(name: str, w: torch.Tensor, moment, effect) -> float:
         return 1.0
     change = effect(name, approx)
     return change / noise if change == change and change >= 0 else 1.0  # NaN: keep the plain noise
+    # 0.0: the output does not depend on this weight (plan_layers leaves it out)
 
 
-def plannable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def plannable_weights(model: nn.Module, called: set[int] | None = None) -> dict[str, torch.Tensor]:
     """name -> weight of every linear and embedding whose weight the plan may change: 2-D float,
     used by that one module only (a weight tied between an embedding and the LM head, or shared
-    by two linears, stays as it is)."""
+    by two linears, stays as it is), and, given `called` (ids of the modules a call ran), run by
+    the call: a module the forward never calls (MiniLM's unused pooler) is not compiled, so
+    compressing it would save nothing."""
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
@@ -127,7 +130,7 @@ def plannable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if isinstance(module, (nn.Linear, nn.Embedding)) and isinstance(w, torch.Tensor) and w.dim() == 2 \
-                and w.dtype.is_floating_point and uses.get(id(w), 0) == 1:
+                and w.dtype.is_floating_point and uses.get(id(w), 0) == 1 and (called is None or id(module) in called):
             found[f"{module_name}.weight" if module_name else "weight"] = w
     return found
 
@@ -163,12 +166,19 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         from memsave.calibrate import calibrate
 
         calibrate(model, calibration, progress=False, hessian=True)
-    layers = plannable_weights(model)
+    called: set[int] = set()
+    hooks = [m.register_forward_hook(lambda module, args, out: called.add(id(module)))
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    try:
+        with torch.no_grad():
+            reference = output_tensor(model(*inputs)).float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = plannable_weights(model, called)
     fixed = _tensor_bytes(model, {id(w) for w in layers.values()})
     tables = frozenset(name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
                        for name in [f"{name}.weight"] if name in layers)
-    with torch.no_grad():
-        reference = output_tensor(model(*inputs)).float()
 
     def effect(name: str, approx: torch.Tensor) -> float:
         w = layers[name]
@@ -209,13 +219,20 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     by it; `embeddings` names the embedding tables among them), given the bytes of everything
     else and of one call's working memory. `effect(name, approx)`: the model output's relative
     change with that one weight replaced (see layer_gain); None: every layer's gain is 1."""
+    layers = dict(layers)  # the ones whose output does not matter are taken out below
     names, options, costs, sizes = [], [], [], []
     calibrated = any(input_moment(w) is not None for w in layers.values())
     gains = {}
-    for name, w in layers.items():
+    for name, w in list(layers.items()):
         n, k = w.shape
         moment = input_moment(w)
         gains[name] = layer_gain(name, w, moment, effect) if effect is not None else 1.0
+        if gains[name] == 0.0:
+            # Its noise does not reach the output at all (computed, then unused, as MiniLM's
+            # pooler): the compiled graph drops it, so it stays as it is and counts as it is.
+            fixed += w.untyped_storage().nbytes()
+            del layers[name]
+            continue
         scored = []
         for form in forms:
             size = form.bytes(n, k, w.element_size())
