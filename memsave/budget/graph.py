@@ -12,20 +12,19 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from memsave.budget.planner import Plan, output_tensor, plan_layers, relative_change
+from memsave.budget.planner import Plan, measured_call, output_tensor, plan_layers, relative_change, storage_bytes
 from memsave.graph.inputs import InputInfo
-from memsave.memory.track import MemoryTracker
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 EMBEDDINGS = (torch.nn.functional.embedding,)
 
 
-def graph_weights(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo],
-                  tables: set[str]) -> dict[str, torch.Tensor]:
-    """name -> weight of the parameters that only one linear or embedding call reads (as its
-    weight); the embeddings' names are added to `tables`."""
+def graph_weights(gm: fx.GraphModule, real_inputs: Sequence[Any],
+                  inputs: Sequence[InputInfo]) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """(name -> weight, the embedding tables' names) of the parameters that only one linear or
+    embedding call reads (as its weight)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    found = {}
+    found, tables = {}, set()
     for index, (node, info) in enumerate(zip(placeholders, inputs)):
         w = real_inputs[index]
         if info.weight is None or info.weight.kind != "parameter" or not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -36,23 +35,14 @@ def graph_weights(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequen
             found[info.weight.name] = w
             if users[0].target in EMBEDDINGS:
                 tables.add(info.weight.name)
-    return found
+    return found, frozenset(tables)
 
 
 def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo], limit: int) -> Plan:
-    tables: set[str] = set()
-    layers = graph_weights(gm, real_inputs, inputs, tables)
-    planned = {id(w) for w in layers.values()}
-    seen, fixed = set(), 0
-    for info, value in zip(inputs, real_inputs):
-        if info.weight is None or not isinstance(value, torch.Tensor) or id(value) in planned:
-            continue
-        ptr = value.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            fixed += value.untyped_storage().nbytes()
-    with torch.no_grad(), MemoryTracker("cpu") as tracker:
-        reference = output_tensor(gm(*real_inputs)).float()
+    layers, tables = graph_weights(gm, real_inputs, inputs)
+    weights = [value for info, value in zip(inputs, real_inputs) if info.weight is not None]
+    fixed = storage_bytes(weights, {id(w) for w in layers.values()})
+    reference, working = measured_call(gm, real_inputs)
     index = {id(value): i for i, value in enumerate(real_inputs)}
 
     def effect(name: str, approx: torch.Tensor) -> float:
@@ -61,4 +51,4 @@ def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[
         with torch.no_grad():
             return relative_change(output_tensor(gm(*args)), reference)
 
-    return plan_layers(layers, fixed, tracker.stats.peak_bytes, limit, embeddings=frozenset(tables), effect=effect)
+    return plan_layers(layers, fixed, working, limit, embeddings=tables, effect=effect)

@@ -11,19 +11,12 @@ guaranteed optimal; the plan records which solver chose it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 MILP_MAX_VARIABLES = 20000
 MILP_TIME_LIMIT_S = 20.0
-
-
-@dataclass(frozen=True)
-class Choice:
-    layer: int
-    option: int
 
 
 class BudgetError(ValueError):

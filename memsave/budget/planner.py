@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from memsave.config.units import format_bytes, parse_bytes
+from memsave.config.units import parse_bytes
+from memsave.report import fmt_bytes as format_bytes
 from memsave.budget.candidates import FORMS, FORMS_BY_NAME, Form, reconstructed
 from memsave.budget.knapsack import BudgetError, choose
 from memsave.budget.sensitivity import input_moment, relative_output_noise
@@ -113,46 +114,55 @@ def layer_gain(name: str, w: torch.Tensor, moment, effect) -> float:
     if noise <= 0:
         return 1.0
     change = effect(name, approx)
-    return change / noise if change == change and change >= 0 else 1.0  # NaN: keep the plain noise
-    # 0.0: the output does not depend on this weight (plan_layers leaves it out)
+    # NaN: keep the plain noise; 0.0: the output does not depend on this weight (left out)
+    return change / noise if change == change and change >= 0 else 1.0
 
 
-def plannable_weights(model: nn.Module, called: set[int] | None = None) -> dict[str, torch.Tensor]:
-    """name -> weight of every linear and embedding whose weight the plan may change: 2-D float,
-    used by that one module only (a weight tied between an embedding and the LM head, or shared
-    by two linears, stays as it is), and, given `called` (ids of the modules a call ran), run by
-    the call: a module the forward never calls (MiniLM's unused pooler) is not compiled, so
-    compressing it would save nothing."""
+def plannable_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """(name -> weight, the embedding tables' names) of every linear and embedding whose weight
+    the plan may change: 2-D float, used by that one module only (a weight tied between an
+    embedding and the LM head, or shared by two linears, stays as it is). A weight the call
+    never reaches is left out later, by its gain of 0 (plan_layers)."""
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    found = {}
+    found, tables = {}, set()
     for module_name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if isinstance(module, (nn.Linear, nn.Embedding)) and isinstance(w, torch.Tensor) and w.dim() == 2 \
-                and w.dtype.is_floating_point and uses.get(id(w), 0) == 1 and (called is None or id(module) in called):
-            found[f"{module_name}.weight" if module_name else "weight"] = w
-    return found
+                and w.dtype.is_floating_point and uses.get(id(w), 0) == 1:
+            name = f"{module_name}.weight" if module_name else "weight"
+            found[name] = w
+            if isinstance(module, nn.Embedding):
+                tables.add(name)
+    return found, frozenset(tables)
 
 
-def _tensor_bytes(model: nn.Module, skip: set[int]) -> int:
+def storage_bytes(tensors, skip: set[int]) -> int:
+    """Bytes of the storages of `tensors` (each once), leaving out the tensors whose id is in `skip`."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        ptr = t.untyped_storage().data_ptr()
-        if id(t) in skip or ptr in seen:
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or id(t) in skip:
             continue
-        seen.add(ptr)
-        total += t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
     return total
+
+
+def measured_call(fn, args: Sequence) -> tuple[torch.Tensor, int]:
+    """(the output tensor of one call without grad, the peak of live bytes it added)."""
+    from memsave.memory.track import MemoryTracker
+
+    with torch.no_grad(), MemoryTracker("cpu") as tracker:
+        out = output_tensor(fn(*args)).float()
+    return out, tracker.stats.peak_bytes
 
 
 def working_bytes(model: nn.Module, inputs: Sequence) -> int:
     """Peak live bytes of one eager call above what existed before it (weights excluded)."""
-    from memsave.memory.track import MemoryTracker
-
-    with torch.no_grad(), MemoryTracker("cpu") as tracker:
-        model(*inputs)
-    return tracker.stats.peak_bytes
+    return measured_call(model, inputs)[1]
 
 
 def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Form] = FORMS) -> Plan:
@@ -166,19 +176,9 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         from memsave.calibrate import calibrate
 
         calibrate(model, calibration, progress=False, hessian=True)
-    called: set[int] = set()
-    hooks = [m.register_forward_hook(lambda module, args, out: called.add(id(module)))
-             for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    try:
-        with torch.no_grad():
-            reference = output_tensor(model(*inputs)).float()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    layers = plannable_weights(model, called)
-    fixed = _tensor_bytes(model, {id(w) for w in layers.values()})
-    tables = frozenset(name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
-                       for name in [f"{name}.weight"] if name in layers)
+    layers, tables = plannable_weights(model)
+    fixed = storage_bytes(list(model.parameters()) + list(model.buffers()), {id(w) for w in layers.values()})
+    reference, working = measured_call(model, inputs)
 
     def effect(name: str, approx: torch.Tensor) -> float:
         w = layers[name]
@@ -190,7 +190,7 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         finally:
             w.data = original
 
-    return plan_layers(layers, fixed, working_bytes(model, inputs), limit, forms, tables, effect)
+    return plan_layers(layers, fixed, working, limit, forms, tables, effect)
 
 
 def output_tensor(out) -> torch.Tensor:
@@ -219,11 +219,10 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     by it; `embeddings` names the embedding tables among them), given the bytes of everything
     else and of one call's working memory. `effect(name, approx)`: the model output's relative
     change with that one weight replaced (see layer_gain); None: every layer's gain is 1."""
-    layers = dict(layers)  # the ones whose output does not matter are taken out below
     names, options, costs, sizes = [], [], [], []
     calibrated = any(input_moment(w) is not None for w in layers.values())
     gains = {}
-    for name, w in list(layers.items()):
+    for name, w in layers.items():
         n, k = w.shape
         moment = input_moment(w)
         gains[name] = layer_gain(name, w, moment, effect) if effect is not None else 1.0
@@ -231,7 +230,6 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
             # Its noise does not reach the output at all (computed, then unused, as MiniLM's
             # pooler): the compiled graph drops it, so it stays as it is and counts as it is.
             fixed += w.untyped_storage().nbytes()
-            del layers[name]
             continue
         scored = []
         for form in forms:
@@ -251,8 +249,9 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
             f"(other weights {format_bytes(fixed)} + one call's working memory {format_bytes(working)} + every "
             f"linear at its smallest form {format_bytes(e.smallest_bytes)})", smallest) from None
     planned = []
-    for name, w, scored, o in zip(names, layers.values(), options, picked):
+    for name, scored, o in zip(names, options, picked):
         form, size, error = scored[o]
+        w = layers[name]
         planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error, {f.name: (s, e) for f, s, e in scored},
                                  embedding=name in embeddings, gain=gains[name]))
     return Plan(limit, tuple(planned), fixed, working, solver, calibrated)

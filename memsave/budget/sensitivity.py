@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 
 from memsave.calibrate import CALIBRATION
-
-ROW_BLOCK = 1024  # rows of ΔW per product with G: bounds the temporary to ROW_BLOCK x K floats
-
+from memsave.ops.lowrank import output_error_sums
 
 def input_moment(weight: torch.Tensor) -> torch.Tensor | None:
     """E[x xᵀ] of the inputs this weight multiplied (memsave.calibrate(..., hessian=True)), or None."""
@@ -24,14 +22,5 @@ def input_moment(weight: torch.Tensor) -> torch.Tensor | None:
 
 def relative_output_noise(weight: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor | None) -> float:
     """E‖(Ŵ − W) x‖² / E‖W x‖² (G = `moment`, or the identity when None)."""
-    w = weight.detach().float()
-    noise = signal = 0.0
-    for i in range(0, w.shape[0], ROW_BLOCK):
-        rows, delta = w[i : i + ROW_BLOCK], approx[i : i + ROW_BLOCK].float() - w[i : i + ROW_BLOCK]
-        if moment is None:
-            noise += delta.pow(2).sum().item()
-            signal += rows.pow(2).sum().item()
-        else:
-            noise += ((delta @ moment) * delta).sum().item()
-            signal += ((rows @ moment) * rows).sum().item()
+    noise, signal = output_error_sums(weight, lambda rows: approx[rows], moment, torch.float32)
     return noise / signal if signal > 0 else 0.0

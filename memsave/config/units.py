@@ -24,7 +24,3 @@ def parse_bytes(value) -> int:
                 return int(number)
     raise ValueError(f"budget {value!r}: expected a positive number of bytes or a string such as '24MiB', "
                      f"'1.5GB' (units: {', '.join(u for u in UNITS if u)})")
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB"

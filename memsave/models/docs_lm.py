@@ -113,7 +113,7 @@ def corpus() -> Corpus:
 
 def encode(text: str) -> torch.Tensor:
     """Byte tokens of `text` (int64)."""
-    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).long()
+    return _tokens(text.encode())
 
 
 def decode(tokens) -> str:

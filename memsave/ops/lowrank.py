@@ -211,19 +211,29 @@ def factor_error(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, gram: torch.
         )
     g = None if gram is None else _check_gram(gram, k, "factor_error").to(w.device)  # (K, K)
     vd = v.detach().double().to(w.device)
-    num = den = torch.zeros((), dtype=torch.float64, device=w.device)
-    for i in range(0, n, ROW_BLOCK):  # a block of rows at a time: no (N, K) float64 temporaries
-        rows = w[i : i + ROW_BLOCK].detach().double()
-        error = rows - u[i : i + ROW_BLOCK].detach().double().to(w.device) @ vd
-        if g is None:
-            num, den = num + error.pow(2).sum(), den + rows.pow(2).sum()
-        else:
-            # tr(E G Eᵀ) = Σ (E G) ∘ E; a PSD G makes both ≥ 0, up to rounding.
-            num, den = num + ((error @ g) * error).sum(), den + ((rows @ g) * rows).sum()
-    num, den = num.clamp_min(0), den.clamp_min(0)
+    num, den = output_error_sums(w, lambda rows: u[rows].detach().double().to(w.device) @ vd, g, torch.float64)
+    num, den = max(num, 0.0), max(den, 0.0)
     if den == 0:
         return 0.0 if num == 0 else math.inf
-    return math.sqrt(num.item() / den.item())
+    return math.sqrt(num / den)
+
+
+def output_error_sums(w: torch.Tensor, approx_rows, gram: torch.Tensor | None, dtype: torch.dtype) -> tuple[float, float]:
+    """(tr(E G Eᵀ), tr(W G Wᵀ)) for E = Ŵ − W, or the squared Frobenius norms when `gram` is
+    None, in `dtype`, a block of rows at a time (no (N, K) temporaries): `approx_rows(slice)`
+    gives those rows of Ŵ. factor_error and the budget planner's output noise both read it."""
+    g = None if gram is None else gram.to(dtype)
+    num = den = 0.0
+    for i in range(0, w.shape[0], ROW_BLOCK):
+        rows = slice(i, i + ROW_BLOCK)
+        exact = w[rows].detach().to(dtype)
+        error = approx_rows(rows).to(dtype) - exact
+        if g is None:
+            num, den = num + error.pow(2).sum().item(), den + exact.pow(2).sum().item()
+        else:
+            # tr(E G Eᵀ) = Σ (E G) ∘ E; a PSD G makes both ≥ 0, up to rounding.
+            num, den = num + ((error @ g) * error).sum().item(), den + ((exact @ g) * exact).sum().item()
+    return num, den
 
 
 def _check_rank(w: torch.Tensor, rank: int, who: str) -> None:

@@ -863,7 +863,7 @@ static void fused_row(const ms_weight *d, const ms_prep *p, int path, int64_t r,
 /* x deinterleaved by `spread` within blocks of lanes*spread: lane j of the block's part q is
  * x[block + spread*j + q]. Matches codes that come out of a byte (int4: low nibbles, then
  * high) or a gather (vq dim 4: component q of 16 vectors). lanes 16: fp32 for the fp32 paths;
- * lanes 32: bf16 for bf16_row (one vdpbf16ps takes 32). */
+ * lanes 32: bf16 for bf16_row and affine4_bf16_row (one vdpbf16ps takes 32). */
 static void *deinterleave_lanes(const float *x, int64_t M, int64_t K, int64_t spread, int64_t lanes, int bf16,
                                 int64_t *Kp) {
   const int64_t block = lanes * spread;
@@ -890,6 +890,26 @@ static uint16_t *deinterleave_bf16(const float *x, int64_t M, int64_t K, int64_t
   return deinterleave_lanes(x, M, K, spread, 32, 1, Kp);
 }
 
+/* (M, G) sums of x over each group of the weight's rows; as_bf16: of x rounded to bf16. */
+static float *group_sums(const ms_weight *d, const float *x, int64_t M, int as_bf16) {
+  const int64_t K = d->in_features, G = groups_of(d), gs = d->group_size;
+  float *sums = malloc((size_t)(M * G) * sizeof(float));
+  for (int64_t i = 0; i < M; i++)
+    for (int64_t g = 0; g < G; g++) {
+      float s = 0.0f;
+      for (int64_t k = g * gs; k < (g + 1) * gs && k < K; k++) {
+        float v = x[i * K + k];
+        if (as_bf16) {
+          const uint32_t bits = (uint32_t)float_to_bf16(v) << 16;
+          memcpy(&v, &bits, 4);
+        }
+        s += v;
+      }
+      sums[i * G + g] = s;
+    }
+  return sums;
+}
+
 /* y (M, N) = x (M, K) @ W^T + bias, M small (decode). narrow: bf16 products where a narrowed
  * path exists (bf16_path), fp32 elsewhere. */
 int ms_linear(const ms_weight *d, const float *x, int64_t M, const float *bias, float *y, int narrow) {
@@ -902,31 +922,10 @@ int ms_linear(const ms_weight *d, const float *x, int64_t M, const float *bias, 
   if (path == F_AFFINE_SPREAD || path == F_LOG_SPREAD) p.xd = deinterleave(x, M, K, spread_of(d->bits), &p.Kp);
   if (path == F_AFFINE_BF16 || path == F_LOG_BF16) p.xb = deinterleave_bf16(x, M, K, spread_of(d->bits), &p.Kp);
   if (path == F_AFFINE4_BF16) { /* 4 codes per 16-bit lane; group sums of the bf16 values the products see */
-    const int64_t G = groups_of(d), gs = d->group_size;
     p.xb = deinterleave_lanes(x, M, K, 4, 32, 1, &p.Kp);
-    p.xsum = malloc((size_t)(M * G) * sizeof(float));
-    for (int64_t i = 0; i < M; i++)
-      for (int64_t g = 0; g < G; g++) {
-        float s = 0.0f;
-        for (int64_t k = g * gs; k < (g + 1) * gs && k < K; k++) {
-          const uint32_t bits = (uint32_t)float_to_bf16(x[i * K + k]) << 16;
-          float v;
-          memcpy(&v, &bits, 4);
-          s += v;
-        }
-        p.xsum[i * G + g] = s;
-      }
+    p.xsum = group_sums(d, x, M, 1);
   }
-  if (path == F_AFFINE8 || path == F_AFFINE) {
-    const int64_t G = groups_of(d), gs = d->group_size;
-    p.xsum = malloc((size_t)(M * G) * sizeof(float));
-    for (int64_t i = 0; i < M; i++)
-      for (int64_t g = 0; g < G; g++) {
-        float s = 0.0f;
-        for (int64_t k = g * gs; k < (g + 1) * gs && k < K; k++) s += x[i * K + k];
-        p.xsum[i * G + g] = s;
-      }
-  }
+  if (path == F_AFFINE8 || path == F_AFFINE) p.xsum = group_sums(d, x, M, 0);
 #endif
 #pragma omp parallel if (N * K * M >= PARALLEL_MIN_WORK)
   {
