@@ -15,6 +15,7 @@ from memsave.memory.estimate import MemoryEstimate, estimate_memory
 from memsave.memory.track import MemoryStats, MemoryTracker, measure_peak
 from memsave.report import GraphReport, PassRecord, collect, recent_reports
 from memsave.serialize import load, save
+from memsave.checkpoint import empty_parameters
 from memsave.passes.dynamo.shard_tensor import (
     check_tensor_parallel,
     named_sharded_parameters,
@@ -43,6 +44,6 @@ __all__ = [
     "estimate_memory",
     "measure_peak",
     "recent_reports",
-    "save", "load",
+    "save", "load", "empty_parameters",
     "check_tensor_parallel", "named_sharded_parameters", "sharded_parameters", "tp_parameter_bytes",
 ]

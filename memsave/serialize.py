@@ -424,9 +424,12 @@ def saved_options(path: str | os.PathLike) -> dict | None:
 
 
 def load(
-    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, device: str | torch.device = "cpu"
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, device: str | torch.device = "cpu",
+    options: Any = None,
 ) -> nn.Module:
-    """Load a file written by `memsave.save` into `model`; returns `model`.
+    """Load a file written by `memsave.save` into `model`; returns `model`. With `options` (e.g.
+    a plan's options), load a plain safetensors checkpoint instead, compressing each weight the
+    options quantize as it is read (memsave/compress_on_load.py; CPU).
 
     model: a module of the same architecture (or its compiled wrapper), best built on the meta
         device (`with torch.device("meta"): model = Model()`), so no full-precision weight is
@@ -442,6 +445,15 @@ def load(
     """
     from safetensors import safe_open
 
+    if options is not None:
+        if _has_memsave_header(path):
+            raise ValueError(f"memsave.load: {os.fspath(path)!r} was written by memsave.save and is compressed "
+                             "already; load it without options")
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"memsave.load: compressing while loading runs on the CPU, not {device!r}")
+        from memsave.compress_on_load import load_compressing
+
+        return load_compressing(model, path, options, strict=strict)
     module = getattr(model, "_orig_mod", model)
     header, names = _read_header(path)
     device = torch.device(device)
@@ -513,7 +525,8 @@ def _read_header(path: str | os.PathLike) -> tuple[dict, set[str]]:
     if raw is None:
         raise ValueError(
             f"memsave.load: {where} is a safetensors file but was not written by memsave.save "
-            "(no 'memsave' metadata); load plain checkpoints with model.load_state_dict"
+            "(no 'memsave' metadata); load plain checkpoints with model.load_state_dict, or with "
+            "memsave.load(model, path, options=...) to compress them while loading"
         )
     try:
         header = json.loads(raw)
@@ -527,6 +540,12 @@ def _read_header(path: str | os.PathLike) -> tuple[dict, set[str]]:
             f"memsave reads ({FORMAT_VERSION}); it was written by memsave {header.get('memsave_version')}"
         )
     return header, names
+
+
+def _has_memsave_header(path: str | os.PathLike) -> bool:
+    from memsave.checkpoint import Checkpoint
+
+    return "memsave" in Checkpoint(path).metadata
 
 
 @dataclasses.dataclass

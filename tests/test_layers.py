@@ -14,14 +14,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memsave"
 LAYERS = [
     ("memsave.version", "memsave.config", "memsave.graph", "memsave.weight_keys"),
     ("memsave.memory",),
-    ("memsave.ops", "memsave.report", "memsave.calibrate", "memsave.models"),
+    ("memsave.ops", "memsave.report", "memsave.calibrate", "memsave.models", "memsave.checkpoint"),
     ("memsave.weights", "memsave.debug"),
     ("memsave.passes",),
     ("memsave.codegen", "memsave.budget"),
     ("memsave.pipeline",),
     ("memsave.distributed",),
     ("memsave.backend",),
-    ("memsave.serialize", "memsave.explain"),
+    ("memsave.serialize", "memsave.explain", "memsave.compress_on_load"),
     ("memsave.cli", "memsave"),
 ]
 

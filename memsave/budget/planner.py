@@ -165,20 +165,33 @@ def working_bytes(model: nn.Module, inputs: Sequence) -> int:
     return measured_call(model, inputs)[1]
 
 
-def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Form] = FORMS) -> Plan:
+def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Form] = FORMS,
+         checkpoint=None, working=None) -> Plan:
     """The plan for `model` called on `inputs` within `budget` (bytes, or "24MiB", "1.5GB").
     calibration: batches for memsave.calibrate (run here, with Gram matrices); without them,
     any statistics an earlier memsave.calibrate left are used, else the weights' own error.
     `inputs` also measure how much each layer's noise moves the model's output: use inputs
-    like the ones the model will see (not the text you will evaluate on)."""
+    like the ones the model will see (not the text you will evaluate on).
+    checkpoint: a safetensors file to read the weights from, one at a time, for a model too
+    large to hold at full precision (built with memsave.empty_parameters); see stream.py.
+    working: one call's working memory in bytes, instead of measuring (or, from a
+    checkpoint, estimating) it."""
     limit = parse_bytes(budget)
+    if checkpoint is not None:
+        from memsave.budget.stream import plan_checkpoint
+
+        if calibration is not None:
+            raise ValueError("memsave.plan: calibration runs the model, which needs its weights in memory; a plan "
+                             "from a checkpoint scores each weight's own error (leave calibration out)")
+        return plan_checkpoint(model, inputs, limit, checkpoint, forms, working)
     if calibration is not None:
         from memsave.calibrate import calibrate
 
         calibrate(model, calibration, progress=False, hessian=True)
     layers, tables = plannable_weights(model)
     fixed = storage_bytes(list(model.parameters()) + list(model.buffers()), {id(w) for w in layers.values()})
-    reference, working = measured_call(model, inputs)
+    reference, measured = measured_call(model, inputs)
+    working = measured if working is None else parse_bytes(working)
 
     def effect(name: str, approx: torch.Tensor) -> float:
         w = layers[name]
@@ -220,11 +233,13 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     else and of one call's working memory. `effect(name, approx)`: the model output's relative
     change with that one weight replaced (see layer_gain); None: every layer's gain is 1."""
     names, options, costs, sizes = [], [], [], []
-    calibrated = any(input_moment(w) is not None for w in layers.values())
-    gains = {}
+    calibrated = False
+    gains, shapes = {}, {}
+    # One pass over `layers` (a plan from a checkpoint reads each weight here, once).
     for name, w in layers.items():
-        n, k = w.shape
+        n, k = shapes[name] = tuple(w.shape)
         moment = input_moment(w)
+        calibrated = calibrated or moment is not None
         gains[name] = layer_gain(name, w, moment, effect) if effect is not None else 1.0
         if gains[name] == 0.0:
             # Its noise does not reach the output at all (computed, then unused, as MiniLM's
@@ -251,7 +266,6 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     planned = []
     for name, scored, o in zip(names, options, picked):
         form, size, error = scored[o]
-        w = layers[name]
-        planned.append(LayerPlan(name, tuple(w.shape), form.name, size, error, {f.name: (s, e) for f, s, e in scored},
+        planned.append(LayerPlan(name, shapes[name], form.name, size, error, {f.name: (s, e) for f, s, e in scored},
                                  embedding=name in embeddings, gain=gains[name]))
     return Plan(limit, tuple(planned), fixed, working, solver, calibrated)

@@ -120,10 +120,7 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
                 _compute_in(builder, use, node, dequantize(compute), compute)
             else:
                 use.replace_input_with(node, dequantize(val.dtype))
-        errors[name] = WEIGHTS.get_or_build(
-            weight, weight_keys.sqnr(codes.key),
-            lambda: _weight_sqnr(weight, rules, spec, params, column_scale, codes.packed),
-        )
+        errors[name] = weight_sqnr(weight, codes)
         if all(user is q or user is quantized_input for user in node.users):
             release_streamed(weight, name, ctx)  # only the quantize node reads it, and its codes are cached
         quantized.append(f"{name}: {scheme.describe()}" + (f" (group {group})" if group != scheme.group_size and scheme.group_size else ""))
@@ -194,6 +191,16 @@ def weight_codes(weight: torch.Tensor, scheme: QuantizeConfig, group: int, cache
     else:
         packed = cached(weight_keys.packed(key), lambda: _quantize_in_blocks(weight, rules, spec, params, column_scale))
     return WeightCodes(spec, rules, key, tuple(params), packed, column_scale, alpha)
+
+
+def weight_sqnr(weight: torch.Tensor, codes: WeightCodes, cached=None) -> float:
+    """The SQNR (dB) the pass reports for `weight` under `codes`, kept like weight_codes' results
+    (`cached` as there; the loader builds it while the original is still there)."""
+    if cached is None:
+        def cached(key, build):
+            return WEIGHTS.get_or_build(weight, key, build)
+    return cached(weight_keys.sqnr(codes.key), lambda: _weight_sqnr(
+        weight, codes.rules, codes.spec, codes.params, codes.column_scale, codes.packed))
 
 
 def _params_key(scheme: QuantizeConfig, group: int) -> tuple:
