@@ -227,11 +227,14 @@ def relative_change(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit: int,
-                forms: Sequence[Form] = FORMS, embeddings: frozenset[str] = frozenset(), effect=None) -> Plan:
+                forms: Sequence[Form] = FORMS, embeddings: frozenset[str] = frozenset(), effect=None,
+                score_rows=None) -> Plan:
     """The plan for these weights (name -> the weight itself: calibration statistics are keyed
     by it; `embeddings` names the embedding tables among them), given the bytes of everything
     else and of one call's working memory. `effect(name, approx)`: the model output's relative
-    change with that one weight replaced (see layer_gain); None: every layer's gain is 1."""
+    change with that one weight replaced (see layer_gain); None: every layer's gain is 1.
+    score_rows(w): the rows of `w` to score the forms' errors on (None: all of them); every
+    form quantizes each row on its own, so a subset's error is those rows' exact error."""
     names, options, costs, sizes = [], [], [], []
     calibrated = False
     gains, shapes = {}, {}
@@ -247,9 +250,10 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
             fixed += w.untyped_storage().nbytes()
             continue
         scored = []
+        rows = w if score_rows is None else score_rows(w)
         for form in forms:
             size = form.bytes(n, k, w.element_size())
-            noise = 0.0 if form.bits is None else relative_output_noise(w, reconstructed(w, form), moment)
+            noise = 0.0 if form.bits is None else relative_output_noise(rows, reconstructed(rows, form), moment)
             scored.append((form, size, gains[name] * noise))
         names.append(name)
         options.append(scored)

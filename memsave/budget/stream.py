@@ -10,6 +10,12 @@ relative error, as memsave.plan does without calibration; GPTQ falls back to the
 as the quantize pass does for weights without statistics) and no per-layer gains (every
 layer's gain is 1). One call's working memory is estimated on the meta device
 (memory/meta_peak.py) unless `working` gives it.
+
+Scoring every form on every row of a large model takes minutes per GB (the MSE grid search
+dominates), so a weight with more than SCORE_ROWS rows is scored on SCORE_ROWS rows evenly
+spread over it: each row's codes are its own (groups lie within rows), so those rows' errors
+are exactly what the compile will make of them, and their relative error estimates the
+weight's. The bytes are always the whole weight's.
 """
 
 from __future__ import annotations
@@ -25,6 +31,17 @@ from memsave.budget.planner import Plan, plan_layers, plannable_weights
 from memsave.checkpoint import Checkpoint
 from memsave.config.units import parse_bytes
 from memsave.memory.meta_peak import meta_call_peak
+
+
+SCORE_ROWS = 512
+
+
+def spread_rows(w: torch.Tensor) -> torch.Tensor:
+    """At most SCORE_ROWS rows of `w`, evenly spaced (all of them if it has no more)."""
+    n = w.shape[0]
+    if n <= SCORE_ROWS:
+        return w
+    return w[torch.linspace(0, n - 1, SCORE_ROWS).round().long()]
 
 
 class _WeightsFromFile(Mapping):
@@ -60,4 +77,4 @@ def plan_checkpoint(model: nn.Module, inputs: Sequence, limit: int, path, forms:
     # at the size the model will hold them (a meta tensor has no storage to measure)
     fixed = sum(t.numel() * t.element_size() for t in others.values())
     working = meta_call_peak(model, inputs) if working is None else parse_bytes(working)
-    return plan_layers(_WeightsFromFile(ckpt, layers), fixed, working, limit, forms, tables)
+    return plan_layers(_WeightsFromFile(ckpt, layers), fixed, working, limit, forms, tables, score_rows=spread_rows)
