@@ -1,109 +1,102 @@
 """Save and load compressed weights: `memsave.save(compiled, path)`, `memsave.load(model, path)`.
 
-    compiled = torch.compile(model, backend="memsave", options={"quantize": "int4"})
+    compiled = torch.compile(model, backend="memsave", options={"prune": "2:4", "quantize": "int4"})
     compiled(*example_inputs)                 # the first call compresses (and releases) the weights
     memsave.save(compiled, "model.safetensors")
 
     with torch.device("meta"):                # no full-precision weights are ever allocated
         fresh = Model()
-    memsave.load(fresh, "model.safetensors")  # returns `fresh`; fresh._memsave_quantize = the options
-    compiled = torch.compile(fresh, backend="memsave", options={"quantize": fresh._memsave_quantize})
+    memsave.load(fresh, "model.safetensors")  # returns `fresh`; fresh._memsave_options = the options
+    compiled = torch.compile(fresh, backend="memsave", options=fresh._memsave_options)
 
-What is stored: memsave's generic form of each weight it compressed — packed codes, fp16
-scales (and offsets) exactly as the quantize/fold_weights passes cache them, bit for bit — and
-every other parameter and buffer as it is (non-persistent buffers too, so that a model built on
-the meta device needs nothing recomputed). Compressed weights are never dequantized: saving
-reads the weight cache, loading fills it. A weight that a CPU kernel converted to its own
-layout is saved in the generic form the cache rebuilds from that layout; for the int4 kernel
-also with the kernel's own bf16 scales/zeros, which the generic fp16 form does not always
-reproduce exactly, and loading converts it to that layout again, as the saved model held it.
+What is stored: every form memsave made of a weight, exactly as the passes cached it (bit for
+bit), and every other parameter and buffer as it is (non-persistent buffers too, so that a
+model built on the meta device needs nothing recomputed). The forms: affine quantization
+(packed codes, fp16 scales and offsets), the log and vq schemes' codes and parameters,
+unstructured pruning (kept values and bitmask), N:M pruning (kept values and their positions),
+low-rank factors, structured pruning's kept rows/columns (and sliced biases), and those forms
+compressed further (pruned values or factors quantized, factors of a structurally pruned
+weight). Compressed weights are never decompressed: saving reads the weight cache, loading
+fills it (serialize_entries.py). A weight that a CPU kernel converted to its own layout is
+saved in the generic form the cache rebuilds from that layout; for the int4 kernel also with
+the kernel's own bf16 scales/zeros, which the generic fp16 form does not always reproduce
+exactly, and loading converts it to that layout again, as the saved model held it. Not stored:
+mixed precision's narrowed copies (options['precision'] with narrow weights: save refuses).
 
 Loading gives each compressed weight a parameter of its shape and dtype whose storage is empty
-(what `release_weights` leaves behind), registers it as released, and puts the loaded codes and
-scales in the weight cache under the keys the passes use. Compiling the loaded model with the
-same quantize options then finds everything cached: no weight is read, nothing is rebuilt.
+(what `release_weights` leaves behind), registers it as released, and puts the loaded forms in
+the weight cache under the keys the passes use; a derived form that was released (a pruned
+weight's values once quantized) gets the same. Compiling the loaded model with the recorded
+options then finds everything cached: no weight is read, nothing is rebuilt.
 
 File format: a safetensors file.
   tensors   "<name>"                    an uncompressed parameter or buffer, as it was
-            "<name>.memsave_packed"      uint8 packed codes of a compressed weight, (N, ·)
+            "<name>.memsave_packed"      uint8 packed codes of an affine-quantized weight, (N, ·)
             "<name>.memsave_scale"       fp16 scales, (N, groups)
             "<name>.memsave_offset"      fp16 offsets, (N, groups); asymmetric schemes only
             "<name>.memsave_cpu_int4_scales_zeros"   bf16 (groups, N, 2), the CPU int4 kernel's
                                                      scales/zeros; only for weights it converted
-            "<name>.memsave_cache<i>[_<j>]"          a tensor among other cached values (below)
+            "<name>.memsave_cache<i>[_<j>]"          a tensor among other cached values (below);
+                                                     a derived weight's values (while it is not
+                                                     released), and its own parts under this
+                                                     name as "<name>" is above
   metadata  "format": "pt"; "memsave": JSON with
             format ("memsave.save"), format_version, memsave_version, torch_version,
-            quantize (the quantize options, as a dict, or null) and quantize_source
-            ("compile": read from the compiled model; "argument": given to save; "inferred":
-            rebuilt from the weights' schemes, without compute_dtype or filters),
-            weights: {name: {kind, bits, group_size (the effective group: in_features when
-                             per-channel), symmetric, method, in_features, out_features, dtype
-                             (of the original), also_full_precision (the original is stored too:
-                             the compiled graph still read it), layout ("cpu_int4" or null),
-                             cache: [[key, value], ...] (other values the passes cached for
-                             the weight, e.g. its SQNR: JSON, a tensor as {"tensor": name},
-                             a tuple as {"tuple": [...]})}},
+            quantize, prune, factorize (each family's options, as a dict, or null) and
+            quantize_source, prune_source, factorize_source ("compile": read from the compiled
+            model; "argument": given to save; "inferred": rebuilt from the saved forms' cache
+            keys, without filters, compute_dtype or free_weights),
+            weights: {name: {kind, dtype, shape, also_full_precision (the original is stored
+                             too: the compiled graph still read it),
+                             the affine form if the weight has one: bits, group_size (the
+                             effective group: in_features when per-channel), symmetric, method,
+                             in_features, out_features, layout ("cpu_int4" or null),
+                             cache: [[key, value], ...] (the weight's other cache entries, keys as
+                             in weight_keys.py: pruned values, factors, another scheme's codes,
+                             the SQNR, ...; a value is JSON, a tensor as {"tensor": name}, a
+                             tuple as {"tuple": [...]}, a derived weight as {"derived": {its
+                             own entry as above, name, stored}})}},
             tensors: {name: {kind: "parameter" | "buffer"}} for the uncompressed entries,
             aliases: {name: name it shares its tensor with} (tied weights).
+  Versions: 2 has derived weights and weights without an affine form; a file whose weights are
+  all affine-quantized alone is written as version 1 (readable by memsave before version 2,
+  which ignores "shape", "prune" and "factorize"). This memsave reads both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-from collections import Counter
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 from torch import nn
 
-import memsave.weight_keys as weight_keys
-from memsave.config import Config, QuantizeConfig
-from memsave.ops.affine import QPARAM_DTYPE, num_groups
-from memsave.ops.pack import packed_length
+from memsave.config import FAMILY_CONFIGS, QuantizeConfig
+from memsave.serialize_entries import (
+    Reader,
+    describe,
+    empty_storage_tensor,
+    entry_shape,
+    holds_derived,
+    is_quantized,
+    qparams_key,
+    required_tensors,
+    restore,
+)
+from memsave.serialize_options import FAMILIES, infer_options, recorded_options
 from memsave.weights import WEIGHTS, is_released, release
 
 FORMAT = "memsave.save"
-FORMAT_VERSION = 1
-SUFFIXES = {"packed": ".memsave_packed", "scale": ".memsave_scale", "offset": ".memsave_offset"}
-# The CPU int4 kernel's bf16 scales/zeros, for weights that were converted to its layout: the
-# fp16 scales/offsets rebuilt from them do not always convert back to the same bf16 zeros, so
-# without them a reloaded model could compute slightly different outputs.
-INT4_SCALES_ZEROS = ".memsave_cpu_int4_scales_zeros"
-CACHE_PREFIX = ".memsave_cache"  # tensors among other cached values of a weight
+FORMAT_VERSION = 2  # the newest this memsave writes and reads (see "Versions" above)
 
-__all__ = ["save", "load", "saved_options"]
-
+__all__ = ["load", "qparams_key", "save", "saved_options"]
 
 # The weight-cache keys come from memsave/weight_keys.py, as the passes' do; tests/test_serialize.py
-# checks that a compile after `load` finds everything cached (it would otherwise rebuild from a
-# released weight and raise).
-
-
-def qparams_key(bits: int, group: int, symmetric: bool, method: str) -> tuple:
-    """The affine parameters' key, the form memsave.save stores."""
-    return weight_keys.quant_params("affine", bits, group, symmetric, method)
-
-
-class _NotCached(Exception):
-    pass
-
-
-def _not_cached():
-    raise _NotCached
-
-
-def _cached(weight: torch.Tensor, key: Hashable) -> Any:
-    """The cache's current value for (weight, key), rebuilt from a kernel layout if converted;
-    raises _NotCached if there is none (or it is stale: the weight changed since)."""
-    return WEIGHTS.get_or_build(weight, key, _not_cached, reads_weight=False)
-
-
-def _cached_keys(weight: torch.Tensor) -> list[Hashable]:
-    # WeightCache has no public listing of a weight's keys; this only reads them.
-    return list(WEIGHTS._entries.get(weight, {}))
+# and tests/test_serialize_forms.py check that a compile after `load` finds everything cached (it
+# would otherwise rebuild from a released weight and raise).
+_empty_storage_tensor = empty_storage_tensor  # its old name (tests)
 
 
 # -- save ----------------------------------------------------------------------------------------
@@ -116,13 +109,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, quantize: Any = None) -> 
         when memsave compresses the weights).
     quantize: the quantize options to record for `load` (a string, dict or QuantizeConfig);
         by default read from the compiled wrapper, else inferred from the weights' schemes.
+        Prune and factorize options are read from the compiled wrapper, else inferred.
     Raises RuntimeError naming a weight that memsave released but holds no compressed form for.
     """
     from safetensors.torch import save_file
 
     module = getattr(model, "_orig_mod", model)
-    options, source = _options_for_save(model, quantize)
-    config = QuantizeConfig.parse(options) if options is not None else None
+    options = recorded_options(model, quantize)
+    quantize_config = QuantizeConfig.parse(options["quantize"][0]) if options["quantize"][0] is not None else None
+    # Whether the recorded options free originals: if not, a compressed weight that was not
+    # released is not stored in full (loading releases it; the compiled graph does not read it).
+    frees = all(FAMILY_CONFIGS[f].parse(opts).free_weights for f, (opts, _) in options.items() if opts is not None)
     tensors: dict[str, torch.Tensor] = {}
     weights: dict[str, dict] = {}
     plain: dict[str, dict] = {}
@@ -140,13 +137,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, quantize: Any = None) -> 
 
     entries, aliases = _named_tensors(module)
     for name, (tensor, kind) in entries.items():
-        form = _compressed_form(name, tensor, config)
-        if form is None:
-            if WEIGHTS.derived(tensor):
-                raise NotImplementedError(
-                    f"memsave.save: {name!r} was pruned or factorized; memsave.save stores quantized "
-                    "weights only (pruned and factorized forms are not in its file format yet)"
-                )
+        parts: dict[str, torch.Tensor] = {}
+        entry = describe(tensor, name, name, quantize_config, parts) if tensor in WEIGHTS else None
+        compressed = entry is not None and (
+            is_quantized(entry) or holds_derived(entry) or (is_released(tensor) and bool(entry["cache"]))
+        )
+        if not compressed:
             if is_released(tensor):
                 raise RuntimeError(
                     f"memsave.save: {name!r} was released by memsave but no compressed form of it is "
@@ -160,53 +156,34 @@ def save(model: nn.Module, path: str | os.PathLike, *, quantize: Any = None) -> 
             store(name, tensor)
             plain[name] = {"kind": kind}
             continue
-        qkey, (scale, offset), packed, extras, layout = form
-        _, bits, group, symmetric, method = qkey
-        cache = [[key, _encode(value, f"{name}{CACHE_PREFIX}{i}", store)] for i, (key, value) in enumerate(extras)]
-        store(name + SUFFIXES["packed"], packed)
-        store(name + SUFFIXES["scale"], scale)
-        if offset is not None:
-            store(name + SUFFIXES["offset"], offset)
-        if layout is not None:
-            store(name + INT4_SCALES_ZEROS, layout)
+        for part_name, part in parts.items():
+            store(part_name, part)
         # Not released although compressed, with free_weights on: the compiled graph also reads
-        # the original (a tied weight, a use memsave does not quantize), so the file needs it too.
+        # the original (a tied weight, a use memsave does not compress), so the file needs it too.
         # A memory-mapped weight (e.g. from safetensors) is never released, used or not: it is
         # stored too only when tied, the common case of a second use.
         keep = (
             not is_released(tensor)
-            and (config is None or config.free_weights)
+            and frees
             and (tensor.untyped_storage().resizable() or name in aliases.values())
         )
         if keep:
             store(name, tensor)
-        out_features, in_features = tensor.shape
-        weights[name] = {
-            "kind": kind,
-            "bits": bits,
-            "group_size": group,
-            "symmetric": symmetric,
-            "method": method,
-            "in_features": in_features,
-            "out_features": out_features,
-            "dtype": str(tensor.dtype).removeprefix("torch."),
-            "also_full_precision": keep,
-            "layout": "cpu_int4" if layout is not None else None,
-            "cache": cache,
-        }
-    if source is None and weights:
-        options, source = _infer_options(module, weights), "inferred"
+        weights[name] = {"kind": kind, **entry, "also_full_precision": keep}
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # Version 1 where it is enough, so that older memsave reads affine-only files.
+        "format_version": 2 if any(not is_quantized(e) or holds_derived(e) for e in weights.values()) else 1,
         "memsave_version": _memsave_version(),
         "torch_version": torch.__version__,
-        "quantize": options,
-        "quantize_source": source if options is not None else None,
-        "weights": weights,
-        "tensors": plain,
-        "aliases": aliases,
     }
+    for family in FAMILIES:
+        opts, source = options[family]
+        if source is None:
+            opts = infer_options(family, module, weights)
+            source = "inferred" if opts is not None else None
+        header[family], header[f"{family}_source"] = opts, source
+    header.update(weights=weights, tensors=plain, aliases=aliases)
     save_file(tensors, os.fspath(path), metadata={"format": "pt", "memsave": json.dumps(header)})
 
 
@@ -230,185 +207,6 @@ def _named_tensors(module: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, str
     return entries, aliases
 
 
-def _compressed_form(name: str, weight: torch.Tensor, config: QuantizeConfig | None):
-    """(qparams key, (scale, offset), packed, cached scalars) for a weight memsave compressed, or None."""
-    if weight not in WEIGHTS or weight.dim() != 2:
-        return None
-    keys = _cached_keys(weight)
-    forms = []
-    for qkey in filter(weight_keys.is_affine_params, keys):
-        if weight_keys.packed(qkey) not in keys:
-            continue
-        try:
-            qparams, packed = _cached(weight, qkey), _cached(weight, weight_keys.packed(qkey))
-        except _NotCached:
-            continue  # stale: the weight changed after it was compressed
-        forms.append((qkey, qparams, packed))
-    if len(forms) > 1 and config is not None:
-        scheme = config.for_weight(name)
-        if scheme is not None:
-            k = weight.shape[1]
-            group = k if scheme.group_size is None or scheme.group_size >= k else scheme.group_size
-            forms = [f for f in forms if f[0] == qparams_key(scheme.bits, group, scheme.symmetric, scheme.method)]
-    if len(forms) > 1:
-        raise RuntimeError(
-            f"memsave.save: {name!r} is compressed under several schemes ({[f[0][1:] for f in forms]}); "
-            "pass quantize=<the options to save> to choose one"
-        )
-    if not forms:
-        return None
-    qkey, (scale, offset), packed = forms[0]
-    _check_form(name, weight, qkey, scale, offset, packed)
-    layout = None
-    if weight_keys.cpu_int4(qkey) in keys:
-        try:
-            layout = _cached(weight, weight_keys.cpu_int4(qkey))[1]
-        except _NotCached:
-            pass
-    return qkey, (scale, offset), packed, _cached_extras(weight, keys), layout
-
-
-def _check_form(name, weight, qkey, scale, offset, packed) -> None:
-    _, bits, group, symmetric, _ = qkey
-    n, k = weight.shape
-    groups = num_groups(k, group)
-    expected = {"packed": ((n, packed_length(groups * group, bits)), torch.uint8), "scale": ((n, groups), QPARAM_DTYPE)}
-    if not symmetric:
-        expected["offset"] = ((n, groups), QPARAM_DTYPE)
-    got = {"packed": packed, "scale": scale, "offset": offset}
-    for part, (shape, dtype) in expected.items():
-        t = got[part]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or (
-            t.dtype != dtype and not (part != "packed" and t.dtype.is_floating_point)
-        ):
-            raise RuntimeError(
-                f"memsave.save: cached {part} of {name!r} is not memsave's generic form "
-                f"(expected {dtype} {shape}, got {None if t is None else (t.dtype, tuple(t.shape))})"
-            )
-    if symmetric and offset is not None:
-        raise RuntimeError(f"memsave.save: symmetric scheme of {name!r} has an offset")
-
-
-def _cached_extras(weight: torch.Tensor, keys: list[Hashable]) -> list[tuple[Hashable, Any]]:
-    """Other values the passes cached for this weight (its SQNR, AWQ's channel scales, ...):
-    a compile after `load` asks for them and must not need the weight to compute them again.
-    Kernel layouts are left out: they are converted again from the generic form (exactly, but
-    for the int4 scales/zeros stored on their own)."""
-    out = []
-    for key in keys:
-        if weight_keys.is_affine_params(key) or weight_keys.is_packed(key) or weight_keys.is_cpu_layout(key):
-            continue
-        if not _json_key(key):
-            continue
-        try:
-            value = _cached(weight, key)
-        except _NotCached:
-            continue
-        if _storable(value):
-            out.append((key, value))
-    return out
-
-
-_SCALARS = (bool, int, float, str, type(None))
-
-
-def _storable(value: Any) -> bool:
-    if isinstance(value, tuple):
-        return all(_storable(v) for v in value)
-    return isinstance(value, (torch.Tensor, *_SCALARS))
-
-
-def _encode(value: Any, tensor_name: str, store: Callable[[str, torch.Tensor], None]) -> Any:
-    """A cached value as JSON: tensors stored under `tensor_name`, tuples element by element."""
-    if isinstance(value, torch.Tensor):
-        store(tensor_name, value)
-        return {"tensor": tensor_name}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v, f"{tensor_name}_{j}", store) for j, v in enumerate(value)]}
-    return value
-
-
-def _decode(value: Any, get_tensor: Callable[[str], torch.Tensor]) -> Any:
-    if isinstance(value, dict) and "tensor" in value:
-        return get_tensor(value["tensor"])
-    if isinstance(value, dict) and "tuple" in value:
-        return tuple(_decode(v, get_tensor) for v in value["tuple"])
-    return value
-
-
-def _json_key(key: Any) -> bool:
-    if isinstance(key, tuple):
-        return all(_json_key(k) for k in key)
-    return isinstance(key, (bool, int, float, str)) or key is None
-
-
-def _from_json_key(key: Any) -> Any:
-    return tuple(_from_json_key(k) for k in key) if isinstance(key, list) else key
-
-
-# -- options ----------------------------------------------------------------------------------
-
-
-def _options_for_save(model: Any, quantize: Any) -> tuple[dict | None, str | None]:
-    if quantize is not None:
-        config = quantize if isinstance(quantize, QuantizeConfig) else QuantizeConfig.parse(quantize)
-        return (_options_dict(config) if config is not None else None), "argument"
-    config = _compiled_quantize(model)
-    if config is not None:
-        return _options_dict(config), "compile"
-    return None, None
-
-
-def _compiled_quantize(model: Any) -> QuantizeConfig | None:
-    """The quantize options a `torch.compile(..., backend="memsave", options=...)` wrapper was
-    made with. Read from Dynamo's wrappers of the backend (private; best effort)."""
-    node = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
-    for _ in range(16):
-        if node is None:
-            return None
-        if isinstance(node, Config):
-            return node.quantize
-        if getattr(node, "compiler_name", None) == "memsave" and isinstance(getattr(node, "kwargs", None), dict):
-            try:
-                return Config.from_options(node.kwargs.get("options")).quantize
-            except Exception:
-                return None
-        node = getattr(node, "_torchdynamo_orig_backend", None)
-    return None
-
-
-def _options_dict(config: QuantizeConfig) -> dict:
-    """A QuantizeConfig as a JSON-able dict that `options={"quantize": ...}` accepts."""
-    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    out["include"], out["exclude"] = list(config.include), list(config.exclude)
-    out["overrides"] = {pattern: dict(changes) for pattern, changes in config.overrides}
-    return out
-
-
-def _infer_options(module: nn.Module, weights: dict[str, dict]) -> dict:
-    """Options that quantize exactly the saved weights with their schemes (compute_dtype unknown)."""
-
-    def scheme(info: dict) -> dict:
-        group = None if info["group_size"] == info["in_features"] else info["group_size"]
-        return {"bits": info["bits"], "group_size": group, "symmetric": info["symmetric"],
-                "method": info["method"]}
-
-    schemes = {name: scheme(info) for name, info in weights.items()}
-    base = dict(Counter(tuple(s.items()) for s in schemes.values()).most_common(1)[0][0])
-    embeddings = set(weights) & {
-        f"{path}.weight" if path else "weight" for path, m in module.named_modules() if isinstance(m, nn.Embedding)
-    }
-    options = QuantizeConfig(
-        **base,
-        include=tuple(glob.escape(name) for name in weights),
-        overrides={
-            glob.escape(n): {k: v for k, v in s.items() if base[k] != v} for n, s in schemes.items() if s != base
-        },
-        embeddings=bool(embeddings),
-    )
-    return _options_dict(options)
-
-
 def _memsave_version() -> str:
     from memsave.version import __version__
 
@@ -419,7 +217,9 @@ def _memsave_version() -> str:
 
 
 def saved_options(path: str | os.PathLike) -> dict | None:
-    """The quantize options recorded in a file written by `memsave.save` (None: not quantized)."""
+    """The quantize options recorded in a file written by `memsave.save` (None: not quantized);
+    all recorded options, for `torch.compile(options=...)`, are what `load` sets as
+    `model._memsave_options`."""
     return _read_header(path)[0]["quantize"]
 
 
@@ -432,9 +232,11 @@ def load(
         device (`with torch.device("meta"): model = Model()`), so no full-precision weight is
         ever allocated. Meta tensors are replaced by the loaded ones; real ones are copied into.
     Compressed weights become parameters with empty storage (requires_grad=False), registered
-    as released, with their codes and scales in the weight cache. Also sets
-    `model._memsave_quantize` to the recorded quantize options (a dict, or None): compile with
-    `options={"quantize": model._memsave_quantize}` to get the saved model's outputs.
+    as released, with their forms in the weight cache. Also sets `model._memsave_options` to
+    the recorded options of the compressing families ({"quantize": ..., "prune": ...,
+    "factorize": ...}, those the file has): compile with `options=model._memsave_options`
+    (plus any others, e.g. codegen) to get the saved model's outputs. `model._memsave_quantize`
+    is the quantize options alone (a dict, or None).
     strict: unexpected and missing names are errors (as in `load_state_dict`).
     device: where the loaded tensors go. On the CPU, safetensors maps them from the file
         (file-backed pages, no copy), so the loaded tensors read the file for as long as
@@ -448,10 +250,10 @@ def load(
     targets = _tensor_slots(module)
     weights, plain, aliases = header["weights"], header["tensors"], header["aliases"]
     for name, info in weights.items():
-        for part in ("packed", "scale") + (() if info["symmetric"] else ("offset",)):
-            if name + SUFFIXES[part] not in names:
+        for needed in required_tensors(info, name):
+            if needed not in names:
                 raise ValueError(
-                    f"memsave.load: {os.fspath(path)!r} lacks {name + SUFFIXES[part]!r} for compressed weight {name!r}"
+                    f"memsave.load: {os.fspath(path)!r} lacks {needed!r} for compressed weight {name!r}"
                 )
     in_file = set(weights) | set(plain) | set(aliases)
     unexpected = sorted(in_file - set(targets))
@@ -467,10 +269,11 @@ def load(
             )
         )
     with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        # Shapes first, so that a wrong architecture fails before anything is changed.
+        # Shapes and kinds first, so that a wrong architecture fails before anything is changed.
         for name, info in weights.items():
             if name in targets:
-                _check_shape(name, targets[name], (info["out_features"], info["in_features"]))
+                _check_shape(name, targets[name], entry_shape(info))
+                _check_kind(name, targets[name], info)
         for name in plain:
             if name in targets:
                 _check_shape(name, targets[name], tuple(f.get_slice(name).get_shape()))
@@ -478,14 +281,11 @@ def load(
         for name in plain:
             if name in targets:
                 loaded[name] = _load_plain(targets[name], f.get_tensor(name))
+        reader = Reader(f.get_tensor, names, device)
         for name, info in weights.items():
             if name in targets:
                 full = f.get_tensor(name) if info.get("also_full_precision") and name in names else None
-                parts = {p: f.get_tensor(name + s) for p, s in SUFFIXES.items() if name + s in names}
-                if info.get("layout") == "cpu_int4" and name + INT4_SCALES_ZEROS in names:
-                    parts["cpu_int4"] = f.get_tensor(name + INT4_SCALES_ZEROS)
-                parts["cache"] = [(_from_json_key(key), _decode(v, f.get_tensor)) for key, v in info.get("cache", [])]
-                loaded[name] = _load_compressed(name, targets[name], info, parts, full, device)
+                loaded[name] = _load_compressed(name, targets[name], info, reader, full)
     for alias, name in aliases.items():
         if alias in targets and name in loaded:
             targets[alias].assign(loaded[name])
@@ -495,7 +295,9 @@ def load(
             f"memsave.load: {still_meta} still on the meta device after loading {os.fspath(path)!r} "
             "(the file has no values for them)"
         )
+    options = {family: header[family] for family in FAMILIES if header.get(family) is not None}
     for obj in {id(model): model, id(module): module}.values():
+        obj._memsave_options = options
         obj._memsave_quantize = header["quantize"]
     return model
 
@@ -580,74 +382,27 @@ def _load_plain(slot: _Slot, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _load_compressed(
-    name: str, slot: _Slot, info: dict, parts: dict, full: torch.Tensor | None, device: torch.device
-) -> torch.Tensor:
+
+
+def _check_kind(name: str, slot: _Slot, info: dict) -> None:
+    kind = info.get("kind", "parameter")
+    if slot.kind != kind:
+        raise ValueError(f"memsave.load: compressed weight {name!r} is a {slot.kind} in the model, a {kind} in the file")
+
+
+def _load_compressed(name: str, slot: _Slot, info: dict, reader: Reader, full: torch.Tensor | None) -> torch.Tensor:
     dtype = getattr(torch, info["dtype"])
-    shape = (info["out_features"], info["in_features"])
-    if slot.kind != "parameter":
-        raise ValueError(f"memsave.load: compressed weight {name!r} is a buffer in the model, a parameter in the file")
     if full is not None:  # the compiled graph also reads the original
         # In ordinary memory, not mapped from the file: saving again tells it by its storage.
-        weight = nn.Parameter(full.to(dtype, copy=True), requires_grad=slot.current().requires_grad)
+        weight = full.to(dtype, copy=True)
+        requires_grad = slot.current().requires_grad
     else:
-        weight = nn.Parameter(_empty_storage_tensor(shape, dtype, device), requires_grad=False)
+        weight = empty_storage_tensor(entry_shape(info), dtype, reader.device)
+        requires_grad = False
+    if slot.kind == "parameter":
+        weight = nn.Parameter(weight, requires_grad=requires_grad)
     slot.assign(weight)
-    qkey = qparams_key(info["bits"], info["group_size"], info["symmetric"], info["method"])
-    qparams = (parts["scale"], parts.get("offset"))
-    WEIGHTS.get_or_build(weight, qkey, lambda: qparams, reads_weight=False)
-    WEIGHTS.get_or_build(weight, weight_keys.packed(qkey), lambda: parts["packed"], reads_weight=False)
-    for key, value in parts["cache"]:
-        WEIGHTS.get_or_build(weight, key, lambda value=value: value, reads_weight=False)
-    if "cpu_int4" in parts and device.type == "cpu":
-        _restore_int4_layout(weight, qkey, parts["packed"], parts["cpu_int4"])
+    restore(weight, info, name, name, reader)
     if full is None:
         release(weight, name)  # storage already empty: registers it (clear errors on eager use)
     return weight
-
-
-def _restore_int4_layout(weight: torch.Tensor, qkey: tuple, packed: torch.Tensor, scales_zeros: torch.Tensor) -> None:
-    """Convert to the CPU int4 kernel's layout as codegen/cpu.py's _lower_int4 does, with the
-    saved scales/zeros: the cache then holds what the saved model's held (the kernel layout,
-    the generic form derived from it), and a compile finds the conversion already done."""
-    from memsave.codegen import cpu
-
-    if not cpu.int4_layout_matches_torch():
-        return  # this torch packs differently: the kernel is not used, the generic form serves
-    n, k = weight.shape
-    symmetric = qkey[3]
-    WEIGHTS.convert(
-        weight, weight_keys.cpu_int4(qkey),
-        lambda: (cpu.to_int4pack(packed, n, k), scales_zeros),
-        rebuild={
-            weight_keys.packed(qkey): lambda kernel: cpu.from_int4pack(kernel[0], n, k),
-            qkey: lambda kernel: cpu.qparams_from_int4(kernel[1], symmetric),
-        },
-    )
-
-
-def _empty_storage_tensor(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous tensor of `shape` whose storage is empty (0 bytes), allocating nothing.
-
-    `set_` checks the shape against the storage's size and grows a resizable storage to fit,
-    which would allocate the full-precision bytes. So: set the shape on a storage that claims
-    the size but owns no memory (null pointer, not resizable), then swap that storage's
-    contents with an empty resizable one, leaving exactly what `storage.resize_(0)` leaves.
-    """
-    stride, step = [], 1
-    for size in reversed(shape):
-        stride.insert(0, step)
-        step *= size
-    nbytes = step * dtype.itemsize
-    try:
-        claimed = torch._C._construct_storage_from_data_pointer(0, device, nbytes)
-        t = torch.empty(0, dtype=dtype, device=device).set_(claimed, 0, shape, stride)
-        t.untyped_storage()._swap_data_ptr_(torch.UntypedStorage(0, device=device))
-        if t.untyped_storage().nbytes() == 0 and t.untyped_storage().resizable() and tuple(t.shape) == tuple(shape):
-            return t
-    except (AttributeError, RuntimeError, TypeError):
-        pass
-    # Fallback if those private APIs move: allocate (never written, so never resident) and free.
-    t = torch.empty(shape, dtype=dtype, device=device)
-    t.untyped_storage().resize_(0)
-    return t
