@@ -215,7 +215,9 @@ def _encode(value: Any, name: str, tensor_name: str, quantize, tensors: dict[str
         elif not (is_quantized(entry) or entry["cache"]):
             raise RuntimeError(
                 f"memsave.save: a form of {name!r} that memsave made ({list(value.shape)}) was released "
-                "without a compressed form of it cached (nothing to save)"
+                "without a compressed form of it cached (nothing to save; mixed precision's narrowed "
+                "copies are not in the file format: options={'precision': {..., 'weights': 'fp32'}} "
+                "keeps the forms in their dtype)"
             )
         return {"derived": {**entry, "name": tensor_name, "stored": stored}}
     if isinstance(value, torch.Tensor):

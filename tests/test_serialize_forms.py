@@ -56,7 +56,7 @@ CASES = {
     "unstructured": Case({"prune": "magnitude-unstructured-50"}, keys=("prune",)),
     "unstructured+int8": Case({"prune": "magnitude-unstructured-50", "quantize": "int8"}, keys=("prune",)),
     "factorize": Case({"factorize": {"method": "svd", "rank": 8}}, keys=("factor",)),
-    "factorize+int4": Case({"factorize": {"method": "svd", "rank": 8}, "quantize": INT4}, keys=("factor",)),
+    "factorize+int4": Case({"factorize": {"method": "svd", "rank": 8}, "quantize": INT4}, keys=("factor",), debug=True),
     # The rank comes from the spectrum: the compile after load needs it cached too.
     "factorize-energy": Case({"factorize": {"method": "svd", "energy": 0.5}}, keys=("spectrum", "factor")),
     # Linears with biases: the producer's bias is sliced (and released) with its rows.
