@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from memsave import weight_keys
+import memsave.weight_keys as weight_keys  # noqa: PLR0402 (tests/test_layers.py reads `from memsave import` as the package)
 from memsave.config import QuantizeConfig
 from memsave.ops.affine import QPARAM_DTYPE, num_groups
 from memsave.ops.pack import packed_length

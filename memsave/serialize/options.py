@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from memsave.config import FAMILY_CONFIGS, Config, QuantizeConfig
-from memsave.serialize_entries import derived_entries, entry_shape, is_quantized
+from memsave.serialize.entries import derived_entries, entry_shape, is_quantized
 
 FAMILIES = ("quantize", "prune", "factorize")  # the families whose forms a file holds
 

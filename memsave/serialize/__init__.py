@@ -17,7 +17,7 @@ unstructured pruning (kept values and bitmask), N:M pruning (kept values and the
 low-rank factors, structured pruning's kept rows/columns (and sliced biases), and those forms
 compressed further (pruned values or factors quantized, factors of a structurally pruned
 weight). Compressed weights are never decompressed: saving reads the weight cache, loading
-fills it (serialize_entries.py). A weight that a CPU kernel converted to its own layout is
+fills it (serialize/entries.py). A weight that a CPU kernel converted to its own layout is
 saved in the generic form the cache rebuilds from that layout; for the int4 kernel also with
 the kernel's own bf16 scales/zeros, which the generic fp16 form does not always reproduce
 exactly, and loading converts it to that layout again, as the saved model held it. Not stored:
@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from memsave.config import FAMILY_CONFIGS, QuantizeConfig
-from memsave.serialize_entries import (
+from memsave.serialize.entries import (
     Reader,
     describe,
     empty_storage_tensor,
@@ -85,7 +85,7 @@ from memsave.serialize_entries import (
     required_tensors,
     restore,
 )
-from memsave.serialize_options import FAMILIES, infer_options, recorded_options
+from memsave.serialize.options import FAMILIES, infer_options, recorded_options
 from memsave.weights import WEIGHTS, is_released, release
 
 FORMAT = "memsave.save"
