@@ -46,7 +46,7 @@ WEIGHT_CHANGING = ("prune", "factorize")
 def load_compressing(model: nn.Module, path: str | os.PathLike, options: Any, *, strict: bool = True) -> nn.Module:
     """See the module docstring; returns `model`, with `model._memsave_loaded` = {"compressed":
     [names], "full": [names]} (what was compressed while loading, what was loaded as it is)."""
-    from memsave.serialize import _empty_storage_tensor
+    from memsave.serialize.entries import empty_storage_tensor
 
     config = Config.from_options(options)
     pinned = [f for f in WEIGHT_CHANGING if getattr(config, f, None) is not None]
@@ -75,7 +75,7 @@ def load_compressing(model: nn.Module, path: str | os.PathLike, options: Any, *,
         original = ckpt.read(name, target.dtype)
         entries = _compress(original, scheme)
         del original  # its own mapping: unmapped here, before the next tensor is read
-        weight = nn.Parameter(_empty_storage_tensor(tuple(target.shape), target.dtype, torch.device("cpu")),
+        weight = nn.Parameter(empty_storage_tensor(tuple(target.shape), target.dtype, torch.device("cpu")),
                               requires_grad=False)
         slot.assign(weight)
         for key, value in entries.items():
@@ -89,6 +89,7 @@ def load_compressing(model: nn.Module, path: str | os.PathLike, options: Any, *,
                          "(the checkpoint has no values for them)")
     for obj in {id(model): model, id(module): module}.values():
         obj._memsave_quantize = options.get("quantize") if isinstance(options, dict) else None
+        obj._memsave_options = {"quantize": obj._memsave_quantize} if obj._memsave_quantize is not None else {}
         obj._memsave_loaded = {"compressed": compressed, "full": full}
     return model
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 from typing import Hashable
 
 CPU_LAYOUTS = ("cpu_int4", "cpu_int8")  # ATen's packed CPU layouts (codegen/cpu.py)
+CUDA_SEMI_STRUCTURED = "cuda_semi_structured"  # a 2:4 weight in PyTorch's semi-structured layout
+# Every kernel's own layout (WEIGHTS.convert): memsave.save stores the generic forms they are
+# rebuilt from instead, and a compile converts those again.
+KERNEL_LAYOUTS = (*CPU_LAYOUTS, CUDA_SEMI_STRUCTURED)
 
 
 # -- quantize (passes/aten/quantize.py, fold_weights.py) ---------------------------------------
@@ -58,8 +62,8 @@ def cpu_int4(params_key: tuple) -> tuple:
     return kernel_layout("cpu_int4", packed(params_key), params_key)
 
 
-def is_cpu_layout(key: Hashable) -> bool:
-    return isinstance(key, tuple) and len(key) > 0 and key[0] in CPU_LAYOUTS
+def is_kernel_layout(key: Hashable) -> bool:
+    return isinstance(key, tuple) and len(key) > 0 and key[0] in KERNEL_LAYOUTS
 
 
 # -- prune, factorize, precision ---------------------------------------------------------------

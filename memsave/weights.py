@@ -162,6 +162,10 @@ class WeightCache:
         for t in tensors:
             self._derived[t] = True
 
+    def is_derived(self, tensor: torch.Tensor) -> bool:
+        """Whether a pass marked `tensor` as a weight in its own right (see mark_derived)."""
+        return tensor in self._derived
+
     def derived(self, weight: torch.Tensor) -> list[torch.Tensor]:
         """The derived weights cached for `weight` (see mark_derived)."""
         return [t for _, value in self._entries.get(weight, {}).values() for t in _tensors(value) if t in self._derived]

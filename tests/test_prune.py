@@ -272,10 +272,3 @@ def test_training_graphs_keep_dense_weights():
         compiled(torch.randn(2, 16)).sum().backward()
     assert model.layers[0].weight.grad is not None
     assert all(not r.changed for rep in reports for r in rep.records if r.name == "prune")
-
-
-def test_save_refuses_pruned_weights_clearly(tmp_path):
-    model = build_mlp(sizes=(64, 128, 32))
-    compile_and_run(model, torch.randn(2, 64), prune="2:4")
-    with pytest.raises(NotImplementedError, match=r"'layers.0.weight' was pruned or factorized; memsave.save stores quantized weights only"):
-        memsave.save(model, tmp_path / "m.safetensors")

@@ -163,7 +163,7 @@ def converted(values: torch.Tensor, indices: torch.Tensor, in_features: int, bac
             return build()
     weight, values_key = owners[0]
     indices_key = owners[1][1]
-    to_key = weight_keys.kernel_layout("cuda_semi_structured", backend, values_key, indices_key)
+    to_key = weight_keys.kernel_layout(weight_keys.CUDA_SEMI_STRUCTURED, backend, values_key, indices_key)
     if WEIGHTS.has(weight, to_key):
         return WEIGHTS.convert(weight, to_key, build, {})  # converted by an earlier compile
 
