@@ -231,3 +231,25 @@ def test_rows_are_quantized_on_their_own_so_a_plan_may_score_a_subset():
         assert torch.equal(reconstructed(w[rows], form), whole[rows]), form.name
         full, sampled = relative_output_noise(w, whole, None), relative_output_noise(w[rows], whole[rows], None)
         assert sampled == pytest.approx(full, rel=0.1), form.name
+
+
+def test_the_budget_holds_for_the_compiled_call_as_measured(tmp_path):
+    # A call whose peak is at the LM head, where the compiled int4 kernels hold bf16 tiles beside
+    # the logits that the eager call does not (kernel_allowance): the measured weights + the
+    # compiled call's tracked peak must stay within the budget.
+    model = tiny_llama(vocab_size=4096, hidden_size=128, intermediate_size=256)
+    path = tmp_path / "lm.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    tokens = torch.arange(96).view(1, 96) * 37 % 4096
+    fresh = empty_llama(vocab_size=4096, hidden_size=128, intermediate_size=256)
+    fp32 = sum(p.numel() * 4 for p in model.parameters())
+    budget = fp32 // 5 + measured_call(model, [tokens])[1]
+    plan = memsave.plan(fresh, tokens, budget=budget, checkpoint=path)
+    assert plan.total_bytes <= budget
+    memsave.load(fresh, path, options=plan.options)
+    compiled = torch.compile(fresh, backend="memsave", options=plan.options)
+    with torch.no_grad():
+        compiled(tokens)
+    tensors = list(fresh.parameters()) + list(fresh.buffers())
+    measured = WEIGHTS.held_bytes(tensors) + measured_call(compiled, [tokens])[1]
+    assert measured <= budget, (measured, budget, str(plan))

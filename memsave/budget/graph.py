@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from memsave.budget.planner import Plan, measured_call, output_tensor, plan_layers, relative_change, storage_bytes
+from memsave.budget.planner import Plan, kernel_allowance, measured_call, output_tensor, plan_layers, relative_change, storage_bytes
 from memsave.graph.inputs import InputInfo
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -38,11 +38,23 @@ def graph_weights(gm: fx.GraphModule, real_inputs: Sequence[Any],
     return found, frozenset(tables)
 
 
+def _linear_rows(gm: fx.GraphModule) -> int:
+    """The most activation rows a linear of the graph multiplies (Dynamo's example values)."""
+    most = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LINEARS and node.args:
+            x = getattr(node.args[0], "meta", {}).get("example_value")
+            if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1]:
+                most = max(most, int(x.numel()) // int(x.shape[-1]))
+    return most
+
+
 def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo], limit: int) -> Plan:
     layers, tables = graph_weights(gm, real_inputs, inputs)
     weights = [value for info, value in zip(inputs, real_inputs) if info.weight is not None]
     fixed = storage_bytes(weights, {id(w) for w in layers.values()})
     reference, working = measured_call(gm, real_inputs)
+    working += kernel_allowance(_linear_rows(gm), layers, tables)
     index = {id(value): i for i, value in enumerate(real_inputs)}
 
     def effect(name: str, approx: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from memsave.budget.candidates import Form
-from memsave.budget.planner import Plan, plan_layers, plannable_weights
+from memsave.budget.planner import Plan, kernel_allowance, linear_rows, plan_layers, plannable_weights
 from memsave.checkpoint import Checkpoint
 from memsave.config.units import parse_bytes
 from memsave.memory.meta_peak import meta_call_peak
@@ -76,5 +76,9 @@ def plan_checkpoint(model: nn.Module, inputs: Sequence, limit: int, path, forms:
     others = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in planned}
     # at the size the model will hold them (a meta tensor has no storage to measure)
     fixed = sum(t.numel() * t.element_size() for t in others.values())
-    working = meta_call_peak(model, inputs) if working is None else parse_bytes(working)
+    if working is None:
+        with linear_rows(model) as rows:
+            working = meta_call_peak(model, inputs) + kernel_allowance(rows[0], layers, tables)
+    else:
+        working = parse_bytes(working)
     return plan_layers(_WeightsFromFile(ckpt, layers), fixed, working, limit, forms, tables, score_rows=spread_rows)
