@@ -3,7 +3,7 @@ loaded one tensor at a time, beside what a user does today (issue 14, item 4).
 
 Model: an HF LlamaForCausalLM built from a config (hidden 1024, intermediate 2816, 8 layers, 16
 heads / 4 kv heads, vocabulary 16384: 122M parameters, 467 MiB of fp32 weights; --quick: 2
-layers, hidden 512), random weights saved once as a plain safetensors file (cached under
+layers, hidden 512, budget 1/4), random weights saved once as a plain safetensors file (cached under
 ~/.cache/memsave/bench_load, or $MEMSAVE_CACHE_DIR). The budget is `budget_fraction` (1/5) of
 the fp32 weight bytes, for a call on 1 x `tokens` (128) tokens. One fresh process per config and
 repeat, glibc's default allocator settings (what a user's process has); each first warms up
@@ -55,7 +55,7 @@ from benchmarks.harness import MiB, Benchmark, main, with_sections  # noqa: E402
 CONFIGS = ["fp32.load_state_dict", "memsave.load", "memsave.reload"]
 PARAMS = {"hidden": 1024, "intermediate": 2816, "layers": 8, "heads": 16, "kv_heads": 4, "vocab": 16384,
           "budget_fraction": 0.2, "tokens": 128, "codegen": "inductor"}
-QUICK = {"hidden": 512, "intermediate": 1408, "layers": 2}
+QUICK = {"hidden": 512, "intermediate": 1408, "layers": 2, "budget_fraction": 0.25}
 SHAPE_KEYS = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
 
 
