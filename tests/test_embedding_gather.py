@@ -41,3 +41,31 @@ def test_lookup_dequantizes_only_the_rows_it_reads(codegen, form):
     # The whole fp32 table is 9.8 MiB; a call needs its 51 rows and the output.
     assert tracker.stats.peak_bytes < 0.5 * 2**20, tracker.stats.peak_bytes
     torch._dynamo.reset()
+
+
+class ExpandedIds(nn.Module):
+    """BERT's way with token types: a buffer of ids expanded (stride 0) to the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(64, 32)
+        self.register_buffer("types", torch.arange(64).view(1, 64) % 2, persistent=False)
+
+    def forward(self, x):
+        ids = self.types[:, : x.shape[1]].expand(x.shape[0], x.shape[1])
+        return x + self.e(ids)
+
+
+@pytest.mark.parametrize("codegen", ["fx", "inductor"])
+def test_lookup_of_expanded_ids(codegen):
+    torch.manual_seed(0)
+    model = ExpandedIds().eval()
+    x = torch.randn(3, 10, 32)
+    f = FORMS_BY_NAME["int8"]
+    ids = model.types[:, :10].expand(3, 10)
+    expected = x + nn.functional.embedding(ids, reconstructed(model.e.weight, f))
+    options = {"quantize": {**f.override(), "embeddings": True}, "codegen": codegen}
+    with torch.no_grad():
+        out = torch.compile(model, backend="memsave", options=options)(x)
+    assert torch.equal(out, expected)
+    torch._dynamo.reset()

@@ -111,7 +111,13 @@ def _gather_before_dequantize(gm: fx.GraphModule, builder: GraphBuilder) -> int:
             shape = getattr(emb.meta.get("val"), "shape", None)
             if shape is None or not all(isinstance(d, int) for d in shape):
                 continue
-            flat = builder.call(aten.view.default, (emb.args[1], [-1]), before=emb)
+            ids = emb.args[1]
+            ids_val = ids.meta.get("val") if isinstance(ids, fx.Node) else None
+            if not isinstance(ids_val, torch.Tensor):
+                continue
+            if not ids_val.is_contiguous():  # e.g. BERT's token types: a buffer expanded to the batch
+                ids = builder.call(aten.clone.default, (ids,), {"memory_format": torch.contiguous_format}, before=emb)
+            flat = builder.call(aten.view.default, (ids, [-1]), before=emb)
             # aten.embedding, not index_select: Inductor lowers it (index_select it both decomposes
             # and falls back on, which it refuses).
             rows = [builder.call(aten.embedding.default, (t, flat), before=emb) if t is not None else None
