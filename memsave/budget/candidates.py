@@ -43,6 +43,10 @@ Settings = dict[str, dict[str, Any]]  # family ("prune", "factorize", "quantize"
 
 @dataclass(frozen=True)
 class Form:
+    """One entry of the menu: optionally pruned (`structure`) or factorized (`share`), then
+    optionally quantized (`bits` ...). The same form gives layers of other shapes other ranks
+    and counts; settings() is what it means for one weight."""
+
     name: str
     bits: int | None = None  # quantized to this many bits; None: stored in the weight's dtype
     group_size: int | None = None  # None: per output channel
