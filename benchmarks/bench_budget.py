@@ -125,6 +125,8 @@ def measure(config: str, params: dict) -> dict[str, float]:
             out["planned_total_mib"] = plan.total_bytes / MiB
             out["predicted_error"] = plan.predicted_error
             out["plan_dense_layers"] = float(sum(layer.form == "dense" for layer in plan.layers))
+            out["plan_pruned_layers"] = float(sum("prune" in layer.settings for layer in plan.layers))
+            out["plan_low_rank_layers"] = float(sum("factorize" in layer.settings for layer in plan.layers))
         else:
             options = {"quantize": variant}
             form = SAME_FORM.get(variant)

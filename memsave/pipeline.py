@@ -81,14 +81,18 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
             raise OptionError("options['budget'] plans inference graphs only for now (call the model under "
                               "torch.no_grad() or inference_mode); a training step's budget is not implemented yet")
         from memsave.budget.graph import plan_graph
-        from memsave.config import QuantizeConfig
+        from memsave.config import FactorizeConfig, PruneConfig, QuantizeConfig
 
         started = time.perf_counter()
         steps.plan = plan_graph(gm, real_inputs, inputs, config.budget)
         steps.plan_seconds = time.perf_counter() - started
-        quantize = steps.plan.options.get("quantize")
+        chosen = steps.plan.options
         # budget=None: the plan is made; what is left is an ordinary config with its choices
-        steps.config = config = config.replace(quantize=QuantizeConfig.parse(quantize) if quantize else None, budget=None)
+        # (a budget refuses pinned prune/factorize/quantize options, so none are replaced)
+        families = {"prune": PruneConfig, "factorize": FactorizeConfig, "quantize": QuantizeConfig}
+        steps.config = config = config.replace(
+            **{family: cls.parse(chosen[family]) if family in chosen else None for family, cls in families.items()},
+            budget=None)
     if config.chunk is not None:
         # Loss and attention rewrites that bring their own backward happen here, before
         # AOTAutograd traces forward and backward (passes/dynamo/chunk_capture.py).

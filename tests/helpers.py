@@ -79,3 +79,35 @@ class LoweredGraphs:
             if n.op in ("placeholder", "call_function") and isinstance(v := n.meta.get("val"), torch.Tensor) and vocab in v.shape
         )
 
+
+
+def assert_compiled_as_planned(plan, reports, weights: dict) -> None:
+    """Each planned layer got exactly its form in the compile that `reports` describe: pruned
+    with its structure and method, factorized at its rank, quantized (the weight, its kept
+    values, or both factors) with its bits, and memsave holds exactly the plan's bytes for it
+    (WeightCache.held_bytes of `weights[name]`: what is left of the original + its stored forms)."""
+    from memsave.config import PruneConfig
+    from memsave.weights import WEIGHTS
+
+    records = {r.name: r for report in reports for r in report.records}
+    pruned = records["prune"].details["layers"] if "prune" in records else {}
+    factored = records["factorize"].details["layers"] if "factorize" in records else {}
+    quantized = dict(q.split(": ", 1) for q in records["quantize"].details["quantized"]) if "quantize" in records else {}
+    for layer in plan.layers:
+        settings, name = layer.settings, layer.name
+        if "prune" in settings:
+            assert pruned[name]["describe"] == PruneConfig(**settings["prune"]).describe(), name
+            assert pruned[name]["stored"] != "dense" and pruned[name]["bytes_after"] < pruned[name]["bytes_before"], name
+        else:
+            assert name not in pruned, name
+        if "factorize" in settings:
+            assert (factored[name]["rank"], factored[name]["method"]) == (settings["factorize"]["rank"],
+                                                                          settings["factorize"]["method"]), name
+        else:
+            assert name not in factored, name
+        parts = ["[values]"] if "prune" in settings else ["[U]", "[V]"] if "factorize" in settings else [""]
+        expected = {name + part for part in parts} if "quantize" in settings else set()
+        assert {label for label in quantized if label.split("[")[0] == name} == expected, name
+        for label in expected:
+            assert quantized[label].startswith(f"int{settings['quantize']['bits']} "), (label, quantized[label])
+        assert WEIGHTS.held_bytes([weights[name]]) == layer.bytes, (name, layer.form)

@@ -6,11 +6,12 @@ import random
 
 import pytest
 import torch
+from helpers import assert_compiled_as_planned
 from torch import nn
 
 import memsave
 from memsave.budget import knapsack
-from memsave.budget.candidates import FORMS_BY_NAME, reconstructed
+from memsave.budget.candidates import FORMS_BY_NAME, reconstructed, stored_bytes
 from memsave.budget.sensitivity import relative_output_noise
 from memsave.config.units import parse_bytes
 
@@ -102,12 +103,14 @@ def test_a_plan_fits_its_budget_and_compiles_to_exactly_its_choices(share):
     assert [layer.name for layer in plan.layers] == ["embed.weight", "up.weight", "down.weight", "head.weight"]
     assert [layer.embedding for layer in plan.layers] == [True, False, False, False]
     # Each layer's error is that form's, as the candidates scored it, and the bytes its formula.
+    weights = dict(model.named_parameters())
     for layer in plan.layers:
         assert layer.candidates[layer.form] == (layer.bytes, layer.error)
-        assert layer.bytes == FORMS_BY_NAME[layer.form].bytes(*layer.shape)
+        assert layer.bytes == stored_bytes(*layer.shape, 4, layer.settings)
+        assert layer.settings == FORMS_BY_NAME[layer.form].for_weight(weights[layer.name], embedding=layer.embedding)
     assert any(layer.form != "dense" for layer in plan.layers)
 
-    # The options are plain JSON and compile to exactly the planned forms.
+    # The options are plain JSON and compile to exactly the planned forms and bytes.
     with torch.no_grad():
         expected = model(ids)  # before compiling: the compile releases the quantized originals
     options = json.loads(json.dumps(plan.options))
@@ -115,6 +118,7 @@ def test_a_plan_fits_its_budget_and_compiles_to_exactly_its_choices(share):
         compiled = torch.compile(model, backend="memsave", options={**options, "codegen": "fx"})
         with torch.no_grad():
             out = compiled(ids)
+    assert_compiled_as_planned(plan, reports, weights)
     records = [r for report in reports for r in report.records if r.name == "quantize"]
     quantized = dict(q.split(": ", 1) for r in records for q in r.details["quantized"])
     assert quantized == {layer.name: FORMS_BY_NAME[layer.form].scheme().describe()
@@ -168,12 +172,14 @@ def test_the_budget_option_plans_and_compiles_in_one_call():
     dense = sum(p.numel() * 4 for p in model.parameters())
     budget = int(0.45 * dense) + memsave.budget.planner.working_bytes(model, (ids,))
     reference = memsave.plan(model, ids, budget=budget)  # what the option must choose too
+    weights = dict(model.named_parameters())
     with memsave.collect() as reports:
         compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
         with torch.no_grad():
             out = compiled(ids)
     records = {r.name: r for report in reports for r in report.records}
     assert records["budget"].details["forms"] == {layer.name: layer.form for layer in reference.layers}
+    assert_compiled_as_planned(reference, reports, weights)
     assert records["budget"].details["total_bytes"] <= budget
     assert "memsave plan" in records["budget"].notes[0]
     quantized = dict(q.split(": ", 1) for q in records["quantize"].details["quantized"])

@@ -1,8 +1,8 @@
 """options={"budget": ...}: memsave.plan on a Dynamo graph, before AOTAutograd (a step of
 pipeline.run_dynamo_steps). The graph's linear weights are the planned layers, its other weight
 inputs count at their size, and one eager run of the graph on the example inputs measures the
-call's working memory; the plan's quantize options then replace the config's for the rest of
-the compile, and its table is the "budget" record of the report.
+call's working memory; the plan's prune, factorize and quantize options then replace the
+config's for the rest of the compile, and its table is the "budget" record of the report.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from torch import nn
 
 from memsave.config.units import parse_bytes
 from memsave.report import fmt_bytes as format_bytes
-from memsave.budget.candidates import FORMS, FORMS_BY_NAME, Form, reconstructed
+from memsave.budget.candidates import FORMS, FORMS_BY_NAME, Form, Settings, reconstructed, stored_bytes
 from memsave.budget.knapsack import BudgetError, choose
 from memsave.budget.sensitivity import input_moment, relative_output_noise
 
@@ -44,6 +44,7 @@ class LayerPlan:
     candidates: dict[str, tuple[int, float]] = field(default_factory=dict)  # form -> (bytes, error)
     embedding: bool = False  # an embedding table (its error: the rows' own relative error)
     gain: float = 1.0  # model output error per unit of this layer's output noise (measured)
+    settings: Settings = field(default_factory=dict)  # the form's per-layer options, per pass family
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,17 @@ class Plan:
 
     @property
     def options(self) -> dict[str, Any]:
-        """The plan as torch.compile(..., backend="memsave", options=...) takes it: a plain dict."""
-        quantized = [layer for layer in self.layers if FORMS_BY_NAME[layer.form].bits is not None]
-        if not quantized:
-            return {}
-        options = {
-            "include": [layer.name for layer in quantized],
-            "overrides": {layer.name: FORMS_BY_NAME[layer.form].override() for layer in quantized},
-        }
-        if any(layer.embedding for layer in quantized):
-            options["embeddings"] = True  # include names the tables; the others stay as they are
-        return {"quantize": options}
+        """The plan as torch.compile(..., backend="memsave", options=...) takes it: a plain dict,
+        per pass family (prune, factorize, quantize) the layers it changes and each one's fields."""
+        options: dict[str, Any] = {}
+        for layer in self.layers:
+            for family, fields in layer.settings.items():
+                chosen = options.setdefault(family, {"include": [], "overrides": {}})
+                chosen["include"].append(layer.name)
+                chosen["overrides"][layer.name] = dict(fields)
+                if layer.embedding:
+                    chosen["embeddings"] = True  # include names the tables; the others stay as they are
+        return options
 
     def to_json(self) -> str:
         return json.dumps({"budget": self.budget, "total_bytes": self.total_bytes, "solver": self.solver,
@@ -89,12 +90,14 @@ class Plan:
 
     def __str__(self) -> str:
         width = max([len(layer.name) for layer in self.layers] + [5])
+        form_width = max([len(layer.form) for layer in self.layers] + [10])
         lines = [f"memsave plan: {format_bytes(self.total_bytes)} of a {format_bytes(self.budget)} budget "
                  f"({self.solver}; errors {'on calibration inputs' if self.calibrated else 'of the weights (no calibration)'})",
-                 f"  {'layer':<{width}}  {'shape':>12}  {'form':<10} {'MiB':>8}  predicted error"]
+                 f"  {'layer':<{width}}  {'shape':>12}  {'form':<{form_width}} {'MiB':>8}  predicted error"]
         for layer in self.layers:
             shape = "x".join(map(str, layer.shape))
-            lines.append(f"  {layer.name:<{width}}  {shape:>12}  {layer.form:<10} {layer.bytes / 2**20:8.3f}  {layer.error:.3e}")
+            lines.append(f"  {layer.name:<{width}}  {shape:>12}  {layer.form:<{form_width}} {layer.bytes / 2**20:8.3f}  "
+                         f"{layer.error:.3e}")
         lines += [f"  planned weights {format_bytes(sum(layer.bytes for layer in self.layers))} + other weights "
                   f"{format_bytes(self.fixed_bytes)} + one call's working memory {format_bytes(self.working_bytes)} "
                   f"= {format_bytes(self.total_bytes)}; predicted error (sum) {self.predicted_error:.3e}"]
@@ -273,8 +276,9 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     by it; `embeddings` names the embedding tables among them), given the bytes of everything
     else and of one call's working memory. `effect(name, approx)`: the model output's relative
     change with that one weight replaced (see layer_gain); None: every layer's gain is 1.
-    score_rows(w): the rows of `w` to score the forms' errors on (None: all of them); every
-    form quantizes each row on its own, so a subset's error is those rows' exact error."""
+    score_rows(w): the rows of `w` to score the forms' errors on (None: all of them); for
+    quantized forms only (each row is quantized on its own, so a subset's error is those rows'
+    exact error; pruning by magnitude and low rank look at the whole weight)."""
     names, options, costs, sizes = [], [], [], []
     calibrated = False
     gains, shapes = {}, {}
@@ -289,16 +293,19 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
             # pooler): the compiled graph drops it, so it stays as it is and counts as it is.
             fixed += w.untyped_storage().nbytes()
             continue
-        scored = []
+        scored, parts = [], {}  # parts: pruned values and factors, shared by the forms that quantize them
         rows = w if score_rows is None else score_rows(w)
         for form in forms:
-            size = form.bytes(n, k, w.element_size())
-            noise = 0.0 if form.bits is None else relative_output_noise(rows, reconstructed(rows, form), moment)
-            scored.append((form, size, gains[name] * noise))
+            settings = form.for_weight(w, embedding=name in embeddings)
+            if settings is None or any(settings == seen for _, seen, _, _ in scored):
+                continue  # not for this weight, or the same stored form as one scored (a share's rank)
+            size = stored_bytes(n, k, w.element_size(), settings)
+            noise = 0.0 if not settings else relative_output_noise(rows, reconstructed(rows, settings, name, parts), moment)
+            scored.append((form, settings, size, gains[name] * noise))
         names.append(name)
         options.append(scored)
-        costs.append([e for _, _, e in scored])
-        sizes.append([s for _, s, _ in scored])
+        costs.append([e for _, _, _, e in scored])
+        sizes.append([s for _, _, s, _ in scored])
     try:
         picked, solver = choose(costs, sizes, limit - fixed - working)
     except BudgetError as e:
@@ -309,7 +316,7 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
             f"linear at its smallest form {format_bytes(e.smallest_bytes)})", smallest) from None
     planned = []
     for name, scored, o in zip(names, options, picked):
-        form, size, error = scored[o]
-        planned.append(LayerPlan(name, shapes[name], form.name, size, error, {f.name: (s, e) for f, s, e in scored},
-                                 embedding=name in embeddings, gain=gains[name]))
+        form, settings, size, error = scored[o]
+        planned.append(LayerPlan(name, shapes[name], form.name, size, error, {f.name: (s, e) for f, _, s, e in scored},
+                                 embedding=name in embeddings, gain=gains[name], settings=settings))
     return Plan(limit, tuple(planned), fixed, working, solver, calibrated)

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from memsave.budget.candidates import Form
+from memsave.budget.candidates import FORMS, Form
 from memsave.budget.planner import Plan, kernel_allowance, linear_rows, plan_layers, plannable_weights
 from memsave.checkpoint import Checkpoint
 from memsave.config.units import parse_bytes
@@ -34,6 +34,7 @@ from memsave.memory.meta_peak import meta_call_peak
 
 
 SCORE_ROWS = 512
+QUANTIZED_FORMS = tuple(f for f in FORMS if f.structure is None and f.share is None)
 
 
 def spread_rows(w: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,14 @@ class _WeightsFromFile(Mapping):
 
 def plan_checkpoint(model: nn.Module, inputs: Sequence, limit: int, path, forms: Sequence[Form],
                     working=None) -> Plan:
+    # Quantized forms only: memsave.load compresses only those while loading (prune and
+    # factorize need the originals at compile time), and only they may be scored on a row subset.
+    unloadable = [f.name for f in forms if f.structure is not None or f.share is not None]
+    if forms is FORMS:
+        forms = QUANTIZED_FORMS
+    elif unloadable:
+        raise ValueError(f"memsave.plan from a checkpoint: forms {unloadable} prune or factorize, which memsave.load "
+                         f"cannot apply while loading; choose among {[f.name for f in QUANTIZED_FORMS]}")
     ckpt = Checkpoint(path)
     layers, tables = plannable_weights(model)
     absent = sorted(name for name in layers if name not in ckpt)

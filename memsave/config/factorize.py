@@ -35,7 +35,8 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
     selected layer (per layer through overrides). allocation: "uniform" (every layer at the same
     reduction) or "sensitivity" (ranks allocated across layers to lose the least spectral
     energy for the same total). A layer is factorized only where r·(out+in) < out·in.
-    include/exclude/overrides: as for quantize. free_weights: release the dense originals.
+    include/exclude/overrides: as for quantize (an override may set reduction, energy, rank or
+    method). free_weights: release the dense originals.
     """
 
     family: ClassVar[str] = "factorize"
@@ -43,7 +44,8 @@ class FactorizeConfig(LayerSelection, FamilyConfig):
     name_parser: ClassVar = staticmethod(_parse_factorize_name)
     name_example: ClassVar[str] = 'svd-llm-20'
     shorthands: ClassVar[dict[str, dict[str, Any]]] = {}
-    override_keys: ClassVar[tuple[str, ...]] = ("reduction", "energy", "rank")
+    # method too: a plan (memsave.plan) whitens where a layer has calibration statistics only
+    override_keys: ClassVar[tuple[str, ...]] = ("reduction", "energy", "rank", "method")
 
     method: str = "svd-llm"
     reduction: float | None = 0.25

@@ -8,7 +8,9 @@ choose the factors:
     u, v = svd_factors(w, rank)                  # best in weight space: min ‖W − UV‖_F
     u, v = whitened_svd_factors(w, gram, rank)   # best in output space: min ‖(W − UV)·Xᵀ‖_F
 
-and one way to choose ranks for a whole model under a parameter budget:
+(each the truncation of one SVD, `svd_decomposition` / `whitened_decomposition`, which can be
+kept to truncate at several ranks), and one way to choose ranks for a whole model under a
+parameter budget:
 
     spectra = {name: (n, k, spectrum(w, gram)) for name, (w, gram) in layers.items()}
     ranks = allocate_ranks(spectra, ratio=0.5)   # Σ cost ≤ 0.5 · Σ N·K; full rank = keep dense
@@ -105,51 +107,7 @@ def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     error is the sum of the discarded σ². The √Σ split gives both factors the same scale.
     """
     _check_rank(w, rank, "svd_factors")
-    if w.numel() * 8 > LARGE_SVD_BYTES:
-        return _svd_factors_by_gram(w, rank)
-    left, sv, right_t = torch.linalg.svd(w.detach().double(), full_matrices=False)  # (N, L) (L,) (L, K)
-    root = sv[:rank].sqrt()  # (r,)
-    u = left[:, :rank] * root  # (N, r)
-    v = root.unsqueeze(1) * right_t[:rank]  # (r, K)
-    return u.to(_out_dtype(w)), v.to(_out_dtype(w))
-
-
-# A float64 SVD of an (N, K) weight holds a float64 copy, U (N, min) and LAPACK's workspace:
-# about 3x the weight's fp32 bytes twice over (a 5632 x 2048 weight: ~300 MiB at its peak, what
-# kept factorizing a 210M model from streaming in half its fp32 size). Above this many float64
-# bytes the factors come from the (min, min) Gram matrix instead (_svd_factors_by_gram).
-LARGE_SVD_BYTES = 16 << 20
-ROW_BLOCK = 1024
-
-
-def _svd_factors_by_gram(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """svd_factors through the eigen-decomposition of the smaller Gram matrix, built and used a
-    block of rows at a time in float64: for N >= K, WᵀW = V Σ² Vᵀ, so V_r and σ_r come from a
-    (K, K) eigh and U_r·√Σ_r = W V_r / √σ_r. The squared condition number costs accuracy only in
-    singular values below ~1e-8 of the largest, far under what a truncation to `rank` keeps
-    from an fp32 weight; memory: the (K, K) Gram and its eigenvectors beside the fp32 factors."""
-    weight = w.detach()
-    if weight.shape[0] < weight.shape[1]:
-        v_t, u_t = _svd_factors_by_gram(weight.t(), rank)  # W = (Wᵀ)ᵀ: swap the roles
-        return u_t.t().contiguous(), v_t.t().contiguous()
-    n, k = weight.shape
-    gram = torch.zeros(k, k, dtype=torch.float64, device=weight.device)
-    for i in range(0, n, ROW_BLOCK):
-        rows = weight[i : i + ROW_BLOCK].double()
-        gram.addmm_(rows.t(), rows)
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    del gram
-    top = torch.flip(values[-rank:], [0]).clamp_min(0)  # σ², largest first
-    basis = torch.flip(vectors[:, -rank:], [1])  # (K, r): V_r
-    del vectors
-    sigma = top.sqrt()
-    inverse_root = torch.where(sigma > 0, sigma.rsqrt(), torch.zeros_like(sigma))
-    out = _out_dtype(w)
-    u = torch.empty(n, rank, dtype=out, device=weight.device)
-    for i in range(0, n, ROW_BLOCK):
-        u[i : i + ROW_BLOCK] = (weight[i : i + ROW_BLOCK].double() @ basis * inverse_root).to(out)  # U_r √Σ_r
-    v = (sigma.sqrt().unsqueeze(1) * basis.t()).to(out)  # √Σ_r V_rᵀ
-    return u, v
+    return svd_decomposition(w).factors(rank)
 
 
 def whitened_svd_factors(
@@ -163,13 +121,92 @@ def whitened_svd_factors(
     damped second moment), not the weight error. gram (K, K) is ActivationStats.gram.
     """
     _check_rank(w, rank, "whitened_svd_factors")
+    return whitened_decomposition(w, gram, damp).factors(rank)
+
+
+class Decomposition:
+    """A weight's SVD (of W, or of W·S when whitened), kept to truncate at any rank: factors(r)
+    is svd_factors / whitened_svd_factors at rank r, from one SVD for every rank (the budget
+    planner scores several ranks of one weight)."""
+
+    def __init__(self, w: torch.Tensor, left: torch.Tensor, sv: torch.Tensor, right_t: torch.Tensor,
+                 whitening: torch.Tensor | None = None):
+        self.shape, self.out = tuple(w.shape), _out_dtype(w)
+        self.left, self.sv, self.right_t = left, sv, right_t  # (N, L) (L,) (L, K), float64
+        self.whitening = whitening  # (K, K) lower-triangular S, or None
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_rank_of(self.shape, rank, "Decomposition.factors")
+        root = self.sv[:rank].sqrt()  # (r,)
+        u = self.left[:, :rank] * root  # (N, r)
+        v = root.unsqueeze(1) * self.right_t[:rank]  # (r, K)
+        if self.whitening is not None:
+            # V = √Σ_r·V_rᵀ·S⁻¹, i.e. the solution of V·S = √Σ_r·V_rᵀ (triangular, no inverse formed).
+            v = torch.linalg.solve_triangular(self.whitening, v, upper=False, left=False)
+        return u.to(self.out), v.to(self.out)
+
+
+def svd_decomposition(w: torch.Tensor) -> Decomposition:
+    """The SVD svd_factors truncates (of a large weight: through its Gram matrix, _GramDecomposition)."""
+    if w.dim() != 2:
+        raise ValueError(f"svd_decomposition: weight must be 2-D (N, K), got shape {tuple(w.shape)}")
+    if w.numel() * 8 > LARGE_SVD_BYTES:
+        return _GramDecomposition(w)
+    left, sv, right_t = torch.linalg.svd(w.detach().double(), full_matrices=False)  # (N, L) (L,) (L, K)
+    return Decomposition(w, left, sv, right_t)
+
+
+def whitened_decomposition(w: torch.Tensor, gram: torch.Tensor, damp: float = 1e-2) -> Decomposition:
+    """The SVD of W·S that whitened_svd_factors truncates (Note [Whitening])."""
+    if w.dim() != 2:
+        raise ValueError(f"whitened_decomposition: weight must be 2-D (N, K), got shape {tuple(w.shape)}")
     s = _whitening(gram.to(w.device), w.shape[1], damp, "whitened_svd_factors")  # (K, K) lower triangular
     left, sv, right_t = torch.linalg.svd(w.detach().double() @ s, full_matrices=False)  # (N, L) (L,) (L, K)
-    root = sv[:rank].sqrt()  # (r,)
-    u = left[:, :rank] * root  # (N, r)
-    # V = √Σ_r·V_rᵀ·S⁻¹, i.e. the solution of V·S = √Σ_r·V_rᵀ (triangular, no inverse formed).
-    v = torch.linalg.solve_triangular(s, root.unsqueeze(1) * right_t[:rank], upper=False, left=False)  # (r, K)
-    return u.to(_out_dtype(w)), v.to(_out_dtype(w))
+    return Decomposition(w, left, sv, right_t, whitening=s)
+
+
+# A float64 SVD of an (N, K) weight holds a float64 copy, U (N, min) and LAPACK's workspace:
+# about 3x the weight's fp32 bytes twice over (a 5632 x 2048 weight: ~300 MiB at its peak, what
+# kept factorizing a 210M model from streaming in half its fp32 size). Above this many float64
+# bytes the factors come from the (min, min) Gram matrix instead (_GramDecomposition).
+LARGE_SVD_BYTES = 16 << 20
+ROW_BLOCK = 1024
+
+
+class _GramDecomposition(Decomposition):
+    """svd_factors through the eigen-decomposition of the smaller Gram matrix, built and used a
+    block of rows at a time in float64: for N >= K, WᵀW = V Σ² Vᵀ, so V_r and σ_r come from a
+    (K, K) eigh and U_r·√Σ_r = W V_r / √σ_r. The squared condition number costs accuracy only in
+    singular values below ~1e-8 of the largest, far under what a truncation to `rank` keeps
+    from an fp32 weight; memory: the (K, K) Gram and its eigenvectors beside the fp32 factors."""
+
+    def __init__(self, w: torch.Tensor):
+        weight = w.detach()
+        self.transposed = weight.shape[0] < weight.shape[1]  # W = (Wᵀ)ᵀ: decompose Wᵀ, swap the roles
+        self.weight = weight.t() if self.transposed else weight  # (n, k), n >= k
+        self.shape, self.out = tuple(w.shape), _out_dtype(w)
+        n, k = self.weight.shape
+        gram = torch.zeros(k, k, dtype=torch.float64, device=weight.device)
+        for i in range(0, n, ROW_BLOCK):
+            rows = self.weight[i : i + ROW_BLOCK].double()
+            gram.addmm_(rows.t(), rows)
+        self.values, self.vectors = torch.linalg.eigh(gram)  # ascending
+        del gram
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_rank_of(self.shape, rank, "Decomposition.factors")
+        n = self.weight.shape[0]
+        top = torch.flip(self.values[-rank:], [0]).clamp_min(0)  # σ², largest first
+        basis = torch.flip(self.vectors[:, -rank:], [1])  # (K, r): V_r
+        sigma = top.sqrt()
+        inverse_root = torch.where(sigma > 0, sigma.rsqrt(), torch.zeros_like(sigma))
+        u = torch.empty(n, rank, dtype=self.out, device=self.weight.device)
+        for i in range(0, n, ROW_BLOCK):
+            u[i : i + ROW_BLOCK] = (self.weight[i : i + ROW_BLOCK].double() @ basis * inverse_root).to(self.out)  # U_r √Σ_r
+        v = (sigma.sqrt().unsqueeze(1) * basis.t()).to(self.out)  # √Σ_r V_rᵀ
+        if self.transposed:
+            return v.t().contiguous(), u.t().contiguous()
+        return u, v
 
 
 # Note [Whitening]
@@ -239,7 +276,11 @@ def output_error_sums(w: torch.Tensor, approx_rows, gram: torch.Tensor | None, d
 def _check_rank(w: torch.Tensor, rank: int, who: str) -> None:
     if w.dim() != 2:
         raise ValueError(f"{who}: weight must be 2-D (N, K), got shape {tuple(w.shape)}")
-    n, k = w.shape
+    _check_rank_of(tuple(w.shape), rank, who)
+
+
+def _check_rank_of(shape: tuple[int, int], rank: int, who: str) -> None:
+    n, k = shape
     if not 1 <= rank <= min(n, k):
         raise ValueError(f"{who}: rank must be in 1..min(N, K) = {min(n, k)} for N={n}, K={k}, got rank={rank}")
 

@@ -28,14 +28,15 @@ from memsave.config import FactorizeConfig
 from memsave.graph.linears import linear_uses
 from memsave.graph.rewrite import GraphBuilder, erase_if_dead
 from memsave.ops.lowrank import (
+    Decomposition,
     allocate_ranks,
     factor_error,
     max_useful_rank,
     rank_for_energy,
     rank_for_ratio,
     spectrum,
-    svd_factors,
-    whitened_svd_factors,
+    svd_decomposition,
+    whitened_decomposition,
 )
 from memsave.passes.base import DERIVED_KEY, PassContext, PassResult
 from memsave.report import fmt_bytes
@@ -81,26 +82,29 @@ def factorize_weights(gm: fx.GraphModule, config: FactorizeConfig, ctx: PassCont
         layers[w.label] = {
             "rank": rank, "shape": (n, k), "bytes_before": dense,
             "bytes_after": (u.numel() + v.numel()) * u.element_size(), "relative_error": error,
+            "method": cfg.method,  # a per-layer override may choose it (memsave.plan does)
         }
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    error_kind = "output" if config.method == "svd-llm" else "weight"
-    lines = [f"factorized {len(layers)} weights ({config.describe()}); per layer, worst {error_kind} error first:"] if layers else []
+    # with per-layer overrides (a plan's ranks), the top level describes no layer: each line says its own
+    what = "" if config.overrides else f" ({config.describe()})"
+    lines = [f"factorized {len(layers)} weights{what}; per layer, worst error first:"] if layers else []
     for label, info in sorted(layers.items(), key=lambda kv: -kv[1]["relative_error"]):
         lines.append(
-            f"  {label}: rank {info['rank']} of {min(info['shape'])}, relative {error_kind} error "
+            f"  {label}: rank {info['rank']} of {min(info['shape'])}, relative "
+            f"{'output' if info['method'] == 'svd-llm' else 'weight'} error "  # what the method minimizes
             f"{info['relative_error']:.3f}, {fmt_bytes(info['bytes_before'])} → {fmt_bytes(info['bytes_after'])}"
         )
     return PassResult(bool(layers), tuple(lines + notes), {"layers": layers})
 
 
-def _gram(w, cfg: FactorizeConfig) -> torch.Tensor | None:
+def _gram(weight: torch.Tensor, label: str, cfg: FactorizeConfig) -> torch.Tensor | None:
     if cfg.method == "svd":
         return None
-    stats = CALIBRATION.get(w.tensor)
+    stats = CALIBRATION.get(weight)
     if stats is None or stats.gram is None:
         raise RuntimeError(
-            f"memsave factorize: method 'svd-llm' needs the input Gram matrix of {w.label}: run "
+            f"memsave factorize: method 'svd-llm' needs the input Gram matrix of {label}: run "
             "memsave.calibrate(model, batches) (with hessian=True, the default) before compiling, or use method 'svd'"
         )
     return stats.gram
@@ -108,7 +112,7 @@ def _gram(w, cfg: FactorizeConfig) -> torch.Tensor | None:
 
 def _spectrum(w, cfg: FactorizeConfig) -> torch.Tensor:
     key = weight_keys.spectrum(cfg.method, cfg.damp)
-    return WEIGHTS.get_or_build(w.tensor, key, lambda: spectrum(w.tensor.float(), _gram(w, cfg), cfg.damp))
+    return WEIGHTS.get_or_build(w.tensor, key, lambda: spectrum(w.tensor.float(), _gram(w.tensor, w.label, cfg), cfg.damp))
 
 
 def _ranks(candidates, config: FactorizeConfig) -> dict[str, int]:
@@ -134,17 +138,31 @@ def _ranks(candidates, config: FactorizeConfig) -> dict[str, int]:
     return ranks
 
 
+def decomposition(weight: torch.Tensor, label: str, cfg: FactorizeConfig) -> Decomposition:
+    """The SVD that `cfg`'s method truncates: of W (svd), or of W whitened by the inputs' Gram
+    matrix (svd-llm)."""
+    w = weight.float()
+    if cfg.method == "svd":
+        return svd_decomposition(w)
+    return whitened_decomposition(w, _gram(weight, label, cfg), cfg.damp)
+
+
+def factor_parts(weight: torch.Tensor, label: str, cfg: FactorizeConfig, rank: int,
+                 decomposed: Decomposition | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(U, V, relative error) of `weight` at `rank` by `cfg`'s method: what the pass stores and
+    caches. The budget planner scores its low-rank forms with it too, passing one `decomposition`
+    for all the ranks it scores."""
+    gram = _gram(weight, label, cfg)
+    w = weight.float()
+    u, v = (decomposed or decomposition(weight, label, cfg)).factors(rank)
+    # The error the method minimizes: of the weight (svd) or of the outputs (svd-llm).
+    error = factor_error(w, u, v, gram)
+    return u.to(weight.dtype).contiguous(), v.to(weight.dtype).contiguous(), error
+
+
 def _factors(w, cfg: FactorizeConfig, rank: int):
     def build():
-        gram = _gram(w, cfg)
-        weight = w.tensor.float()
-        if cfg.method == "svd":
-            u, v = svd_factors(weight, rank)
-        else:
-            u, v = whitened_svd_factors(weight, gram, rank, cfg.damp)
-        # The error the method minimizes: of the weight (svd) or of the outputs (svd-llm).
-        error = factor_error(weight, u, v, gram)
-        return u.to(w.tensor.dtype).contiguous(), v.to(w.tensor.dtype).contiguous(), error
+        return factor_parts(w.tensor, w.label, cfg, rank)
 
     u, v, error = WEIGHTS.get_or_build(w.tensor, weight_keys.factors(cfg.method, rank, cfg.damp), build)
     WEIGHTS.mark_derived(u, v)

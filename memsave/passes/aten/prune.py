@@ -131,17 +131,10 @@ def _prune_layer(builder: GraphBuilder, w, uses, cfg: PruneConfig, first: fx.Nod
     info = {"describe": cfg.describe(), "bytes_before": dense}
 
     def build():
-        keep = _keep_mask(weight, w.name, cfg)
-        sqnr = sqnr_db(weight.float(), weight.float() * keep)
-        if cfg.n_m is not None:
-            values, indices = pack_nm(weight, keep, *cfg.n_m)
-            return values, indices, sqnr
-        values, mask = pack_bitmask(weight, keep)
-        return values.reshape(1, -1), mask, sqnr  # 2-D, so quantize can group it like a weight
+        return pruned_parts(weight, w.name, cfg)
 
     if cfg.n_m is None:
-        nnz_estimate = n_out * k - math.floor(cfg.sparsity * n_out * k)
-        sparse = bitmask_bytes(n_out, k, nnz_estimate, element)
+        sparse = bitmask_bytes(n_out, k, kept_weights(n_out, k, cfg), element)
         if sparse >= dense:
             info.update(stored="dense", bytes_after=dense, sqnr_db=math.inf,
                         why=f"bitmask + values ({fmt_bytes(sparse)}) is not smaller than dense at {weight.dtype}")
@@ -164,6 +157,29 @@ def _prune_layer(builder: GraphBuilder, w, uses, cfg: PruneConfig, first: fx.Nod
         use.transpose.replace_input_with(w.node, dense_node)
     info.update(stored=stored, bytes_after=after, sqnr_db=sqnr, nonzero=values.numel() / (n_out * k))
     return info
+
+
+def pruned_parts(weight: torch.Tensor, name: str, cfg: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(values, metadata, weight SQNR in dB) of `weight` pruned by `cfg` (unstructured or N:M):
+    what the pass stores and caches. The budget planner scores its prune forms with it too."""
+    keep = _keep_mask(weight, name, cfg)
+    sqnr = sqnr_db(weight.float(), weight.float() * keep)
+    if cfg.n_m is not None:
+        values, indices = pack_nm(weight, keep, *cfg.n_m)
+        return values, indices, sqnr
+    values, mask = pack_bitmask(weight, keep)
+    return values.reshape(1, -1), mask, sqnr  # 2-D, so quantize can group it like a weight
+
+
+def kept_weights(out_features: int, in_features: int, cfg: PruneConfig) -> int:
+    """How many weights _keep_mask keeps: n of every m; wanda drops floor(sparsity·K) of each
+    row; magnitude drops floor(sparsity·N·K) of the whole layer."""
+    if cfg.n_m is not None:
+        n, m = cfg.n_m
+        return out_features * (in_features // m * n)
+    if cfg.method == "wanda":
+        return out_features * (in_features - math.floor(cfg.sparsity * in_features))
+    return out_features * in_features - math.floor(cfg.sparsity * out_features * in_features)
 
 
 def _keep_mask(weight: torch.Tensor, name: str, cfg: PruneConfig) -> torch.Tensor:
