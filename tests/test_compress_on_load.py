@@ -219,15 +219,15 @@ def test_loading_holds_one_full_precision_weight_at_a_time(tmp_path):
 
 
 def test_rows_are_quantized_on_their_own_so_a_plan_may_score_a_subset():
-    from memsave.budget.candidates import FORMS, reconstructed
+    from memsave.budget.candidates import reconstructed
     from memsave.budget.sensitivity import relative_output_noise
-    from memsave.budget.stream import SCORE_ROWS, spread_rows
+    from memsave.budget.stream import QUANTIZED_FORMS, SCORE_ROWS, spread_rows
 
     torch.manual_seed(0)
     w = torch.randn(2 * SCORE_ROWS + 7, 64) * torch.linspace(0.1, 3.0, 2 * SCORE_ROWS + 7)[:, None]
     rows = torch.linspace(0, w.shape[0] - 1, SCORE_ROWS).round().long()
     assert torch.equal(spread_rows(w), w[rows])
-    for form in FORMS[1:]:
+    for form in QUANTIZED_FORMS[1:]:
         whole = reconstructed(w, form)
         assert torch.equal(reconstructed(w[rows], form), whole[rows]), form.name
         full, sampled = relative_output_noise(w, whole, None), relative_output_noise(w[rows], whole[rows], None)

@@ -28,7 +28,7 @@ def test_lookup_dequantizes_only_the_rows_it_reads(codegen, form):
     # What the stored codes mean, as the whole table (GPTQ without calibration falls back to the
     # MSE grid in the pass and here alike): the reference lookup reads this.
     expected = nn.functional.embedding(ids, reconstructed(model.e.weight, f)) * 2
-    options = {"quantize": {**f.override(), "embeddings": True}, "codegen": codegen}
+    options = {"quantize": {**f.for_weight(model.e.weight, embedding=True)["quantize"], "embeddings": True}, "codegen": codegen}
     with memsave.collect() as reports:
         compiled = torch.compile(model, backend="memsave", options=options)
         with torch.no_grad():
@@ -64,7 +64,7 @@ def test_lookup_of_expanded_ids(codegen):
     f = FORMS_BY_NAME["int8"]
     ids = model.types[:, :10].expand(3, 10)
     expected = x + nn.functional.embedding(ids, reconstructed(model.e.weight, f))
-    options = {"quantize": {**f.override(), "embeddings": True}, "codegen": codegen}
+    options = {"quantize": {**f.for_weight(model.e.weight, embedding=True)["quantize"], "embeddings": True}, "codegen": codegen}
     with torch.no_grad():
         out = torch.compile(model, backend="memsave", options=options)(x)
     assert torch.equal(out, expected)
