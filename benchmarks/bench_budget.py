@@ -178,6 +178,12 @@ def _prepare(model, variant: str, calibration: list, example: tuple, fp32: int, 
         return model
     if variant.startswith("torchao"):
         _torchao(model, variant)
+        # quantize_ leaves a linear as it is where its shape does not suit the layout (e.g. in
+        # features not a multiple of the int4 group): counted, and its bytes stay in weight_mib
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        out["torchao_plain_linears"] = float(sum(type(m.weight) is torch.nn.Parameter and
+                                                 type(m.weight.data) is torch.Tensor for m in linears))
+        out["linears"] = float(len(linears))
         return model
     memsave.calibrate(model, calibration, progress=False, hessian=True)
     if variant.startswith("plan-"):
@@ -435,11 +441,15 @@ def _model_section(results: dict, model: str) -> list[str]:
              "planner form).", "",
              f"| config | options | weights MiB | of fp32 | {quality} | predicted error | RSS growth MiB | status |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for c in uniform:
+    for c in [f"{model}.fp32"] + uniform:
         w, q, p, rss = (_median(results, c, m) for m in ("weight_mib", quality, "predicted_error", "rss_growth_mib"))
         err = _error(results, c)
         status = "ok" if err is None else f"failed: `{err}`"
-        lines.append(f"| {c} | `{_options_text(c.split('.', 1)[1])}` | {'–' if w is None else f'{w:.2f}'} | "
+        plain = _median(results, c, "torchao_plain_linears")
+        if plain:
+            status += f" ({plain:.0f} of {_median(results, c, 'linears'):.0f} linears left unquantized by torchao)"
+        what = "(none: the model as it is)" if c.endswith(".fp32") else f"`{_options_text(c.split('.', 1)[1])}`"
+        lines.append(f"| {c} | {what} | {'–' if w is None else f'{w:.2f}'} | "
                      f"{'–' if w is None else f'{w / fp32_mib:.1%}'} | {'–' if q is None else _fmt_q(q, quality)} | "
                      f"{'–' if p is None else f'{p:.3e}'} | {'–' if rss is None else f'{rss:.1f}'} | {status} |")
     lines += ["", "### The plan at each budget against the best uniform configuration that fits", "",
@@ -587,12 +597,19 @@ def draw(results: dict, path: Path) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, label=label, ms=5)
                 for x, y, name in pts:
                     ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
         if fp32_mib:
             for c in results["configs"]:
                 if c.startswith(model + ".plan-"):
                     ax.axvline(_percent(c) / 100 * fp32_mib, color="grey", lw=0.6, ls=":")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+                    ax.annotate(f"{_percent(c)}%", (_percent(c) / 100 * fp32_mib, 1), xycoords=("data", "axes fraction"),
+                                fontsize=6, color="grey", ha="center", va="bottom")
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=6)
         ax.set_xlabel("weight MiB (measured; dotted: the budgets' weight shares)")
         ax.set_ylabel(f"{'increase of ' if direction == 'lower' else '1 − '}{quality} vs fp32 (lower is better)")
         ax.set_title(TITLES[model], fontsize=10)
