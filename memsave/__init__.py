@@ -16,6 +16,7 @@ from memsave.memory.track import MemoryStats, MemoryTracker, measure_peak
 from memsave.report import GraphReport, PassRecord, collect, recent_reports
 from memsave.serialize import load, save
 from memsave.checkpoint import empty_parameters
+from memsave.optim import InBackward, optimizer_in_backward
 from memsave.passes.dynamo.shard_tensor import (
     check_tensor_parallel,
     named_sharded_parameters,
@@ -45,5 +46,6 @@ __all__ = [
     "measure_peak",
     "recent_reports",
     "save", "load", "empty_parameters",
+    "InBackward", "optimizer_in_backward",
     "check_tensor_parallel", "named_sharded_parameters", "sharded_parameters", "tp_parameter_bytes",
 ]

@@ -162,6 +162,7 @@ def run_joint(
     fw, bw = _partition(runner, joint, joint_inputs, num_fwd_outputs, partition_kwargs)
     if config.precision is not None and config.precision.saved is not None:
         _narrow_saved(runner, fw, bw, num_fwd_outputs)
+    _step_in_backward(runner, joint, fw, bw, num_fwd_outputs)
     finish(runner)
     return fw, bw
 
@@ -213,6 +214,35 @@ def _narrow_saved(runner: PassRunner, fw: fx.GraphModule, bw: fx.GraphModule, nu
         PassRecord(
             name="narrow_saved", changed=result.changed, nodes_before=0, nodes_after=0, nodes_added=0,
             nodes_removed=0, weight_bytes_before=before["weight_bytes"], weight_bytes_after=after["weight_bytes"],
+            peak_activation_bytes_before=before["peak"], peak_activation_bytes_after=after["peak"],
+            seconds=time.perf_counter() - start, notes=result.notes, details=result.details,
+        )
+    )
+
+
+def _step_in_backward(runner: PassRunner, joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule,
+                      num_fwd_outputs: int) -> None:
+    """memsave.optimizer_in_backward: each gradient stepped and freed inside the backward."""
+    from memsave.memory.saved_activations import simulated_peak
+    from memsave.passes.joint.step_in_backward import step_in_backward
+
+    ctx = runner.ctx
+    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    values = [ctx.real_inputs.get(n.name) for n in primals]
+    if not any(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
+        return
+    names = [ctx.weights[n.name].name if n.name in ctx.weights else n.name for n in primals]
+    before = simulated_peak(fw, bw, num_fwd_outputs)
+    start = time.perf_counter()
+    result = step_in_backward(fw, bw, num_fwd_outputs, values, names, ctx.graph_id)
+    if not result.changed and not result.notes:
+        return
+    after = simulated_peak(fw, bw, num_fwd_outputs)
+    runner.add_record(
+        PassRecord(
+            name="step_in_backward", changed=result.changed, nodes_before=0, nodes_after=0,
+            nodes_added=len(result.details.get("stepped", ())), nodes_removed=0,
+            weight_bytes_before=before["weight_bytes"], weight_bytes_after=after["weight_bytes"],
             peak_activation_bytes_before=before["peak"], peak_activation_bytes_after=after["peak"],
             seconds=time.perf_counter() - start, notes=result.notes, details=result.details,
         )

@@ -47,3 +47,4 @@ from memsave.ops.sparse import (  # noqa: F401  (registers memsave::densify_bitm
     unpack_nm,
 )
 from memsave.ops.chunked_ce import linear_cross_entropy, linear_cross_entropy_backward  # noqa: F401  (registers memsave::linear_cross_entropy(_backward))
+from memsave.ops.step_in_backward import step_in_backward  # noqa: F401  (registers memsave::step_in_backward)

@@ -1,0 +1,259 @@
+"""The optimizer step inside the backward: each parameter is updated as soon as its gradient is
+final, and the gradient is freed right after, so no full set of gradients ever exists.
+
+    handle = memsave.optimizer_in_backward(model, torch.optim.AdamW, lr=1e-4)
+    compiled = torch.compile(model, backend="memsave")
+    loss = compiled(ids, labels); loss.backward()      # the update happened in here
+    scheduler = torch.optim.lr_scheduler.StepLR(handle.optimizer, 10)   # schedulers work as usual
+
+Two roads apply the same update:
+
+- **Compiled** (`backend="memsave"`, compiled after this call): the backward graph itself calls
+  `memsave::step_in_backward(param, grad)` right after each gradient's last use and returns no
+  gradient for that parameter (`passes/joint/step_in_backward.py`), so the graph frees each one
+  at once. A backward compiled by anything else hands all gradients back together at its end.
+- **Eager** (or a graph compiled before this call): a `register_post_accumulate_grad_hook` on
+  each parameter steps and frees it once autograd has accumulated it (torchtune's road). The
+  backward's gradients are not all alive at once either, but a compiled backward that is not
+  memsave's has produced them all before the first hook runs.
+
+One ordinary `torch.optim` optimizer holds every trainable parameter, so learning-rate
+schedulers, `state_dict()` and `param_groups` are the usual ones. A step is that optimizer's
+`step()` while only one parameter has a `.grad`: the optimizers in torch and torchao skip
+parameters without one, and keep their state per parameter, so the result equals the ordinary
+`loss.backward(); opt.step()` (tested). An optimizer that needs every gradient at once (LBFGS's
+closure) is refused.
+
+Clipping by global norm needs every gradient before any update. `clipped_backward(closure,
+max_norm)` does it in two passes, documented cost: the closure (forward) and the backward run
+once to sum the squared norms, without updating, then again, same RNG state, to update with
+clip_grad_norm_'s coefficient. Gradient accumulation (`accumulation_steps=N`) holds the sums
+between micro-batches (a full set of gradients then exists again: the saving is gone, the
+result is the ordinary one) and steps on every N-th backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from memsave.config import OptionError
+
+# parameter -> its entry. A compiled backward passes the parameter itself to
+# memsave::step_in_backward (never a number baked into the graph: Dynamo reuses one compiled
+# graph for every instance of a module class, so the graph cannot know whose parameter it got).
+_by_param: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+_REFUSED = {"LBFGS": "needs a closure that re-evaluates the loss with every gradient at once"}
+
+
+@dataclass
+class _Entry:
+    handle: "InBackward | None"
+    hook: Any = None
+    graphs: set = field(default_factory=set)  # compiled graphs that step this parameter in-graph
+
+
+def is_held(param: torch.Tensor) -> bool:
+    """Whether an in-backward optimizer holds this parameter now."""
+    entry = _by_param.get(param)
+    return entry is not None and entry.handle is not None
+
+
+def claim(param: torch.Tensor, graph_id: int) -> str | None:
+    """A compiled graph will step `param` in its backward. Returns why not, if it must not: a
+    parameter read by two compiled graphs gets its gradient summed across them by autograd, so
+    neither may step it alone."""
+    entry = _by_param[param]
+    others = entry.graphs - {graph_id}
+    if others:
+        return f"also read by compiled graph {min(others)}; its gradient is summed by autograd, so it steps after"
+    entry.graphs.add(graph_id)
+    return None
+
+
+def apply_gradient(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """The runtime of memsave::step_in_backward: hand one final gradient to its optimizer."""
+    entry = _by_param.get(param)
+    if entry is None or entry.handle is None:
+        # Not (or no longer) held by an optimizer: do what autograd's accumulation would have.
+        with torch.no_grad():
+            if param.grad is None:
+                param.grad = grad.detach().clone()
+            else:
+                param.grad += grad
+        return
+    # The op's kernel runs below autograd in the dispatcher (autograd keys excluded); an
+    # optimizer's state may be a tensor subclass (torchao's low-bit state) whose composite ops
+    # then reach its __torch_dispatch__ undecomposed. Step in the dispatcher state the handle
+    # was made in, as from a hook.
+    with torch._C._ForceDispatchKeyGuard(*entry.handle._dispatch_state):
+        entry.handle._apply(param, grad)
+
+
+class InBackward:
+    """What `memsave.optimizer_in_backward` returns: the optimizer and the hooks that run it."""
+
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, accumulation_steps: int):
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self._params = params
+        self._held: WeakIdKeyDictionary = WeakIdKeyDictionary()  # accumulated gradients
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()  # backwards per parameter
+        self._mode = "update"  # or "norm" (first pass of clipped_backward)
+        self._norms: list[torch.Tensor] = []
+        self._coef: torch.Tensor | None = None
+        self._dispatch_state = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+        for p in params:
+            old = _by_param.get(p)
+            if old is not None and old.handle is not None:
+                old.handle.remove()
+            entry = _by_param.get(p)
+            if entry is None:
+                entry = _Entry(None)
+                _by_param[p] = entry
+            entry.handle = self
+            entry.hook = p.register_post_accumulate_grad_hook(self._from_hook)
+
+    # -- the update ---------------------------------------------------------------------------
+
+    def _from_hook(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:  # autograd runs the hook even when a backward returned no gradient
+            return
+        param.grad = None
+        self._apply(param, grad)
+
+    def _apply(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        if self._mode == "norm":
+            self._norms.append(torch.linalg.vector_norm(grad.detach(), 2.0))
+            return
+        held = self._held.pop(param, None)
+        if held is not None:
+            grad = held.add_(grad)  # the sum autograd's accumulation would have formed
+        seen = self._seen.get(param, 0) + 1
+        self._seen[param] = seen
+        if seen % self.accumulation_steps:
+            self._held[param] = grad if held is not None else grad.detach().clone()
+            return
+        if self._coef is not None:
+            grad = grad.mul(self._coef)
+        param.grad = grad.detach()
+        try:
+            self.optimizer.step()
+        finally:
+            param.grad = None
+
+    # -- clipping by global norm ----------------------------------------------------------------
+
+    def clipped_backward(self, closure: Callable[[], torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Forward + backward twice (same RNG state): first to sum the gradients' norms, then to
+        update with torch.nn.utils.clip_grad_norm_'s coefficient. Returns the total norm."""
+        if self.accumulation_steps != 1:
+            raise OptionError("clipped_backward with accumulation_steps > 1 is not supported: the norm is of the "
+                              "accumulated gradients, which exist only after the last micro-batch")
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._mode, self._norms = "norm", []
+        try:
+            closure().backward()
+        finally:
+            self._mode = "update"
+        if not self._norms:
+            raise RuntimeError("clipped_backward: the backward reached no parameter of this optimizer")
+        total = torch.linalg.vector_norm(torch.stack(self._norms), 2.0)
+        self._norms = []
+        # torch.nn.utils.clip_grad_norm_'s coefficient, clamped to 1, applied to every gradient
+        self._coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        try:
+            closure().backward()
+        finally:
+            self._coef = None
+        return total
+
+    # -- what the user sees ---------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held now (torchao's low-bit buffers counted as they store)."""
+        from memsave.memory.track import live_tensor_bytes
+
+        return live_tensor_bytes(
+            inner for state in self.optimizer.state.values() for value in state.values() for inner in _plain(value)
+        )
+
+    def held_gradient_bytes(self) -> int:
+        """Gradients held between micro-batches (accumulation_steps > 1)."""
+        return sum(g.numel() * g.element_size() for g in self._held.values())
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def step(self) -> None:
+        raise RuntimeError(
+            "memsave.optimizer_in_backward: the optimizer already stepped inside loss.backward(); "
+            "drop the opt.step() / opt.zero_grad() calls (handle.optimizer is there for schedulers)"
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.step()
+
+    def remove(self) -> None:
+        """Detach: hooks removed; compiled graphs that step in-graph then accumulate into .grad."""
+        for p in self._params:
+            entry = _by_param.get(p)
+            if entry is not None and entry.handle is self:
+                entry.hook.remove()
+                entry.handle = entry.hook = None
+        self._held = WeakIdKeyDictionary()
+
+    def __repr__(self) -> str:
+        return (f"InBackward({type(self.optimizer).__name__}, {len(self._params)} parameters, "
+                f"accumulation_steps={self.accumulation_steps})")
+
+
+def _plain(value: Any) -> Iterable[torch.Tensor]:
+    """The plain tensors that store a state value (torchao's low-bit state is a tensor subclass
+    whose codes and scales are inner tensors)."""
+    if not isinstance(value, torch.Tensor):
+        return
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if flatten is None or type(value) in (torch.Tensor, torch.nn.Parameter):
+        yield value
+        return
+    for name in flatten()[0]:
+        yield from _plain(getattr(value, name))
+
+
+def optimizer_in_backward(
+    model: torch.nn.Module | Iterable[torch.Tensor],
+    optimizer_class: type,
+    *args: Any,
+    accumulation_steps: int = 1,
+    **kwargs: Any,
+) -> InBackward:
+    """Run `optimizer_class(trainable params of model, *args, **kwargs)` inside the backward."""
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise OptionError(
+            f"optimizer_in_backward takes an optimizer class (a torch.optim.Optimizer subclass, e.g. "
+            f"torch.optim.AdamW or torchao.optim.AdamW8bit), got {optimizer_class!r}"
+        )
+    if optimizer_class.__name__ in _REFUSED:
+        raise OptionError(f"optimizer_in_backward: {optimizer_class.__name__} {_REFUSED[optimizer_class.__name__]}; "
+                          "it cannot step one parameter at a time")
+    if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
+        raise OptionError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    params = list(dict.fromkeys((p for p in params if p.requires_grad), None))  # tied weights once
+    if not params:
+        raise OptionError("optimizer_in_backward: the model has no parameter that requires grad")
+    optimizer = optimizer_class(params, *args, **kwargs)
+    return InBackward(params, optimizer, accumulation_steps)
