@@ -181,11 +181,7 @@ class InBackward:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held now (torchao's low-bit buffers counted as they store)."""
-        from memsave.memory.track import live_tensor_bytes
-
-        return live_tensor_bytes(
-            inner for state in self.optimizer.state.values() for value in state.values() for inner in _plain(value)
-        )
+        return optimizer_state_bytes(self.optimizer)
 
     def held_gradient_bytes(self) -> int:
         """Gradients held between micro-batches (accumulation_steps > 1)."""
@@ -218,6 +214,13 @@ class InBackward:
     def __repr__(self) -> str:
         return (f"InBackward({type(self.optimizer).__name__}, {len(self._params)} parameters, "
                 f"accumulation_steps={self.accumulation_steps})")
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of an optimizer's state held now, any optimizer (tensor-subclass state by its parts)."""
+    from memsave.memory.track import live_tensor_bytes
+
+    return live_tensor_bytes(inner for state in optimizer.state.values() for value in state.values() for inner in _plain(value))
 
 
 def _plain(value: Any) -> Iterable[torch.Tensor]:

@@ -1,0 +1,237 @@
+"""Training memory beyond activations: the optimizer step inside the backward, low-bit state.
+
+Two parts, each against its own baseline, one fresh process per config and repeat, the C
+allocator as a user's process has it (no MALLOC_* settings):
+
+- **memory** — a full fine-tuning step (forward, backward, AdamW update) of the built-in
+  decoder-medium (112M parameters, batch 1 x 256):
+    eager                          loss.backward(); AdamW.step()
+    eager_adamw8bit                the same with torchao's AdamW8bit
+    eager_in_backward              memsave.optimizer_in_backward on the eager model (hooks,
+                                   torchtune's road)
+    memsave                        backend="memsave" (default recipe) + ordinary AdamW
+    memsave_in_backward            + memsave.optimizer_in_backward(AdamW): stepped in the graph
+    memsave_in_backward_8bit       + torchao AdamW8bit state
+    memsave_in_backward_8bit_recompute  + options={"recompute": "budget-min"}
+  Per run: the step's peak of live tensor bytes (held before the step: weights, optimizer
+  state, gradients; plus the tracker's peak during it), the process's peak RSS during the step
+  above the RSS before the model was built, the optimizer state bytes, and the median step time.
+- **fidelity** — 100 steps of AdamW (lr 1e-3) on the docs LM's real text (the small causal LM's
+  architecture, from its seeded initialization, batches in a fixed order), each config's loss
+  curve beside the fp32 eager curve computed in the same process: the largest and the final
+  difference.
+
+    python benchmarks/bench_train_memory.py            # both parts
+    python benchmarks/bench_train_memory.py --quick    # decoder-small, 10 steps, one repeat
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import (  # noqa: E402
+    Benchmark, MiB, Part, current_rss_bytes, main, peak_rss_bytes, reset_peak_rss, time_call, with_sections,
+)
+
+NAME = "train_memory"
+TITLE = "Full fine-tuning step: optimizer step in the backward, 8-bit AdamW state, recompute"
+MEMORY = ["eager", "eager_adamw8bit", "eager_in_backward", "memsave", "memsave_in_backward",
+          "memsave_in_backward_8bit", "memsave_in_backward_8bit_recompute"]
+FIDELITY = ["eager", "eager_adamw8bit", "memsave_in_backward", "memsave_in_backward_8bit",
+            "memsave_in_backward_8bit_recompute"]
+CONFIGS = [f"memory.{v}" for v in MEMORY] + [f"fidelity.{v}" for v in FIDELITY]
+MEMORY_METRICS = {"step_peak_mib": "lower", "rss_peak_mib": "lower", "state_mib": "lower",
+                  "grads_held_mib": "lower", "step_ms": "lower"}
+FIDELITY_METRICS = {"final_loss": "lower", "max_abs_diff": "lower", "final_abs_diff": "lower"}
+PARAMS = {"size": "medium", "batch": 1, "seq": 256, "iters": 3, "fid_steps": 100, "fid_batch": 8, "fid_seq": 128}
+QUICK = {"size": "small", "iters": 1, "fid_steps": 10}
+
+
+def _setup(variant: str, model, lr: float):
+    """(the callable to train, the torch optimizer, whether the step is in the backward)."""
+    import torch
+
+    import memsave
+
+    eight = "8bit" in variant
+    if eight:
+        from torchao.optim import AdamW8bit as optimizer_class
+    else:
+        optimizer_class = torch.optim.AdamW
+    in_backward = "in_backward" in variant
+    if in_backward:
+        handle = memsave.optimizer_in_backward(model, optimizer_class, lr=lr)
+        optimizer = handle.optimizer
+    else:
+        optimizer = optimizer_class(model.parameters(), lr=lr)
+    if variant.startswith("eager"):
+        run = model
+    else:
+        options = {"recompute": "budget-min"} if variant.endswith("recompute") else None
+        run = torch.compile(model, backend="memsave", options=options)
+    return run, optimizer, in_backward
+
+
+def _held_bytes(model, optimizer) -> int:
+    from memsave.memory.track import live_tensor_bytes
+    from memsave.optim.in_backward import optimizer_state_bytes
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return live_tensor_bytes(list(model.parameters()) + grads) + optimizer_state_bytes(optimizer)
+
+
+def measure_memory(variant: str, params: dict) -> dict[str, float]:
+    import torch
+
+    from memsave.memory.track import live_tensor_bytes, measure_peak
+    from memsave.models import build_decoder, decoder_inputs
+    from memsave.optim.in_backward import optimizer_state_bytes
+
+    if "8bit" in variant:
+        import torchao.optim  # noqa: F401  (imported before the baseline RSS, like torch)
+    rss_start = current_rss_bytes()
+    model = build_decoder(params["size"]).train()
+    ids, labels = decoder_inputs(model, batch=params["batch"], seq=params["seq"], labels=True)
+    run, optimizer, in_backward = _setup(variant, model, lr=1e-5)
+
+    def step():
+        run(ids, labels).backward()
+        if not in_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    step()  # compiles; creates the optimizer state
+    step()
+    out = {"weights_mib": live_tensor_bytes(model.parameters()) / MiB, "state_mib": optimizer_state_bytes(optimizer) / MiB}
+    held = _held_bytes(model, optimizer)
+    reset_peak_rss()
+    step()
+    out["rss_peak_mib"] = (peak_rss_bytes() - rss_start) / MiB
+    _, stats = measure_peak(step)
+    out["step_peak_mib"] = (held + stats.peak_bytes) / MiB
+    # Gradients alive at the end of the backward, before the update (0 when stepped inside it).
+    loss = run(ids, labels)
+    loss.backward()
+    out["grads_held_mib"] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                                if p.grad is not None) / MiB
+    if not in_backward:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    out["step_ms"] = statistics.median(time_call(step, warmup=0, iters=params["iters"]))
+    return out
+
+
+def _fidelity_curve(variant: str, params: dict) -> list[float]:
+    import torch
+
+    from memsave.models import docs_lm
+
+    torch._dynamo.reset()
+    model = docs_lm.build().train()
+    run, optimizer, in_backward = _setup(variant, model, lr=1e-3)
+    tokens = docs_lm._tokens(docs_lm.corpus().train)
+    gen = torch.Generator().manual_seed(1)
+    seq, batch = params["fid_seq"], params["fid_batch"]
+    losses = []
+    for _ in range(params["fid_steps"]):
+        starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=gen)
+        window = torch.stack([tokens[s: s + seq + 1] for s in starts.tolist()])
+        loss = run(input_ids=window, labels=window, use_cache=False).loss
+        loss.backward()
+        if not in_backward:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def measure_fidelity(variant: str, params: dict) -> dict[str, float]:
+    curve = _fidelity_curve(variant, params)
+    reference = curve if variant == "eager" else _fidelity_curve("eager", params)
+    diffs = [abs(a - b) for a, b in zip(curve, reference)]
+    out = {"final_loss": statistics.fmean(curve[-10:]), "max_abs_diff": max(diffs),
+           "final_abs_diff": abs(statistics.fmean(curve[-10:]) - statistics.fmean(reference[-10:]))}
+    out.update({f"curve_{i:03d}": v for i, v in enumerate(curve)})
+    return out
+
+
+def measure(config: str, params: dict) -> dict[str, float]:
+    part, variant = config.split(".", 1)
+    return measure_memory(variant, params) if part == "memory" else measure_fidelity(variant, params)
+
+
+def _parts(params: dict) -> dict[str, Part]:
+    return {"memory": Part([f"memory.{v}" for v in MEMORY], "memory.eager", metrics=MEMORY_METRICS),
+            "fidelity": Part([f"fidelity.{v}" for v in FIDELITY], "fidelity.eager", repeats=1,
+                             metrics=FIDELITY_METRICS)}
+
+
+def _median(results, config: str, metric: str):
+    runs = [r["metrics"][metric] for r in results["runs"] if r["config"] == config and r["ok"] and metric in r["metrics"]]
+    return statistics.median(runs) if runs else None
+
+
+def render_sections(results) -> str:
+    lines = ["", "## Goals (issue 15)", ""]
+    eager_peak = _median(results, "memory.eager", "step_peak_mib")
+    eager_ms = _median(results, "memory.eager", "step_ms")
+    for variant in MEMORY[1:]:
+        peak = _median(results, f"memory.{variant}", "step_peak_mib")
+        ms = _median(results, f"memory.{variant}", "step_ms")
+        rss = _median(results, f"memory.{variant}", "rss_peak_mib")
+        if None in (peak, ms, eager_peak, eager_ms):
+            continue
+        rss_eager = _median(results, "memory.eager", "rss_peak_mib")
+        lines.append(f"- {variant}: tracked peak {peak / eager_peak:.2f}x eager's, RSS peak "
+                     f"{rss / rss_eager:.2f}x, step time {ms / eager_ms:.2f}x")
+    lines.append("- goal: memsave_in_backward_8bit_recompute <= 0.45x eager's peak and <= 1.15x its step time")
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(results, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5))
+    FigureCanvasAgg(fig)
+    bars, curves = fig.subplots(1, 2)
+    names, tracked, rss = [], [], []
+    for variant in MEMORY:
+        t, r = _median(results, f"memory.{variant}", "step_peak_mib"), _median(results, f"memory.{variant}", "rss_peak_mib")
+        if t is not None:
+            names.append(variant.replace("memsave_", "ms_").replace("in_backward", "inbw"))
+            tracked.append(t)
+            rss.append(r or 0.0)
+    xs = range(len(names))
+    bars.bar([x - 0.2 for x in xs], tracked, width=0.4, label="live tensors (tracker)")
+    bars.bar([x + 0.2 for x in xs], rss, width=0.4, label="process RSS above start")
+    bars.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("peak of a training step, MiB (median)")
+    bars.legend(fontsize=8)
+    bars.set_title(f"decoder-{results['params'].get('size')} full fine-tune step", fontsize=10)
+    for variant in FIDELITY:
+        run = next((r for r in results["runs"] if r["config"] == f"fidelity.{variant}" and r["ok"]), None)
+        if run is None:
+            continue
+        keys = sorted(k for k in run["metrics"] if k.startswith("curve_"))
+        curves.plot([run["metrics"][k] for k in keys], label=variant, lw=1.2)
+    curves.set_xlabel("step")
+    curves.set_ylabel("training loss (docs LM text)")
+    curves.set_title("loss curves, AdamW lr 1e-3", fontsize=10)
+    curves.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+BENCH = Benchmark(
+    name=NAME, title=TITLE, configs=CONFIGS, baseline="memory.eager", measure=measure,
+    metrics={**MEMORY_METRICS, **FIDELITY_METRICS}, params=PARAMS, quick=QUICK, repeats=3,
+    timeout_s=1200.0, default_allocator=True, parts=_parts, report=with_sections(render_sections), draw=render_plot,
+)
+
+if __name__ == "__main__":
+    main(BENCH)
