@@ -263,7 +263,9 @@ def release_streamed(weight: torch.Tensor, name: str, ctx) -> int:
     from memsave.calibrate import CALIBRATION
 
     config = ctx.config
-    if getattr(config, "debug", False) or ctx.stage != "inference" or not frees_weights(config):
+    if getattr(config, "debug", False) or ctx.stage not in ("inference", "joint") or not frees_weights(config):
+        return 0
+    if ctx.stage == "joint" and weight.requires_grad:
         return 0
     if weight not in WEIGHTS or is_released(weight) or not can_release(weight) or not owns_storage(weight):
         return 0

@@ -193,7 +193,7 @@ def test_removed_after_compiling_the_graph_accumulates_like_autograd():
 
 
 def test_torchao_8bit_state_in_the_backward():
-    torchao_optim = pytest.importorskip("torchao.optim")
+    import torchao.optim as torchao_optim
     torch._dynamo.reset()
     widths = (256, 256)  # torchao keeps tensors under 4096 elements in fp32; these are quantized
 

@@ -15,8 +15,11 @@ the debug dumps. `fold_weights` then evaluates the weight-side quantize once, at
 into stored packed codes; codegen fuses dequantize → matmul into one kernel.
 
 Scales (and offsets) are chosen per weight by the configured method, once per weight (the
-weight cache), and become constants of the graph. Only inference graphs are quantized:
-training graphs keep full-precision weights (the weights are what they learn).
+weight cache), and become constants of the graph. In training (the joint graph) only frozen
+weights are quantized, those that do not require grad (a base model under adapters); the
+weights being learned stay in full precision. A frozen weight's dequantize is tagged
+MUST_RECOMPUTE, so the partition recomputes it in the backward instead of saving a
+full-precision copy between the passes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils.checkpoint import CheckpointPolicy
 
 import memsave.ops  # noqa: F401  (registers the memsave ops this module refers to)
 
@@ -51,8 +55,9 @@ CAST = torch.ops.prims.convert_element_type.default
 
 
 def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> PassResult:
-    if ctx.stage != "inference":
+    if ctx.stage not in ("inference", "joint"):
         return PassResult(False, ("training graph: weights stay in full precision",))
+    frozen_only = ctx.stage == "joint"
     builder = GraphBuilder(gm, "quantize")
     quantized, skipped = [], []
     errors: dict[str, float] = {}  # weight name -> SQNR (dB) of its quantized form
@@ -64,9 +69,11 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
         # like the weight it came from, reported under its own label.
         node, name, weight = found.node, found.label, found.tensor
         scheme = config.for_weight(found.name)
-        uses = _quantizable_uses(node, config.embeddings)
+        uses = _quantizable_uses(node, config.embeddings, training=frozen_only)
         if scheme is None or not uses:
             continue
+        if frozen_only and weight.requires_grad:
+            continue  # a trained weight stays full precision; frozen ones are compressed below
         val = node_val(node)
         if not (isinstance(val, torch.Tensor) and val.dim() == 2 and val.dtype.is_floating_point):
             skipped.append(f"{name}: not a 2-D float weight")
@@ -109,6 +116,10 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             if dtype not in dequantized:
                 args = (q, *param_nodes, *rules.dequantize_extra(spec), k, dtype)
                 dequantized[dtype] = builder.call(rules.dequantize, args, before=first_use)
+                if frozen_only:
+                    # Training: the backward recomputes the dequantized weight where it needs it;
+                    # saving it would keep a full-precision copy alive between the passes.
+                    dequantized[dtype].meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             return dequantized[dtype]
 
         if scheme.activations == "int8":
@@ -259,9 +270,10 @@ def _apply_awq(builder: GraphBuilder, node: fx.Node, uses, column_scale, dtype, 
 SPARSE_DENSIFY = (memsave_ops.densify_bitmask.default, memsave_ops.densify_nm.default)
 
 
-def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
+def _quantizable_uses(weight: fx.Node, embeddings: bool, training: bool = False) -> list[fx.Node]:
     """Users through which the weight feeds a linear (t → mm/addmm), a sparse weight's values
-    slot, or, optionally, an embedding."""
+    slot, or, optionally, an embedding. In a joint graph (`training`) the backward also reads
+    the transposed weight, transposed back, for the input's gradient (t → t → mm)."""
     uses = []
     for user in weight.users:
         if user.op != "call_function":
@@ -269,13 +281,17 @@ def _quantizable_uses(weight: fx.Node, embeddings: bool) -> list[fx.Node]:
         if user.target in SPARSE_DENSIFY and user.args[0] is weight:
             uses.append(user)
             continue
-        if is_transpose(user) and users_are(user, MATMULS):
+        if is_transpose(user) and (users_are(user, MATMULS) or (training and _feeds_matmuls(user))):
             uses.append(user)
         elif user.target == aten.linear.default and user.args[1] is weight:
             uses.append(user)
         elif embeddings and user.target == aten.embedding.default and user.args[0] is weight:
             uses.append(user)
     return uses
+
+
+def _feeds_matmuls(transpose: fx.Node) -> bool:
+    return all(u.target in MATMULS or (is_transpose(u) and users_are(u, MATMULS)) for u in transpose.users)
 
 
 def _quantize_activations(builder: GraphBuilder, mm: fx.Node) -> None:

@@ -31,7 +31,7 @@ from memsave.weights import WEIGHTS, can_release, frees_weights, is_released, re
 def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> PassResult:
     """`config` is the whole recipe: weights are released only if every compressing family
     that is on allows it (free_weights)."""
-    if not frees_weights(config) or ctx.stage != "inference":
+    if not frees_weights(config) or ctx.stage not in ("inference", "joint"):
         return PassResult(False)
     streamed = released_by(ctx.graph_id)  # by the compressing passes, as they went
     freed, names, mapped = sum(n for _, n in streamed), [name for name, _ in streamed], []
@@ -41,7 +41,7 @@ def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> Pas
             continue
         weight, name = ctx.weight_tensor(node.name), ctx.weights[node.name].name
         # Only weights memsave compressed: an unused weight it never touched stays as it is.
-        if weight is None or weight not in WEIGHTS:
+        if weight is None or weight not in WEIGHTS or (ctx.stage == "joint" and weight.requires_grad):
             continue
         # A derived weight (e.g. a low-rank factor) that this graph no longer holds was
         # compressed further (quantized): its uncompressed form goes too.
