@@ -16,10 +16,15 @@ allocator as a user's process has it (no MALLOC_* settings):
   Per run: the step's peak of live tensor bytes (held before the step: weights, optimizer
   state, gradients; plus the tracker's peak during it), the process's peak RSS during the step
   above the RSS before the model was built, the optimizer state bytes, and the median step time.
+- **qlora** — the same model frozen, peft LoRA rank 16 on every attention and MLP linear, AdamW
+  on the adapters: eager_full (the full fine-tune above, this part's baseline), peft on the fp32
+  base, peft on torchao's NF4 base (eager), memsave with options={"quantize": "int8"} / "int4"
+  (frozen weights quantized in the training graph, originals released).
 - **fidelity** — 100 steps of AdamW (lr 1e-3) on the docs LM's real text (the small causal LM's
-  architecture, from its seeded initialization, batches in a fixed order), each config's loss
-  curve beside the fp32 eager curve computed in the same process: the largest and the final
-  difference.
+  architecture, batches in a fixed order), each config's loss curve beside a reference curve
+  computed in the same process: full fine-tuning from the seeded initialization against fp32
+  eager; LoRA on the trained docs LM (memsave.models.docs_lm.load) against peft on its fp32 base.
+  Reported: the largest and the final (mean of the last 10 steps) difference.
 
     python benchmarks/bench_train_memory.py            # both parts
     python benchmarks/bench_train_memory.py --quick    # decoder-small, 10 steps, one repeat
@@ -41,9 +46,11 @@ NAME = "train_memory"
 TITLE = "Full fine-tuning step: optimizer step in the backward, 8-bit AdamW state, recompute"
 MEMORY = ["eager", "eager_adamw8bit", "eager_in_backward", "memsave", "memsave_in_backward",
           "memsave_in_backward_8bit", "memsave_in_backward_8bit_recompute"]
+QLORA = ["eager_full", "peft_lora_fp32", "torchao_nf4_peft", "memsave_lora_int8", "memsave_lora_int4"]
 FIDELITY = ["eager", "eager_adamw8bit", "memsave_in_backward", "memsave_in_backward_8bit",
-            "memsave_in_backward_8bit_recompute"]
-CONFIGS = [f"memory.{v}" for v in MEMORY] + [f"fidelity.{v}" for v in FIDELITY]
+            "memsave_in_backward_8bit_recompute", "peft_lora_fp32", "memsave_lora_int8", "memsave_lora_int4"]
+CONFIGS = [f"memory.{v}" for v in MEMORY] + [f"qlora.{v}" for v in QLORA] + [f"fidelity.{v}" for v in FIDELITY]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MEMORY_METRICS = {"step_peak_mib": "lower", "rss_peak_mib": "lower", "state_mib": "lower",
                   "grads_held_mib": "lower", "step_ms": "lower"}
 FIDELITY_METRICS = {"final_loss": "lower", "max_abs_diff": "lower", "final_abs_diff": "lower"}
@@ -76,18 +83,58 @@ def _setup(variant: str, model, lr: float):
     return run, optimizer, in_backward
 
 
+def _lora(model, rank: int = 16):
+    """peft's LoRA (rank 16) on every attention and MLP linear; everything else frozen."""
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
+
+
+def _nf4_base(model) -> None:
+    """torchao's NF4 (block 64, double-quantized scales) for every frozen base linear weight."""
+    import torch
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and "lora_" not in name:
+            module.weight = torch.nn.Parameter(to_nf4(module.weight.detach()), requires_grad=False)
+
+
+def _setup_lora(variant: str, model, lr: float):
+    """QLoRA-style: (the callable to train, AdamW over the adapters)."""
+    import torch
+
+    peft_model = _lora(model)
+    if variant == "torchao_nf4_peft":
+        _nf4_base(peft_model)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    if variant.startswith("memsave_lora_"):
+        run = torch.compile(peft_model, backend="memsave", options={"quantize": variant.rsplit("_", 1)[1]})
+    else:
+        run = peft_model
+    return run, optimizer, False
+
+
+def _weight_bytes(model) -> int:
+    """Parameters as they are held (a released original holds nothing; torchao's NF4 by its
+    parts), plus the compressed forms compiled graphs hold (memsave's weight cache)."""
+    from memsave.optim.in_backward import _plain
+    from memsave.weights import WEIGHTS
+
+    return WEIGHTS.held_bytes([inner for p in model.parameters() for inner in _plain(p)])
+
+
 def _held_bytes(model, optimizer) -> int:
     from memsave.memory.track import live_tensor_bytes
     from memsave.optim.in_backward import optimizer_state_bytes
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return live_tensor_bytes(list(model.parameters()) + grads) + optimizer_state_bytes(optimizer)
+    return _weight_bytes(model) + live_tensor_bytes(grads) + optimizer_state_bytes(optimizer)
 
 
-def measure_memory(variant: str, params: dict) -> dict[str, float]:
-    import torch
+def measure_memory(variant: str, params: dict, part: str = "memory") -> dict[str, float]:
 
-    from memsave.memory.track import live_tensor_bytes, measure_peak
+    from memsave.memory.track import measure_peak
     from memsave.models import build_decoder, decoder_inputs
     from memsave.optim.in_backward import optimizer_state_bytes
 
@@ -96,7 +143,10 @@ def measure_memory(variant: str, params: dict) -> dict[str, float]:
     rss_start = current_rss_bytes()
     model = build_decoder(params["size"]).train()
     ids, labels = decoder_inputs(model, batch=params["batch"], seq=params["seq"], labels=True)
-    run, optimizer, in_backward = _setup(variant, model, lr=1e-5)
+    if part == "qlora" and variant != "eager_full":
+        run, optimizer, in_backward = _setup_lora(variant, model, lr=1e-4)
+    else:
+        run, optimizer, in_backward = _setup("eager" if variant == "eager_full" else variant, model, lr=1e-5)
 
     def step():
         run(ids, labels).backward()
@@ -106,7 +156,7 @@ def measure_memory(variant: str, params: dict) -> dict[str, float]:
 
     step()  # compiles; creates the optimizer state
     step()
-    out = {"weights_mib": live_tensor_bytes(model.parameters()) / MiB, "state_mib": optimizer_state_bytes(optimizer) / MiB}
+    out = {"weights_mib": _weight_bytes(model) / MiB, "state_mib": optimizer_state_bytes(optimizer) / MiB}
     held = _held_bytes(model, optimizer)
     reset_peak_rss()
     step()
@@ -131,8 +181,12 @@ def _fidelity_curve(variant: str, params: dict) -> list[float]:
     from memsave.models import docs_lm
 
     torch._dynamo.reset()
-    model = docs_lm.build().train()
-    run, optimizer, in_backward = _setup(variant, model, lr=1e-3)
+    if "lora" in variant:  # adapters on the trained docs LM (built and cached by docs_lm.load)
+        model = docs_lm.load().train()
+        run, optimizer, in_backward = _setup_lora(variant, model, lr=1e-3)
+    else:  # full fine-tuning from the seeded initialization
+        model = docs_lm.build().train()
+        run, optimizer, in_backward = _setup(variant, model, lr=1e-3)
     tokens = docs_lm._tokens(docs_lm.corpus().train)
     gen = torch.Generator().manual_seed(1)
     seq, batch = params["fid_seq"], params["fid_batch"]
@@ -151,7 +205,8 @@ def _fidelity_curve(variant: str, params: dict) -> list[float]:
 
 def measure_fidelity(variant: str, params: dict) -> dict[str, float]:
     curve = _fidelity_curve(variant, params)
-    reference = curve if variant == "eager" else _fidelity_curve("eager", params)
+    baseline = "peft_lora_fp32" if "lora" in variant else "eager"  # LoRA beside LoRA on the fp32 base
+    reference = curve if variant == baseline else _fidelity_curve(baseline, params)
     diffs = [abs(a - b) for a, b in zip(curve, reference)]
     out = {"final_loss": statistics.fmean(curve[-10:]), "max_abs_diff": max(diffs),
            "final_abs_diff": abs(statistics.fmean(curve[-10:]) - statistics.fmean(reference[-10:]))}
@@ -161,11 +216,12 @@ def measure_fidelity(variant: str, params: dict) -> dict[str, float]:
 
 def measure(config: str, params: dict) -> dict[str, float]:
     part, variant = config.split(".", 1)
-    return measure_memory(variant, params) if part == "memory" else measure_fidelity(variant, params)
+    return measure_fidelity(variant, params) if part == "fidelity" else measure_memory(variant, params, part)
 
 
 def _parts(params: dict) -> dict[str, Part]:
     return {"memory": Part([f"memory.{v}" for v in MEMORY], "memory.eager", metrics=MEMORY_METRICS),
+            "qlora": Part([f"qlora.{v}" for v in QLORA], "qlora.eager_full", metrics=MEMORY_METRICS),
             "fidelity": Part([f"fidelity.{v}" for v in FIDELITY], "fidelity.eager", repeats=1,
                              metrics=FIDELITY_METRICS)}
 
@@ -189,6 +245,11 @@ def render_sections(results) -> str:
         lines.append(f"- {variant}: tracked peak {peak / eager_peak:.2f}x eager's, RSS peak "
                      f"{rss / rss_eager:.2f}x, step time {ms / eager_ms:.2f}x")
     lines.append("- goal: memsave_in_backward_8bit_recompute <= 0.45x eager's peak and <= 1.15x its step time")
+    full = _median(results, "qlora.eager_full", "step_peak_mib")
+    for variant in QLORA[1:]:
+        peak = _median(results, f"qlora.{variant}", "step_peak_mib")
+        if peak is not None and full:
+            lines.append(f"- {variant}: tracked peak {peak / full:.2f}x the eager full fine-tune's (goal for QLoRA: <= 0.25x)")
     return "\n".join(lines) + "\n"
 
 
