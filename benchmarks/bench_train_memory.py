@@ -93,10 +93,16 @@ def _lora(model, rank: int = 16):
 def _nf4_base(model) -> None:
     """torchao's NF4 (block 64, double-quantized scales) for every frozen base linear weight."""
     import torch
-    from torchao.dtypes.nf4tensor import to_nf4
+
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except ImportError:  # torchao before the move
+        from torchao.dtypes.nf4tensor import to_nf4
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and "lora_" not in name:
+            if module.weight.numel() % (64 * 256):
+                continue  # torchao's NF4 needs whole blocks of 256 scales: this one stays fp32
             module.weight = torch.nn.Parameter(to_nf4(module.weight.detach()), requires_grad=False)
 
 
@@ -182,7 +188,7 @@ def _fidelity_curve(variant: str, params: dict) -> list[float]:
 
     torch._dynamo.reset()
     if "lora" in variant:  # adapters on the trained docs LM (built and cached by docs_lm.load)
-        model = docs_lm.load().train()
+        model = docs_lm.load()[0].train()
         run, optimizer, in_backward = _setup_lora(variant, model, lr=1e-3)
     else:  # full fine-tuning from the seeded initialization
         model = docs_lm.build().train()
