@@ -49,6 +49,9 @@ def test_compiled_step_in_backward_equals_the_ordinary_step(codegen):
     for ids, labels in batches:
         compiled(ids, labels).backward()
         assert all(p.grad is None for p in model.parameters())  # no gradient outlives the backward
+    n = len(handle.optimizer.param_groups[0]["params"])
+    assert handle.counts == {"in_graph": STEPS * n, "by_hook": 0}  # all in the graph, none by hooks
+    assert f"gradients applied inside compiled backwards {STEPS * n}, by accumulate-grad hooks 0" in handle.report()
     records = _step_records()
     assert records and records[-1].changed
     stepped = records[-1].details["stepped"]
@@ -73,9 +76,10 @@ def test_compiled_step_in_backward_equals_the_ordinary_step(codegen):
 def test_eager_hooks_equal_the_ordinary_step():
     model, reference = _decoder(), _decoder()
     batches = _batches(model)
-    memsave.optimizer_in_backward(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+    handle = memsave.optimizer_in_backward(model, torch.optim.SGD, lr=0.1, momentum=0.9)
     for ids, labels in batches:
         model(ids, labels).backward()
+    assert handle.counts["by_hook"] == STEPS * len(list(model.parameters())) and handle.counts["in_graph"] == 0
     _ordinary(reference, batches, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9))
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(a, b), name
@@ -215,6 +219,7 @@ def test_torchao_8bit_state_in_the_backward():
     for a, b in zip(model.parameters(), reference.parameters()):
         assert torch.equal(a, b)
     weights = sum(p.numel() for p in model.parameters())
+    assert "optimizer state 0.3 MiB (0.52x the weights)" in handle.report()
     # two 8-bit moments per weight, a 4-byte scale per 256-element block, each moment's 256-entry
     # fp32 code table, and the step count: 0.26 of fp32 AdamW's 8 bytes per weight
     assert handle.state_bytes() == 2 * weights + 2 * 4 * (weights // 256) + 2 * 2 * 1024 + 4 * 2

@@ -90,6 +90,7 @@ def apply_gradient(param: torch.Tensor, grad: torch.Tensor) -> None:
     # optimizer's state may be a tensor subclass (torchao's low-bit state) whose composite ops
     # then reach its __torch_dispatch__ undecomposed. Step in the dispatcher state the handle
     # was made in, as from a hook.
+    entry.handle.counts["in_graph"] += 1
     with torch._C._ForceDispatchKeyGuard(*entry.handle._dispatch_state):
         entry.handle._apply(param, grad)
 
@@ -106,6 +107,7 @@ class InBackward:
         self._mode = "update"  # or "norm" (first pass of clipped_backward)
         self._norms: list[torch.Tensor] = []
         self._coef: torch.Tensor | None = None
+        self.counts = {"in_graph": 0, "by_hook": 0}  # gradients applied by each road
         self._dispatch_state = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
         for p in params:
             old = _by_param.get(p)
@@ -125,6 +127,7 @@ class InBackward:
         if grad is None:  # autograd runs the hook even when a backward returned no gradient
             return
         param.grad = None
+        self.counts["by_hook"] += 1
         self._apply(param, grad)
 
     def _apply(self, param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -182,6 +185,18 @@ class InBackward:
     def state_bytes(self) -> int:
         """Bytes of optimizer state held now (torchao's low-bit buffers counted as they store)."""
         return optimizer_state_bytes(self.optimizer)
+
+    def report(self) -> str:
+        """What the user sees: the optimizer, its state bytes, the gradients each road applied."""
+        weights = sum(p.numel() * p.element_size() for p in self._params)
+        state = self.state_bytes()
+        return (
+            f"{type(self.optimizer).__name__} in the backward: {len(self._params)} parameters "
+            f"({weights / 2**20:.1f} MiB), optimizer state {state / 2**20:.1f} MiB "
+            f"({state / max(weights, 1):.2f}x the weights); gradients applied inside compiled backwards "
+            f"{self.counts['in_graph']}, by accumulate-grad hooks {self.counts['by_hook']}"
+            + (f"; accumulating {self.accumulation_steps} backwards per step" if self.accumulation_steps > 1 else "")
+        )
 
     def held_gradient_bytes(self) -> int:
         """Gradients held between micro-batches (accumulation_steps > 1)."""
