@@ -132,3 +132,53 @@ def test_peft_lora_on_an_hf_llama_trains_with_an_int8_base():
         if q.requires_grad and q.grad.abs().max() > 0:
             cos = torch.nn.functional.cosine_similarity(lora[n].grad.flatten(), q.grad.flatten(), dim=0)
             assert cos > 0.99, (n, cos)
+
+
+def test_with_recompute_chunking_and_mixed_precision():
+    """The decoder with its linears frozen (norms and embeddings trained): the frozen base is
+    quantized beside recompute at its minimum and the chunked LM-head loss, gradients equal to
+    the dequantized reference; with bf16 compute as well, they stay close to it."""
+    from memsave.models.decoder import build_decoder, decoder_inputs
+
+    def frozen():
+        model = build_decoder("tiny").train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.requires_grad_(False)
+        return model
+
+    ids, labels = decoder_inputs(build_decoder("tiny"), batch=2, seq=16, labels=True)
+    reference = frozen()
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":  # see below: the chunked loss keeps it
+                w = module.weight
+                codes = weight_codes(w, QuantizeConfig(**EXACT["int8"]), w.shape[1], cached=lambda key, build: build())
+                rules = SCHEMES[codes.spec.scheme]
+                w.copy_(rules.dequantize(codes.packed, *codes.params, *rules.dequantize_extra(codes.spec), w.shape[1], w.dtype))
+    reference(ids, labels).backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for extra, exact in (({}, True), ({"precision": "bf16"}, False)):
+        torch._dynamo.reset()
+        model = frozen()
+        options = {"quantize": EXACT["int8"], "recompute": "budget-min", "chunk": {"targets": "loss", "chunk_size": 8},
+                   "codegen": "fx", **extra}
+        torch.compile(model, backend="memsave", options=options)(ids, labels).backward()
+        # The LM head feeds the chunked loss op (memsave::linear_cross_entropy), which reads its
+        # weight as it is: left unquantized. Every other frozen linear holds only its codes.
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                assert (m.weight.untyped_storage().nbytes() == 0) == (name != "lm_head"), name
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if exact:
+                diff = (p.grad - expected[name]).abs().max().item()
+                assert diff <= 1e-6 + 1e-4 * expected[name].abs().max().item(), (name, diff, expected[name].abs().max().item())
+            else:
+                cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), expected[name].flatten(), dim=0)
+                assert cos > 0.99, (name, cos)
+        names = [r.name for rep in memsave.recent_reports() for r in rep.records if r.changed]
+        assert {"quantize", "recompute", "chunk"} <= set(names)
+        if not exact:
+            assert "mixed_precision" in names
