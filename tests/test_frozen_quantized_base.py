@@ -17,6 +17,7 @@ from memsave.passes.aten.quantize import weight_codes
 EXACT = {
     "int8": {"bits": 8, "group_size": None, "symmetric": True, "method": "rtn", "compute_dtype": "float32"},
     "int4": {"bits": 4, "group_size": 32, "symmetric": False, "method": "mse", "compute_dtype": "float32"},
+    "nf4": {"scheme": "nf4", "bits": 4, "group_size": 64},
 }
 
 
@@ -62,7 +63,7 @@ def _records(name):
 
 
 @pytest.mark.parametrize("codegen", ["fx", "inductor"])
-@pytest.mark.parametrize("bits", ["int8", "int4"])
+@pytest.mark.parametrize("bits", ["int8", "int4", "nf4"])
 def test_frozen_weights_are_quantized_released_and_the_adapters_train_exactly(codegen, bits):
     torch._dynamo.reset()
     model = _model()

@@ -12,7 +12,7 @@ from memsave.config.base import FamilyConfig, LayerSelection, OptionError
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_GROUPS = (None, 32, 64, 128, 256)
 QUANT_METHODS = ("rtn", "mse", "awq", "gptq")
-QUANT_SCHEMES = ("affine", "log", "vq")
+QUANT_SCHEMES = ("affine", "log", "vq", "nf4")
 
 
 def _parse_quant_name(name: str) -> dict[str, Any] | None:
@@ -20,6 +20,9 @@ def _parse_quant_name(name: str) -> dict[str, Any] | None:
     vq = re.fullmatch(r"vq([2348])", name)
     if vq is not None:
         return {"scheme": "vq", "bits": int(vq.group(1))}
+    nf4 = re.fullmatch(r"nf4(?:-g(\d+))?", name)
+    if nf4 is not None:  # QLoRA's 4-bit NormalFloat, blocks of 64 by default
+        return {"scheme": "nf4", "bits": 4, "group_size": int(nf4.group(1) or 64)}
     m = re.fullmatch(r"(int|log)([2348])(?:-g(\d+))?(?:-(sym|asym))?(?:-(rtn|mse|awq|gptq))?", name)
     if m is None:
         return None
@@ -38,8 +41,10 @@ def _parse_quant_name(name: str) -> dict[str, Any] | None:
 class QuantizeConfig(LayerSelection, FamilyConfig):
     """Weight quantization of linear (and optionally embedding) weights.
 
-    scheme: "affine" (linear levels), "log" (logarithmic levels, sign kept) or "vq" (k-means
-    codebook of 2^(bits·d) vectors of d consecutive weights, d the largest with bits·d ≤ 8).
+    scheme: "affine" (linear levels), "log" (logarithmic levels, sign kept), "vq" (k-means
+    codebook of 2^(bits·d) vectors of d consecutive weights, d the largest with bits·d ≤ 8) or
+    "nf4" (QLoRA's 4-bit NormalFloat levels times each block's absmax, the absmax double-quantized
+    to int8; bits 4, method "rtn", a group_size: short name 'nf4' = blocks of 64).
     bits: 2, 3, 4 or 8. group_size: None (one group per output row, "per channel") or 32, 64,
     128, 256 input features per group. symmetric: codes centred on zero (no stored offset) or
     asymmetric (min/max range, fp16 offset per group). method: "rtn" round-to-nearest, "mse"
@@ -100,6 +105,11 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
                 f"options['quantize']: scheme {self.scheme!r} supports methods 'rtn'/'mse' only, without "
                 "activations or compute_dtype (those need the affine scheme)"
             )
+        if self.scheme == "nf4" and (self.bits != 4 or self.group_size is None or self.method != "rtn"):
+            raise OptionError(
+                "options['quantize']: scheme 'nf4' is 4 bits, nearest level (method 'rtn'), with a group_size "
+                f"of 32, 64, 128 or 256; got bits={self.bits}, group_size={self.group_size}, method={self.method!r}"
+            )
         if self.activations == "int8" and (
             self.bits != 8 or not self.symmetric or self.group_size is not None or narrow
         ):
@@ -112,6 +122,8 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
     def describe(self) -> str:
         if self.scheme == "vq":
             return f"vq {self.bits} bits/weight"
+        if self.scheme == "nf4":
+            return f"nf4 g{self.group_size} (double-quantized absmax)"
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         if self.scheme == "log":
             return f"log{self.bits} {group} {self.method}"

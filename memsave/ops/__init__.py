@@ -24,6 +24,14 @@ from memsave.ops.log import (  # noqa: F401  (registers memsave::quantize_log / 
     quantize_log,
     quantize_weight_log,
 )
+from memsave.ops.nf4 import (  # noqa: F401  (registers memsave::quantize_nf4 / dequantize_nf4 / linear_nf4)
+    NF4_LEVELS,
+    dequantize_nf4,
+    linear_nf4,
+    nf4_bits_per_weight,
+    quantize_nf4,
+    quantize_weight_nf4,
+)
 from memsave.ops.vq import (  # noqa: F401  (registers memsave::quantize_vq / dequantize_vq / linear_vq)
     dequantize_vq,
     kmeans_codebook,

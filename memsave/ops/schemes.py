@@ -11,6 +11,7 @@ codegen handle all of them without special cases:
     affine: params (scale, offset|None),  extras (bits, group)
     log:    params (log_zmin, step),      extras (bits, group)
     vq:     params (codebook,),           quantize extras (), dequantize extras (index_bits, dim)
+    nf4:    params (absmax codes, scales, mean),  extras (group,)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from memsave.ops.affine import choose_qparams_affine, choose_qparams_mse
 from memsave.ops.log import choose_logparams, choose_logparams_mse
+from memsave.ops.nf4 import choose_nf4params
 from memsave.ops.vq import index_bits_for, kmeans_codebook
 
 memsave_ops = torch.ops.memsave
@@ -84,6 +86,10 @@ SCHEMES: dict[str, Scheme] = {
         memsave_ops.quantize_vq.default, memsave_ops.dequantize_vq.default, memsave_ops.linear_vq.default,
         _vq_params, lambda s: (), lambda s: (index_bits_for(s.vq_centroids), s.vq_dim),
     ),
+    "nf4": Scheme(
+        memsave_ops.quantize_nf4.default, memsave_ops.dequantize_nf4.default, memsave_ops.linear_nf4.default,
+        lambda w, s: choose_nf4params(w, s.group), lambda s: (s.group,), lambda s: (s.group,),
+    ),
 }
 
 # dequantize op -> (its scheme's linear op, how many side-parameter tensors follow the codes)
@@ -91,5 +97,6 @@ DEQUANTIZE_TO_LINEAR = {
     memsave_ops.dequantize_affine.default: (memsave_ops.linear_affine.default, 2),
     memsave_ops.dequantize_log.default: (memsave_ops.linear_log.default, 2),
     memsave_ops.dequantize_vq.default: (memsave_ops.linear_vq.default, 1),
+    memsave_ops.dequantize_nf4.default: (memsave_ops.linear_nf4.default, 3),
 }
 QUANTIZE_OPS = tuple(s.quantize for s in SCHEMES.values())
