@@ -25,6 +25,8 @@ allocator as a user's process has it (no MALLOC_* settings):
   computed in the same process: full fine-tuning from the seeded initialization against fp32
   eager; LoRA on the trained docs LM (memsave.models.docs_lm.load) against peft on its fp32 base.
   Reported: the largest and the final (mean of the last 10 steps) difference.
+- **weights** — NF4 vs int4 (group 64, RTN and MSE) weight error on the real all-MiniLM-L6-v2's
+  linears: median and worst SQNR, stored bits per weight; torchao's NF4 beside memsave's.
 
     python benchmarks/bench_train_memory.py            # both parts
     python benchmarks/bench_train_memory.py --quick    # decoder-small, 10 steps, one repeat
@@ -49,11 +51,14 @@ MEMORY = ["eager", "eager_adamw8bit", "eager_in_backward", "memsave", "memsave_i
 QLORA = ["eager_full", "peft_lora_fp32", "torchao_nf4_peft", "memsave_lora_int8", "memsave_lora_int4"]
 FIDELITY = ["eager", "eager_adamw8bit", "memsave_in_backward", "memsave_in_backward_8bit",
             "memsave_in_backward_8bit_recompute", "peft_lora_fp32", "memsave_lora_int8", "memsave_lora_int4"]
-CONFIGS = [f"memory.{v}" for v in MEMORY] + [f"qlora.{v}" for v in QLORA] + [f"fidelity.{v}" for v in FIDELITY]
+WEIGHTS = ["int4_g64_rtn", "int4_g64_mse", "nf4", "torchao_nf4"]
+CONFIGS = ([f"memory.{v}" for v in MEMORY] + [f"qlora.{v}" for v in QLORA] + [f"fidelity.{v}" for v in FIDELITY]
+           + [f"weights.{v}" for v in WEIGHTS])
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MEMORY_METRICS = {"step_peak_mib": "lower", "rss_peak_mib": "lower", "state_mib": "lower",
                   "grads_held_mib": "lower", "step_ms": "lower"}
 FIDELITY_METRICS = {"final_loss": "lower", "max_abs_diff": "lower", "final_abs_diff": "lower"}
+WEIGHT_METRICS = {"median_sqnr_db": "higher", "worst_sqnr_db": "higher", "bits_per_weight": "lower"}
 PARAMS = {"size": "medium", "batch": 1, "seq": 256, "iters": 3, "fid_steps": 100, "fid_batch": 8, "fid_seq": 128}
 QUICK = {"size": "small", "iters": 1, "fid_steps": 10}
 
@@ -220,14 +225,52 @@ def measure_fidelity(variant: str, params: dict) -> dict[str, float]:
     return out
 
 
+def measure_weights(variant: str, params: dict) -> dict[str, float]:
+    """Weight SQNR of every linear of the real all-MiniLM-L6-v2 (NF4 vs int4 at the same group)."""
+    import math
+
+    import torch
+
+    from memsave.config import QuantizeConfig
+    from memsave.models.minilm import load_minilm
+    from memsave.ops.schemes import SCHEMES
+    from memsave.passes.aten.quantize import weight_codes
+
+    model, _ = load_minilm()
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    sqnr, bits = [], []
+    for w in weights:
+        if variant == "torchao_nf4":
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+            nf4 = to_nf4(w, 64, 256)
+            w_hat = nf4.get_original_weight()
+            stored = sum(t.numel() * t.element_size() for t in (nf4.quantized_data, nf4.quantized_scalers,
+                                                              nf4.quantization_factor, nf4.scaler_mean))
+        else:
+            fields = {"nf4": {"scheme": "nf4", "bits": 4, "group_size": 64},
+                      "int4_g64_rtn": {"bits": 4, "group_size": 64, "symmetric": False, "method": "rtn"},
+                      "int4_g64_mse": {"bits": 4, "group_size": 64, "symmetric": False, "method": "mse"}}[variant]
+            codes = weight_codes(w, QuantizeConfig(**fields), 64, cached=lambda key, build: build())
+            rules = SCHEMES[codes.spec.scheme]
+            w_hat = rules.dequantize(codes.packed, *codes.params, *rules.dequantize_extra(codes.spec), w.shape[1], w.dtype)
+            stored = codes.packed.numel() + sum(p.numel() * p.element_size() for p in codes.params if p is not None)
+        sqnr.append(10 * math.log10(w.pow(2).sum().item() / (w_hat - w).pow(2).sum().item()))
+        bits.append(stored * 8 / w.numel())
+    return {"median_sqnr_db": statistics.median(sqnr), "worst_sqnr_db": min(sqnr), "bits_per_weight": statistics.fmean(bits)}
+
+
 def measure(config: str, params: dict) -> dict[str, float]:
     part, variant = config.split(".", 1)
+    if part == "weights":
+        return measure_weights(variant, params)
     return measure_fidelity(variant, params) if part == "fidelity" else measure_memory(variant, params, part)
 
 
 def _parts(params: dict) -> dict[str, Part]:
     return {"memory": Part([f"memory.{v}" for v in MEMORY], "memory.eager", metrics=MEMORY_METRICS),
             "qlora": Part([f"qlora.{v}" for v in QLORA], "qlora.eager_full", metrics=MEMORY_METRICS),
+            "weights": Part([f"weights.{v}" for v in WEIGHTS], "weights.int4_g64_rtn", repeats=1, metrics=WEIGHT_METRICS),
             "fidelity": Part([f"fidelity.{v}" for v in FIDELITY], "fidelity.eager", repeats=1,
                              metrics=FIDELITY_METRICS)}
 
@@ -296,7 +339,7 @@ def render_plot(results, path: Path) -> None:
 
 BENCH = Benchmark(
     name=NAME, title=TITLE, configs=CONFIGS, baseline="memory.eager", measure=measure,
-    metrics={**MEMORY_METRICS, **FIDELITY_METRICS}, params=PARAMS, quick=QUICK, repeats=3,
+    metrics={**MEMORY_METRICS, **FIDELITY_METRICS, **WEIGHT_METRICS}, params=PARAMS, quick=QUICK, repeats=3,
     timeout_s=1200.0, default_allocator=True, parts=_parts, report=with_sections(render_sections), draw=render_plot,
 )
 
