@@ -6,7 +6,7 @@ Configs, named `<suite>.<variant>`, each in a fresh process (benchmarks/harness.
                                    `torch.compile(backend="memsave", options={"precision": v})`
                                    (fp32: no precision option); error = SQNR (dB) of the logits
                                    against eager fp32 in the same process.
-  decoder-train.{fp32,bf16,saved-bf16,saved-fp8,bf16-saved-bf16}
+  decoder-train.{fp32,bf16,saved-bf16,saved-fp8,saved-int8,bf16-saved-bf16}
                                    one training step (forward, cross-entropy, backward);
                                    error = the lowest cosine over parameters between the
                                    step's gradients and eager fp32's.
@@ -45,7 +45,7 @@ from benchmarks.harness import Benchmark, estimated_peak_mib, main, with_section
 
 SUITES = {
     "decoder-infer": ("fp32", "bf16", "fp16"),
-    "decoder-train": ("fp32", "bf16", "saved-bf16", "saved-fp8", "bf16-saved-bf16"),
+    "decoder-train": ("fp32", "bf16", "saved-bf16", "saved-fp8", "saved-int8", "bf16-saved-bf16"),
     "minilm": ("fp32", "bf16", "fp16"),
 }
 CONFIGS = [f"{suite}.{v}" for suite, variants in SUITES.items() for v in variants]
@@ -55,6 +55,7 @@ PRECISION = {
     "fp16": "fp16",
     "saved-bf16": "saved-bf16",
     "saved-fp8": "saved-fp8",
+    "saved-int8": "saved-int8",
     "bf16-saved-bf16": {"compute": "bf16", "saved": "bf16"},
 }
 METRICS = {"tracked_peak_mib": "lower", "est_peak_mib": "lower", "weights_mib": "lower", "saved_mib": "lower", "sqnr_db": "higher", "cosine": "higher"}

@@ -9,7 +9,7 @@ from memsave.config.base import FamilyConfig
 
 
 PRECISION_COMPUTE = ("bf16", "fp16", "fp32")
-PRECISION_SAVED = (None, "bf16", "fp8")
+PRECISION_SAVED = (None, "bf16", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,9 @@ class PrecisionConfig(FamilyConfig):
     numerically sensitive ops run in fp32; outputs keep their dtype), or "fp32" (no compute
     casting; use with saved). Trainable weights stay fp32 (master weights) and are cast per
     call, so their gradients are fp32; graph constants are cast once at compile time.
-    saved (training): store the activations saved for backward as "bf16" or "fp8" (e4m3 with
-    a per-tensor scale) between forward and backward; None keeps their dtype.
+    saved (training): store the activations saved for backward as "bf16", "fp8" (e4m3 with
+    a per-tensor scale) or "int8" (with an fp32 scale per row of the last dimension) between
+    forward and backward; None keeps their dtype.
     weights (inference): "narrow" stores each weight that only matmul-like ops read as one
     compute-dtype copy made at compile time and releases its fp32 original (the model then runs
     only compiled); "fp32" keeps the fp32 weights and casts them per call.
@@ -34,6 +35,7 @@ class PrecisionConfig(FamilyConfig):
         "fp16": {"compute": "fp16"},
         "saved-bf16": {"compute": "fp32", "saved": "bf16"},
         "saved-fp8": {"compute": "fp32", "saved": "fp8"},
+        "saved-int8": {"compute": "fp32", "saved": "int8"},
     }
 
     compute: str = "bf16"

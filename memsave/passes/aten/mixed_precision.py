@@ -297,7 +297,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 def narrow_saved_activations(
     fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, config: PrecisionConfig | None
 ) -> PassResult:
-    """Store the forward's saved activations as bf16 (or fp8 + a per-tensor scale), widen them
+    """Store the forward's saved activations as bf16 (or fp8 + a per-tensor scale, or int8 + a
+    scale per row), widen them
     again in the backward. Changes fw's extra outputs and bw's matching placeholders together
     (AOTAutograd hands one to the other by position; the names match)."""
     if config is None or config.saved is None:
@@ -332,10 +333,14 @@ def narrow_saved_activations(
             wide = _widen_bf16(bw_builder, bw, placeholder, val, first_bw)
             stored = narrow
         else:
-            codes, scale = _to_fp8(fw_builder, saved, anchor)
+            if config.saved == "int8" and val.dim() == 0:
+                continue
+            to_codes, dtype = (_to_int8, torch.int8) if config.saved == "int8" else (_to_fp8, FP8)
+            codes, scale = to_codes(fw_builder, saved, anchor)
             new_outs[-1:] = [codes, scale]
-            wide = _widen_fp8(bw_builder, bw, placeholder, codes, scale, val, first_bw)
+            wide = _widen_scaled(bw_builder, bw, placeholder, scale, val, dtype, first_bw)
             stored = codes
+            after_bytes += node_val(scale).numel() * 4
         for reader in readers:
             reader.replace_input_with(placeholder, wide)
         narrowed.append(f"{saved.name}: {describe_val(val)} -> {describe_val(node_val(stored))}")
@@ -381,9 +386,20 @@ def _to_fp8(builder: GraphBuilder, x: fx.Node, before: fx.Node) -> tuple[fx.Node
     return codes, scale
 
 
-def _widen_fp8(builder, bw, placeholder, codes, scale, val, first) -> fx.Node:
+def _to_int8(builder: GraphBuilder, x: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """codes = int8(round(x / scale)), scale = max|x| / 127 per row (the last dimension), kept
+    as (..., 1) fp32: one outlier costs its own row's resolution, not the whole tensor's."""
+    amax = builder.call(aten.amax.default, (builder.call(aten.abs.default, (x,), before=before), [-1], True), before=before)
+    scale = builder.call(aten.clamp_min.default, (builder.call(aten.div.Tensor, (amax, 127.0), before=before), 1e-30), before=before)
+    rounded = builder.call(aten.round.default, (builder.call(aten.div.Tensor, (x, scale), before=before),), before=before)
+    codes = builder.call(CAST, (rounded, torch.int8), before=before)
+    return codes, scale
+
+
+def _widen_scaled(builder, bw, placeholder, scale, val, dtype, first) -> fx.Node:
+    """The backward's copy: codes (fp8 or int8) widened to fp32 times their scale."""
     placeholder.meta = dict(placeholder.meta)
-    placeholder.meta["val"] = _fake_like(builder, val, FP8)
+    placeholder.meta["val"] = _fake_like(builder, val, dtype)
     with bw.graph.inserting_after(placeholder):
         scale_in = bw.graph.placeholder(placeholder.name + "_scale")
     scale_in.meta["val"] = _fake_like(builder, node_val(scale), torch.float32)
