@@ -18,7 +18,7 @@ allocator as a user's process has it (no MALLOC_* settings):
   above the RSS before the model was built, the optimizer state bytes, and the median step time.
 - **qlora** — the same model frozen, peft LoRA rank 16 on every attention and MLP linear, AdamW
   on the adapters: eager_full (the full fine-tune above, this part's baseline), peft on the fp32
-  base, peft on torchao's NF4 base (eager), memsave with options={"quantize": "int8"} / "int4"
+  base, peft on torchao's NF4 base (eager), memsave with options={"quantize": "int8"} / "int4" / "nf4"
   (frozen weights quantized in the training graph, originals released).
 - **fidelity** — 100 steps of AdamW (lr 1e-3) on the docs LM's real text (the small causal LM's
   architecture, batches in a fixed order), each config's loss curve beside a reference curve
@@ -48,9 +48,10 @@ NAME = "train_memory"
 TITLE = "Full fine-tuning step: optimizer step in the backward, 8-bit AdamW state, recompute"
 MEMORY = ["eager", "eager_adamw8bit", "eager_in_backward", "memsave", "memsave_in_backward",
           "memsave_in_backward_8bit", "memsave_in_backward_8bit_recompute"]
-QLORA = ["eager_full", "peft_lora_fp32", "torchao_nf4_peft", "memsave_lora_int8", "memsave_lora_int4"]
+QLORA = ["eager_full", "peft_lora_fp32", "torchao_nf4_peft", "memsave_lora_int8", "memsave_lora_int4", "memsave_lora_nf4"]
 FIDELITY = ["eager", "eager_adamw8bit", "memsave_in_backward", "memsave_in_backward_8bit",
-            "memsave_in_backward_8bit_recompute", "peft_lora_fp32", "memsave_lora_int8", "memsave_lora_int4"]
+            "memsave_in_backward_8bit_recompute", "peft_lora_fp32", "memsave_lora_int8", "memsave_lora_int4",
+            "memsave_lora_nf4"]
 WEIGHTS = ["int4_g64_rtn", "int4_g64_mse", "nf4", "torchao_nf4"]
 CONFIGS = ([f"memory.{v}" for v in MEMORY] + [f"qlora.{v}" for v in QLORA] + [f"fidelity.{v}" for v in FIDELITY]
            + [f"weights.{v}" for v in WEIGHTS])
