@@ -233,6 +233,19 @@ def test_parts_have_their_own_baselines_repeats_params_and_merge(tmp_path):
     assert "then " in merged["command"] and "--merge" in merged["command"]
     assert (out / "full.md").read_text().count("(baseline)") == 2
 
+    # --merge of a config the script gained after the earlier run: it joins its part there.
+    older = json.loads(json.dumps(results))
+    older["configs"].remove("a2")
+    older["parts"]["a"]["configs"].remove("a2")
+    older["runs"] = [r for r in older["runs"] if r["config"] != "a2"]
+    del older["summary"]["a2"]
+    path = out / "older.json"
+    path.write_text(json.dumps(older))
+    run("--configs", "a2", "--merge", str(path))
+    grown = json.loads(path.read_text())
+    assert grown["parts"]["a"]["configs"] == ["a1", "a2"] and "a2" in grown["configs"]
+    assert grown["summary"]["a2"]["metrics"]["value"]["ratio"] == pytest.approx(3.0)
+
 
 def test_param_overrides_are_typed_and_checked():
     defaults = {"size": "small", "batch": 1, "lr": 0.5, "flag": False}
