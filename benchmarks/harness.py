@@ -810,14 +810,15 @@ def merge_into(earlier: dict, new: Mapping) -> dict:
     baselines = {p["baseline"] for p in parts.values()}
     rerun = [c for c in new["configs"] if c not in baselines]
     unknown = [c for c in rerun if c not in earlier["configs"]]
-    new_parts = new.get("parts") or {}
+    new_parts = new.get("parts") or {"": {"baseline": new["baseline"], "configs": new["configs"]}}
     for config in unknown:
         # A config added to the script since the earlier run joins its part there (same baseline).
         name = next((n for n, p in new_parts.items() if config in p["configs"]), None)
         if name is None or name not in parts or parts[name]["baseline"] != new_parts[name]["baseline"]:
             raise ValueError(f"--merge: configs {unknown} are not in the earlier results ({earlier['configs']})")
-        parts[name]["configs"].append(config)
-        earlier["configs"].append(config)
+        for configs in (parts[name]["configs"], earlier["configs"]):
+            if config not in configs:  # one list when the benchmark has no parts
+                configs.append(config)
     earlier["runs"] = [r for r in earlier["runs"] if r["config"] not in rerun]
     earlier["runs"] += [r for r in new["runs"] if r["config"] in rerun]
     earlier["command"] += f"; then {new['command']} (replacing those configs' runs)"
