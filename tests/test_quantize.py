@@ -200,15 +200,17 @@ def test_weights_with_other_uses_are_kept():
     assert ErrorStats.between([expected], [out]).sqnr_db > 35
 
 
-def test_training_graphs_are_left_in_full_precision():
+def test_trained_weights_are_left_in_full_precision():
     model = build_mlp()
     x = torch.randn(4, 64, requires_grad=True)
     compiled = torch.compile(model, backend="memsave", options={"quantize": "int8", "codegen": "fx"})
     with memsave.collect() as reports:
         compiled(x).sum().backward()
     joint = next(r for r in reports if r.stage == "joint")
-    assert joint.records[1].notes == ("training graph: weights stay in full precision",)
+    assert joint.records[1].notes == ("training graph: every weight requires grad and stays in full precision "
+                                      "(only frozen weights are quantized)",)
     assert model.layers[0].weight.grad is not None
+    assert model.layers[0].weight.untyped_storage().nbytes() > 0  # and is not released
 
 
 def test_embeddings_are_quantized_when_asked():

@@ -136,6 +136,9 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
             release_streamed(weight, name, ctx)  # only the quantize node reads it, and its codes are cached
         quantized.append(f"{name}: {scheme.describe()}" + (f" (group {group})" if group != scheme.group_size and scheme.group_size else ""))
     gm.recompile()
+    if frozen_only and not quantized:
+        return PassResult(False, ("training graph: every weight requires grad and stays in full precision "
+                                  "(only frozen weights are quantized)",))
     worst_first = sorted(errors.items(), key=lambda item: item[1])
     notes = tuple(
         [f"quantized {len(quantized)} weights; weight SQNR per layer, worst first:"]
