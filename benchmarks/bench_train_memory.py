@@ -13,6 +13,7 @@ allocator as a user's process has it (no MALLOC_* settings):
     memsave_in_backward            + memsave.optimizer_in_backward(AdamW): stepped in the graph
     memsave_in_backward_8bit       + torchao AdamW8bit state
     memsave_in_backward_8bit_recompute  + options={"recompute": "budget-min"}
+    memsave_in_backward_8bit_recompute_chunk  + "chunk": "loss" (the LM head's loss by token chunks)
   Per run: the step's peak of live tensor bytes (held before the step: weights, optimizer
   state, gradients; plus the tracker's peak during it), the process's peak RSS during the step
   above the RSS before the model was built, the optimizer state bytes, and the median step time.
@@ -47,7 +48,7 @@ from benchmarks.harness import (  # noqa: E402
 NAME = "train_memory"
 TITLE = "Full fine-tuning step: optimizer step in the backward, 8-bit AdamW state, recompute"
 MEMORY = ["eager", "eager_adamw8bit", "eager_in_backward", "memsave", "memsave_in_backward",
-          "memsave_in_backward_8bit", "memsave_in_backward_8bit_recompute"]
+          "memsave_in_backward_8bit", "memsave_in_backward_8bit_recompute", "memsave_in_backward_8bit_recompute_chunk"]
 QLORA = ["eager_full", "peft_lora_fp32", "torchao_nf4_peft", "memsave_lora_int8", "memsave_lora_int4", "memsave_lora_nf4"]
 FIDELITY = ["eager", "eager_adamw8bit", "memsave_in_backward", "memsave_in_backward_8bit",
             "memsave_in_backward_8bit_recompute", "peft_lora_fp32", "memsave_lora_int8", "memsave_lora_int4",
@@ -84,7 +85,11 @@ def _setup(variant: str, model, lr: float):
     if variant.startswith("eager"):
         run = model
     else:
-        options = {"recompute": "budget-min"} if variant.endswith("recompute") else None
+        options = None
+        if "recompute" in variant:
+            options = {"recompute": "budget-min"}
+        if variant.endswith("chunk"):  # the LM-head loss over token chunks: no full logits or their gradient
+            options["chunk"] = "loss"
         run = torch.compile(model, backend="memsave", options=options)
     return run, optimizer, in_backward
 
