@@ -225,6 +225,26 @@ def test_torchao_8bit_state_in_the_backward():
     assert handle.state_bytes() == 2 * weights + 2 * 4 * (weights // 256) + 2 * 2 * 1024 + 4 * 2
 
 
+class _TiedAcrossABreak(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = torch.tanh(self.shared(x))
+        torch._dynamo.graph_break()
+        return self.shared(x).square().mean()
+
+
+def test_a_parameter_split_across_a_graph_break_is_refused():
+    torch._dynamo.reset()
+    model = _TiedAcrossABreak()
+    memsave.optimizer_in_backward(model, torch.optim.SGD, lr=0.1)
+    compiled = torch.compile(model, backend="memsave", options={"codegen": "fx"})
+    with pytest.raises(memsave.config.OptionError, match="'shared.weight' is also read by compiled graph .*graph break"):
+        compiled(torch.randn(4, 16)).backward()
+
+
 def test_bad_input_names_the_problem():
     model = _decoder()
     with pytest.raises(memsave.config.OptionError, match="takes an optimizer class"):

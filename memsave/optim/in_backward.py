@@ -70,7 +70,7 @@ def claim(param: torch.Tensor, graph_id: int) -> str | None:
     entry = _by_param[param]
     others = entry.graphs - {graph_id}
     if others:
-        return f"also read by compiled graph {min(others)}; its gradient is summed by autograd, so it steps after"
+        return f"also read by compiled graph {min(others)}; its gradient is summed by autograd"
     entry.graphs.add(graph_id)
     return None
 

@@ -10,8 +10,8 @@ value after its last use; Inductor deletes a buffer after its last reader), and 
 None, so it accumulates nothing and runs no hook.
 
 A parameter read by two compiled graphs (a graph break between tied uses) has its gradient
-summed by autograd across them: the second graph leaves it as it was, and the optimizer's
-accumulate-grad hook steps it (memsave/optim/in_backward.py: claim).
+summed by autograd across them, and the first graph already steps it with its own share: the
+second graph's compile refuses with a clear error (memsave/optim/in_backward.py: claim).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from memsave.config import OptionError
 from memsave.graph.meta import aliased_input, is_getitem, node_val
 
 
@@ -59,8 +60,14 @@ def step_in_backward(
             continue
         why_not = claim(primals[i], graph_id)
         if why_not is not None:
-            notes.append(f"{primal_names[i]}: {why_not}")
-            continue
+            # The earlier graph already steps it with its own share of the gradient: the hook
+            # would step it again with this graph's share. Refuse rather than update twice.
+            raise OptionError(
+                f"memsave.optimizer_in_backward: parameter {primal_names[i]!r} is {why_not.split(';')[0]}: "
+                "a graph break between its uses splits its gradient, and it cannot be stepped inside the "
+                "backward; remove the graph break (torch.compile(..., fullgraph=True) shows where it is) "
+                "or use the ordinary optimizer"
+            )
         param = _saved_for_backward(fw, bw, num_fwd_outputs, fw_inputs[i])
         position = {n: k for k, n in enumerate(bw.graph.nodes)}
         readers = _readers(fw, bw, num_fwd_outputs, fw_inputs[i], param)
