@@ -312,23 +312,25 @@ def render_plot(results, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 5))
+    fig = Figure(figsize=(19, 5.5))
     FigureCanvasAgg(fig)
-    bars, curves = fig.subplots(1, 2)
-    names, tracked, rss = [], [], []
-    for variant in MEMORY:
-        t, r = _median(results, f"memory.{variant}", "step_peak_mib"), _median(results, f"memory.{variant}", "rss_peak_mib")
-        if t is not None:
-            names.append(variant.replace("memsave_", "ms_").replace("in_backward", "inbw"))
-            tracked.append(t)
-            rss.append(r or 0.0)
-    xs = range(len(names))
-    bars.bar([x - 0.2 for x in xs], tracked, width=0.4, label="live tensors (tracker)")
-    bars.bar([x + 0.2 for x in xs], rss, width=0.4, label="process RSS above start")
-    bars.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
-    bars.set_ylabel("peak of a training step, MiB (median)")
-    bars.legend(fontsize=8)
-    bars.set_title(f"decoder-{results['params'].get('size')} full fine-tune step", fontsize=10)
+    bars, lora_bars, curves = fig.subplots(1, 3)
+    for ax, part, variants, title in ((bars, "memory", MEMORY, "full fine-tune step"),
+                                      (lora_bars, "qlora", QLORA, "LoRA r16 on a frozen base")):
+        names, tracked, rss = [], [], []
+        for variant in variants:
+            t, r = _median(results, f"{part}.{variant}", "step_peak_mib"), _median(results, f"{part}.{variant}", "rss_peak_mib")
+            if t is not None:
+                names.append(variant.replace("memsave_", "ms_").replace("in_backward", "inbw"))
+                tracked.append(t)
+                rss.append(r or 0.0)
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], tracked, width=0.4, label="live tensors (tracker)")
+        ax.bar([x + 0.2 for x in xs], rss, width=0.4, label="process RSS above start")
+        ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("peak of a training step, MiB (median)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"decoder-{results['params'].get('size')}: {title}", fontsize=10)
     for variant in FIDELITY:
         run = next((r for r in results["runs"] if r["config"] == f"fidelity.{variant}" and r["ok"]), None)
         if run is None:
