@@ -63,7 +63,7 @@ class QuantizeConfig(LayerSelection, FamilyConfig):
     """
 
     family: ClassVar[str] = "quantize"
-    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq/-gptq]', 'log<bits>[-g<group>][-mse]', 'vq<bits>'"
+    name_pattern: ClassVar[str] = "'int<bits>[-g<group>][-sym/-asym][-rtn/-mse/-awq/-gptq]', 'log<bits>[-g<group>][-mse]', 'vq<bits>', 'nf4[-g<group>]'"
     name_parser: ClassVar = staticmethod(_parse_quant_name)
     name_example: ClassVar[str] = 'int4-g128-asym'
     # int4 alone is memsave's int4 recipe; see docs/quantization.md for why this one.
