@@ -196,8 +196,8 @@ def test_log_and_vq_options():
     assert Config.from_options({"quantize": "log4-g128"}).quantize == QuantizeConfig(scheme="log", bits=4, group_size=128)
     with pytest.raises(ValueError, match="scheme 'vq' supports methods 'rtn'/'mse' only"):
         QuantizeConfig(scheme="vq", method="awq")
-    with pytest.raises(ValueError, match=r"\['scheme'\]: invalid value 'nf4'; valid choices: 'affine', 'log', 'vq'"):
-        QuantizeConfig(scheme="nf4")
+    with pytest.raises(ValueError, match=r"\['scheme'\]: invalid value 'fp4'; valid choices: 'affine', 'log', 'vq', 'nf4'"):
+        QuantizeConfig(scheme="fp4")
 
 
 # -- GPTQ -------------------------------------------------------------------------------------
