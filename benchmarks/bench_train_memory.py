@@ -135,10 +135,10 @@ def _setup_lora(variant: str, model, lr: float):
 def _weight_bytes(model) -> int:
     """Parameters as they are held (a released original holds nothing; torchao's NF4 by its
     parts), plus the compressed forms compiled graphs hold (memsave's weight cache)."""
-    from memsave.optim.in_backward import _plain
+    from memsave.optim.in_backward import stored_tensors
     from memsave.weights import WEIGHTS
 
-    return WEIGHTS.held_bytes([inner for p in model.parameters() for inner in _plain(p)])
+    return WEIGHTS.held_bytes([inner for p in model.parameters() for inner in stored_tensors(p)])
 
 
 def _held_bytes(model, optimizer) -> int:

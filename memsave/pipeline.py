@@ -224,13 +224,14 @@ def _step_in_backward(runner: PassRunner, joint: fx.GraphModule, fw: fx.GraphMod
                       num_fwd_outputs: int) -> None:
     """memsave.optimizer_in_backward: each gradient stepped and freed inside the backward."""
     from memsave.memory.saved_activations import simulated_peak
+    from memsave.optim.in_backward import is_held
     from memsave.passes.joint.step_in_backward import step_in_backward
 
     ctx = runner.ctx
     primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
     values = [ctx.real_inputs.get(n.name) for n in primals]
-    if not any(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
-        return
+    if not any(isinstance(v, torch.Tensor) and is_held(v) for v in values):
+        return  # the common case: no in-backward optimizer, no estimate to make
     names = [ctx.weights[n.name].name if n.name in ctx.weights else n.name for n in primals]
     before = simulated_peak(fw, bw, num_fwd_outputs)
     start = time.perf_counter()

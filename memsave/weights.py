@@ -256,6 +256,12 @@ def owns_storage(weight: torch.Tensor) -> bool:
 # each pass; then release_weights frees them at the end, as before.
 
 
+def compressible_in(stage: str, weight: torch.Tensor) -> bool:
+    """Whether a graph of `stage` may compress (and release) `weight`: every weight of an
+    inference graph; in a training (joint) graph only a frozen one, which it does not learn."""
+    return stage == "inference" or (stage == "joint" and not weight.requires_grad)
+
+
 def release_streamed(weight: torch.Tensor, name: str, ctx) -> int:
     """Free `weight` now, if the compile's recipe frees originals and nothing needs it again
     (see Note [Streaming compression]); the caller has checked that the graph only reads it
@@ -263,9 +269,7 @@ def release_streamed(weight: torch.Tensor, name: str, ctx) -> int:
     from memsave.calibrate import CALIBRATION
 
     config = ctx.config
-    if getattr(config, "debug", False) or ctx.stage not in ("inference", "joint") or not frees_weights(config):
-        return 0
-    if ctx.stage == "joint" and weight.requires_grad:
+    if getattr(config, "debug", False) or not compressible_in(ctx.stage, weight) or not frees_weights(config):
         return 0
     if weight not in WEIGHTS or is_released(weight) or not can_release(weight) or not owns_storage(weight):
         return 0

@@ -126,6 +126,14 @@ def aliased_input(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def alias_base(node: fx.Node) -> fx.Node:
+    """The node whose storage `node` shares, followed through every view and in-place op
+    (`aliased_input` until none): a placeholder, or the op that allocated it."""
+    while (base := aliased_input(node)) is not None:
+        node = base
+    return node
+
+
 def op_name(node: fx.Node) -> str:
     if node.op == "call_function":
         target = node.target

@@ -110,13 +110,11 @@ class InBackward:
         self.counts = {"in_graph": 0, "by_hook": 0}  # gradients applied by each road
         self._dispatch_state = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
         for p in params:
-            old = _by_param.get(p)
-            if old is not None and old.handle is not None:
-                old.handle.remove()
             entry = _by_param.get(p)
             if entry is None:
-                entry = _Entry(None)
-                _by_param[p] = entry
+                entry = _by_param[p] = _Entry(None)
+            elif entry.handle is not None:
+                entry.handle.remove()  # a later optimizer_in_backward for the same parameter replaces it
             entry.handle = self
             entry.hook = p.register_post_accumulate_grad_hook(self._from_hook)
 
@@ -235,10 +233,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of an optimizer's state held now, any optimizer (tensor-subclass state by its parts)."""
     from memsave.memory.track import live_tensor_bytes
 
-    return live_tensor_bytes(inner for state in optimizer.state.values() for value in state.values() for inner in _plain(value))
+    return live_tensor_bytes(inner for state in optimizer.state.values() for value in state.values() for inner in stored_tensors(value))
 
 
-def _plain(value: Any) -> Iterable[torch.Tensor]:
+def stored_tensors(value: Any) -> Iterable[torch.Tensor]:
     """The plain tensors that store a state value (torchao's low-bit state is a tensor subclass
     whose codes and scales are inner tensors)."""
     if not isinstance(value, torch.Tensor):
@@ -248,7 +246,7 @@ def _plain(value: Any) -> Iterable[torch.Tensor]:
         yield value
         return
     for name in flatten()[0]:
-        yield from _plain(getattr(value, name))
+        yield from stored_tensors(getattr(value, name))
 
 
 def optimizer_in_backward(

@@ -357,7 +357,7 @@ def narrow_saved_activations(
 def _narrowable(saved: Any, user: set, bw_inputs: dict) -> bool:
     """An fp32 activation the forward made (not an input: alive anyway), dense (the cast keeps
     its strides exactly), not also returned to the user, and read by the backward by name."""
-    from memsave.graph.meta import aliased_input
+    from memsave.graph.meta import alias_base
     from memsave.memory.liveness import is_dense
 
     if not isinstance(saved, fx.Node) or saved in user or saved.name not in bw_inputs:
@@ -365,9 +365,7 @@ def _narrowable(saved: Any, user: set, bw_inputs: dict) -> bool:
     val = node_val(saved)
     if not isinstance(val, torch.Tensor) or val.dtype != torch.float32 or not is_dense(val):
         return False
-    root = saved
-    while aliased_input(root) is not None:
-        root = aliased_input(root)
+    root = alias_base(saved)
     return root.op == "call_function" and root not in user
 
 

@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memsave.config import PlanMemoryConfig
-from memsave.graph.meta import aliased_input, is_getitem, node_val
+from memsave.graph.meta import alias_base, aliased_input, is_getitem, node_val
 from memsave.memory.liveness import is_dense, plan_buffers
 from memsave.passes.base import PassContext, PassResult, tag
 from memsave.report import fmt_bytes
@@ -155,8 +155,7 @@ def _can_write_into(arg: fx.Node, node: fx.Node, position: dict[fx.Node, int], o
 def _storage_root(node: fx.Node) -> fx.Node | None:
     """The node that allocated `node`'s buffer, through views and out= writes; None for graph
     inputs, constants and elements of multi-output ops."""
-    while aliased_input(node) is not None:
-        node = aliased_input(node)
+    node = alias_base(node)
     if node.op != "call_function" or is_getitem(node):
         return None
     return node

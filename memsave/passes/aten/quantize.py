@@ -44,7 +44,7 @@ from memsave.graph.rewrite import GraphBuilder, users_are
 from memsave.ops.awq import choose_awq
 from memsave.ops.schemes import SCHEMES, QuantSpec
 from memsave.passes.base import QPARAMS_KEY, PassContext, PassResult
-from memsave.weights import WEIGHTS, release_streamed
+from memsave.weights import WEIGHTS, compressible_in, release_streamed
 
 aten = torch.ops.aten
 memsave_ops = torch.ops.memsave
@@ -68,12 +68,12 @@ def insert_qdq(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext) -> 
         # A derived weight (a pruned weight, a low-rank factor, sparse values) is quantized
         # like the weight it came from, reported under its own label.
         node, name, weight = found.node, found.label, found.tensor
+        if not compressible_in(ctx.stage, weight):
+            continue  # a weight being trained stays full precision
         scheme = config.for_weight(found.name)
         uses = _quantizable_uses(node, config.embeddings, training=frozen_only)
         if scheme is None or not uses:
             continue
-        if frozen_only and weight.requires_grad:
-            continue  # a trained weight stays full precision; frozen ones are compressed below
         val = node_val(node)
         if not (isinstance(val, torch.Tensor) and val.dim() == 2 and val.dtype.is_floating_point):
             skipped.append(f"{name}: not a 2-D float weight")

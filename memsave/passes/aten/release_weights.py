@@ -25,7 +25,7 @@ from memsave.config import Config
 from memsave.memory.process import give_back
 from memsave.passes.base import PassContext, PassResult
 from memsave.report import fmt_bytes
-from memsave.weights import WEIGHTS, can_release, frees_weights, is_released, release, released_by
+from memsave.weights import WEIGHTS, can_release, compressible_in, frees_weights, is_released, release, released_by
 
 
 def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> PassResult:
@@ -41,7 +41,7 @@ def release_weights(gm: fx.GraphModule, config: Config, ctx: PassContext) -> Pas
             continue
         weight, name = ctx.weight_tensor(node.name), ctx.weights[node.name].name
         # Only weights memsave compressed: an unused weight it never touched stays as it is.
-        if weight is None or weight not in WEIGHTS or (ctx.stage == "joint" and weight.requires_grad):
+        if weight is None or weight not in WEIGHTS or not compressible_in(ctx.stage, weight):
             continue
         # A derived weight (e.g. a low-rank factor) that this graph no longer holds was
         # compressed further (quantized): its uncompressed form goes too.

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from memsave.config import OptionError
-from memsave.graph.meta import aliased_input, is_getitem, node_val
+from memsave.graph.meta import alias_base, aliased_input, is_getitem, node_val
 
 
 @dataclass
@@ -41,7 +41,7 @@ def step_in_backward(
     `primal_names`: what the model calls them."""
     from memsave.optim.in_backward import claim, is_held
 
-    output = _output(bw)
+    output = bw.graph.output_node()
     outs = list(output.args[0])
     held = [i for i, v in enumerate(primals) if isinstance(v, torch.Tensor) and is_held(v)]
     if not held:
@@ -70,7 +70,7 @@ def step_in_backward(
             )
         param = _saved_for_backward(fw, bw, num_fwd_outputs, fw_inputs[i])
         position = {n: k for k, n in enumerate(bw.graph.nodes)}
-        readers = _readers(fw, bw, num_fwd_outputs, fw_inputs[i], param)
+        readers = _readers(fw, bw, num_fwd_outputs, fw_inputs[i], param, position)
         last = max([u for u in grad.users if u.op != "output"] + readers + [grad], key=position.__getitem__)
         with bw.graph.inserting_after(last):
             call = bw.graph.call_function(
@@ -93,12 +93,14 @@ def step_in_backward(
     return StepResult(True, tuple(notes), {"stepped": stepped, "gradient_bytes": grad_bytes})
 
 
-def _readers(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, primal: fx.Node, param: fx.Node) -> list[fx.Node]:
+def _readers(
+    fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, primal: fx.Node, param: fx.Node, position: dict
+) -> list[fx.Node]:
     """Backward nodes that read the parameter's storage: through its own placeholder or through a
     saved view of it (the forward often saves `t(weight)`), and through views of those. The
     update writes the parameter in place, so it must come after every one of them."""
-    aliases_param = {out.name for out in _output(fw).args[0][num_fwd_outputs:]
-                     if isinstance(out, fx.Node) and _alias_base(out) is primal}
+    aliases_param = {out.name for out in fw.graph.output_node().args[0][num_fwd_outputs:]
+                     if isinstance(out, fx.Node) and alias_base(out) is primal}
     views = {n for n in bw.graph.nodes if n is param or (n.op == "placeholder" and n.name in aliases_param)}
     for node in bw.graph.nodes:
         base = aliased_input(node)
@@ -106,7 +108,7 @@ def _readers(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, prima
             views.add(node)
     step = torch.ops.memsave.step_in_backward.default
     return sorted({u for v in views for u in v.users if u not in views and u.op != "output" and u.target is not step},
-                  key=list(bw.graph.nodes).index)
+                  key=position.__getitem__)
 
 
 def _not_before(readers: list[fx.Node], grad: fx.Node) -> list[fx.Node]:
@@ -134,18 +136,6 @@ def _not_before(readers: list[fx.Node], grad: fx.Node) -> list[fx.Node]:
     return waits
 
 
-def _alias_base(node: fx.Node) -> fx.Node:
-    while True:
-        base = aliased_input(node)
-        if base is None:
-            return node
-        node = base
-
-
-def _output(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-
 def _saved_for_backward(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, primal: fx.Node) -> fx.Node:
     """The backward's placeholder for a forward input, added to the saved values if the backward
     does not read it yet. The partitioner's layout: the forward returns its outputs, then saved
@@ -155,7 +145,7 @@ def _saved_for_backward(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs:
     for node in placeholders:
         if node.name == primal.name:
             return node
-    fw_out = _output(fw)
+    fw_out = fw.graph.output_node()
     outs = list(fw_out.args[0])
     saved = outs[num_fwd_outputs:]
     tensors_end = num_fwd_outputs + sum(1 for n in saved if not _is_size(n))
