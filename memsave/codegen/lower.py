@@ -268,4 +268,28 @@ def lower(
     give_back()
     if report is not None:
         report.rss_after = rss_bytes()
-    return compiled
+    return _give_back_after_first_call(compiled)
+
+
+def _give_back_after_first_call(compiled: Callable[[list], Any]) -> Callable[[list], Any]:
+    """`compiled`, which gives freed memory back once more after its first call.
+
+    The first call still does work of its own (Inductor's first run, kernels' scratch memory in
+    their threads' heaps) whose freed pages would otherwise stay resident until something else
+    trims. Measured (tests/test_process_memory.py, a cold Inductor cache): about 1 run in 4
+    kept 32 MiB more (0.83x instead of 0.32x the fp32 weight bytes); a trim after the call
+    returns them. Later calls pay one flag test."""
+    first = [True]
+
+    def run(args: list) -> Any:
+        out = compiled(args)
+        if first[0]:
+            first[0] = False
+            give_back()
+        return out
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    for name in ("memsave_constants", "compiled"):  # what tests and reports look at
+        if hasattr(compiled, name):
+            setattr(run, name, getattr(compiled, name))
+    return run
