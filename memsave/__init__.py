@@ -17,6 +17,7 @@ from memsave.report import GraphReport, PassRecord, collect, recent_reports
 from memsave.serialize import load, save
 from memsave.checkpoint import empty_parameters
 from memsave.optim import InBackward, optimizer_in_backward
+from memsave.kv_cache import QuantizedStaticCache, cache_bytes
 from memsave.passes.dynamo.shard_tensor import (
     check_tensor_parallel,
     named_sharded_parameters,
@@ -47,5 +48,6 @@ __all__ = [
     "recent_reports",
     "save", "load", "empty_parameters",
     "InBackward", "optimizer_in_backward",
+    "QuantizedStaticCache", "cache_bytes",
     "check_tensor_parallel", "named_sharded_parameters", "sharded_parameters", "tp_parameter_bytes",
 ]

@@ -61,6 +61,7 @@ class DynamoSteps:
     """What the steps on the Dynamo graph did; their records lead the ATen graph's report."""
 
     capture: PassResult | None = None  # chunk capture
+    kv_attention: PassResult | None = None  # attention over an int8 kv cache, fused
     split: Any = None  # passes.dynamo.shard_tensor.TensorParallelSplit
     plan: Any = None  # budget.planner.Plan, when options['budget'] chose the forms
     config: Any = None  # the config the rest of the compile uses (the plan's quantize merged in)
@@ -93,6 +94,12 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
         steps.config = config = config.replace(
             **{family: cls.parse(chosen[family]) if family in chosen else None for family, cls in families.items()},
             budget=None)
+    from memsave.passes.dynamo.fuse_kv_attention import fuse_kv_attention, reads_int8_cache
+
+    if reads_int8_cache(gm):  # memsave's int8 cache layer (kv_cache.py): always, it only saves
+        started = time.perf_counter()
+        steps.kv_attention = fuse_kv_attention(gm)
+        steps.kv_attention.details["seconds"] = time.perf_counter() - started
     if config.chunk is not None:
         # Loss and attention rewrites that bring their own backward happen here, before
         # AOTAutograd traces forward and backward (passes/dynamo/chunk_capture.py).
@@ -129,6 +136,10 @@ def _record_dynamo_steps(runner: PassRunner, steps: DynamoSteps | None) -> None:
                      "split_bytes_after": split.bytes_after},
             weight_bytes_saved=split.bytes_before - split.bytes_after,
         )
+    if steps.kv_attention is not None:
+        result = steps.kv_attention
+        runner.add_done("fuse_kv_attention", changed=result.changed, seconds=result.details["seconds"],
+                        notes=result.notes, details=result.details)
     if steps.capture is not None:
         # The bytes it saved are in its notes.
         result = steps.capture

@@ -56,3 +56,10 @@ from memsave.ops.sparse import (  # noqa: F401  (registers memsave::densify_bitm
 )
 from memsave.ops.chunked_ce import linear_cross_entropy, linear_cross_entropy_backward  # noqa: F401  (registers memsave::linear_cross_entropy(_backward))
 from memsave.ops.step_in_backward import step_in_backward  # noqa: F401  (registers memsave::step_in_backward)
+from memsave.ops.kv_cache import (  # noqa: F401  (registers memsave::quantize_kv_int8 / dequantize_kv_int8 / attention_int8_kv)
+    attention_int8_kv,
+    attention_int8_kv_reference,
+    dequantize_kv_int8,
+    kv_int8_bytes,
+    quantize_kv_int8,
+)

@@ -1,0 +1,144 @@
+"""A static key/value cache for HF transformers models that holds int8, and compiles.
+
+    cache = memsave.QuantizedStaticCache(model.config, max_cache_len=4096)   # "int8"
+    model.forward = torch.compile(model.forward, backend="memsave")
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=128)
+
+Each attention layer's cache is a `Int8StaticLayer`: HF's `StaticLayer` (fixed buffers written
+in place at `cache_position`, the addresses static, so compiled graphs are reused across decode
+steps) whose buffers are int8 codes (B, H_kv, L, D) plus one fp32 scale per token and head
+(memsave/ops/kv_cache.py), 0.27x the fp32 cache at head size 64. `update` quantizes the new
+tokens into the buffers and returns `memsave::dequantize_kv_int8` of the whole cache: that is
+what an attention memsave does not compile reads (eager: the dequantized layer exists while its
+attention runs). Compiled by memsave, the pass `fuse_kv_attention` (passes/dynamo) replaces the
+dequantize and the attention that reads it with `memsave::attention_int8_kv`, which reads the
+codes tile by tile: no dequantized cache exists at any time.
+
+Why a cache class and not an option beside `cache_implementation="static"`: HF's static cache
+allocates its fp buffers itself and writes them outside any compiled graph (`reset()` zeroes them
+at the next `generate`), so a compiler cannot take their memory away; it can only not use them.
+Layers that are not full attention (sliding-window layers) keep HF's own static layer, fp, and
+the cache says which (`unquantized`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memsave.ops.kv_cache import kv_int8_bytes
+
+KV_CACHE_SCHEMES = ("int8",)
+
+
+def _hf():
+    try:
+        from transformers import cache_utils
+    except ImportError as error:  # pragma: no cover - transformers is a dev/bench dependency
+        raise ImportError("memsave: QuantizedStaticCache needs HF transformers (pip install transformers)") from error
+    return cache_utils
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class _Int8StaticLayerMixin:
+    """The int8 behaviour, mixed into HF's StaticLayer (defined lazily: transformers is optional)."""
+
+    scheme = "int8"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        rows = (self.batch_size, self.num_heads, self.max_cache_len)
+        # `keys`/`values` hold the codes, so HF's generic code (reset, beam reorder, offload)
+        # handles them; the scales are beside them.
+        self.keys = torch.zeros((*rows, self.k_head_dim), dtype=torch.int8, device=self.device)
+        self.values = torch.zeros((*rows, self.v_head_dim), dtype=torch.int8, device=self.device)
+        self.key_scales = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        self.value_scales = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not _compiling():  # as HF's StaticLayer: fixed addresses, so graphs are reused
+            for t in (self.keys, self.values, self.key_scales, self.value_scales, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = key_states.shape[-2]
+        position = torch.arange(length, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(length)
+        k_codes, k_scale = torch.ops.memsave.quantize_kv_int8(key_states)
+        v_codes, v_scale = torch.ops.memsave.quantize_kv_int8(value_states)
+        self.keys.index_copy_(2, position, k_codes)
+        self.key_scales.index_copy_(2, position, k_scale)
+        self.values.index_copy_(2, position, v_codes)
+        self.value_scales.index_copy_(2, position, v_scale)
+        return (
+            torch.ops.memsave.dequantize_kv_int8(self.keys, self.key_scales, self.dtype),
+            torch.ops.memsave.dequantize_kv_int8(self.values, self.value_scales, self.dtype),
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        if self.is_initialized:
+            self.key_scales.zero_()
+            self.value_scales.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            index = beam_idx.to(self.keys.device)
+            for name in ("keys", "values", "key_scales", "value_scales"):
+                setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def offload(self):
+        raise NotImplementedError("memsave: an int8 cache layer is not offloaded (it is 0.27x the fp cache already)")
+
+    def held_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return kv_int8_bytes(tuple(self.keys.shape)) + kv_int8_bytes(tuple(self.values.shape))
+
+
+_layer_class = None
+
+
+def int8_static_layer_class():
+    """The class `Int8StaticLayer(_Int8StaticLayerMixin, transformers' StaticLayer)`."""
+    global _layer_class
+    if _layer_class is None:
+        _layer_class = type("Int8StaticLayer", (_Int8StaticLayerMixin, _hf().StaticLayer), {})
+    return _layer_class
+
+
+def QuantizedStaticCache(config, max_cache_len: int, scheme: str = "int8", **kwargs):
+    """An HF `StaticCache` whose full-attention layers hold `scheme` ("int8"); see the module doc.
+    `cache.unquantized` lists (layer index, layer type) of the layers left as HF made them."""
+    if scheme not in KV_CACHE_SCHEMES:
+        raise ValueError(f"memsave: unknown kv cache scheme {scheme!r}; valid choices: {', '.join(KV_CACHE_SCHEMES)}")
+    cache_utils = _hf()
+    cache = cache_utils.StaticCache(config=config, max_cache_len=max_cache_len, **kwargs)
+    layer_class = int8_static_layer_class()
+    unquantized = []
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is cache_utils.StaticLayer:
+            cache.layers[i] = layer_class(max_cache_len=max_cache_len)
+        else:
+            unquantized.append((i, type(layer).__name__))
+    cache.unquantized = unquantized
+    cache.kv_scheme = scheme
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    """Bytes the cache's layers hold now (codes and scales, or an fp layer's buffers)."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "held_bytes"):
+            total += layer.held_bytes()
+        elif getattr(layer, "is_initialized", False):
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total
