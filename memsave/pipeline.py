@@ -432,12 +432,12 @@ class PassRunner:
         mutated = _mutated_placeholders(self.gm)
         # Inputs the graph writes to (e.g. BatchNorm running stats) are cloned, so measuring
         # the error never changes the user's model; a fixed seed makes dropout comparable.
-        args = [
-            self.ctx.real_inputs[name].clone() if name in mutated else self.ctx.real_inputs[name]
-            for name in names
-        ]
-        # Compilation runs under AOTAutograd's fake mode; this run is on real tensors.
+        # Compilation runs under AOTAutograd's fake mode; this run (and the clones) on real tensors.
         with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            args = [
+                self.ctx.real_inputs[name].clone() if name in mutated else self.ctx.real_inputs[name]
+                for name in names
+            ]
             torch.manual_seed(0)
             outputs = self.gm(*args)
             outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]

@@ -10,11 +10,11 @@ import pytest
 
 triton = pytest.importorskip("triton")  # imported before TRITON_INTERPRET is set
 
-import torch  # noqa: E402
+import torch
 
-import memsave.ops  # noqa: E402, F401
-from memsave.codegen.triton import kv_attention  # noqa: E402
-from memsave.ops.kv_cache import attention_int8_kv_reference, quantize_kv_int8  # noqa: E402
+import memsave.ops  # noqa: F401
+from memsave.codegen.triton import kv_attention
+from memsave.ops.kv_cache import attention_int8_kv_reference, quantize_kv_int8
 
 pytestmark = pytest.mark.usefixtures("triton_env")
 ATOL = 1e-5
@@ -27,7 +27,7 @@ def _problem(b=2, h_kv=1, rep=1, t=1, length=37, d=16, dv=None, *, mask=None, de
     k_codes, k_scale = quantize_kv_int8(torch.randn(b, h_kv, length, d, generator=g))
     v_codes, v_scale = quantize_kv_int8(torch.randn(b, h_kv, length, dv, generator=g))
     if mask == "bool":  # causal over the last t positions of `used`, then an unused tail (static cache)
-        used = length - 11
+        used = length - min(11, length // 3)
         pos = torch.arange(length)
         attn_mask = pos[None, :] <= (used - t + torch.arange(t))[:, None]  # (T, L)
     elif mask == "float":  # (B, 1, T, L) additive, a few -inf
@@ -49,13 +49,16 @@ def test_matches_the_reference(h_kv, rep, t, d, mask):
 
 
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
-def test_dot_path_matches_the_reference(mask):
-    # tl.dot path: forced at T = 5 (rows padded to 16) and chosen at T = 18 (two row blocks).
+def test_both_score_paths_at_other_shapes(mask):
+    # The broadcast path (chosen for T = 1) forced at T = 5, and D != D_v, on the dot path too.
     args = _problem(b=1, h_kv=1, rep=2, t=5, length=21, d=16, dv=32, mask=mask)
-    blocks = dict(BLOCK_T=16, BLOCK_L=16, BLOCK_D=16, BLOCK_DV=32, USE_DOT=True)
+    want = attention_int8_kv_reference(*args)
+    assert kv_attention.choose_blocks(5, 16, 32, interpret=True)["USE_DOT"]
+    torch.testing.assert_close(kv_attention.attention_int8_kv_triton(*args), want, atol=ATOL, rtol=1e-5)
+    blocks = {"BLOCK_T": 8, "BLOCK_L": 8, "BLOCK_D": 16, "BLOCK_DV": 32, "USE_DOT": False}
     got = kv_attention.attention_int8_kv_triton(*args, blocks=blocks)
-    torch.testing.assert_close(got, attention_int8_kv_reference(*args), atol=ATOL, rtol=1e-5)
-    assert kv_attention.choose_blocks(18, 16, 16, interpret=True)["USE_DOT"]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+    # Two row blocks (T = 18 > BLOCK_T = 16).
     args = _problem(b=1, h_kv=1, rep=1, t=18, length=29, d=16, mask=mask)
     got = kv_attention.attention_int8_kv_triton(*args)
     torch.testing.assert_close(got, attention_int8_kv_reference(*args), atol=ATOL, rtol=1e-5)
@@ -76,25 +79,24 @@ def test_strided_cache_and_broadcast_masks_are_read_in_place():
     q, k_codes, k_scale, v_codes, v_scale, _, scale = _problem(b=2, h_kv=2, rep=2, t=2, length=40, d=16)
     kc, ks, vc, vs = k_codes[:, :, :23], k_scale[:, :, :23], v_codes[:, :, :23], v_scale[:, :, :23]
     assert not kc.is_contiguous()
-    for m in (torch.arange(23) < 17, (torch.arange(23) < 20).expand(2, 23), torch.zeros(2, 4, 1, 23)):
+    for m in ((torch.arange(23) < 17)[None], (torch.arange(23) < 20).expand(2, 23), torch.zeros(2, 4, 1, 23)):
         args = (q, kc, ks, vc, vs, m, scale)
         torch.testing.assert_close(kv_attention.attention_int8_kv_triton(*args), attention_int8_kv_reference(*args),
                                    atol=ATOL, rtol=1e-5)
 
 
-def test_a_row_that_sees_no_key_is_nan_as_the_op():
-    # As memsave::attention_int8_kv: 0/0. (F.scaled_dot_product_attention, the plain reference,
-    # gives 0 there in recent torch; the kernel follows the op it replaces.)
+def test_a_row_that_sees_no_key_is_zero_as_the_op_and_sdpa():
     args = list(_problem(h_kv=1, rep=2, t=2, length=20, d=16))
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1] = False  # the second query row sees nothing
     args[5] = mask
     got = kv_attention.attention_int8_kv_triton(*args)
     want = torch.ops.memsave.attention_int8_kv(*args)
-    assert got[:, :, 1].isnan().all() and want[:, :, 1].isnan().all()
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5, equal_nan=True)
+    assert not got[:, :, 1].any() and not want[:, :, 1].any()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(want, attention_int8_kv_reference(*args), atol=ATOL, rtol=1e-5)
     args[5] = torch.where(mask, 0.0, float("-inf"))
-    torch.testing.assert_close(kv_attention.attention_int8_kv_triton(*args), want, atol=ATOL, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(kv_attention.attention_int8_kv_triton(*args), want, atol=ATOL, rtol=1e-5)
 
 
 def test_custom_op_has_the_reference_schema_and_fake():
@@ -105,36 +107,40 @@ def test_custom_op_has_the_reference_schema_and_fake():
     torch.library.opcheck(torch.ops.memsave.attention_int8_kv_triton.default, args)
 
 
-def test_cpu_op_stays_plain_torch():
-    # The Triton kernel is the op's CUDA kernel only: on CPU the op runs without Triton.
-    args = _problem(h_kv=1, rep=2, t=1, length=9, d=16)
-    from memsave.codegen.triton import kv_attention as mod
-
+def _count_kernel_calls(monkeypatch) -> list:
     calls = []
-    original = mod.attention_int8_kv_triton
-    mod.attention_int8_kv_triton = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        torch.ops.memsave.attention_int8_kv(*args)
-    finally:
-        mod.attention_int8_kv_triton = original
+    original = kv_attention.attention_int8_kv_triton
+    monkeypatch.setattr(kv_attention, "attention_int8_kv_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_cpu_op_stays_plain_torch(monkeypatch):
+    # The Triton kernel is the op's CUDA kernel only: on CPU the op runs its plain torch.
+    calls = _count_kernel_calls(monkeypatch)
+    args = _problem(h_kv=1, rep=2, t=1, length=9, d=16)
+    torch.ops.memsave.attention_int8_kv(*args)
     assert not calls
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("memsave::attention_int8_kv", "CUDA")
+
+
+def test_register_offers_the_twin_to_codegen():
+    from memsave.codegen.kernels import _KERNELS
+
+    kv_attention.register()
+    kv_attention.register()  # idempotent
+    names = [k.name for k in _KERNELS[torch.ops.memsave.attention_int8_kv.default]]
+    assert names.count(kv_attention.KERNEL_NAME) == 1
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t, mask", [(1, "bool"), (1, None), (5, "float"), (70, "bool")])
-def test_gpu_op_runs_the_kernel_and_matches(dtype, t, mask):
-    args = _problem(b=2, h_kv=2, rep=4, t=t, length=300, d=64, mask=mask, device="cuda", dtype=dtype)
-    from memsave.codegen.triton import kv_attention as mod
-
-    calls = []
-    original = mod.attention_int8_kv_triton
-    mod.attention_int8_kv_triton = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        got = torch.ops.memsave.attention_int8_kv(*args)  # dispatches to the Triton kernel on CUDA
-    finally:
-        mod.attention_int8_kv_triton = original
-    assert calls and got.dtype == dtype
+@pytest.mark.parametrize("t, d, mask", [(1, 64, "bool"), (1, 128, None), (5, 64, "float"), (70, 128, "bool"),
+                                        (17, 256, None)])
+def test_gpu_op_runs_the_kernel_and_matches(monkeypatch, dtype, t, d, mask):
+    calls = _count_kernel_calls(monkeypatch)
+    args = _problem(b=2, h_kv=2, rep=4, t=t, length=300, d=d, mask=mask, device="cuda", dtype=dtype)
+    got = torch.ops.memsave.attention_int8_kv(*args)  # dispatches to the Triton kernel on CUDA
+    assert calls and got.dtype == dtype and got.is_cuda
     want = attention_int8_kv_reference(*args)
-    tol = dict(atol=ATOL, rtol=1e-5) if dtype == torch.float32 else {}
+    tol = {"atol": ATOL, "rtol": 1e-5} if dtype == torch.float32 else {}
     torch.testing.assert_close(got, want, **tol)

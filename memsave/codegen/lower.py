@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch.fx.graph import CodeGen
 
+from memsave.codegen.reinplace import reinplace_writes
 from memsave.memory.process import give_back, rss_bytes
 
 
@@ -49,6 +50,7 @@ class BoxedCodeGen(CodeGen):
 
 
 def lower_fx(gm: fx.GraphModule) -> Callable[[list], Any]:
+    reinplace_writes(gm)  # what Inductor's reinplacing does for its own code (codegen/reinplace.py)
     gm.graph.set_codegen(BoxedCodeGen())
     gm.recompile()
 

@@ -86,9 +86,9 @@ def attention_int8_kv(
     h_kv, length, dv = k_codes.shape[1], k_codes.shape[2], v_codes.shape[-1]
     rep = hq // h_kv
     qg = q.float().reshape(b, h_kv, rep * t, d) * scale  # q heads of one kv head side by side
-    best = torch.full((b, h_kv, rep * t, 1), float("-inf"))
-    total = torch.zeros((b, h_kv, rep * t, 1))
-    acc = torch.zeros((b, h_kv, rep * t, dv))
+    best = torch.full((b, h_kv, rep * t, 1), float("-inf"), device=q.device)
+    total = torch.zeros((b, h_kv, rep * t, 1), device=q.device)
+    acc = torch.zeros((b, h_kv, rep * t, dv), device=q.device)
     for l0 in range(0, length, ATTENTION_TILE):
         l1 = min(length, l0 + ATTENTION_TILE)
         mask = _grouped_mask(attn_mask, b, h_kv, rep, t, l0, l1)
@@ -108,7 +108,7 @@ def attention_int8_kv(
         total = total * correction + p.sum(dim=-1, keepdim=True)
         acc = acc * correction + p @ v
         best = new_best
-    out = acc / total  # a row nothing reached is 0/0 = nan, as F.scaled_dot_product_attention gives
+    out = acc / torch.where(total > 0, total, torch.ones_like(total))  # a row nothing reached: 0, as SDPA gives
     return out.reshape(b, hq, t, dv).to(q.dtype)
 
 

@@ -88,3 +88,7 @@ def register() -> None:
     from memsave.codegen.triton import chunked_ce
 
     chunked_ce.register()
+    # memsave::attention_int8_kv: attention read straight from an int8 kv cache (kv_cache.py).
+    from memsave.codegen.triton import kv_attention
+
+    kv_attention.register()

@@ -6,16 +6,15 @@ registers, forms the (BLOCK_T, BLOCK_L) scores and folds them into an online sof
 max and sum) and an fp32 accumulator. No dequantized key or value is ever written to memory,
 not even one tile. Query head h reads kv head h // (H_q / H_kv) (grouped-query attention, as
 HF's repeat_kv). Every tensor is read through its strides: a slice of a static cache, or a
-mask broadcast to (B, H_q, T, L) by `expand`, is never copied. With a mask, a tile it hides
-entirely (a static cache's unused tail) is skipped before its codes are loaded.
+mask broadcast to (B, H_q, T, L) by `expand`, is never copied. With a mask, the codes of tokens
+it hides from every row of the block (a static cache's unused tail) are not read (masked loads).
 
-Scores: tl.dot (IEEE fp32) when BLOCK_T >= 16 (tl.dot needs every dim >= 16); for decode and
-short prompts a broadcast multiply-and-sum over a (BLOCK_T, BLOCK_L, BLOCK_D) block instead.
+Scores and p·v: tl.dot (IEEE fp32) for several query rows, padded to BLOCK_T >= 16 (tl.dot needs
+every dim >= 16); for decode (T = 1) a broadcast multiply-and-sum over (1, BLOCK_L, D) instead.
 Everything is fp32 (q is upcast, as the reference op does); the output is cast to q's dtype.
 
 Same semantics as the op in memsave/ops/kv_cache.py, including its edge case: a query row that
-sees no key at all (all masked, or L = 0) is 0/0 = NaN, as the op gives (note: with torch 2.13
-on CPU, `attention_int8_kv_reference`, i.e. F.scaled_dot_product_attention, gives 0 there).
+sees no key at all (all masked, or L = 0) gives 0, as the op and F.scaled_dot_product_attention do.
 
 Registration, as chunked_ce.py does: `memsave::attention_int8_kv_triton`, a twin of the op
 (same schema and fake) whose kernel is for every device (TRITON_DISPATCH, so it also runs on CPU
@@ -30,7 +29,7 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 import memsave.ops  # noqa: F401  (defines memsave::attention_int8_kv, which the twin copies)
 from memsave.codegen.oplib import TRITON_DISPATCH, twin
@@ -40,8 +39,9 @@ from memsave.codegen.triton.launcher import interpreting
 KERNEL_NAME = "triton-attention-int8-kv"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOT_MIN = 16  # tl.dot needs every dim >= 16
-GPU_BLOCKS = dict(BLOCK_T=64, BLOCK_L=64, num_warps=4)  # prefill; decode (T = 1) uses BLOCK_T = 1
-INTERPRET_BLOCKS = dict(BLOCK_T=16, BLOCK_L=16)
+# Untuned (no GPU at hand when written): fp32 tiles, so BLOCK_L is kept small; decode uses BLOCK_T = 1.
+GPU_BLOCKS = {"BLOCK_T": 64, "BLOCK_L": 32, "num_warps": 4}
+INTERPRET_BLOCKS = {"BLOCK_T": 16, "BLOCK_L": 16}
 
 _SOURCE = '''
 import triton
@@ -105,7 +105,7 @@ def attention_int8_kv(
         cols = l0 + tl.arange(0, BLOCK_L)
         col_ok = cols < L
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        live = tl.reduce(col_ok.to(tl.int32), 0, _max)  # 1: the tile holds a token
+        col_live = col_ok  # the columns whose codes are read
         if HAS_MASK:
             mvals = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_l, mask=tile_ok, other=0)
             if MASK_BOOL:
@@ -114,37 +114,38 @@ def attention_int8_kv(
             else:
                 bias = tl.where(tile_ok, mvals.to(tl.float32), float("-inf"))
                 allowed = bias > float("-inf")
-            # Skip a tile the mask hides entirely (a static cache's unused tail): its codes stay unread.
-            live = tl.reduce(tl.reduce(allowed.to(tl.int32), 1, _max), 0, _max)
-        if live > 0:
-            kc = tl.load(kc_base + cols[:, None] * skc_l + ds[None, :] * skc_d,
-                         mask=col_ok[:, None] & d_ok[None, :], other=0)
-            ksc = tl.load(ks_base + cols * sks_l, mask=col_ok, other=0.0)
-            k = kc.to(tl.float32) * ksc[:, None]  # (BL, BD) dequantized, in registers only
-            if USE_DOT:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BT, BL)
-            else:
-                scores = tl.reduce(q[:, None, :] * k[None, :, :], 2, _add)  # (BT, BL)
-            if HAS_MASK:
-                scores = scores + bias
-            else:
-                scores = tl.where(col_ok[None, :], scores, float("-inf"))
-            new_max = tl.maximum(run_max, tl.reduce(scores, 1, _max))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows nothing reached yet
-            p = tl.exp(scores - shift[:, None])
-            correction = tl.exp(run_max - shift)
-            vc = tl.load(vc_base + cols[:, None] * svc_l + dvs[None, :] * svc_d,
-                         mask=col_ok[:, None] & dv_ok[None, :], other=0)
-            vsc = tl.load(vs_base + cols * svs_l, mask=col_ok, other=0.0)
-            v = vc.to(tl.float32) * vsc[:, None]  # (BL, BDV)
-            run_sum = run_sum * correction + tl.reduce(p, 1, _add)
-            if USE_DOT:
-                pv = tl.dot(p, v, input_precision="ieee")
-            else:
-                pv = tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
-            acc = acc * correction[:, None] + pv
-            run_max = new_max
-    out = acc / run_sum[:, None]  # a row nothing reached is 0/0 = nan, as the op gives
+            # A token no row of the block attends to (a static cache's unused tail) is not read:
+            # masked loads, no branch (a branch around the tile makes ptxas spill the fp32 dots).
+            col_live = tl.reduce(allowed.to(tl.int32), 0, _max) > 0
+        kc = tl.load(kc_base + cols[:, None] * skc_l + ds[None, :] * skc_d,
+                     mask=col_live[:, None] & d_ok[None, :], other=0)
+        ksc = tl.load(ks_base + cols * sks_l, mask=col_live, other=0.0)
+        k = kc.to(tl.float32) * ksc[:, None]  # (BL, BD) dequantized, in registers only
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BT, BL)
+        else:
+            scores = tl.reduce(q[:, None, :] * k[None, :, :], 2, _add)  # (BT, BL)
+        if HAS_MASK:
+            scores = scores + bias
+        else:
+            scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        new_max = tl.maximum(run_max, tl.reduce(scores, 1, _max))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows nothing reached yet
+        p = tl.exp(scores - shift[:, None])  # 0 where masked, so unread tokens add nothing
+        correction = tl.exp(run_max - shift)
+        vc = tl.load(vc_base + cols[:, None] * svc_l + dvs[None, :] * svc_d,
+                     mask=col_live[:, None] & dv_ok[None, :], other=0)
+        vsc = tl.load(vs_base + cols * svs_l, mask=col_live, other=0.0)
+        v = vc.to(tl.float32) * vsc[:, None]  # (BL, BDV)
+        run_sum = run_sum * correction + tl.reduce(p, 1, _add)
+        if USE_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
+        acc = acc * correction[:, None] + pv
+        run_max = new_max
+    # A row nothing reached has acc = 0 and sum = 0: 0, as the op and SDPA give (so do padding rows).
+    out = acc / tl.where(row_ok & (run_sum > 0), run_sum, 1.0)[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dvs[None, :] * so_d,
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 '''
@@ -166,25 +167,25 @@ def _pow2(n: int) -> int:
 
 
 def choose_blocks(t: int, d: int, dv: int, interpret: bool) -> dict:
-    """Block sizes and the score path for T query rows of head dims d (keys) and dv (values)."""
+    """Block sizes and the score path for T query rows of head dims d (keys) and dv (values).
+
+    Decode (T = 1): a broadcast multiply-and-sum over (1, BLOCK_L, D), no padding of the row.
+    Several rows: tl.dot, the rows padded to at least 16 (tl.dot needs every dim >= 16). The
+    same choice under the interpreter (where the dot is also the fast path: tl.reduce with a
+    combine function runs element by element there).
+    """
     blocks = dict(INTERPRET_BLOCKS if interpret else GPU_BLOCKS)
     block_d, block_dv = _pow2(d), _pow2(dv)
-    if interpret:
-        # Below 16 rows: broadcast multiply-and-sum over just the rows there are; else tl.dot.
-        use_dot = t >= DOT_MIN
-        if not use_dot:
-            blocks["BLOCK_T"] = _pow2(t)
-    else:
-        # Decode (one row): broadcast multiply-and-sum; several rows: tl.dot, padded to >= 16 rows.
-        use_dot = t > 1
-        if use_dot:
-            blocks["BLOCK_T"] = min(blocks["BLOCK_T"], max(DOT_MIN, _pow2(t)))
-        else:
-            blocks["BLOCK_T"] = 1
-        if max(block_d, block_dv) > 128:
-            blocks["BLOCK_L"] = 32  # keep the (BLOCK_L, D) tiles in registers
+    use_dot = t > 1
     if use_dot:
+        blocks["BLOCK_T"] = min(blocks["BLOCK_T"], max(DOT_MIN, _pow2(t)))
         block_d, block_dv = max(DOT_MIN, block_d), max(DOT_MIN, block_dv)
+    else:
+        blocks["BLOCK_T"] = 1
+    if not interpret and max(block_d, block_dv) > 64:
+        blocks["num_warps"] = 8  # (BLOCK_T, D) and (BLOCK_L, D) fp32 tiles in registers
+    if not interpret and max(block_d, block_dv) > 128:
+        blocks["BLOCK_L"] = 16
     return dict(blocks, BLOCK_D=block_d, BLOCK_DV=block_dv, USE_DOT=use_dot)
 
 
@@ -192,7 +193,7 @@ def _mask_4d(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int]):
     """The mask as a (B, H_q, T, L) view (broadcast dims stride 0, never copied), or None."""
     if attn_mask is None:
         return None
-    m = attn_mask
+    m = attn_mask if attn_mask.dtype in (torch.bool, torch.float32) else attn_mask.float()  # before expanding
     if m.dim() > 4:
         raise ValueError(f"memsave: attn_mask of shape {tuple(m.shape)} does not broadcast to {shape}")
     while m.dim() < 4:
@@ -229,8 +230,6 @@ def attention_int8_kv_triton(q, k_codes, k_scale, v_codes, v_scale, attn_mask, s
                          f"k_codes {tuple(k_codes.shape)}, v_codes {tuple(v_codes.shape)}")
     mask = _mask_4d(attn_mask, (b, hq, t, length))
     k_scale, v_scale = k_scale.float(), v_scale.float()  # no copy when fp32 already (the op's layout)
-    if mask is not None and mask.dtype != torch.uint8:
-        mask = mask.float()  # fp32 additive (a copy only for another float dtype)
     if interpret:
         # Under the interpreter bf16/fp16 arithmetic is wrong (FIELD-NOTES): fp32 in and out there.
         qk, out = q.float(), torch.empty((b, hq, t, dv), dtype=torch.float32, device=q.device)

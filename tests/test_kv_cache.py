@@ -1,0 +1,163 @@
+"""The int8 key/value cache (memsave/kv_cache.py, ops/kv_cache.py) and the pass that reads it
+inside attention (passes/dynamo/fuse_kv_attention.py), on HF Llama / Qwen2 / Mistral from
+small configs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memsave
+from memsave.ops.kv_cache import (
+    ATTENTION_TILE,
+    attention_int8_kv_reference,
+    kv_int8_bytes,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _cache_tensors(b=2, h=2, length=600, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, h, length, d, generator=g), torch.randn(b, h, length, d, generator=g) * 3
+    return k, v
+
+
+def test_quantize_round_trip_is_within_half_a_step_and_contiguous():
+    x = torch.randn(2, 3, 40, 16).transpose(1, 2)  # not contiguous
+    codes, scale = torch.ops.memsave.quantize_kv_int8(x)
+    assert codes.dtype == torch.int8 and codes.is_contiguous() and scale.shape == (2, 40, 3)
+    back = torch.ops.memsave.dequantize_kv_int8(codes, scale, torch.float32)
+    assert (back - x).abs().max() <= (scale.unsqueeze(-1) / 2 + 1e-7).expand_as(x).max()
+    assert torch.all((back - x).abs() <= scale.unsqueeze(-1) / 2 + 1e-6)
+    zeros, zero_scale = torch.ops.memsave.quantize_kv_int8(torch.zeros(1, 1, 2, 4))
+    assert not zeros.any() and not zero_scale.any()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("heads, t", [((2, 2), 1), ((8, 2), 1), ((4, 2), 5)])
+def test_attention_over_codes_equals_dequantize_then_sdpa(mask_kind, heads, t):
+    hq, hkv = heads
+    length = 2 * ATTENTION_TILE + 37  # tiles, and a partial one
+    k, v = _cache_tensors(h=hkv, length=length)
+    kc, ks = torch.ops.memsave.quantize_kv_int8(k)
+    vc, vs = torch.ops.memsave.quantize_kv_int8(v)
+    q = torch.randn(2, hq, t, 16)
+    mask = None
+    if mask_kind != "none":
+        keep = torch.zeros(2, 1, t, length, dtype=torch.bool)
+        keep[..., : ATTENTION_TILE + 10] = True  # the last tile entirely hidden: skipped
+        keep[1, ..., 3] = False
+        mask = keep if mask_kind == "bool" else torch.where(keep, 0.0, float("-inf"))
+    out = torch.ops.memsave.attention_int8_kv(q, kc, ks, vc, vs, mask, 0.3)
+    expected = attention_int8_kv_reference(q, kc, ks, vc, vs, mask, 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # and the reference is SDPA over the repeated, dequantized heads (HF's repeat_kv)
+    deq = [torch.ops.memsave.dequantize_kv_int8(c, s, torch.float32) for c, s in ((kc, ks), (vc, vs))]
+    rep = [x[:, :, None].expand(2, hkv, hq // hkv, length, 16).reshape(2, hq, length, 16) for x in deq]
+    torch.testing.assert_close(expected, F.scaled_dot_product_attention(q, *rep, attn_mask=mask, scale=0.3))
+
+
+def test_attention_refuses_head_counts_that_do_not_divide():
+    k, _v = _cache_tensors(h=3, length=8)
+    kc, ks = torch.ops.memsave.quantize_kv_int8(k)
+    with pytest.raises(ValueError, match="not a multiple"):
+        torch.ops.memsave.attention_int8_kv(torch.randn(2, 4, 1, 16), kc, ks, kc, ks, None, 1.0)
+
+
+def test_ops_pass_opcheck():
+    k, _v = _cache_tensors(length=20)
+    kc, ks = torch.ops.memsave.quantize_kv_int8(k)
+    torch.library.opcheck(torch.ops.memsave.quantize_kv_int8.default, (k,))
+    torch.library.opcheck(torch.ops.memsave.dequantize_kv_int8.default, (kc, ks, torch.float32))
+    q = torch.randn(2, 4, 3, 16)
+    torch.library.opcheck(torch.ops.memsave.attention_int8_kv.default, (q, kc, ks, kc, ks, None, 0.25))
+
+
+# -- the HF cache --------------------------------------------------------------------------------
+
+
+def _llama(kind="llama", layers=2, d=16):
+    torch.manual_seed(0)
+    common = {"vocab_size": 128, "hidden_size": 4 * d, "intermediate_size": 128, "num_hidden_layers": layers,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    if kind == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+    raise ValueError(kind)
+
+
+def _generate(model, cache, ids, n=8):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(ids, max_new_tokens=n, do_sample=False, cache=cache)
+
+
+def test_cache_holds_int8_and_eager_generation_follows_fp32():
+    model = _llama()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    cache = memsave.QuantizedStaticCache(model.config, max_cache_len=64)
+    with torch.no_grad():
+        logits = model(ids, cache=cache).logits
+        reference = model(ids, cache=transformers.StaticCache(config=model.config, max_cache_len=64)).logits
+    torch.testing.assert_close(logits, reference, rtol=0.02, atol=0.02)  # 8-bit keys/values
+    layer = cache.layers[0]
+    assert layer.keys.dtype == torch.int8 and layer.key_scales.shape == (1, 2, 64)
+    assert memsave.cache_bytes(cache) == 2 * 2 * kv_int8_bytes((1, 2, 64, 16))
+    assert cache.unquantized == []
+    # Reset, the cache serves a new generation: the same tokens as a fresh cache.
+    cache.reset()
+    assert not cache.layers[0].key_scales.any() and not cache.layers[0].keys.any()
+    first = _generate(model, cache, ids)
+    cache.reset()
+    assert torch.equal(_generate(model, cache, ids), first)
+    assert torch.equal(_generate(model, memsave.QuantizedStaticCache(model.config, max_cache_len=64), ids), first)
+
+
+@pytest.mark.parametrize("codegen", ["fx", "inductor"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_compiled_generation_reads_codes_inside_attention(codegen, kind):
+    model = _llama(kind)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    eager = _generate(model, memsave.QuantizedStaticCache(model.config, max_cache_len=300), ids)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="memsave", options={"codegen": codegen})
+    with memsave.collect() as reports:
+        out = _generate(model, memsave.QuantizedStaticCache(model.config, max_cache_len=300), ids)
+    assert torch.equal(out, eager)
+    fused = [rec for r in reports for rec in r.records if rec.name == "fuse_kv_attention"]
+    assert len(fused) == 2  # prefill (is_causal, first T tokens) and decode (mask, whole cache)
+    assert all(rec.details["fused"] == 2 and not rec.details["left"] for rec in fused)
+
+
+@pytest.mark.parametrize("codegen", ["fx", "inductor"])
+def test_a_compiled_decode_step_never_holds_a_dequantized_layer(codegen):
+    model = _llama(layers=1, d=64)  # head size 64: the cache dominates a decode step
+    length = 4096
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="memsave", options={"codegen": codegen})
+    cache = memsave.QuantizedStaticCache(model.config, max_cache_len=length)
+    with torch.no_grad():
+        model(ids, cache=cache)  # prefill
+        step = {"input_ids": ids[:, :1], "cache": cache, "position_ids": torch.tensor([[8]])}
+        model(**step)
+        with memsave.MemoryTracker() as tracker:
+            model(**step)
+    layer_fp32 = 1 * 2 * length * 64 * 4  # one of keys/values of the layer, dequantized
+    assert memsave.cache_bytes(cache) < 0.27 * 2 * layer_fp32
+    assert tracker.stats.peak_bytes < layer_fp32 / 4, tracker.stats
+
+
+def test_unknown_scheme_and_sliding_window_layers():
+    model = _llama()
+    with pytest.raises(ValueError, match="valid choices: int8"):
+        memsave.QuantizedStaticCache(model.config, max_cache_len=16, scheme="int3")
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    cache = memsave.QuantizedStaticCache(config, max_cache_len=32)
+    assert [name for _, name in cache.unquantized] == ["StaticSlidingWindowLayer"] * 2
