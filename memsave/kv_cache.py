@@ -26,8 +26,11 @@ from __future__ import annotations
 import torch
 
 from memsave.ops.kv_cache import kv_int8_bytes
+from memsave.ops.pack import packed_length
 
-KV_CACHE_SCHEMES = ("int8",)
+KV_CACHE_SCHEMES = ("int8", "int4", "kivi2")
+# KIVI layouts (ops/kv_lowbit.py): bits, keys' group of tokens, values' group of channels
+LOWBIT = {"int4": (4, 32, 64), "kivi2": (2, 32, 64)}
 
 
 def _hf():
@@ -103,15 +106,120 @@ class _Int8StaticLayerMixin:
         return kv_int8_bytes(tuple(self.keys.shape)) + kv_int8_bytes(tuple(self.values.shape))
 
 
-_layer_class = None
+class _LowBitStaticLayerMixin:
+    """KIVI's layout (ops/kv_lowbit.py): keys per channel over groups of `k_group` tokens with the
+    newest, incomplete group in a window; values per token over groups of `v_group` channels."""
+
+    def __init__(self, max_cache_len: int, scheme: str):
+        self.scheme = scheme
+        self.bits, self.k_group, self.v_group = LOWBIT[scheme]
+        # Whole key groups (HF's masks follow max_cache_len, so the layer says the rounded length).
+        super().__init__(max_cache_len=-(-max_cache_len // self.k_group) * self.k_group)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        # A new attribute, not v_group changed: Dynamo would make an int that changed a graph input.
+        self.value_group = min(self.v_group, self.v_head_dim)
+        if self.v_head_dim % self.value_group:
+            raise ValueError(f"memsave: head size {self.v_head_dim} is not a multiple of the value group {self.value_group}")
+        b, h, length, g = self.batch_size, self.num_heads, self.max_cache_len, self.k_group
+        f16, u8, dev = torch.float16, torch.uint8, self.device
+        self.keys = torch.zeros((b, h, length, packed_length(self.k_head_dim, self.bits)), dtype=u8, device=dev)
+        self.key_scales = torch.zeros((b, h, length // g, self.k_head_dim), dtype=f16, device=dev)
+        self.key_mins = torch.zeros((b, h, length // g, self.k_head_dim), dtype=f16, device=dev)
+        self.key_window = torch.zeros((b, h, g, self.k_head_dim), dtype=f16, device=dev)
+        self.values = torch.zeros((b, h, length, packed_length(self.v_head_dim, self.bits)), dtype=u8, device=dev)
+        self.value_scales = torch.zeros((b, h, length, self.v_head_dim // self.value_group), dtype=f16, device=dev)
+        self.value_mins = torch.zeros((b, h, length, self.v_head_dim // self.value_group), dtype=f16, device=dev)
+        self.cumulative_length = self.cumulative_length.to(dev)
+        if not _compiling():
+            for t in (*self._buffers(), self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def _buffers(self):
+        return (self.keys, self.key_scales, self.key_mins, self.key_window, self.values, self.value_scales, self.value_mins)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        ops, bits, g = torch.ops.memsave, self.bits, self.k_group
+        length = key_states.shape[-2]
+        start = self.cumulative_length.clone()
+        position = torch.arange(length, device=self.device) + start
+        self.cumulative_length.add_(length)
+        v_packed, v_scale, v_min = ops.quantize_kv_tokens(value_states, bits, self.value_group)
+        self.values.index_copy_(2, position, v_packed)
+        self.value_scales.index_copy_(2, position, v_scale)
+        self.value_mins.index_copy_(2, position, v_min)
+        slots = torch.arange(g, device=self.device)
+        if length == 1:  # decode: the token joins the window; slots past it are an old group's
+            slot = start % g
+            window = torch.where((slots < slot).view(1, 1, g, 1), self.key_window, torch.zeros_like(self.key_window))
+            window = window.index_copy(2, slot.view(1), key_states.to(torch.float16))
+            group_start = start - slot
+        else:  # whole groups to codes, the rest to the window
+            start = ops.kv_group_start(start, g)
+            full = length // g * g
+            if full:
+                k_packed, k_scale, k_min = ops.quantize_kv_channels(key_states[:, :, :full], bits, g)
+                self.keys.index_copy_(2, position[:full], k_packed)
+                groups = torch.arange(full // g, device=self.device) + torch.div(start, g, rounding_mode="floor")
+                self.key_scales.index_copy_(2, groups, k_scale)
+                self.key_mins.index_copy_(2, groups, k_min)
+            rest = key_states[:, :, full:].to(torch.float16)
+            window = torch.cat([rest, rest.new_zeros((*rest.shape[:2], g - rest.shape[2], rest.shape[3]))], dim=2)
+            group_start = start + full
+        self.key_window.copy_(window)
+        if length == 1 or length % g:  # the incomplete group's codes, from the window (final once full)
+            k_packed, k_scale, k_min = ops.quantize_kv_channels(window, bits, g)
+            self.keys.index_copy_(2, group_start + slots, k_packed)
+            group = torch.div(group_start, g, rounding_mode="floor").view(1)
+            self.key_scales.index_copy_(2, group, k_scale)
+            self.key_mins.index_copy_(2, group, k_min)
+        return (
+            ops.dequantize_kv_channels(self.keys, self.key_scales, self.key_mins, self.key_window, self.cumulative_length,
+                                       bits, g, self.dtype),
+            ops.dequantize_kv_tokens(self.values, self.value_scales, self.value_mins, bits, self.value_group, self.dtype),
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        if self.is_initialized:
+            for t in self._buffers():
+                t.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            index = beam_idx.to(self.keys.device)
+            for name in ("keys", "key_scales", "key_mins", "key_window", "values", "value_scales", "value_mins"):
+                setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def offload(self):
+        raise NotImplementedError(f"memsave: a {self.scheme} cache layer is not offloaded")
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers()) if self.is_initialized else 0
+
+
+_layer_classes: dict[str, type] = {}
 
 
 def int8_static_layer_class():
     """The class `Int8StaticLayer(_Int8StaticLayerMixin, transformers' StaticLayer)`."""
-    global _layer_class
-    if _layer_class is None:
-        _layer_class = type("Int8StaticLayer", (_Int8StaticLayerMixin, _hf().StaticLayer), {})
-    return _layer_class
+    if "int8" not in _layer_classes:
+        _layer_classes["int8"] = type("Int8StaticLayer", (_Int8StaticLayerMixin, _hf().StaticLayer), {})
+    return _layer_classes["int8"]
+
+
+def lowbit_static_layer_class():
+    """The class `LowBitStaticLayer(_LowBitStaticLayerMixin, transformers' StaticLayer)`."""
+    if "lowbit" not in _layer_classes:
+        _layer_classes["lowbit"] = type("LowBitStaticLayer", (_LowBitStaticLayerMixin, _hf().StaticLayer), {})
+    return _layer_classes["lowbit"]
 
 
 def QuantizedStaticCache(config, max_cache_len: int, scheme: str = "int8", **kwargs):
@@ -121,11 +229,13 @@ def QuantizedStaticCache(config, max_cache_len: int, scheme: str = "int8", **kwa
         raise ValueError(f"memsave: unknown kv cache scheme {scheme!r}; valid choices: {', '.join(KV_CACHE_SCHEMES)}")
     cache_utils = _hf()
     cache = cache_utils.StaticCache(config=config, max_cache_len=max_cache_len, **kwargs)
-    layer_class = int8_static_layer_class()
     unquantized = []
     for i, layer in enumerate(cache.layers):
         if type(layer) is cache_utils.StaticLayer:
-            cache.layers[i] = layer_class(max_cache_len=max_cache_len)
+            if scheme == "int8":
+                cache.layers[i] = int8_static_layer_class()(max_cache_len=max_cache_len)
+            else:
+                cache.layers[i] = lowbit_static_layer_class()(max_cache_len=max_cache_len, scheme=scheme)
         else:
             unquantized.append((i, type(layer).__name__))
     cache.unquantized = unquantized

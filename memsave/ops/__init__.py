@@ -63,3 +63,12 @@ from memsave.ops.kv_cache import (  # noqa: F401  (registers memsave::quantize_k
     kv_int8_bytes,
     quantize_kv_int8,
 )
+from memsave.ops.kv_lowbit import (  # noqa: F401  (registers the KIVI-layout cache ops: quantize/dequantize_kv_tokens/channels, attention_kivi)
+    attention_kivi,
+    attention_kivi_reference,
+    dequantize_kv_channels,
+    dequantize_kv_tokens,
+    kv_lowbit_bytes,
+    quantize_kv_channels,
+    quantize_kv_tokens,
+)

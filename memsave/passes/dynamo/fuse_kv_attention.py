@@ -1,7 +1,8 @@
-"""Attention over an int8 key/value cache, without the dequantized cache.
+"""Attention over a quantized key/value cache, without the dequantized cache.
 
-memsave's int8 cache layer (memsave/kv_cache.py) returns the whole cache dequantized, and HF's
-attention reads it, in the Dynamo graph:
+memsave's quantized cache layers (memsave/kv_cache.py) return the whole cache dequantized, and
+HF's attention reads it, in the Dynamo graph (int8; KIVI's int4/2-bit layout alike, with
+`dequantize_kv_channels` / `dequantize_kv_tokens` and `memsave.attention_kivi`):
 
     k = memsave.dequantize_kv_int8(k_codes, k_scale, dtype)          # (B, H_kv, L, D)
     [k = k[:, :, None].expand(B, H_kv, r, L, D).reshape(B, H_kv·r, L, D)]   # repeat_kv (GQA)
@@ -33,9 +34,20 @@ SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attentio
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+def _kind(node: Any) -> str | None:
+    """Which cache a dequantize node reads: "int8", "kivi-keys", "kivi-values", or None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    ops = torch.ops.memsave
+    for kind, op in (("int8", ops.dequantize_kv_int8), ("kivi-keys", ops.dequantize_kv_channels),
+                     ("kivi-values", ops.dequantize_kv_tokens)):
+        if node.target in (op, op.default):
+            return kind
+    return None
+
+
 def _is_dequantize(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
-        torch.ops.memsave.dequantize_kv_int8, torch.ops.memsave.dequantize_kv_int8.default)
+    return _kind(node) is not None
 
 
 def _method_or_function(node: fx.Node, name: str) -> bool:
@@ -100,7 +112,12 @@ def _match(node: fx.Node) -> dict[str, Any] | str:
     if k is None and v is None:
         return ""  # not a cache read at all: nothing to say
     if k is None or v is None or k_rep != v_rep or k_tokens != v_tokens:
-        return "keys and values are not both read from the int8 cache the same way"
+        return "keys and values are not both read from the quantized cache the same way"
+    kinds = (_kind(k), _kind(v))
+    if kinds not in (("int8", "int8"), ("kivi-keys", "kivi-values")):
+        return f"keys and values from different caches ({kinds[0]}, {kinds[1]})"
+    if kinds[0] != "int8" and k_tokens is not None and not causal:
+        return "a slice of a kivi cache read with a mask (only whole caches, or a causal prefill)"
     for n in [k, v, *k_nodes, *v_nodes]:
         if len(n.users) != 1:
             return "the dequantized cache has another reader"
@@ -113,7 +130,7 @@ def _match(node: fx.Node) -> dict[str, Any] | str:
     elif not isinstance(scale, (int, float)):
         return "a scale that is not a number"
     return {"q": bound["query"], "k": k, "v": v, "mask": bound.get("attn_mask"), "causal": causal, "scale": float(scale),
-            "tokens": k_tokens,
+            "tokens": k_tokens, "kind": kinds[0],
             "dead": [*k_nodes, *v_nodes, k, v]}
 
 
@@ -130,20 +147,7 @@ def fuse_kv_attention(gm: fx.GraphModule) -> PassResult:
                 refusals[m] = refusals.get(m, 0) + 1
             continue
         with graph.inserting_before(node):
-            k_codes, k_scale, v_codes, v_scale = (*m["k"].args[:2], *m["v"].args[:2])
-            if m["tokens"] is not None:  # the same tokens of codes and scales
-                whole = (slice(None), slice(None), m["tokens"])
-                k_codes, k_scale, v_codes, v_scale = (
-                    graph.call_function(operator.getitem, (t, whole)) for t in (k_codes, k_scale, v_codes, v_scale))
-            mask = m["mask"]
-            if m["causal"]:
-                # SDPA's is_causal: query i sees keys 0..i (a prefill that starts the cache)
-                rows = graph.call_method("size", (m["q"], -2))
-                cols = graph.call_method("size", (k_codes, -2))
-                ones = graph.call_function(torch.ones, (rows, cols), {"dtype": torch.bool, "device": example_val(m["q"]).device})
-                mask = graph.call_method("tril", (ones,))
-            fused = graph.call_function(
-                torch.ops.memsave.attention_int8_kv.default, (m["q"], k_codes, k_scale, v_codes, v_scale, mask, m["scale"]))
+            fused = _fused(graph, m)
         fused.meta.update(node.meta)  # same output: shape, dtype, fake value
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
@@ -153,12 +157,41 @@ def fuse_kv_attention(gm: fx.GraphModule) -> PassResult:
         count += 1
     notes = []
     if count:
-        notes.append(f"kv cache: {count} attention(s) read the int8 cache tile by tile (no dequantized cache)")
+        notes.append(f"kv cache: {count} attention(s) read the quantized cache tile by tile (no dequantized cache)")
         graph.lint()
         gm.recompile()
     notes += [f"kv cache attention left as is ({n}x): {why}" for why, n in refusals.items()]
     return PassResult(bool(count), tuple(notes), {"fused": count, "left": dict(refusals)})
 
 
-def reads_int8_cache(gm: fx.GraphModule) -> bool:
+def _causal_mask(graph: fx.Graph, q: fx.Node, keys: fx.Node) -> fx.Node:
+    """SDPA's is_causal as a (T, L) bool mask: query i sees keys 0..i (a prefill that starts the
+    cache; over a whole static cache the keys past T are hidden by it too)."""
+    rows = graph.call_method("size", (q, -2))
+    cols = graph.call_method("size", (keys, -2))
+    ones = graph.call_function(torch.ones, (rows, cols), {"dtype": torch.bool, "device": example_val(q).device})
+    return graph.call_method("tril", (ones,))
+
+
+def _fused(graph: fx.Graph, m: dict[str, Any]) -> fx.Node:
+    if m["kind"] == "int8":
+        k_codes, k_scale, v_codes, v_scale = (*m["k"].args[:2], *m["v"].args[:2])
+        if m["tokens"] is not None:  # the same tokens of codes and scales
+            whole = (slice(None), slice(None), m["tokens"])
+            k_codes, k_scale, v_codes, v_scale = (
+                graph.call_function(operator.getitem, (t, whole)) for t in (k_codes, k_scale, v_codes, v_scale))
+        mask = _causal_mask(graph, m["q"], k_codes) if m["causal"] else m["mask"]
+        return graph.call_function(
+            torch.ops.memsave.attention_int8_kv.default, (m["q"], k_codes, k_scale, v_codes, v_scale, mask, m["scale"]))
+    # KIVI: keys per channel in whole groups, so never sliced; a causal prefill's slice of the
+    # first T tokens is the whole cache under the (T, L) causal mask.
+    k_packed, k_scale, k_min, k_window, length, bits, k_group = m["k"].args[:7]
+    v_packed, v_scale, v_min, _, v_group = m["v"].args[:5]  # bits: the same as the keys
+    mask = _causal_mask(graph, m["q"], k_packed) if m["causal"] else m["mask"]
+    return graph.call_function(
+        torch.ops.memsave.attention_kivi.default,
+        (m["q"], k_packed, k_scale, k_min, k_window, length, v_packed, v_scale, v_min, mask, m["scale"], bits, k_group, v_group))
+
+
+def reads_quantized_cache(gm: fx.GraphModule) -> bool:
     return any(_is_dequantize(n) for n in gm.graph.nodes)
