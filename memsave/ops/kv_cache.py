@@ -11,9 +11,10 @@ and KIVI's value side. With D = 64 that is 1 + 4/64 bytes per element, 0.266x fp
 - `memsave::attention_int8_kv(q, k_codes, k_scale, v_codes, v_scale, attn_mask, scale)`:
   scaled-dot-product attention of q (B, H_q, T, D) over the cache, H_q a multiple of H_kv
   (grouped-query attention: kv head j serves q heads j·r … j·r + r − 1, as HF's repeat_kv).
-  It dequantizes ATTENTION_TILE tokens at a time and folds them into an online softmax (running
-  max and sum), so a decode step never holds the dequantized cache: its working memory is one
-  tile. Tiles the mask hides entirely (a static cache's unused tail) are skipped.
+  It dequantizes a tile of tokens at a time (`tile_tokens`: its keys within 512 KiB, its scores
+  within 2 MiB) and folds it into an online softmax (`online_attention`: running max and sum),
+  so a step never holds the dequantized cache: its working memory is one tile. Tiles the mask
+  hides entirely (a static cache's unused tail, a causal prefill's future) are skipped.
   `attention_int8_kv_reference` is the plain computation it must equal: dequantize everything,
   repeat the heads, `F.scaled_dot_product_attention`.
 """
@@ -23,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ATTENTION_TILE = 256  # tokens dequantized at once: (B, H_kv, 256, D) fp32, 64 KiB at D=64
+TILE_KEY_BYTES = 512 << 10  # a tile's dequantized keys: 512 KiB, (B·H_kv = 2, D = 64): 1024 tokens (fewer, larger tiles: a decode step is Python-bound)
+TILE_SCORE_BYTES = 2 << 20  # a tile's scores: a 1024-token prefill chunk over 128 tokens at a time
 _QMAX = 127.0
 
 
@@ -51,14 +53,64 @@ def _(codes, scale, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
-def _grouped_mask(mask: torch.Tensor | None, b: int, h_kv: int, rep: int, t: int, l0: int, l1: int):
-    """The mask's columns l0:l1 as (B, H_kv, rep·T, l1−l0), or None."""
+def tile_tokens(rows: int, d: int, heads: int, multiple: int = 1) -> int:
+    """Tokens per tile: a tile's dequantized keys (heads·tile·d fp32) within TILE_KEY_BYTES and its
+    scores (heads·rows·tile fp32, rows = query rows per kv head) within TILE_SCORE_BYTES, so a
+    long prefill's tiles stay small; a multiple of `multiple` (KIVI's key groups), at least one."""
+    by_keys = TILE_KEY_BYTES // (4 * heads * max(d, 1))
+    by_scores = TILE_SCORE_BYTES // (4 * heads * max(rows, 1))
+    return max(multiple, min(by_keys, by_scores) // multiple * multiple)
+
+
+def _mask_5d(mask: torch.Tensor | None, h_kv: int, rep: int) -> torch.Tensor | None:
+    """The mask as (B|1, H_kv|1, rep|1, T, L), a view: query head j·rep + r is (j, r)."""
     if mask is None:
         return None
-    tile = mask[..., l0:l1]
-    while tile.dim() < 4:
-        tile = tile.unsqueeze(0)
-    return tile.expand(b, h_kv * rep, t, l1 - l0).reshape(b, h_kv, rep * t, l1 - l0)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[1] == 1:
+        return mask.unsqueeze(2)
+    return mask.view(mask.shape[0], h_kv, rep, *mask.shape[2:])
+
+
+def online_attention(q: torch.Tensor, h_kv: int, length: int, dv: int, attn_mask: torch.Tensor | None, scale: float,
+                     read_tile, multiple: int = 1) -> torch.Tensor:
+    """SDPA of q (B, H_q, T, D) over `length` cached tokens that `read_tile(l0, l1)` returns
+    dequantized, (B, H_kv, l1 − l0, D) keys and (…, Dv) values, a tile at a time into an online
+    softmax (running max and sum). Tiles the mask hides entirely are never read; a row no key
+    reaches gives 0, as SDPA does."""
+    b, hq, t, d = q.shape
+    rep = hq // h_kv
+    qg = q.float().reshape(b, h_kv, rep * t, d) * scale  # the q heads of one kv head, side by side
+    mask5 = _mask_5d(attn_mask, h_kv, rep)
+    best = torch.full((b, h_kv, rep * t, 1), float("-inf"), device=q.device)
+    total = torch.zeros((b, h_kv, rep * t, 1), device=q.device)
+    acc = torch.zeros((b, h_kv, rep * t, dv), device=q.device)
+    step = tile_tokens(rep * t, d, b * h_kv, multiple)
+    for l0 in range(0, length, step):
+        l1 = min(length, l0 + step)
+        mask = None if mask5 is None else mask5[..., l0:l1]
+        if mask is not None and mask.dtype == torch.bool and not bool(mask.any()):
+            continue  # nothing here is attended to (a static cache's unused tail, a causal prefill)
+        k, v = read_tile(l0, l1)
+        scores = torch.matmul(qg, k.transpose(-1, -2))
+        del k
+        if mask is not None:  # broadcast over (B, H_kv, rep, T, tile): no copy of the mask
+            s5 = scores.view(b, h_kv, rep, t, l1 - l0)
+            if mask.dtype == torch.bool:
+                s5.masked_fill_(~mask, float("-inf"))
+            else:
+                s5.add_(mask.float())
+        new_best = torch.maximum(best, scores.amax(dim=-1, keepdim=True))
+        shift = torch.where(torch.isinf(new_best), torch.zeros_like(new_best), new_best)  # rows nothing reached yet
+        scores.sub_(shift).exp_()  # p, in place
+        correction = torch.exp(best - shift)
+        total.mul_(correction).add_(scores.sum(dim=-1, keepdim=True))
+        acc.mul_(correction).add_(torch.matmul(scores, v))
+        del scores, v
+        best = new_best
+    out = acc.div_(torch.where(total > 0, total, torch.ones_like(total)))  # a row nothing reached: 0, as SDPA gives
+    return out.reshape(b, hq, t, dv).to(q.dtype)
 
 
 def _check(q, k_codes, k_scale, v_codes, v_scale):
@@ -82,34 +134,12 @@ def attention_int8_kv(
     scale: float,
 ) -> torch.Tensor:
     _check(q, k_codes, k_scale, v_codes, v_scale)
-    b, hq, t, d = q.shape
-    h_kv, length, dv = k_codes.shape[1], k_codes.shape[2], v_codes.shape[-1]
-    rep = hq // h_kv
-    qg = q.float().reshape(b, h_kv, rep * t, d) * scale  # q heads of one kv head side by side
-    best = torch.full((b, h_kv, rep * t, 1), float("-inf"), device=q.device)
-    total = torch.zeros((b, h_kv, rep * t, 1), device=q.device)
-    acc = torch.zeros((b, h_kv, rep * t, dv), device=q.device)
-    for l0 in range(0, length, ATTENTION_TILE):
-        l1 = min(length, l0 + ATTENTION_TILE)
-        mask = _grouped_mask(attn_mask, b, h_kv, rep, t, l0, l1)
-        if mask is not None and mask.dtype == torch.bool and not bool(mask.any()):
-            continue  # nothing here is attended to (a static cache's unused tail)
-        k = k_codes[:, :, l0:l1].float() * k_scale[:, :, l0:l1].unsqueeze(-1)
-        scores = qg @ k.transpose(-1, -2)
-        del k
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        new_best = torch.maximum(best, scores.amax(dim=-1, keepdim=True))
-        shift = torch.where(torch.isinf(new_best), torch.zeros_like(new_best), new_best)  # rows nothing reached yet
-        p = torch.exp(scores - shift)
-        del scores
-        correction = torch.exp(best - shift)
-        v = v_codes[:, :, l0:l1].float() * v_scale[:, :, l0:l1].unsqueeze(-1)
-        total = total * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + p @ v
-        best = new_best
-    out = acc / torch.where(total > 0, total, torch.ones_like(total))  # a row nothing reached: 0, as SDPA gives
-    return out.reshape(b, hq, t, dv).to(q.dtype)
+
+    def read_tile(l0: int, l1: int):
+        return (k_codes[:, :, l0:l1].float().mul_(k_scale[:, :, l0:l1].unsqueeze(-1)),
+                v_codes[:, :, l0:l1].float().mul_(v_scale[:, :, l0:l1].unsqueeze(-1)))
+
+    return online_attention(q, k_codes.shape[1], k_codes.shape[2], v_codes.shape[-1], attn_mask, scale, read_tile)
 
 
 @attention_int8_kv.register_fake

@@ -24,8 +24,8 @@ Ops (each with a fake kernel; the attention's plain reference is `attention_kivi
   the window over the incomplete group (from `length // k_group · k_group`, `length` the tokens
   written).
 - `attention_kivi(q, k…, length, v…, attn_mask, scale, bits, k_group, v_group)`: SDPA over the
-  cache, dequantizing ATTENTION_TILE tokens at a time into an online softmax (ops/kv_cache.py's
-  loop); what `passes/dynamo/fuse_kv_attention.py` puts in place of dequantize + SDPA.
+  cache, dequantizing whole key groups a tile at a time into an online softmax (ops/kv_cache.py's
+  `online_attention`); what `passes/dynamo/fuse_kv_attention.py` puts in place of dequantize + SDPA.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memsave.ops.kv_cache import ATTENTION_TILE
-from memsave.ops.pack import pack_bits, packed_length, unpack_bits
+from memsave.ops.kv_cache import online_attention
+from memsave.ops.pack import pack_bits, packed_length
 
 LOWBIT_BITS = (2, 4)
 
@@ -92,17 +92,26 @@ def _(x, bits, group):
             x.new_empty((b, h, n // group, d), dtype=torch.float16), x.new_empty((b, h, n // group, d), dtype=torch.float16))
 
 
+def _codes_float(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """The codes of `packed` as fp32, (..., d): each byte's 8 / bits codes, low bits first
+    (ops/pack.py's layout), as whole-tensor uint8 shifts and masks stacked (2x faster than
+    unpack_bits' broadcast shift, 7x faster than a byte-table gather, measured here)."""
+    mask = (1 << bits) - 1
+    parts = [(packed >> (i * bits)) & mask if i else packed & mask for i in range(8 // bits)]
+    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :d].float()
+
+
 def _tokens_back(packed, scale, low, bits: int, group: int, d: int) -> torch.Tensor:
-    codes = unpack_bits(packed, bits, d).float()
+    codes = _codes_float(packed, bits, d)
     g = codes.reshape(*codes.shape[:-1], d // group, group)
-    return (g * scale.float().unsqueeze(-1) + low.float().unsqueeze(-1)).reshape(codes.shape)
+    return g.mul_(scale.float().unsqueeze(-1)).add_(low.float().unsqueeze(-1)).reshape(codes.shape)
 
 
 def _channels_back(packed, scale, low, bits: int, group: int, d: int) -> torch.Tensor:
-    codes = unpack_bits(packed, bits, d).float()  # (B, H, n, D), n a multiple of group
+    codes = _codes_float(packed, bits, d)  # (B, H, n, D), n a multiple of group
     b, h, n, _ = codes.shape
     g = codes.reshape(b, h, n // group, group, d)
-    return (g * scale.float().unsqueeze(-2) + low.float().unsqueeze(-2)).reshape(b, h, n, d)
+    return g.mul_(scale.float().unsqueeze(-2)).add_(low.float().unsqueeze(-2)).reshape(b, h, n, d)
 
 
 def _with_window(k: torch.Tensor, window: torch.Tensor, length: torch.Tensor, start: int, group: int) -> torch.Tensor:
@@ -148,42 +157,23 @@ def attention_kivi(
     v_packed: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor,
     attn_mask: torch.Tensor | None, scale: float, bits: int, k_group: int, v_group: int,
 ) -> torch.Tensor:
-    from memsave.ops.kv_cache import _grouped_mask
+    d, h_kv = q.shape[-1], k_packed.shape[1]
+    if q.shape[1] % h_kv:
+        raise ValueError(f"memsave: {q.shape[1]} query heads are not a multiple of {h_kv} key/value heads")
 
-    b, hq, t, d = q.shape
-    h_kv, total_len = k_packed.shape[1], k_packed.shape[2]
-    dv = v_scale.shape[-1] * v_group
-    if hq % h_kv:
-        raise ValueError(f"memsave: {hq} query heads are not a multiple of {h_kv} key/value heads")
-    rep = hq // h_kv
-    qg = q.float().reshape(b, h_kv, rep * t, d) * scale
-    best = torch.full((b, h_kv, rep * t, 1), float("-inf"), device=q.device)
-    total = torch.zeros((b, h_kv, rep * t, 1), device=q.device)
-    acc = torch.zeros((b, h_kv, rep * t, dv), device=q.device)
-    tile = max(k_group, ATTENTION_TILE // k_group * k_group)  # whole key groups per tile
-    for l0 in range(0, total_len, tile):
-        l1 = min(total_len, l0 + tile)
-        mask = _grouped_mask(attn_mask, b, h_kv, rep, t, l0, l1)
-        if mask is not None and mask.dtype == torch.bool and not bool(mask.any()):
-            continue  # the static cache's unused tail
-        k = _channels_back(k_packed[:, :, l0:l1], k_scale[:, :, l0 // k_group : l1 // k_group],
-                           k_min[:, :, l0 // k_group : l1 // k_group], bits, k_group, d)
-        k = _with_window(k, k_window, length, l0, k_group)
-        scores = qg @ k.transpose(-1, -2)
-        del k
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-        new_best = torch.maximum(best, scores.amax(dim=-1, keepdim=True))
-        shift = torch.where(torch.isinf(new_best), torch.zeros_like(new_best), new_best)
-        p = torch.exp(scores - shift)
-        del scores
-        correction = torch.exp(best - shift)
-        v = _tokens_back(v_packed[:, :, l0:l1], v_scale[:, :, l0:l1], v_min[:, :, l0:l1], bits, v_group, dv)
-        total = total * correction + p.sum(dim=-1, keepdim=True)
-        acc = acc * correction + p @ v
-        best = new_best
-    out = acc / torch.where(total > 0, total, torch.ones_like(total))
-    return out.reshape(b, hq, t, dv).to(q.dtype)
+    current = int(length) // k_group * k_group  # the window's first token (see _with_window)
+
+    def read_tile(l0: int, l1: int):
+        groups = slice(l0 // k_group, -(-l1 // k_group))
+        k = _channels_back(k_packed[:, :, l0:l1], k_scale[:, :, groups], k_min[:, :, groups], bits, k_group, d)
+        v = _tokens_back(v_packed[:, :, l0:l1], v_scale[:, :, l0:l1], v_min[:, :, l0:l1], bits, v_group, v_scale.shape[-1] * v_group)
+        if current < l1 and current + k_group > l0:  # the tile holds the incomplete group: its keys
+            a, z = max(current, l0), min(current + k_group, l1)
+            k[:, :, a - l0 : z - l0] = k_window[:, :, a - current : z - current].float()
+        return k, v
+
+    return online_attention(q, h_kv, k_packed.shape[2], v_scale.shape[-1] * v_group, attn_mask, scale, read_tile,
+                            multiple=k_group)
 
 
 @attention_kivi.register_fake
