@@ -20,7 +20,9 @@ One fresh process per config and repeat, the C allocator as a user's process has
   the cache (64 tokens prefilled, then one token at a time, teacher-forced), and greedy-token
   agreement over 128 tokens generated after 64-token prompts (4 prompts) against the fp32 cache
   in the same process. memsave's caches compiled (backend="memsave", default options); HF's
-  quantized caches eager.
+  quantized caches eager, with their default 128 full-precision recent tokens and with 32
+  (`_r32`: about memsave's window, which holds the newest key group's 0-31 tokens; the docs
+  LM's 256-token context leaves HF's default residual most of every window in full precision).
 
     python benchmarks/bench_kv_cache.py            # all parts
     python benchmarks/bench_kv_cache.py --quick    # 1k only, fewer windows
@@ -44,7 +46,7 @@ NAME = "kv_cache"
 TITLE = "Quantized static KV cache under torch.compile: bytes held, decode step, fidelity"
 SCHEMES = ["fp32", "bf16", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2"]
 LENGTHS = {"1k": 1024, "4k": 4096, "16k": 16384}
-FIDELITY = ["fp32", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2"]
+FIDELITY = ["fp32", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2", "hf_quanto_int4_r32", "hf_quanto_int2_r32"]
 CONFIGS = [f"{n}.{s}" for n in LENGTHS for s in SCHEMES] + [f"fidelity.{s}" for s in FIDELITY]
 MEMORY_METRICS = {"cache_mib": "lower", "tracked_mib": "lower", "rss_mib": "lower", "decode_ms": "lower",
                   "decode_peak_mib": "lower", "first_token_ms": "lower"}
@@ -79,7 +81,8 @@ def _cache(scheme: str, config, length: int):
     if scheme.startswith("hf_quanto_int"):
         from transformers.cache_utils import QuantizedCache
 
-        return QuantizedCache("quanto", config, nbits=int(scheme[-1]))
+        bits, _, residual = scheme.removeprefix("hf_quanto_int").partition("_r")
+        return QuantizedCache("quanto", config, nbits=int(bits), residual_length=int(residual) if residual else None)
     return memsave.QuantizedStaticCache(config, max_cache_len=length, scheme=scheme)
 
 
