@@ -94,9 +94,9 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
         steps.config = config = config.replace(
             **{family: cls.parse(chosen[family]) if family in chosen else None for family, cls in families.items()},
             budget=None)
-    from memsave.passes.dynamo.fuse_kv_attention import fuse_kv_attention, reads_quantized_cache
+    from memsave.passes.dynamo.fuse_kv_attention import fuse_kv_attention, reads_a_cache
 
-    if reads_quantized_cache(gm):  # memsave's quantized cache layers (kv_cache.py): always, it only saves
+    if reads_a_cache(gm):  # memsave's quantized cache (kv_cache.py) fused; any other cache named
         started = time.perf_counter()
         steps.kv_attention = fuse_kv_attention(gm)
         steps.kv_attention.details["seconds"] = time.perf_counter() - started

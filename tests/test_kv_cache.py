@@ -120,8 +120,9 @@ def test_cache_holds_int8_and_eager_generation_follows_fp32():
     assert torch.equal(_generate(model, memsave.QuantizedStaticCache(model.config, max_cache_len=64), ids), first)
 
 
-@pytest.mark.parametrize("codegen", ["fx", "inductor"])
-@pytest.mark.parametrize("kind, scheme", [("llama", "int8"), ("qwen2", "int8"), ("llama", "int4"), ("qwen2", "kivi2")])
+@pytest.mark.parametrize("codegen, kind, scheme", [
+    ("fx", "llama", "int8"), ("inductor", "llama", "int8"), ("fx", "qwen2", "int8"), ("fx", "llama", "int4"),
+    ("fx", "qwen2", "kivi2"), ("inductor", "qwen2", "kivi2")])
 def test_compiled_generation_reads_codes_inside_attention(codegen, kind, scheme):
     model = _llama(kind)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
@@ -137,8 +138,7 @@ def test_compiled_generation_reads_codes_inside_attention(codegen, kind, scheme)
     assert all(rec.details["fused"] == 2 and not rec.details["left"] for rec in fused), [r.notes for r in fused]
 
 
-@pytest.mark.parametrize("codegen, scheme, share", [("fx", "int8", 0.27), ("inductor", "int8", 0.27), ("fx", "int4", 0.16),
-                                                     ("inductor", "kivi2", 0.1)])
+@pytest.mark.parametrize("codegen, scheme, share", [("fx", "int8", 0.27), ("fx", "int4", 0.16), ("inductor", "kivi2", 0.1)])
 def test_a_compiled_decode_step_never_holds_a_dequantized_layer(codegen, scheme, share):
     model = _llama(layers=1, d=64)  # head size 64: the cache dominates a decode step
     length = 4096
@@ -243,3 +243,51 @@ def test_kivi_cache_follows_fp32_and_takes_chunks_of_whole_groups(scheme):
     layer = cache.layers[0]
     assert memsave.cache_bytes(cache) == 2 * layer.held_bytes()
     assert layer.held_bytes() == kv_lowbit_bytes(1, 2, 128, 16, layer.bits, 32, 16)
+
+
+def _mistral_and_gpt2(kind):
+    torch.manual_seed(0)
+    if kind == "mistral":
+        config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+        return transformers.MistralForCausalLM(config).eval()
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("kind, scheme", [("mistral", "int4"), ("gpt2", "int8")])
+def test_mistral_and_gpt2_with_quantized_weights(kind, scheme):
+    model = _mistral_and_gpt2(kind)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+
+    def prefill_and_step():
+        cache = memsave.QuantizedStaticCache(model.config, max_cache_len=64, scheme=scheme)
+        with torch.no_grad():
+            first = model(ids, cache=cache).logits
+            step = model(ids[:, :1], cache=cache, position_ids=torch.tensor([[12]])).logits
+        return torch.cat([first, step], dim=1), cache
+
+    expected, _ = prefill_and_step()
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="memsave", options={"codegen": "fx", "quantize": "int8"})
+    with memsave.collect() as reports:
+        got, cache = prefill_and_step()
+    assert cache.unquantized == []
+    assert [rec.details["fused"] for r in reports for rec in r.records if rec.name == "fuse_kv_attention"] == [2, 2]
+    assert any(rec.name == "quantize" and rec.changed for r in reports for rec in r.records)  # the weights too
+    # int8 weights change the logits a little, the cache the same way as eager
+    assert (got - expected).abs().max() / expected.abs().max() < 0.05
+
+
+def test_an_ordinary_cache_is_left_as_it_is_and_named_in_the_report():
+    model = _llama()
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(6))
+    expected = _generate(model, transformers.StaticCache(config=model.config, max_cache_len=64), ids, n=6)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="memsave", options={"codegen": "fx"})
+    with memsave.collect() as reports:
+        out = _generate(model, transformers.StaticCache(config=model.config, max_cache_len=64), ids, n=6)
+    assert torch.equal(out, expected)
+    records = [rec for r in reports for rec in r.records if rec.name == "fuse_kv_attention"]
+    assert records and not any(rec.changed for rec in records)
+    assert any("full-precision kv cache" in note and "QuantizedStaticCache" in note for rec in records for note in rec.notes)

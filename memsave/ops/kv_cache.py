@@ -87,18 +87,23 @@ def online_attention(q: torch.Tensor, h_kv: int, length: int, dv: int, attn_mask
     total = torch.zeros((b, h_kv, rep * t, 1), device=q.device)
     acc = torch.zeros((b, h_kv, rep * t, dv), device=q.device)
     step = tile_tokens(rep * t, d, b * h_kv, multiple)
+    # One buffer for every tile's scores and one for its p·v: the same memory reused across
+    # tiles (a prefill's tiles are MiBs each; fresh ones would scatter the C heap).
+    score_buf = torch.empty(b * h_kv * rep * t * min(step, max(length, 1)), device=q.device)
+    pv = torch.empty_like(acc)
     for l0 in range(0, length, step):
         l1 = min(length, l0 + step)
         mask = None if mask5 is None else mask5[..., l0:l1]
         if mask is not None and mask.dtype == torch.bool and not bool(mask.any()):
             continue  # nothing here is attended to (a static cache's unused tail, a causal prefill)
         k, v = read_tile(l0, l1)
-        scores = torch.matmul(qg, k.transpose(-1, -2))
+        scores = score_buf[: b * h_kv * rep * t * (l1 - l0)].view(b, h_kv, rep * t, l1 - l0)
+        torch.matmul(qg, k.transpose(-1, -2), out=scores)
         del k
         if mask is not None:  # broadcast over (B, H_kv, rep, T, tile): no copy of the mask
             s5 = scores.view(b, h_kv, rep, t, l1 - l0)
             if mask.dtype == torch.bool:
-                s5.masked_fill_(~mask, float("-inf"))
+                s5.masked_fill_(mask.logical_not(), float("-inf"))
             else:
                 s5.add_(mask.float())
         new_best = torch.maximum(best, scores.amax(dim=-1, keepdim=True))
@@ -106,8 +111,9 @@ def online_attention(q: torch.Tensor, h_kv: int, length: int, dv: int, attn_mask
         scores.sub_(shift).exp_()  # p, in place
         correction = torch.exp(best - shift)
         total.mul_(correction).add_(scores.sum(dim=-1, keepdim=True))
-        acc.mul_(correction).add_(torch.matmul(scores, v))
-        del scores, v
+        torch.matmul(scores, v, out=pv)
+        acc.mul_(correction).add_(pv)
+        del v
         best = new_best
     out = acc.div_(torch.where(total > 0, total, torch.ones_like(total)))  # a row nothing reached: 0, as SDPA gives
     return out.reshape(b, hq, t, dv).to(q.dtype)

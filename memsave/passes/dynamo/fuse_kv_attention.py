@@ -14,7 +14,8 @@ which reads the codes tile by tile (ops/kv_cache.py): no dequantized layer, and 
 heads, exist at any time. `enable_gqa` is what the op does anyway (kv head j serves q heads
 j·r … j·r + r − 1, as repeat_interleave). `is_causal` (a prefill) becomes a (T, L) lower-triangular bool mask. Left as it was, with the
 reason in the report: dropout, is_causal beside a mask, keys and values repeated differently, a dequantized
-cache that something else reads too (it must exist then anyway).
+cache that something else reads too (it must exist then anyway), and an ordinary
+full-precision cache (HF's StaticCache / DynamicCache: the report says so and names memsave's).
 """
 
 from __future__ import annotations
@@ -94,6 +95,35 @@ def _through_repeat(node: Any) -> tuple[fx.Node | None, slice | None, int, list[
     return source, tokens, shape[2], [node, expand, index, *between]
 
 
+def _strip(node: Any) -> Any:
+    """Through HF's repeat_kv and slices to what they read."""
+    for _ in range(4):
+        if not isinstance(node, fx.Node):
+            return node
+        if _method_or_function(node, "reshape") or _method_or_function(node, "expand") or (
+                node.op == "call_function" and node.target is operator.getitem):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def _full_precision_cache(key: Any) -> bool:
+    """Keys an ordinary cache holds: a graph input written in place at the new positions (a
+    static cache: `index_copy_`, or an index assignment), or a concatenation onto a graph input
+    along the tokens (a dynamic cache)."""
+    source = _strip(key)
+    if not isinstance(source, fx.Node):
+        return False
+    if source.op == "placeholder":
+        return any(_method_or_function(u, "index_copy_") or (u.op == "call_function" and u.target is operator.setitem)
+                   for u in source.users)
+    if source.op == "call_function" and source.target is torch.cat and source.args:
+        parts = source.args[0]
+        return isinstance(parts, (list, tuple)) and any(isinstance(p, fx.Node) and p.op == "placeholder" for p in parts)
+    return False
+
+
 def _bound(node: fx.Node) -> dict[str, Any]:
     bound = dict(zip(_SDPA_ARGS, node.args))
     bound.update(node.kwargs)
@@ -110,6 +140,9 @@ def _match(node: fx.Node) -> dict[str, Any] | str:
     k, k_tokens, k_rep, k_nodes = _through_repeat(bound["key"])
     v, v_tokens, v_rep, v_nodes = _through_repeat(bound["value"])
     if k is None and v is None:
+        if _full_precision_cache(bound["key"]):
+            return ("a full-precision kv cache (HF's StaticCache or DynamicCache): left as it is; "
+                    "memsave.QuantizedStaticCache holds it in int8 / int4 / kivi2")
         return ""  # not a cache read at all: nothing to say
     if k is None or v is None or k_rep != v_rep or k_tokens != v_tokens:
         return "keys and values are not both read from the quantized cache the same way"
@@ -195,3 +228,10 @@ def _fused(graph: fx.Graph, m: dict[str, Any]) -> fx.Node:
 
 def reads_quantized_cache(gm: fx.GraphModule) -> bool:
     return any(_is_dequantize(n) for n in gm.graph.nodes)
+
+
+def reads_a_cache(gm: fx.GraphModule) -> bool:
+    """Whether an attention in `gm` reads a kv cache, memsave's or not (the pass then runs: it
+    fuses the first and names the second in the report)."""
+    return reads_quantized_cache(gm) or any(
+        n.op == "call_function" and n.target in SDPA and _full_precision_cache(_bound(n).get("key")) for n in gm.graph.nodes)
