@@ -1,10 +1,10 @@
-"""A static key/value cache for HF transformers models that holds int8, and compiles.
+"""A static key/value cache for HF transformers models that holds int8 (or 4 / 2 bits), and compiles.
 
-    cache = memsave.QuantizedStaticCache(model.config, max_cache_len=4096)   # "int8"
+    cache = memsave.QuantizedStaticCache(model.config, max_cache_len=4096)   # "int8", "int4", "kivi2"
     model.forward = torch.compile(model.forward, backend="memsave")
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=128)
+    out = model.generate(ids, cache=cache, max_new_tokens=128)
 
-Each attention layer's cache is a `Int8StaticLayer`: HF's `StaticLayer` (fixed buffers written
+With "int8" each attention layer's cache is an `Int8StaticLayer`: HF's `StaticLayer` (fixed buffers written
 in place at `cache_position`, the addresses static, so compiled graphs are reused across decode
 steps) whose buffers are int8 codes (B, H_kv, L, D) plus one fp32 scale per token and head
 (memsave/ops/kv_cache.py), 0.27x the fp32 cache at head size 64. `update` quantizes the new
@@ -12,7 +12,9 @@ tokens into the buffers and returns `memsave::dequantize_kv_int8` of the whole c
 what an attention memsave does not compile reads (eager: the dequantized layer exists while its
 attention runs). Compiled by memsave, the pass `fuse_kv_attention` (passes/dynamo) replaces the
 dequantize and the attention that reads it with `memsave::attention_int8_kv`, which reads the
-codes tile by tile: no dequantized cache exists at any time.
+codes tile by tile: no dequantized cache exists at any time. "int4" and "kivi2" are a
+`LowBitStaticLayer` in KIVI's layout (ops/kv_lowbit.py: keys per channel with the newest key
+group in an fp16 window, values per token), fused the same way into `memsave::attention_kivi`.
 
 Why a cache class and not an option beside `cache_implementation="static"`: HF's static cache
 allocates its fp buffers itself and writes them outside any compiled graph (`reset()` zeroes them
