@@ -11,7 +11,8 @@ One fresh process per config and repeat, the C allocator as a user's process has
     hf_quanto_int4/2  HF's QuantizedCache (quanto backend, its defaults: q_group_size 64,
                       residual 128 tokens in full precision), eager (it does not compile)
   Per run: the cache's bytes as memsave counts them (`memsave.cache_bytes`; HF's quantized
-  cache: none), the live tensor bytes the fill left allocated (tracker), the process's RSS
+  cache: none), the live tensor bytes the fill left allocated (tracker; on a third cache, since
+  the tracker's profiler records are process memory too), the process's RSS
   growth over the fill (after a warm-up of the same schedule on another cache of the same shape,
   kept alive, so that compiling is not counted and the measured buffers are new memory), the median decode step time and one decode step's tracked peak, and the
   first 1024-token chunk's time (first-token time).
@@ -141,8 +142,7 @@ def measure_memory(scheme: str, n: int, params: dict) -> dict[str, float]:
         gc.collect()
         before = current_rss_bytes()
         cache = _cache(scheme, config, n + HEADROOM)
-        with memsave.MemoryTracker() as fill:
-            first = prefill(cache, n)
+        first = prefill(cache, n)  # no tracker here: its profiler's records would be RSS too
         gc.collect()
         rss = current_rss_bytes() - before
         give_back()  # what the process could not give back: the cache, and pages fragmentation pins
@@ -152,8 +152,11 @@ def measure_memory(scheme: str, n: int, params: dict) -> dict[str, float]:
             began = time.perf_counter()
             decode(cache, n + i)
             times.append(time.perf_counter() - began)
+        tracked = _cache(scheme, config, n + HEADROOM)  # a third cache, under the tracker
+        with memsave.MemoryTracker() as fill:
+            prefill(tracked, n)
         with memsave.MemoryTracker() as step:
-            decode(cache, n + params["decode_steps"])
+            decode(tracked, n)
     counted = None if scheme.startswith("hf_") else memsave.cache_bytes(cache) / MiB
     result = {"tracked_mib": fill.stats.end_bytes / MiB, "rss_mib": rss / MiB, "rss_trimmed_mib": rss_trimmed / MiB, "decode_ms": statistics.median(times) * 1e3,
               "decode_peak_mib": step.stats.peak_bytes / MiB, "first_token_ms": first * 1e3}
