@@ -14,7 +14,8 @@ One fresh process per config and repeat, the C allocator as a user's process has
   cache: none), the live tensor bytes the fill left allocated (tracker; on a third cache, since
   the tracker's profiler records are process memory too), the process's RSS
   growth over the fill (after a warm-up of the same schedule on another cache of the same shape,
-  kept alive, so that compiling is not counted and the measured buffers are new memory), the median decode step time and one decode step's tracked peak, and the
+  kept alive, so that compiling is not counted and the measured buffers are new memory; the C
+  heap trimmed before, so no freed page is reused without showing), the median decode step time and one decode step's tracked peak, and the
   first 1024-token chunk's time (first-token time).
 - **fidelity**: the docs LM (`memsave lm`, the small causal LM trained here, SDPA attention) on
   held-out text: perplexity of tokens 65-256 of 8 windows of 256 bytes, each predicted through
@@ -140,6 +141,7 @@ def measure_memory(scheme: str, n: int, params: dict) -> dict[str, float]:
         decode(warm, n)
         decode(warm, n + 1)
         gc.collect()
+        give_back()  # no free pages resident before: the new cache's pages show as new RSS
         before = current_rss_bytes()
         cache = _cache(scheme, config, n + HEADROOM)
         first = prefill(cache, n)  # no tracker here: its profiler's records would be RSS too
