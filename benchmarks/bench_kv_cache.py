@@ -7,6 +7,7 @@ One fresh process per config and repeat, the C allocator as a user's process has
   dominates; the cache sized for n tokens and filled with n tokens (prefill in chunks of 1024),
   then 16 decode steps. Caches:
     fp32, bf16        HF's StaticCache (bf16: the model in bf16), forward compiled by memsave
+    fp32_inductor     HF's StaticCache, forward compiled by Inductor alone (torch.compile's default)
     int8, int4, kivi2 memsave.QuantizedStaticCache(scheme=...), forward compiled by memsave
     hf_quanto_int4/2  HF's QuantizedCache (quanto backend, its defaults: q_group_size 64,
                       residual 128 tokens in full precision), eager (it does not compile)
@@ -53,7 +54,7 @@ from benchmarks.harness import (
 
 NAME = "kv_cache"
 TITLE = "Quantized static KV cache under torch.compile: bytes held, decode step, fidelity"
-SCHEMES = ["fp32", "bf16", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2"]
+SCHEMES = ["fp32", "fp32_inductor", "bf16", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2"]
 LENGTHS = {"1k": 1024, "4k": 4096, "16k": 16384}
 FIDELITY = ["fp32", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2", "hf_quanto_int4_r32", "hf_quanto_int2_r32"]
 CONFIGS = [f"{n}.{s}" for n in LENGTHS for s in SCHEMES] + [f"fidelity.{s}" for s in FIDELITY]
@@ -86,7 +87,7 @@ def _cache(scheme: str, config, length: int):
 
     import memsave
 
-    if scheme in ("fp32", "bf16"):
+    if scheme in ("fp32", "fp32_inductor", "bf16"):
         return transformers.StaticCache(config=config, max_cache_len=length)
     if scheme.startswith("hf_quanto_int"):
         from transformers.cache_utils import QuantizedCache
@@ -101,7 +102,9 @@ def _model(scheme: str, model):
 
     if scheme == "bf16":
         model = model.to(torch.bfloat16)
-    if not scheme.startswith("hf_"):
+    if scheme == "fp32_inductor":
+        model.forward = torch.compile(model.forward)  # what a user runs today: Inductor alone
+    elif not scheme.startswith("hf_"):
         model.forward = torch.compile(model.forward, backend="memsave")
     return model
 
@@ -159,7 +162,7 @@ def measure_memory(scheme: str, n: int, params: dict) -> dict[str, float]:
             prefill(tracked, n)
         with memsave.MemoryTracker() as step:
             decode(tracked, n)
-    counted = None if scheme.startswith("hf_") else memsave.cache_bytes(cache) / MiB
+    counted = None if scheme.startswith("hf_") else memsave.cache_bytes(cache) / MiB  # HF's fp layers counted too
     result = {"tracked_mib": fill.stats.end_bytes / MiB, "rss_mib": rss / MiB, "rss_trimmed_mib": rss_trimmed / MiB, "decode_ms": statistics.median(times) * 1e3,
               "decode_peak_mib": step.stats.peak_bytes / MiB, "first_token_ms": first * 1e3}
     if counted is not None:
