@@ -64,6 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import MiB, Benchmark, Part, main, with_sections  # noqa: E402
+from benchmarks.harness import run_median as _median  # noqa: E402
 
 # The option strings themselves ("int4" is memsave's int4: g64 asym GPTQ).
 QUANT = ["int8", "int4", "int4-g128-asym-gptq", "int4-g32-asym-gptq", "int4-g64-asym-rtn", "int4-g64-asym-mse",
@@ -383,11 +384,6 @@ def _tensors(model):
 
 # --------------------------------------------------------------------------- report
 
-
-def _median(results: dict, config: str, metric: str):
-    """Median over the config's runs, for the reported metrics and the JSON-only ones alike."""
-    values = [r["metrics"][metric] for r in results["runs"] if r["config"] == config and r["ok"] and metric in r["metrics"]]
-    return statistics.median(values) if values else None
 
 
 def _error(results: dict, config: str) -> str | None:

@@ -51,6 +51,7 @@ from benchmarks.harness import (
     main,
     with_sections,
 )
+from benchmarks.harness import run_median as _median  # noqa: E402
 
 NAME = "kv_cache"
 TITLE = "Quantized static KV cache under torch.compile: bytes held, decode step, fidelity"
@@ -234,10 +235,6 @@ def measure(config: str, params: dict) -> dict[str, float]:
 
 # -- report -----------------------------------------------------------------------------------
 
-
-def _median(results, config: str, metric: str):
-    runs = [r["metrics"][metric] for r in results["runs"] if r["config"] == config and r["ok"] and metric in r["metrics"]]
-    return statistics.median(runs) if runs else None
 
 
 def _fmt(value, spec=".2f"):

@@ -54,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import Benchmark, MiB, main, time_call, with_sections
+from benchmarks.harness import run_median as _median  # noqa: E402
 
 BASELINE = "eager-fp32"
 TORCHAO = "torchao-int8wo"
@@ -228,10 +229,6 @@ def _storage_bytes(model, tensors=None) -> int:
 
 # ----------------------------------------------------------------------------- report
 
-
-def _median(results: dict, config: str, metric: str) -> float | None:
-    values = [r["metrics"][metric] for r in results["runs"] if r["config"] == config and r["ok"] and metric in r["metrics"]]
-    return statistics.median(values) if values else None
 
 
 def _fmt(v: float | None, spec: str = "{:.2f}") -> str:

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import (  # noqa: E402
     Benchmark, MiB, Part, current_rss_bytes, main, peak_rss_bytes, reset_peak_rss, time_call, with_sections,
 )
+from benchmarks.harness import run_median as _median  # noqa: E402
 
 NAME = "train_memory"
 TITLE = "Full fine-tuning step: optimizer step in the backward, 8-bit AdamW state, recompute"
@@ -280,10 +281,6 @@ def _parts(params: dict) -> dict[str, Part]:
             "fidelity": Part([f"fidelity.{v}" for v in FIDELITY], "fidelity.eager", repeats=1,
                              metrics=FIDELITY_METRICS)}
 
-
-def _median(results, config: str, metric: str):
-    runs = [r["metrics"][metric] for r in results["runs"] if r["config"] == config and r["ok"] and metric in r["metrics"]]
-    return statistics.median(runs) if runs else None
 
 
 def render_sections(results) -> str:

@@ -881,6 +881,13 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
 
 
+def run_median(results: Mapping, config: str, metric: str) -> float | None:
+    """Median of `metric` over the config's successful runs (reported metrics and the JSON-only
+    ones a measure returns beside them alike); None when no run has it. For report sections."""
+    values = [r["metrics"][metric] for r in results["runs"] if r["config"] == config and r["ok"] and metric in r["metrics"]]
+    return statistics.median(values) if values else None
+
+
 def with_sections(extra_sections: Callable[[Mapping], str]) -> Callable[[Mapping], str]:
     """A ``report`` for a Benchmark: the harness's markdown followed by ``extra_sections(results)``."""
 

@@ -25,9 +25,10 @@ the cache says which (`unquantized`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from memsave.ops.kv_cache import kv_int8_bytes
 from memsave.ops.pack import packed_length
 
 KV_CACHE_SCHEMES = ("int8", "int4", "kivi2")
@@ -47,10 +48,46 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class _Int8StaticLayerMixin:
+class _QuantizedLayerMixin:
+    """What both layouts share, over their buffers (`BUFFERS`, attribute names; `keys`/`values`
+    hold the codes, so HF's generic code — get_seq_length, the masks — sees them)."""
+
+    BUFFERS: tuple[str, ...] = ()
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.BUFFERS)
+
+    def _finish_initialization(self) -> None:
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not _compiling():  # as HF's StaticLayer: fixed addresses, so graphs are reused
+            for t in (*self._buffers(), self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def reset(self) -> None:
+        super().reset()  # the codes and the length
+        if self.is_initialized:
+            for t in self._buffers():
+                t.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            index = beam_idx.to(self.keys.device)
+            for name in self.BUFFERS:
+                setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def offload(self):
+        raise NotImplementedError(f"memsave: a {self.scheme} cache layer is not offloaded")
+
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers()) if self.is_initialized else 0
+
+
+class _Int8StaticLayerMixin(_QuantizedLayerMixin):
     """The int8 behaviour, mixed into HF's StaticLayer (defined lazily: transformers is optional)."""
 
     scheme = "int8"
+    BUFFERS = ("keys", "values", "key_scales", "value_scales")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -58,17 +95,11 @@ class _Int8StaticLayerMixin:
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         rows = (self.batch_size, self.num_heads, self.max_cache_len)
-        # `keys`/`values` hold the codes, so HF's generic code (reset, beam reorder, offload)
-        # handles them; the scales are beside them.
         self.keys = torch.zeros((*rows, self.k_head_dim), dtype=torch.int8, device=self.device)
         self.values = torch.zeros((*rows, self.v_head_dim), dtype=torch.int8, device=self.device)
         self.key_scales = torch.zeros(rows, dtype=torch.float32, device=self.device)
         self.value_scales = torch.zeros(rows, dtype=torch.float32, device=self.device)
-        self.cumulative_length = self.cumulative_length.to(self.device)
-        if not _compiling():  # as HF's StaticLayer: fixed addresses, so graphs are reused
-            for t in (self.keys, self.values, self.key_scales, self.value_scales, self.cumulative_length):
-                torch._dynamo.mark_static_address(t)
-        self.is_initialized = True
+        self._finish_initialization()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -87,30 +118,13 @@ class _Int8StaticLayerMixin:
             torch.ops.memsave.dequantize_kv_int8(self.values, self.value_scales, self.dtype),
         )
 
-    def reset(self) -> None:
-        super().reset()
-        if self.is_initialized:
-            self.key_scales.zero_()
-            self.value_scales.zero_()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            index = beam_idx.to(self.keys.device)
-            for name in ("keys", "values", "key_scales", "value_scales"):
-                setattr(self, name, getattr(self, name).index_select(0, index))
-
-    def offload(self):
-        raise NotImplementedError("memsave: an int8 cache layer is not offloaded (it is 0.27x the fp cache already)")
-
-    def held_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return kv_int8_bytes(tuple(self.keys.shape)) + kv_int8_bytes(tuple(self.values.shape))
 
 
-class _LowBitStaticLayerMixin:
+class _LowBitStaticLayerMixin(_QuantizedLayerMixin):
     """KIVI's layout (ops/kv_lowbit.py): keys per channel over groups of `k_group` tokens with the
     newest, incomplete group in a window; values per token over groups of `v_group` channels."""
+
+    BUFFERS = ("keys", "key_scales", "key_mins", "key_window", "values", "value_scales", "value_mins")
 
     def __init__(self, max_cache_len: int, scheme: str):
         self.scheme = scheme
@@ -136,14 +150,7 @@ class _LowBitStaticLayerMixin:
         self.values = torch.zeros((b, h, length, packed_length(self.v_head_dim, self.bits)), dtype=u8, device=dev)
         self.value_scales = torch.zeros((b, h, length, self.v_head_dim // self.value_group), dtype=f16, device=dev)
         self.value_mins = torch.zeros((b, h, length, self.v_head_dim // self.value_group), dtype=f16, device=dev)
-        self.cumulative_length = self.cumulative_length.to(dev)
-        if not _compiling():
-            for t in (*self._buffers(), self.cumulative_length):
-                torch._dynamo.mark_static_address(t)
-        self.is_initialized = True
-
-    def _buffers(self):
-        return (self.keys, self.key_scales, self.key_mins, self.key_window, self.values, self.value_scales, self.value_mins)
+        self._finish_initialization()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -188,40 +195,11 @@ class _LowBitStaticLayerMixin:
             ops.dequantize_kv_tokens(self.values, self.value_scales, self.value_mins, bits, self.value_group, self.dtype),
         )
 
-    def reset(self) -> None:
-        super().reset()
-        if self.is_initialized:
-            for t in self._buffers():
-                t.zero_()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            index = beam_idx.to(self.keys.device)
-            for name in ("keys", "key_scales", "key_mins", "key_window", "values", "value_scales", "value_mins"):
-                setattr(self, name, getattr(self, name).index_select(0, index))
-
-    def offload(self):
-        raise NotImplementedError(f"memsave: a {self.scheme} cache layer is not offloaded")
-
-    def held_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._buffers()) if self.is_initialized else 0
-
-
-_layer_classes: dict[str, type] = {}
-
-
-def int8_static_layer_class():
-    """The class `Int8StaticLayer(_Int8StaticLayerMixin, transformers' StaticLayer)`."""
-    if "int8" not in _layer_classes:
-        _layer_classes["int8"] = type("Int8StaticLayer", (_Int8StaticLayerMixin, _hf().StaticLayer), {})
-    return _layer_classes["int8"]
-
-
-def lowbit_static_layer_class():
-    """The class `LowBitStaticLayer(_LowBitStaticLayerMixin, transformers' StaticLayer)`."""
-    if "lowbit" not in _layer_classes:
-        _layer_classes["lowbit"] = type("LowBitStaticLayer", (_LowBitStaticLayerMixin, _hf().StaticLayer), {})
-    return _layer_classes["lowbit"]
+@functools.cache
+def _layer_class(mixin: type) -> type:
+    """`mixin` on transformers' StaticLayer (made on first use: transformers is optional)."""
+    return type(mixin.__name__.strip("_").replace("Mixin", ""), (mixin, _hf().StaticLayer), {})
 
 
 def QuantizedStaticCache(config, max_cache_len: int, scheme: str = "int8", **kwargs):
@@ -235,9 +213,9 @@ def QuantizedStaticCache(config, max_cache_len: int, scheme: str = "int8", **kwa
     for i, layer in enumerate(cache.layers):
         if type(layer) is cache_utils.StaticLayer:
             if scheme == "int8":
-                cache.layers[i] = int8_static_layer_class()(max_cache_len=max_cache_len)
+                cache.layers[i] = _layer_class(_Int8StaticLayerMixin)(max_cache_len=max_cache_len)
             else:
-                cache.layers[i] = lowbit_static_layer_class()(max_cache_len=max_cache_len, scheme=scheme)
+                cache.layers[i] = _layer_class(_LowBitStaticLayerMixin)(max_cache_len=max_cache_len, scheme=scheme)
         else:
             unquantized.append((i, type(layer).__name__))
     cache.unquantized = unquantized

@@ -61,7 +61,7 @@ class DynamoSteps:
     """What the steps on the Dynamo graph did; their records lead the ATen graph's report."""
 
     capture: PassResult | None = None  # chunk capture
-    kv_attention: PassResult | None = None  # attention over an int8 kv cache, fused
+    kv_attention: PassResult | None = None  # attention over memsave's quantized kv cache, fused
     split: Any = None  # passes.dynamo.shard_tensor.TensorParallelSplit
     plan: Any = None  # budget.planner.Plan, when options['budget'] chose the forms
     config: Any = None  # the config the rest of the compile uses (the plan's quantize merged in)

@@ -119,12 +119,16 @@ def online_attention(q: torch.Tensor, h_kv: int, length: int, dv: int, attn_mask
     return out.reshape(b, hq, t, dv).to(q.dtype)
 
 
+def check_heads(hq: int, h_kv: int) -> None:
+    if hq % h_kv:
+        raise ValueError(f"memsave: {hq} query heads are not a multiple of {h_kv} key/value heads")
+
+
 def _check(q, k_codes, k_scale, v_codes, v_scale):
     if q.dim() != 4 or k_codes.dim() != 4 or v_codes.dim() != 4:
         raise ValueError(f"memsave: attention_int8_kv takes 4-d q and codes (B, H, T|L, D); got q {tuple(q.shape)}, "
                          f"k_codes {tuple(k_codes.shape)}, v_codes {tuple(v_codes.shape)}")
-    if q.shape[1] % k_codes.shape[1]:
-        raise ValueError(f"memsave: {q.shape[1]} query heads are not a multiple of {k_codes.shape[1]} key/value heads")
+    check_heads(q.shape[1], k_codes.shape[1])
     if k_scale.shape != k_codes.shape[:-1] or v_scale.shape != v_codes.shape[:-1]:
         raise ValueError("memsave: a cache's scales must have its codes' shape without the last dimension")
 
@@ -139,6 +143,12 @@ def attention_int8_kv(
     attn_mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
+    return attention_int8_kv_tiles(q, k_codes, k_scale, v_codes, v_scale, attn_mask, scale)
+
+
+def attention_int8_kv_tiles(q, k_codes, k_scale, v_codes, v_scale, attn_mask, scale) -> torch.Tensor:
+    """The op's torch implementation, any device (also the CUDA kernel's fallback where Triton
+    is missing: codegen/triton/kv_attention.py)."""
     _check(q, k_codes, k_scale, v_codes, v_scale)
 
     def read_tile(l0: int, l1: int):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memsave.ops.kv_cache import online_attention
+from memsave.ops.kv_cache import check_heads, online_attention
 from memsave.ops.pack import pack_bits, packed_length
 
 LOWBIT_BITS = (2, 4)
@@ -114,16 +114,16 @@ def _channels_back(packed, scale, low, bits: int, group: int, d: int) -> torch.T
     return g.mul_(scale.float().unsqueeze(-2)).add_(low.float().unsqueeze(-2)).reshape(b, h, n, d)
 
 
-def _with_window(k: torch.Tensor, window: torch.Tensor, length: torch.Tensor, start: int, group: int) -> torch.Tensor:
-    """Keys k (tokens start … start + n) with the window put over the current group's tokens."""
-    # The incomplete group starts at the last whole group's end (nothing of it when length is a
-    # multiple of the group; the positions the window then covers are past `length`, masked).
-    current = torch.div(length, group, rounding_mode="floor") * group
-    positions = start + torch.arange(k.shape[2], device=k.device)
-    slot = positions - current
-    inside = (slot >= 0) & (slot < group)
-    from_window = window.float().index_select(2, slot.clamp(0, group - 1))
-    return torch.where(inside.view(1, 1, -1, 1), from_window, k)
+def _put_window(k: torch.Tensor, window: torch.Tensor, length: torch.Tensor, start: int, group: int) -> torch.Tensor:
+    """Keys k (tokens start … start + n, fp32) with the window written over the tokens of the
+    incomplete group, in place. That group starts at the last whole group's end (nothing of it
+    when `length` is a multiple of the group: the positions the window then covers are past
+    `length`, masked)."""
+    current = int(length) // group * group
+    a, z = max(current, start), min(current + group, start + k.shape[2])
+    if a < z:
+        k[:, :, a - start : z - start] = window[:, :, a - current : z - current].float()
+    return k
 
 
 @torch.library.custom_op("memsave::dequantize_kv_tokens", mutates_args=())
@@ -142,7 +142,7 @@ def _(packed, scale, low, bits, group, dtype):
 def dequantize_kv_channels(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, window: torch.Tensor,
                            length: torch.Tensor, bits: int, group: int, dtype: torch.dtype) -> torch.Tensor:
     k = _channels_back(packed, scale, low, bits, group, scale.shape[-1])
-    return _with_window(k, window, length, 0, group).to(dtype)
+    return _put_window(k, window, length, 0, group).to(dtype)
 
 
 @dequantize_kv_channels.register_fake
@@ -158,19 +158,13 @@ def attention_kivi(
     attn_mask: torch.Tensor | None, scale: float, bits: int, k_group: int, v_group: int,
 ) -> torch.Tensor:
     d, h_kv = q.shape[-1], k_packed.shape[1]
-    if q.shape[1] % h_kv:
-        raise ValueError(f"memsave: {q.shape[1]} query heads are not a multiple of {h_kv} key/value heads")
-
-    current = int(length) // k_group * k_group  # the window's first token (see _with_window)
+    check_heads(q.shape[1], h_kv)
 
     def read_tile(l0: int, l1: int):
         groups = slice(l0 // k_group, -(-l1 // k_group))
         k = _channels_back(k_packed[:, :, l0:l1], k_scale[:, :, groups], k_min[:, :, groups], bits, k_group, d)
         v = _tokens_back(v_packed[:, :, l0:l1], v_scale[:, :, l0:l1], v_min[:, :, l0:l1], bits, v_group, v_scale.shape[-1] * v_group)
-        if current < l1 and current + k_group > l0:  # the tile holds the incomplete group: its keys
-            a, z = max(current, l0), min(current + k_group, l1)
-            k[:, :, a - l0 : z - l0] = k_window[:, :, a - current : z - current].float()
-        return k, v
+        return _put_window(k, k_window, length, l0, k_group), v
 
     return online_attention(q, h_kv, k_packed.shape[2], v_scale.shape[-1] * v_group, attn_mask, scale, read_tile,
                             multiple=k_group)

@@ -18,8 +18,6 @@ Tested on CPU under TRITON_INTERPRET=1 (tests/test_chunk_triton.py); used only o
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.fx as fx
 
@@ -33,26 +31,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GPU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4)
 INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # tl.dot needs every dim >= 16
 
+# The kernels; source.load_kernels puts source.REDUCE_PREAMBLE (imports, _add, _max) before them.
 _SOURCE = '''
-import triton
-import triton.language as tl
-
-# memsave fused linear cross-entropy; interpret={interpret}
-# Only Triton builtins (tl.full, tl.reduce with the combine functions below, ...), never its
-# @jit helpers (zeros, sum, max of triton.language.standard): those work under
-# TRITON_INTERPRET=1 only when the variable was set before triton was imported (templates.py).
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
-
-
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -136,16 +116,9 @@ def lce_backward(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, scale_ptr, gh_ptr, gw
             tl.atomic_add(gw_ptr + cols[:, None] * H + ks[None, :], part, mask=col_ok[:, None] & k_ok[None, :])
 '''
 
-_lock = threading.Lock()
-_modules: dict[bool, object] = {}
-
 
 def _kernels(interpret: bool):
-    # A module loaded under the interpreter stays interpreted: one source (file) per mode.
-    with _lock:
-        if interpret not in _modules:
-            _modules[interpret] = source.load(_SOURCE.replace("{interpret}", str(interpret)))
-        return _modules[interpret]
+    return source.load_kernels("fused linear cross-entropy", _SOURCE, interpret)
 
 
 def _setup(hidden: torch.Tensor, weight: torch.Tensor, who: str):

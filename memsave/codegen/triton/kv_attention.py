@@ -26,8 +26,6 @@ Tested on CPU under TRITON_INTERPRET=1 (tests/test_kv_attention_triton.py).
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import fx
 
@@ -43,26 +41,8 @@ DOT_MIN = 16  # tl.dot needs every dim >= 16
 GPU_BLOCKS = {"BLOCK_T": 64, "BLOCK_L": 32, "num_warps": 4}
 INTERPRET_BLOCKS = {"BLOCK_T": 16, "BLOCK_L": 16}
 
+# The kernels; source.load_kernels puts source.REDUCE_PREAMBLE (imports, _add, _max) before them.
 _SOURCE = '''
-import triton
-import triton.language as tl
-
-# memsave int8-KV attention; interpret={interpret}
-# Only Triton builtins (tl.full, tl.reduce with the combine functions below, ...), never its
-# @jit helpers (zeros, sum, max of triton.language.standard): those work under
-# TRITON_INTERPRET=1 only when the variable was set before triton was imported (templates.py).
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _max(a, b):
-    return tl.maximum(a, b)
-
-
 @triton.jit
 def attention_int8_kv(
     q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, m_ptr, o_ptr,
@@ -150,16 +130,9 @@ def attention_int8_kv(
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 '''
 
-_lock = threading.Lock()
-_modules: dict[bool, object] = {}
-
 
 def _kernels(interpret: bool):
-    # A module loaded under the interpreter stays interpreted: one source (file) per mode.
-    with _lock:
-        if interpret not in _modules:
-            _modules[interpret] = source.load(_SOURCE.replace("{interpret}", str(interpret)))
-        return _modules[interpret]
+    return source.load_kernels("int8-KV attention", _SOURCE, interpret)
 
 
 def _pow2(n: int) -> int:
@@ -261,29 +234,18 @@ attention_int8_kv_triton_op = twin(
 
 
 def _cuda_kernel(q, k_codes, k_scale, v_codes, v_scale, attn_mask, scale):
-    """memsave::attention_int8_kv's CUDA kernel: the Triton kernel (the plain reference where
+    """memsave::attention_int8_kv's CUDA kernel: the Triton kernel (the op's own tile loop where
     Triton is not installed or q's dtype is not one the kernel takes)."""
     from memsave.codegen.triton import triton_available
-    from memsave.ops.kv_cache import attention_int8_kv_reference
+    from memsave.ops.kv_cache import attention_int8_kv_tiles
 
     if not triton_available() or q.dtype not in SUPPORTED_DTYPES:
-        return attention_int8_kv_reference(q, k_codes, k_scale, v_codes, v_scale, attn_mask, scale)
+        return attention_int8_kv_tiles(q, k_codes, k_scale, v_codes, v_scale, attn_mask, scale)
     return attention_int8_kv_triton(q, k_codes, k_scale, v_codes, v_scale, attn_mask, scale)
 
 
-_registered_cuda = False
-
-
-def register_cuda() -> None:
-    """Make the Triton kernel memsave::attention_int8_kv's CUDA kernel (idempotent; done on import)."""
-    global _registered_cuda
-    with _lock:
-        if not _registered_cuda:
-            torch.library.register_kernel("memsave::attention_int8_kv", "cuda", _cuda_kernel)
-            _registered_cuda = True
-
-
-register_cuda()
+# The Triton kernel is the op's CUDA kernel from this module's (one) import on.
+torch.library.register_kernel("memsave::attention_int8_kv", "cuda", _cuda_kernel)
 
 
 def applies(node: fx.Node) -> bool:

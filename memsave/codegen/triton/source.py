@@ -12,6 +12,7 @@ Cache directory: $MEMSAVE_TRITON_CACHE, else ~/.cache/memsave/triton.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -89,3 +90,32 @@ def load(source: str) -> ModuleType:
                 raise
             _modules[path] = module
     return module
+
+
+# The head of every hand-written kernel module (chunked_ce.py, kv_attention.py): imports and the
+# combine functions their tl.reduce calls take. Only Triton builtins (tl.full, tl.reduce with
+# these, ...), never its @jit helpers (zeros, sum, max of triton.language.standard): those work
+# under TRITON_INTERPRET=1 only when the variable was set before triton was imported (templates.py).
+REDUCE_PREAMBLE = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+"""
+
+
+@functools.cache
+def load_kernels(name: str, body: str, interpret: bool) -> ModuleType:
+    """The module of a hand-written kernel file: REDUCE_PREAMBLE then `body`, once per process
+    and mode. A module loaded under the interpreter stays interpreted, so each mode has its own
+    source (the mode is in its first line), hence its own file."""
+    return load(f"# memsave {name}; interpret={interpret}\n{REDUCE_PREAMBLE}{body}")
