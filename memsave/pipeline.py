@@ -125,7 +125,7 @@ def _record_dynamo_steps(runner: PassRunner, steps: DynamoSteps | None) -> None:
         plan = steps.plan
         runner.add_done("budget", changed=bool(plan.options), seconds=steps.plan_seconds, notes=tuple(str(plan).splitlines()),
                         details={"budget": plan.budget, "total_bytes": plan.total_bytes, "solver": plan.solver,
-                                 "predicted_error": plan.predicted_error, "options": plan.options,
+                                 "predicted_error": plan.predicted_error, "measure": plan.measure, "options": plan.options,
                                  "forms": {layer.name: layer.form for layer in plan.layers}})
     split = steps.split
     if split is not None:

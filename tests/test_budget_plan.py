@@ -12,6 +12,7 @@ from torch import nn
 import memsave
 from memsave.budget import knapsack
 from memsave.budget.candidates import FORMS_BY_NAME, reconstructed, stored_bytes
+from memsave.budget.planner import OutputChange, error_measure
 from memsave.budget.sensitivity import relative_output_noise
 from memsave.config.units import parse_bytes
 
@@ -71,6 +72,26 @@ def test_output_noise_weighs_the_input_channels_that_carry_signal():
     assert relative_output_noise(w, approx, None) == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_logits_are_judged_by_their_distribution_and_other_outputs_by_their_size():
+    logits = torch.randn(2, 5, 64)
+    # "auto": logits when the last dimension is a vocabulary (an embedding table's rows)
+    assert error_measure("auto", logits, [64]) == "kl"
+    assert error_measure("auto", logits, [30, 100]) == "relative"
+    assert error_measure("relative", logits, [64]) == "relative"
+    with pytest.raises(ValueError, match="valid choices: 'auto', 'kl', 'relative'"):
+        error_measure("cosine", logits, [64])
+    kl, relative = OutputChange(logits, "kl"), OutputChange(logits, "relative")
+    # Moving every logit of a position alike changes no probability: no KL, a large relative change.
+    shifted = logits + torch.randn(2, 5, 1)
+    assert kl(shifted) < 1e-6 and relative(shifted) > 0.1
+    # A real change: KL(p || q) as torch computes it, per position, averaged.
+    other = logits + 0.3 * torch.randn(2, 5, 64)
+    expected = torch.nn.functional.kl_div(other.log_softmax(-1), logits.log_softmax(-1), log_target=True,
+                                          reduction="none").sum(-1).mean()
+    assert kl(other) == pytest.approx(expected.item(), rel=1e-5)
+    assert relative(other) == pytest.approx(((other - logits).pow(2).sum() / logits.pow(2).sum()).item(), rel=1e-6)
+
+
 class TwoLayers(nn.Module):
     def __init__(self):
         super().__init__()
@@ -123,9 +144,11 @@ def test_a_plan_fits_its_budget_and_compiles_to_exactly_its_choices(share):
     quantized = dict(q.split(": ", 1) for r in records for q in r.details["quantized"])
     assert quantized == {layer.name: FORMS_BY_NAME[layer.form].scheme().describe()
                          for layer in plan.layers if layer.form != "dense"}
-    # The predicted error is the model output's relative change, summed over layers from each
-    # layer's measured gain: the compiled model's measured change is that, within a factor of 3.
-    noise = ((out - expected).pow(2).sum() / expected.pow(2).sum()).item()
+    # The predicted error is the model output's change, summed over layers from each layer's
+    # measured gain: the compiled model's measured change is that, within a factor of 3. The
+    # output is logits over the embedding table's 64 rows, so the change is their KL divergence.
+    assert plan.measure == "kl"
+    noise = OutputChange(expected, plan.measure)(out)
     assert plan.predicted_error / 3 < noise < 3 * plan.predicted_error, (noise, plan.predicted_error)
     assert all(layer.gain > 0 for layer in plan.layers)
     torch._dynamo.reset()
@@ -184,7 +207,8 @@ def test_the_budget_option_plans_and_compiles_in_one_call():
     assert "memsave plan" in records["budget"].notes[0]
     quantized = dict(q.split(": ", 1) for q in records["quantize"].details["quantized"])
     assert set(quantized) == {layer.name for layer in reference.layers if layer.form != "dense"}
-    assert ((out - expected).pow(2).sum() / expected.pow(2).sum()).item() < 20 * max(reference.predicted_error, 1e-6)
+    assert records["budget"].details["measure"] == reference.measure == "kl"
+    assert OutputChange(expected, reference.measure)(out) < 20 * max(reference.predicted_error, 1e-6)
     torch._dynamo.reset()
 
 

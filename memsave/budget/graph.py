@@ -12,7 +12,16 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from memsave.budget.planner import Plan, kernel_allowance, measured_call, output_tensor, plan_layers, relative_change, storage_bytes
+from memsave.budget.planner import (
+    OutputChange,
+    Plan,
+    error_measure,
+    kernel_allowance,
+    measured_call,
+    output_tensor,
+    plan_layers,
+    storage_bytes,
+)
 from memsave.graph.inputs import InputInfo
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -56,11 +65,25 @@ def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[
     reference, working = measured_call(gm, real_inputs)
     working += kernel_allowance(_linear_rows(gm), layers, tables)
     index = {id(value): i for i, value in enumerate(real_inputs)}
+    change = OutputChange(reference, error_measure("auto", reference, _vocabularies(gm, real_inputs)))
 
     def effect(name: str, approx: torch.Tensor) -> float:
         args = list(real_inputs)
         args[index[id(layers[name])]] = approx.to(layers[name].dtype)
         with torch.no_grad():
-            return relative_change(output_tensor(gm(*args)), reference)
+            return change(output_tensor(gm(*args)))
 
-    return plan_layers(layers, fixed, working, limit, embeddings=tables, effect=effect)
+    return plan_layers(layers, fixed, working, limit, embeddings=tables, effect=effect, measure=change.measure)
+
+
+def _vocabularies(gm: fx.GraphModule, real_inputs: Sequence[Any]) -> list[int]:
+    """The row counts of the tables the graph's embedding lookups read (tied ones included):
+    what memsave.plan's "auto" error measure compares the output's last dimension with."""
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in EMBEDDINGS and len(node.args) > 1 and node.args[1] in placeholders:
+            table = real_inputs[placeholders[node.args[1]]]
+            if isinstance(table, torch.Tensor) and table.dim() == 2:
+                rows.append(int(table.shape[0]))
+    return rows
