@@ -85,11 +85,12 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
         from memsave.config import FactorizeConfig, PruneConfig, QuantizeConfig
 
         started = time.perf_counter()
-        steps.plan = plan_graph(gm, real_inputs, inputs, config.budget)
+        pinned = {family: getattr(config, family) for family in ("quantize", "prune", "factorize")}
+        steps.plan = plan_graph(gm, real_inputs, inputs, config.budget, pinned)
         steps.plan_seconds = time.perf_counter() - started
         chosen = steps.plan.options
         # budget=None: the plan is made; what is left is an ordinary config with its choices
-        # (a budget refuses pinned prune/factorize/quantize options, so none are replaced)
+        # (the plan's options hold the pinned layers too, each with the fields its options gave it)
         families = {"prune": PruneConfig, "factorize": FactorizeConfig, "quantize": QuantizeConfig}
         steps.config = config = config.replace(
             **{family: cls.parse(chosen[family]) if family in chosen else None for family, cls in families.items()},

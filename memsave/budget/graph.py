@@ -58,7 +58,8 @@ def _linear_rows(gm: fx.GraphModule) -> int:
     return most
 
 
-def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo], limit: int) -> Plan:
+def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[InputInfo], limit: int,
+               pinned: dict[str, Any] | None = None) -> Plan:
     layers, tables = graph_weights(gm, real_inputs, inputs)
     weights = [value for info, value in zip(inputs, real_inputs) if info.weight is not None]
     fixed = storage_bytes(weights, {id(w) for w in layers.values()})
@@ -73,7 +74,8 @@ def plan_graph(gm: fx.GraphModule, real_inputs: Sequence[Any], inputs: Sequence[
         with torch.no_grad():
             return change(output_tensor(gm(*args)))
 
-    return plan_layers(layers, fixed, working, limit, embeddings=tables, effect=effect, measure=change.measure)
+    return plan_layers(layers, fixed, working, limit, embeddings=tables, effect=effect, measure=change.measure,
+                       pinned=pinned)
 
 
 def _vocabularies(gm: fx.GraphModule, real_inputs: Sequence[Any]) -> list[int]:

@@ -45,6 +45,7 @@ class LayerPlan:
     embedding: bool = False  # an embedding table (its error: the rows' own relative error)
     gain: float = 1.0  # model output error per unit of this layer's output noise (measured)
     settings: Settings = field(default_factory=dict)  # the form's per-layer options, per pass family
+    pinned: bool = False  # the user's options chose this form (pinned.py), not the planner
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Plan:
     solver: str
     calibrated: bool
     measure: str = "relative"  # what `error` estimates: the output's "relative" change, or "kl" (see OutputChange)
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)  # pinned families' fields that are not per layer
 
     @property
     def weight_bytes(self) -> int:
@@ -76,7 +78,7 @@ class Plan:
         options: dict[str, Any] = {}
         for layer in self.layers:
             for family, fields in layer.settings.items():
-                chosen = options.setdefault(family, {"include": [], "overrides": {}})
+                chosen = options.setdefault(family, {**self.base.get(family, {}), "include": [], "overrides": {}})
                 chosen["include"].append(layer.name)
                 chosen["overrides"][layer.name] = dict(fields)
                 if layer.embedding:
@@ -85,7 +87,7 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps({"budget": self.budget, "total_bytes": self.total_bytes, "solver": self.solver,
-                           "measure": self.measure,
+                           "measure": self.measure, "pinned": [layer.name for layer in self.layers if layer.pinned],
                            "fixed_bytes": self.fixed_bytes, "working_bytes": self.working_bytes,
                            "calibrated": self.calibrated, "predicted_error": self.predicted_error,
                            "layers": [asdict(layer) for layer in self.layers], "options": self.options}, indent=1)
@@ -212,7 +214,7 @@ def working_bytes(model: nn.Module, inputs: Sequence) -> int:
 
 
 def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Form] = FORMS,
-         checkpoint=None, working=None, error: str = "auto") -> Plan:
+         checkpoint=None, working=None, error: str = "auto", options=None) -> Plan:
     """The plan for `model` called on `inputs` within `budget` (bytes, or "24MiB", "1.5GB").
     calibration: batches for memsave.calibrate (run here, with Gram matrices); without them,
     any statistics an earlier memsave.calibrate left are used, else the weights' own error.
@@ -224,7 +226,10 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
     checkpoint, estimating) it.
     error: how a layer's effect on the output is measured: "kl" (next-token distributions),
     "relative" (‖Δy‖²/‖y‖²), or "auto": "kl" where the output is logits over a vocabulary (its
-    last dimension is an embedding table's row count), else "relative"."""
+    last dimension is an embedding table's row count), else "relative".
+    options: quantize / prune / factorize options to pin (budget/pinned.py): the weights their
+    patterns name get what they give; the planner chooses for the rest, and plan.options keeps
+    both."""
     limit = parse_bytes(budget)
     if checkpoint is not None:
         from memsave.budget.stream import plan_checkpoint
@@ -232,7 +237,7 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         if calibration is not None:
             raise ValueError("memsave.plan: calibration runs the model, which needs its weights in memory; a plan "
                              "from a checkpoint scores each weight's own error (leave calibration out)")
-        return plan_checkpoint(model, inputs, limit, checkpoint, forms, working)
+        return plan_checkpoint(model, inputs, limit, checkpoint, forms, working, pinned=options)
     if calibration is not None:
         from memsave.calibrate import calibrate
 
@@ -254,7 +259,7 @@ def plan(model: nn.Module, *inputs, budget, calibration=None, forms: Sequence[Fo
         finally:
             w.data = original
 
-    return plan_layers(layers, fixed, working, limit, forms, tables, effect, measure=change.measure)
+    return plan_layers(layers, fixed, working, limit, forms, tables, effect, measure=change.measure, pinned=options)
 
 
 def output_tensor(out) -> torch.Tensor:
@@ -316,7 +321,7 @@ class OutputChange:
 
 def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit: int,
                 forms: Sequence[Form] = FORMS, embeddings: frozenset[str] = frozenset(), effect=None,
-                score_rows=None, measure: str = "relative") -> Plan:
+                score_rows=None, measure: str = "relative", pinned=None) -> Plan:
     """The plan for these weights (name -> the weight itself: calibration statistics are keyed
     by it; `embeddings` names the embedding tables among them), given the bytes of everything
     else and of one call's working memory. `effect(name, approx)`: the model output's relative
@@ -324,8 +329,14 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
     every layer's gain is 1.
     score_rows(w): the rows of `w` to score the forms' errors on (None: all of them); for
     quantized forms only (each row is quantized on its own, so a subset's error is those rows'
-    exact error; pruning by magnitude and low rank look at the whole weight)."""
+    exact error; pruning by magnitude and low rank look at the whole weight).
+    pinned: the user's quantize / prune / factorize options (dict or configs; pinned.py): a
+    weight their patterns name is scored in the form they give it, its only choice."""
+    from memsave.budget import pinned as pins
+
+    configs = pins.pinned_configs(pinned)
     names, options, costs, sizes = [], [], [], []
+    pinned_names = set()
     calibrated = False
     gains, shapes = {}, {}
     # One pass over `layers` (a plan from a checkpoint reads each weight here, once).
@@ -341,8 +352,12 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
             continue
         scored, parts = [], {}  # parts: pruned values and factors, shared by the forms that quantize them
         rows = w if score_rows is None else score_rows(w)
-        for form in forms:
-            settings = form.for_weight(w, embedding=name in embeddings)
+        fixed_settings = pins.pinned_settings(name, (n, k), w.element_size(), name in embeddings, configs)
+        if fixed_settings is not None:
+            pinned_names.add(name)
+        menu = forms if fixed_settings is None else [Form(pins.describe(fixed_settings))]
+        for form in menu:
+            settings = fixed_settings if fixed_settings is not None else form.for_weight(w, embedding=name in embeddings)
             if settings is None or any(settings == seen for _, seen, _, _ in scored):
                 continue  # not for this weight, or the same stored form as one scored (a share's rank)
             size = stored_bytes(n, k, w.element_size(), settings)
@@ -356,13 +371,16 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
         picked, solver = choose(costs, sizes, limit - fixed - working)
     except BudgetError as e:
         smallest = fixed + working + e.smallest_bytes
+        pinned_note = f", the {len(pinned_names)} pinned ones as pinned," if pinned_names else ""
         raise BudgetError(
             f"budget {format_bytes(limit)} cannot be met: the smallest plan memsave found needs {format_bytes(smallest)} "
             f"(other weights {format_bytes(fixed)} + one call's working memory {format_bytes(working)} + every "
-            f"linear at its smallest form {format_bytes(e.smallest_bytes)})", smallest) from None
+            f"planned weight at its smallest form{pinned_note} {format_bytes(e.smallest_bytes)})", smallest) from None
     planned = []
     for name, scored, o in zip(names, options, picked):
         form, settings, size, error = scored[o]
         planned.append(LayerPlan(name, shapes[name], form.name, size, error, {f.name: (s, e) for f, _, s, e in scored},
-                                 embedding=name in embeddings, gain=gains[name], settings=settings))
-    return Plan(limit, tuple(planned), fixed, working, solver, calibrated, measure if effect is not None else "noise")
+                                 embedding=name in embeddings, gain=gains[name], settings=settings,
+                                 pinned=name in pinned_names))
+    base = {family: fields for family, config in configs.items() if (fields := pins.base_fields(config))}
+    return Plan(limit, tuple(planned), fixed, working, solver, calibrated, measure if effect is not None else "noise", base)

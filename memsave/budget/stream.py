@@ -62,7 +62,7 @@ class _WeightsFromFile(Mapping):
 
 
 def plan_checkpoint(model: nn.Module, inputs: Sequence, limit: int, path, forms: Sequence[Form],
-                    working=None) -> Plan:
+                    working=None, pinned=None) -> Plan:
     # Quantized forms only: memsave.load compresses only those while loading (prune and
     # factorize need the originals at compile time), and only they may be scored on a row subset.
     unloadable = [f.name for f in forms if f.structure is not None or f.share is not None]
@@ -71,6 +71,10 @@ def plan_checkpoint(model: nn.Module, inputs: Sequence, limit: int, path, forms:
     elif unloadable:
         raise ValueError(f"memsave.plan from a checkpoint: forms {unloadable} prune or factorize, which memsave.load "
                          f"cannot apply while loading; choose among {[f.name for f in QUANTIZED_FORMS]}")
+    held = [family for family in ("prune", "factorize") if (pinned or {}).get(family) is not None]
+    if held:
+        raise ValueError(f"memsave.plan from a checkpoint: pinned options {held} need the originals at compile time, "
+                         "which memsave.load does not keep; pin 'quantize' options only")
     ckpt = Checkpoint(path)
     layers, tables = plannable_weights(model)
     absent = sorted(name for name in layers if name not in ckpt)
@@ -90,4 +94,5 @@ def plan_checkpoint(model: nn.Module, inputs: Sequence, limit: int, path, forms:
             working = meta_call_peak(model, inputs) + kernel_allowance(rows[0], layers, tables)
     else:
         working = parse_bytes(working)
-    return plan_layers(_WeightsFromFile(ckpt, layers), fixed, working, limit, forms, tables, score_rows=spread_rows)
+    return plan_layers(_WeightsFromFile(ckpt, layers), fixed, working, limit, forms, tables, score_rows=spread_rows,
+                       pinned=pinned)

@@ -69,7 +69,8 @@ class Config:
     precision: FamilyConfig | None = None
     plan_memory: FamilyConfig | None = None
     # Bytes (or "24MiB", "1.5GB") that the stored weights plus one call's peak of live tensors
-    # must fit in: memsave.plan chooses each linear's form (inference graphs).
+    # must fit in: memsave.plan chooses each linear's form (inference graphs); the weights that
+    # quantize / prune / factorize options name keep what those give them (budget/pinned.py).
     budget: Any = None
     # "inductor" hands the transformed graph to Inductor; "fx" runs it as plain FX code.
     codegen: str = "inductor"
@@ -87,12 +88,6 @@ class Config:
                 object.__setattr__(self, "budget", parse_bytes(self.budget))
             except ValueError as e:
                 raise OptionError(f"options['budget']: {e}") from None
-            pinned = [name for name in ("quantize", "prune", "factorize") if getattr(self, name) is not None]
-            if pinned:
-                raise OptionError(
-                    f"options['budget'] with options {pinned}: the planner does not take pinned choices yet; "
-                    "plan with memsave.plan(model, *inputs, budget=...), edit plan.options and compile with those"
-                )
         if self.codegen not in CODEGEN_CHOICES:
             raise OptionError(
                 f"options['codegen']: invalid value {self.codegen!r}; valid choices: "
@@ -163,7 +158,8 @@ def describe_options() -> list[tuple[str, str, str]]:
         keys = ", ".join(f.name for f in fields(cls))
         rows.append((name, f"{shorts} or dict({keys})", (cls.__doc__ or "").strip().splitlines()[0]))
     rows.append(("budget", "bytes, or a string such as '24MiB', '1.5GB'",
-                 "stored weights + one call's peak of live tensors within this: memsave.plan picks each linear's form (inference)"))
+                 "stored weights + one call's peak of live tensors within this: memsave.plan picks each linear's form (inference); "
+                 "weights that quantize/prune/factorize options name keep what those give them"))
     rows.append(("codegen", _choices(CODEGEN_CHOICES), "how the transformed graph runs"))
     rows.append(("debug_dir", "path", "write the graph after every pass and the per-pass table"))
     rows.append(("debug", "True/False", "check invariants and measure error after every pass"))
