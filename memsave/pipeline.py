@@ -31,7 +31,6 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memsave.codegen.kernels import select_kernels_pass
 from memsave.codegen.lower import inductor_joint_graph_passes
-from memsave.config import OptionError
 from memsave.debug import DebugDump
 from memsave.graph.inputs import InputInfo
 from memsave.graph.invariants import GraphInvariantError, check_invariants, graph_signature
@@ -76,11 +75,15 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
     """The steps that rewrite the Dynamo graph, in order. `inputs`: what each graph input is
     (graph.inputs.describe_inputs)."""
     steps = DynamoSteps(config=config)
+    training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in real_inputs)
+    if config.budget is not None and training:
+        # A training step's budget bounds its peak (weights, gradients, saved activations, the
+        # backward's working set): the recompute plan is chosen for it when the partitioner
+        # runs; trainable weights keep their form, and quantize / prune / factorize options
+        # (frozen weights) apply as given.
+        steps.config = config = config.replace(recompute=training_recompute(config.recompute, config.budget), budget=None)
     if config.budget is not None:
         # First: the plan's forms are what every later step compresses.
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in real_inputs):
-            raise OptionError("options['budget'] plans inference graphs only for now (call the model under "
-                              "torch.no_grad() or inference_mode); a training step's budget is not implemented yet")
         from memsave.budget.graph import plan_graph
         from memsave.config import FactorizeConfig, PruneConfig, QuantizeConfig
 
@@ -106,7 +109,6 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
         # AOTAutograd traces forward and backward (passes/dynamo/chunk_capture.py).
         from memsave.passes.dynamo.chunk_capture import capture_chunk_patterns
 
-        training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in real_inputs)
         steps.capture = capture_chunk_patterns(gm, config.chunk, training=training)
     if config.tensor_parallel is not None:
         # Before AOTAutograd, so the backward and every later pass see this rank's shards.
@@ -115,6 +117,22 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
         names = [i.weight.name if i.weight is not None and i.weight.kind == "parameter" else None for i in inputs]
         steps.split = shard_for_tensor_parallel(gm, real_inputs, names, config.tensor_parallel)
     return steps
+
+
+def training_recompute(recompute, budget: int):
+    """The recompute config of a training step under options['budget']: the default recompute
+    (min-cut) gives way to the plan chosen for the step's peak; a recompute the user gave is
+    kept and checked against it (see RecomputeConfig.step_peak)."""
+    import dataclasses
+
+    from memsave.config import RecomputeConfig
+    from memsave.config.recipe import DEFAULT_RECIPE
+
+    if recompute is None:
+        return RecomputeConfig(policy="none", step_peak=budget)
+    if recompute == RecomputeConfig.parse(DEFAULT_RECIPE["recompute"]):
+        return RecomputeConfig(policy="budget", step_peak=budget)
+    return dataclasses.replace(recompute, step_peak=budget)
 
 
 def _record_dynamo_steps(runner: PassRunner, steps: DynamoSteps | None) -> None:

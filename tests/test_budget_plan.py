@@ -212,14 +212,9 @@ def test_the_budget_option_plans_and_compiles_in_one_call():
     torch._dynamo.reset()
 
 
-def test_the_budget_option_refuses_what_it_cannot_do_yet():
+def test_the_budget_option_refuses_what_it_is_not():
     with pytest.raises(ValueError, match="options\\['budget'\\]"):
         memsave.Config.from_options({"budget": "lots"})
-    model = TwoLayers()
-    compiled = torch.compile(model, backend="memsave", options={"budget": "1GiB", "codegen": "fx"})
-    with pytest.raises(Exception, match="inference graphs only"):
-        compiled(torch.randint(0, 64, (1, 8))).sum().backward()
-    torch._dynamo.reset()
 
 
 class WithIdleParts(TwoLayers):

@@ -15,12 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
+from memsave.config.base import OptionError
+
 MILP_MAX_VARIABLES = 20000
 MILP_TIME_LIMIT_S = 20.0
 
 
-class BudgetError(ValueError):
-    """No plan fits: carries the smallest plan's size."""
+class BudgetError(OptionError):
+    """No plan fits: carries the smallest plan's size. An OptionError (a ValueError), so that
+    torch.compile raises it as it is, not wrapped in BackendCompilerFailed."""
 
     def __init__(self, message: str, smallest_bytes: int):
         super().__init__(message)

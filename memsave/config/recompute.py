@@ -54,11 +54,24 @@ class RecomputeConfig(FamilyConfig):
 
     policy: str | None = None  # None: "budget" when a budget is given, else "min-cut"
     budget: float | int | str | None = None
+    # Bytes the training step's peak must fit: the weights + the simulated peak of forward then
+    # backward (saved activations, gradients, the backward's working set). Set by
+    # options['budget'] on a training graph. With policy "budget" and no saved-bytes budget, the
+    # plan with the least recompute cost that fits is chosen; with any other plan, it is checked.
+    # Either way a step that cannot fit is a BudgetError naming the lowest peak found.
+    step_peak: int | None = None
 
     def __post_init__(self):
+        if self.step_peak is not None and (isinstance(self.step_peak, bool) or not isinstance(self.step_peak, int)
+                                           or self.step_peak < 1024):
+            raise OptionError(f"options['recompute']['step_peak']: {self.step_peak!r} is not a number of bytes (an int "
+                              ">= 1024) or None")
         if self.policy is None:
-            object.__setattr__(self, "policy", "budget" if self.budget is not None else "min-cut")
+            chosen = self.budget is not None or self.step_peak is not None
+            object.__setattr__(self, "policy", "budget" if chosen else "min-cut")
         self._check_choice("policy", self.policy, self.POLICIES)
+        if self.policy == "budget" and self.budget is None and self.step_peak is not None:
+            return  # the step's peak chooses the plan (recompute_plan.choose_peak_plan)
         if self.policy != "budget":
             if self.budget is not None:
                 raise OptionError(
@@ -81,7 +94,14 @@ class RecomputeConfig(FamilyConfig):
             )
         object.__setattr__(self, "budget", budget)
 
+    @property
+    def fits_step_peak(self) -> bool:
+        """The plan is chosen to fit step_peak (not checked against it)."""
+        return self.policy == "budget" and self.budget is None and self.step_peak is not None
+
     def describe(self) -> str:
+        if self.fits_step_peak:
+            return f"step peak <= {self.step_peak} bytes"
         if self.policy != "budget":
             return self.policy
         if isinstance(self.budget, float):

@@ -37,7 +37,13 @@ from memsave.passes.joint.recompute_graph import (
     recomputed_in_backward,
     split,
 )
-from memsave.passes.joint.recompute_plan import choose_budget_plan, no_recompute_plan, plan_selective, plan_sqrt
+from memsave.passes.joint.recompute_plan import (
+    choose_budget_plan,
+    choose_peak_plan,
+    no_recompute_plan,
+    plan_selective,
+    plan_sqrt,
+)
 from memsave.report import fmt_bytes
 
 
@@ -78,7 +84,10 @@ def partition(
             min_cut = plan_of_partition(jg, mc_fw, mc_bw, source="min-cut")
             reference = None if isinstance(config.budget, int) else min_cut.saved_bytes
             plan_details["reference_saved_bytes"] = min_cut.saved_bytes
-            choice = choose_budget_plan(jg, config.budget, reference, prebuilt=[(min_cut, mc_fw, mc_bw)])
+            if config.fits_step_peak:  # a training budget: the step's whole peak (choose_peak_plan)
+                choice = choose_peak_plan(jg, config.step_peak, prebuilt=[(min_cut, mc_fw, mc_bw)])
+            else:
+                choice = choose_budget_plan(jg, config.budget, reference, prebuilt=[(min_cut, mc_fw, mc_bw)])
             fw, bw, plan = choice.fw, choice.bw, choice.plan
             plan_details.update(
                 budget_bytes=choice.budget_bytes,
@@ -86,7 +95,10 @@ def partition(
                 candidates=choice.candidates,
                 solve_seconds=choice.seconds,
             )
-            if choice.budget_bytes is None:  # "min": the lowest simulated peak, whatever it saves
+            if config.fits_step_peak:
+                budget_note = (f" (the cheapest of {len(choice.candidates)} plans whose step peak fits "
+                               f"{fmt_bytes(config.step_peak)})")
+            elif choice.budget_bytes is None:  # "min": the lowest simulated peak, whatever it saves
                 budget_note = f" ({config.describe()}: the lowest simulated peak of {len(choice.candidates)} plans)"
             else:
                 budget_note = f" of a {fmt_bytes(choice.budget_bytes)} budget ({config.describe()})"
@@ -105,6 +117,18 @@ def partition(
     recomputed, views, extra_flops = recomputed_in_backward(fw, bw)
     saved_bytes, saved_input_bytes = saved_activation_bytes(fw, num_fwd_outputs)
     peak = simulated_peak(fw, bw, num_fwd_outputs)
+    step_peak = getattr(config, "step_peak", None)
+    if step_peak is not None:
+        plan_details["step_peak_budget"] = step_peak
+        if peak["weight_bytes"] + peak["peak"] > step_peak:  # a plan the user pinned: checked, not chosen
+            from memsave.budget.knapsack import BudgetError
+
+            total = peak["weight_bytes"] + peak["peak"]
+            raise BudgetError(
+                f"options['budget'] {fmt_bytes(step_peak)} cannot be met with options['recompute'] "
+                f"{config.describe()!r}: this training step's peak is {fmt_bytes(total)} (weights "
+                f"{fmt_bytes(peak['weight_bytes'])} + {fmt_bytes(peak['peak'])} simulated); leave options['recompute'] "
+                "out and the budget chooses the plan", total)
     notes = (
         f"policy {policy}: saves {len(saved)} tensors ({fmt_bytes(saved_bytes)} of activations{budget_note}) "
         f"for backward, recomputes {len(recomputed)} ops ({extra_flops / 1e6:.3g} MFLOP extra) and {views} views",
@@ -121,6 +145,7 @@ def partition(
         "forward_flops": sum(node_flops(n) for n in fw.graph.nodes if n.op == "call_function"),
         "budget_bytes": plan_details.pop("budget_bytes", None),
         "weight_bytes": peak["weight_bytes"],
+        "step_peak_bytes": peak["weight_bytes"] + peak["peak"],  # what a training budget bounds
         # The simulated peak of forward then backward, saved tensors alive in between.
         "peak_activation_bytes": peak["peak"],
         "forward_peak_bytes": peak["forward_peak"],

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from memsave.graph.meta import aliased_input, is_getitem
+from memsave.graph.meta import aliased_input, is_getitem, node_tensor_bytes
 from memsave.memory.saved_activations import simulated_peak
 from memsave.passes.joint.recompute_graph import JointGraph, Plan, Value, split
 
@@ -418,3 +418,56 @@ def _choose_min_peak(jg: JointGraph, reference_bytes: int | None, use_ilp: bool,
     plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
     ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt))
     return _lowest_peak(ranked, [*(item[0] for item in prebuilt), *plans], None, True, start)
+
+
+# Saved-bytes limits, as fractions of the no-recompute plan's, that choose_peak_plan solves for
+# beside segment checkpointing, selective and the fewest-bytes plan.
+STEP_PEAK_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05)
+
+
+def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = ()) -> Choice:
+    """A training budget (options['budget']): the plan with the least recompute cost whose step
+    peak, the weights + the simulated peak of forward then backward (saved activations,
+    gradients, the backward's working set), fits `step_peak`; then the lowest peak. Candidates:
+    no recompute, the prebuilt (min-cut), the budget solver at a spread of saved-bytes limits,
+    segment checkpointing at every segment count, selective, the fewest saved bytes. None fits:
+    a BudgetError naming the lowest step peak found and its plan."""
+    from memsave.budget.knapsack import BudgetError
+    from memsave.report import fmt_bytes
+
+    start = time.perf_counter()
+    use_ilp = len(jg.values) <= ILP_MAX_VALUES
+    none = no_recompute_plan(jg)
+    plans: list[Plan | None] = [none]
+    for fraction in STEP_PEAK_FRACTIONS:
+        limit = int(fraction * none.saved_bytes)
+        plans.append(solve_ilp(jg, limit) if use_ilp else solve_greedy(jg, limit))
+    plans += [plan_sqrt(jg, k) for k in _segment_counts(len(jg.block_starts()))]
+    plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
+    ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt))
+    weights = ranked[0][3]["weight_bytes"]
+    margin = step_peak_margin(jg)
+    fits = [item for item in ranked if weights + item[3]["peak"] + margin <= step_peak]
+    considered = [*(item[0] for item in prebuilt), *plans]
+    if not fits:
+        plan, _, _, peak = min(ranked, key=lambda item: (item[3]["peak"], item[0].cost))
+        smallest = weights + peak["peak"] + margin
+        raise BudgetError(
+            f"options['budget'] {fmt_bytes(step_peak)} cannot be met by this training step: the lowest peak memsave "
+            f"found is {fmt_bytes(smallest)} (weights {fmt_bytes(weights)} + {fmt_bytes(peak['peak'])} simulated for "
+            f"saved activations, gradients and the backward's working set + a margin of {fmt_bytes(margin)}, plan "
+            f"{plan.source!r}, of {len(ranked)} plans); chunk the loss, save in lower precision, or step the optimizer in the backward to go lower",
+            smallest)
+    plan, fw, bw, peak = min(fits, key=lambda item: (item[0].cost, item[3]["peak"]))
+    peaks = {p.saved: pk["peak"] for p, _, _, pk in ranked}
+    candidates = [{"source": p.source, "saved_bytes": p.saved_bytes, "cost": p.cost, "simulated_peak": peaks.get(p.saved),
+                   "chosen": p is plan} for p in considered if p is not None]
+    return Choice(plan, fw, bw, peak, step_peak - weights - margin, True, candidates, time.perf_counter() - start)
+
+
+def step_peak_margin(jg: JointGraph) -> int:
+    """What a training budget keeps back from the simulated peak: twice the joint graph's
+    largest intermediate tensor. The simulation runs the graphs' ops in their order, each value
+    freed after its last use; run for real, the step held up to 1.5 such tensors more than that
+    under recompute (Inductor fuses and reorders; tests/test_budget_training.py measures it)."""
+    return 2 * max((node_tensor_bytes(n) for n in jg.joint.graph.nodes if n.op == "call_function"), default=0)

@@ -1,0 +1,93 @@
+"""options={"budget": ...} on a training step: the step's measured peak (weights, gradients,
+saved activations, the backward's working set) within the budget, by the recompute plan with
+the least recompute cost that fits; a budget nothing fits is a BudgetError naming the lowest
+peak found; a recompute option the user gave is checked against the budget, not replaced."""
+
+import pytest
+import torch
+
+import memsave
+from memsave.config import RecomputeConfig
+from memsave.config.base import OptionError
+from memsave.memory.track import MemoryTracker
+from memsave.models import build_decoder
+
+
+def _model_and_batch():
+    # Attention scores (4 x 4 heads x 128 x 128, 1 MiB a layer) dominate the activations: what
+    # recompute can save.
+    model = build_decoder("tiny", n_layers=4).train()
+    ids = torch.randint(0, 256, (4, 128), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def _step(model, fn, ids) -> int:
+    """The step's peak: the weights + the live bytes the forward and backward add (grads start as None)."""
+    for p in model.parameters():
+        p.grad = None
+    with MemoryTracker("cpu") as tracker:
+        fn(ids, ids).backward()
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + tracker.stats.peak_bytes
+
+
+def _recompute_record(reports):
+    return next(r for report in reports for r in report.records if r.name == "recompute")
+
+
+@pytest.mark.parametrize("codegen", ["fx", "inductor"])
+def test_a_training_budget_bounds_the_measured_step_peak(codegen):
+    model, ids = _model_and_batch()
+    eager = _step(model, model, ids)
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    extra = []
+    for share in (0.9, 0.75, 0.6):
+        budget = int(share * eager)
+        torch._dynamo.reset()
+        with memsave.collect() as reports:
+            compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": codegen})
+            _step(model, compiled, ids)  # compiles
+        measured = _step(model, compiled, ids)
+        assert measured <= budget, (share, measured, budget)
+        details = _recompute_record(reports).details
+        assert details["step_peak_budget"] == budget and details["budget_met"]
+        assert details["step_peak_bytes"] <= budget  # the simulation's figure, margin aside
+        extra.append(details["extra_flops"])
+        for name, p in model.named_parameters():  # recompute changes what is saved, not the gradients
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert extra == sorted(extra) and extra[-1] > extra[0]  # tighter budgets recompute more
+    torch._dynamo.reset()
+
+
+def test_a_training_budget_nothing_fits_names_the_lowest_peak():
+    model, ids = _model_and_batch()
+    budget = int(0.3 * _step(model, model, ids))
+    compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
+    with pytest.raises(memsave.BudgetError, match="cannot be met by this training step: the lowest peak memsave found") as info:
+        _step(model, compiled, ids)
+    assert info.value.smallest_bytes > budget
+    torch._dynamo.reset()
+
+
+def test_a_recompute_option_beside_a_training_budget_is_checked_not_replaced():
+    model, ids = _model_and_batch()
+    eager = _step(model, model, ids)
+    with memsave.collect() as reports:
+        compiled = torch.compile(model, backend="memsave",
+                                 options={"budget": eager, "recompute": "selective", "codegen": "fx"})
+        _step(model, compiled, ids)
+    assert _recompute_record(reports).details["policy"] == "selective"
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memsave",
+                             options={"budget": int(0.4 * eager), "recompute": "selective", "codegen": "fx"})
+    with pytest.raises(memsave.BudgetError, match="cannot be met with options\\['recompute'\\] 'selective'"):
+        _step(model, compiled, ids)
+    torch._dynamo.reset()
+
+
+def test_step_peak_is_a_byte_count():
+    assert RecomputeConfig(step_peak=2**20).fits_step_peak
+    assert not RecomputeConfig(policy="sqrt", step_peak=2**20).fits_step_peak
+    assert not RecomputeConfig(budget=0.5, step_peak=2**20).fits_step_peak
+    for bad in (100, 1.5, "1MiB", True):
+        with pytest.raises(OptionError, match="step_peak"):
+            RecomputeConfig(step_peak=bad)
