@@ -1,0 +1,207 @@
+"""A training step within a memory budget: options={"budget": ...} vs eager and PyTorch's
+`activation_memory_budget`, on the built-in decoder at its 112M-parameter size.
+
+One full fine-tuning step (forward + cross-entropy loss + backward, then
+`zero_grad(set_to_none=True)`), fp32, train mode, on the CPU. Configs:
+
+  eager              plain PyTorch autograd (the baseline)
+  inductor           torch.compile(model): Inductor, its min-cut partitioner (activation_memory_budget 1.0)
+  inductor-amb50/20  the same with torch._functorch.config.activation_memory_budget 0.5 / 0.2
+  memsave-<p>        torch.compile(model, backend="memsave", options={"budget": B}) with B = p % of
+                     the eager step's measured peak, measured first in the same process (an eager
+                     step, then the compile): exactly the option as a user writes it. p = 25 is the
+                     issue's lowest point: below the weights + gradients alone here, so the
+                     expected result is memsave's BudgetError (recorded, with the lowest peak it found)
+
+Per config (benchmarks/harness.py: one fresh process per run, glibc's default allocator):
+  step_peak_mib   the step's peak as a user sees it: the bytes of the weights + the peak of live
+                  CPU-allocator bytes the forward and backward add (memsave.MemoryTracker; the
+                  gradients included, as they start as None)
+  rss_growth_mib  peak RSS growth of one step (VmHWM after reset_peak_rss)
+  step_ms         median wall time of `iters` steps (after one warm-up)
+  compile_s       the first step, which compiles
+and for memsave: budget_mib, the plan's own figure (plan_step_peak_mib: the weights + the
+simulated peak of forward then backward), extra_gflops (what the backward recomputes) and
+smallest_mib where the budget cannot be met.
+
+    python benchmarks/bench_budget_training.py            # -> docs/results/budget_training.{json,md,png}
+    python benchmarks/bench_budget_training.py --quick    # a tiny decoder, codegen fx: a smoke test
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import (  # noqa: E402
+    Benchmark,
+    MiB,
+    current_rss_bytes,
+    main,
+    peak_rss_bytes,
+    reset_peak_rss,
+    time_call,
+    with_sections,
+)
+from benchmarks.harness import run_median as _median  # noqa: E402
+
+SHARES = (90, 75, 60, 25)
+PYTORCH_BUDGETS = {"inductor": 1.0, "inductor-amb50": 0.5, "inductor-amb20": 0.2}
+CONFIGS = ["eager", *PYTORCH_BUDGETS, *(f"memsave-{p}" for p in SHARES)]
+# decoder-medium (memsave.models.DECODER_SIZES["medium"]: 112,082,688 parameters), batch 2 x 512.
+PARAMS = {"size": "medium", "n_layers": 10, "batch": 2, "seq": 512, "iters": 2, "codegen": "inductor"}
+QUICK = {"size": "tiny", "n_layers": 4, "batch": 4, "seq": 128, "iters": 2, "codegen": "fx"}
+
+
+def _build(params: dict):
+    import torch
+
+    from memsave.models import build_decoder
+
+    model = build_decoder(params["size"], n_layers=params["n_layers"], max_seq_len=max(512, params["seq"])).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (params["batch"], params["seq"]), generator=g)
+    return model, ids
+
+
+def _step_peak(model, fn, ids) -> tuple[int, float]:
+    """(weights + the live bytes one step adds at its peak, the loss)."""
+    from memsave.memory.track import MemoryTracker
+
+    model.zero_grad(set_to_none=True)
+    with MemoryTracker("cpu") as tracker:
+        loss = fn(ids, ids)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + tracker.stats.peak_bytes, float(loss)
+
+
+def measure(config: str, params: dict) -> dict[str, float]:
+    import time
+
+    import torch
+
+    import memsave
+
+    torch.manual_seed(0)
+    model, ids = _build(params)
+    out: dict[str, float] = {"parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    codegen = params["codegen"]
+    if config == "eager":
+        fn = model
+    elif config in PYTORCH_BUDGETS:
+        torch._functorch.config.activation_memory_budget = PYTORCH_BUDGETS[config]
+        fn = torch.compile(model, backend="inductor" if codegen == "inductor" else "aot_eager_decomp_partition")
+    else:
+        eager, _ = _step_peak(model, model, ids)
+        budget = int(int(config.split("-")[1]) / 100 * eager)
+        out.update(eager_step_peak_mib=eager / MiB, budget_mib=budget / MiB)
+        fn = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": codegen})
+    start = time.perf_counter()
+    try:
+        with memsave.collect() as reports:
+            _, out["loss"] = _step_peak(model, fn, ids)  # compiles
+    except memsave.BudgetError as e:
+        out["smallest_mib"] = e.smallest_bytes / MiB
+        print(f"BudgetError: {e}", file=sys.stderr)
+        return out
+    out["compile_s"] = time.perf_counter() - start
+    for record in (r for report in reports for r in report.records if r.name == "recompute"):
+        out["plan_step_peak_mib"] = record.details["step_peak_bytes"] / MiB
+        out["extra_gflops"] = record.details["extra_flops"] / 1e9
+    reset_peak_rss()
+    before = current_rss_bytes()
+    out["step_peak_mib"] = _step_peak(model, fn, ids)[0] / MiB
+    out["rss_growth_mib"] = (peak_rss_bytes() - before) / MiB
+
+    def step():
+        fn(ids, ids).backward()
+        model.zero_grad(set_to_none=True)
+
+    out["step_ms"] = statistics.median(time_call(step, warmup=1, iters=params["iters"]))
+    return out
+
+
+def sections(results: dict) -> str:
+    eager_peak, eager_ms = _median(results, "eager", "step_peak_mib"), _median(results, "eager", "step_ms")
+    lines = ["", "## Budgets as measured", "",
+             "Each memsave config's budget is its share of the eager step's peak measured in its own process. "
+             "Nearest PyTorch config: the Inductor activation_memory_budget run whose measured peak is closest.", "",
+             "| config | budget MiB | measured step peak MiB | ≤ budget | plan's figure MiB | step ms | vs eager | "
+             "nearest PyTorch config (peak MiB, step ms) |", "|---|---:|---:|---|---:|---:|---:|---|"]
+    pytorch = [(c, p, t) for c in PYTORCH_BUDGETS if (p := _median(results, c, "step_peak_mib")) is not None
+               and (t := _median(results, c, "step_ms")) is not None]
+    for share in SHARES:
+        c = f"memsave-{share}"
+        budget = _median(results, c, "budget_mib")
+        if budget is None:
+            continue
+        smallest = _median(results, c, "smallest_mib")
+        if smallest is not None:
+            lines.append(f"| {c} | {budget:.0f} | BudgetError: the lowest peak memsave found is {smallest:.0f} MiB | "
+                         "not met | – | – | – | – |")
+            continue
+        peak, plan, ms = (_median(results, c, m) for m in ("step_peak_mib", "plan_step_peak_mib", "step_ms"))
+        if peak is None:
+            continue
+        near = min(pytorch, key=lambda t: abs(t[1] - peak)) if pytorch else None
+        ratio = f"{ms / eager_ms:.2f}×" if eager_ms else "–"
+        lines.append(f"| {c} | {budget:.0f} | {peak:.0f} | {'yes' if peak <= budget else '**NO**'} | {plan:.0f} | "
+                     f"{ms:.0f} | {ratio} | "
+                     + (f"{near[0]} ({near[1]:.0f}, {near[2]:.0f})" if near else "–") + " |")
+    if eager_peak:
+        lines += ["", f"Eager's step peak: {eager_peak:.0f} MiB (¼ of it: {eager_peak / 4:.0f} MiB)."]
+    return "\n".join(lines) + "\n"
+
+
+def draw(results: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    configs = [c for c in results["configs"] if _median(results, c, "step_peak_mib") is not None]
+    fig = Figure(figsize=(10, 4.5))
+    FigureCanvasAgg(fig)
+    for i, (metric, label) in enumerate((("step_peak_mib", "step peak MiB (weights + tracked)"),
+                                         ("step_ms", "step time ms (median)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        values = [_median(results, c, metric) for c in configs]
+        colors = ["tab:blue" if c.startswith("memsave") else "tab:red" if c.startswith("inductor") else "grey"
+                  for c in configs]
+        ax.bar(range(len(configs)), values, color=colors)
+        if metric == "step_peak_mib":
+            for j, c in enumerate(configs):
+                budget = _median(results, c, "budget_mib")
+                if budget is not None:
+                    ax.plot([j - 0.4, j + 0.4], [budget, budget], "k--", lw=1)
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Training step within a budget (dashed: memsave's budget); decoder, fp32, CPU", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+BENCH = Benchmark(
+    name="budget_training",
+    title="A training step within options={'budget': ...}: memsave vs eager and PyTorch's activation_memory_budget",
+    configs=CONFIGS,
+    baseline="eager",
+    measure=measure,
+    metrics={"step_peak_mib": "lower", "rss_growth_mib": "lower", "step_ms": "lower", "compile_s": "lower"},
+    params=PARAMS,
+    quick=QUICK,
+    repeats=1,
+    timeout_s=3600.0,
+    default_allocator=True,
+    report=with_sections(sections),
+    draw=draw,
+)
+
+
+if __name__ == "__main__":
+    main(BENCH)
