@@ -91,3 +91,28 @@ def test_step_peak_is_a_byte_count():
     for bad in (100, 1.5, "1MiB", True):
         with pytest.raises(OptionError, match="step_peak"):
             RecomputeConfig(step_peak=bad)
+
+
+def test_a_training_budget_counts_gradients_stepped_in_the_backward_as_freed():
+    """With memsave.optimizer_in_backward, each gradient is stepped and freed inside the backward:
+    a budget below the weights + all the gradients is met, where without it nothing fits."""
+    model = build_decoder("tiny", n_layers=4, hidden=256, n_heads=4, n_kv_heads=2, intermediate=688).train()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = int(1.6 * weights)  # below weights + gradients (2x the weights)
+    compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
+    with pytest.raises(memsave.BudgetError, match="lowest peak memsave found"):
+        _step(model, compiled, ids)
+    torch._dynamo.reset()
+    handle = memsave.optimizer_in_backward(model, torch.optim.SGD, lr=1e-3)
+    try:
+        with memsave.collect() as reports:
+            compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
+            _step(model, compiled, ids)
+        measured = _step(model, compiled, ids)
+        assert measured <= budget, (measured, budget)
+        assert _recompute_record(reports).details["step_peak_bytes"] < 2 * weights
+        assert all(p.grad is None for p in model.parameters())  # stepped and freed inside the backward
+    finally:
+        handle.remove()
+        torch._dynamo.reset()

@@ -53,7 +53,11 @@ def is_weight_node(node: fx.Node) -> bool:
     return node.op == "get_attr" or bool(node.meta.get(WEIGHT_TAG))
 
 
-def estimate_memory(gm: fx.GraphModule) -> MemoryEstimate:
+def estimate_memory(gm: fx.GraphModule, consumed_outputs: frozenset[int] = frozenset()) -> MemoryEstimate:
+    """`consumed_outputs`: positions in the graph's (flat) outputs of values that something in
+    the graph consumes and frees right after their last use instead of returning them (the
+    gradients memsave.optimizer_in_backward steps inside the backward: passes/joint/
+    step_in_backward.py rewrites the graph so after this estimate)."""
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     weight_bytes = input_bytes = 0
@@ -79,12 +83,17 @@ def estimate_memory(gm: fx.GraphModule) -> MemoryEstimate:
 
     # A storage dies after the last use of any node that refers to it. FX keeps a tuple-valued
     # node alive until its last getitem, so its elements live at least that long.
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    returned = _flatten_nodes(output.args)
+    consumed = {arg for i, arg in enumerate(_output_slots(output.args)) if i in consumed_outputs and arg is not None}
     for node in nodes:
-        last = max((position[u] for u in node.users), default=position[node])
+        # a consumed output dies after its last use other than being returned
+        last = max((position[u] for u in node.users if not (u is output and node in consumed)), default=position[node])
         for st in storages_of[node]:
             st.last_use = max(st.last_use, last)
-    output = next(n for n in reversed(nodes) if n.op == "output")
-    for arg in _flatten_nodes(output.args):
+    for arg in returned:
+        if arg in consumed:
+            continue
         for st in storages_of.get(arg, []):
             st.is_output = True
 
@@ -112,6 +121,12 @@ def estimate_memory(gm: fx.GraphModule) -> MemoryEstimate:
         if st.is_output and st.kind == "activation"
     )
     return MemoryEstimate(weight_bytes, input_bytes, peak, peak_node, output_bytes, tuple(timeline))
+
+
+def _output_slots(args) -> list[fx.Node | None]:
+    """The graph's flat outputs in order, None where an output is not a node (a None gradient)."""
+    flat = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    return [a if isinstance(a, fx.Node) else None for a in flat]
 
 
 def _flatten_nodes(args) -> list[fx.Node]:

@@ -34,13 +34,14 @@ def saved_activation_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> tuple[in
     return sum(activations.values()), inputs
 
 
-def simulated_peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> dict[str, int]:
+def simulated_peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
+                   consumed_grads: frozenset[int] = frozenset()) -> dict[str, int]:
     """Peak activation bytes of running the forward, then the backward, with saved tensors
     alive in between and each one freed after its last use in the backward (the boxed
     calling convention). The forward's peak counts its saved outputs, which it allocates."""
     fw_est = estimate_memory(fw)
     saved_bytes, _ = saved_activation_bytes(fw, num_fwd_outputs)
-    bw_est = estimate_memory(bw)
+    bw_est = estimate_memory(bw, consumed_grads)  # a stepped-in-backward gradient dies at its last use
     # Saved activations arrive as the backward's inputs: estimate_memory does not count those,
     # so add each saved storage until the last use of any view of it here.
     root_of = {n.name: storage_root(n) for n in saved_outputs(fw, num_fwd_outputs)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextvars
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from memsave.graph.meta import describe_val, node_tensor_bytes
@@ -85,7 +86,8 @@ def partition(
             reference = None if isinstance(config.budget, int) else min_cut.saved_bytes
             plan_details["reference_saved_bytes"] = min_cut.saved_bytes
             if config.fits_step_peak:  # a training budget: the step's whole peak (choose_peak_plan)
-                choice = choose_peak_plan(jg, config.step_peak, prebuilt=[(min_cut, mc_fw, mc_bw)])
+                choice = choose_peak_plan(jg, config.step_peak, prebuilt=[(min_cut, mc_fw, mc_bw)],
+                                          consumed_grads=stepped_gradients(joint, ctx))
             else:
                 choice = choose_budget_plan(jg, config.budget, reference, prebuilt=[(min_cut, mc_fw, mc_bw)])
             fw, bw, plan = choice.fw, choice.bw, choice.plan
@@ -118,16 +120,19 @@ def partition(
     saved_bytes, saved_input_bytes = saved_activation_bytes(fw, num_fwd_outputs)
     peak = simulated_peak(fw, bw, num_fwd_outputs)
     step_peak = getattr(config, "step_peak", None)
+    # What a training budget bounds: the weights + the simulated peak, the gradients that
+    # memsave.optimizer_in_backward steps freed inside the backward.
+    stepped = simulated_peak(fw, bw, num_fwd_outputs, stepped_gradients(joint, ctx)) if ctx is not None else peak
     if step_peak is not None:
         plan_details["step_peak_budget"] = step_peak
-        if peak["weight_bytes"] + peak["peak"] > step_peak:  # a plan the user pinned: checked, not chosen
+        total = stepped["weight_bytes"] + stepped["peak"]
+        if total > step_peak:  # a plan the user pinned: checked, not chosen
             from memsave.budget.knapsack import BudgetError
 
-            total = peak["weight_bytes"] + peak["peak"]
             raise BudgetError(
                 f"options['budget'] {fmt_bytes(step_peak)} cannot be met with options['recompute'] "
                 f"{config.describe()!r}: this training step's peak is {fmt_bytes(total)} (weights "
-                f"{fmt_bytes(peak['weight_bytes'])} + {fmt_bytes(peak['peak'])} simulated); leave options['recompute'] "
+                f"{fmt_bytes(stepped['weight_bytes'])} + {fmt_bytes(stepped['peak'])} simulated); leave options['recompute'] "
                 "out and the budget chooses the plan", total)
     notes = (
         f"policy {policy}: saves {len(saved)} tensors ({fmt_bytes(saved_bytes)} of activations{budget_note}) "
@@ -145,7 +150,7 @@ def partition(
         "forward_flops": sum(node_flops(n) for n in fw.graph.nodes if n.op == "call_function"),
         "budget_bytes": plan_details.pop("budget_bytes", None),
         "weight_bytes": peak["weight_bytes"],
-        "step_peak_bytes": peak["weight_bytes"] + peak["peak"],  # what a training budget bounds
+        "step_peak_bytes": stepped["weight_bytes"] + stepped["peak"],  # what a training budget bounds
         # The simulated peak of forward then backward, saved tensors alive in between.
         "peak_activation_bytes": peak["peak"],
         "forward_peak_bytes": peak["forward_peak"],
@@ -153,6 +158,19 @@ def partition(
         **plan_details,
     }
     return fw, bw, PassResult(bool(recomputed), notes, details)
+
+
+def stepped_gradients(joint: fx.GraphModule, ctx: PassContext | None) -> frozenset[int]:
+    """Positions among the backward's outputs (one gradient per primal, in order) of the
+    parameters memsave.optimizer_in_backward holds: passes/joint/step_in_backward.py steps and
+    frees those inside the backward, after the partition."""
+    from memsave.optim.in_backward import is_held
+
+    if ctx is None:
+        return frozenset()
+    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    return frozenset(i for i, n in enumerate(primals)
+                     if isinstance(v := ctx.real_inputs.get(n.name), torch.Tensor) and is_held(v))
 
 
 def plan_of_partition(jg: JointGraph, fw: fx.GraphModule, bw: fx.GraphModule, *, source: str) -> Plan:

@@ -332,19 +332,21 @@ def minimum_plan(jg: JointGraph, *, use_ilp: bool) -> Plan:
 Prebuilt = tuple[Plan, fx.GraphModule, fx.GraphModule]  # a plan another partitioner already split
 
 
-def _rank(jg: JointGraph, plans: list[Plan], prebuilt: list[Prebuilt] = ()) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
-    """Forward and backward graphs and the simulated peak of each distinct plan."""
+def _rank(jg: JointGraph, plans: list[Plan], prebuilt: list[Prebuilt] = (),
+          consumed_grads: frozenset[int] = frozenset()) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
+    """Forward and backward graphs and the simulated peak of each distinct plan (gradients at
+    `consumed_grads` stepped in the backward: see simulated_peak)."""
     ranked, seen = [], set()
     for plan, fw, bw in prebuilt:
         seen.add(plan.saved)
-        ranked.append((plan, fw, bw, simulated_peak(fw, bw, jg.num_fwd_outputs)))
+        ranked.append((plan, fw, bw, simulated_peak(fw, bw, jg.num_fwd_outputs, consumed_grads)))
     for plan in sorted(plans, key=lambda p: p.cost):
         if plan.saved in seen:
             continue
         seen.add(plan.saved)
         jg.check(plan)
         fw, bw = split(jg, plan)
-        ranked.append((plan, fw, bw, simulated_peak(fw, bw, jg.num_fwd_outputs)))
+        ranked.append((plan, fw, bw, simulated_peak(fw, bw, jg.num_fwd_outputs, consumed_grads)))
     return ranked
 
 
@@ -425,13 +427,15 @@ def _choose_min_peak(jg: JointGraph, reference_bytes: int | None, use_ilp: bool,
 STEP_PEAK_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05)
 
 
-def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = ()) -> Choice:
+def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = (),
+                     consumed_grads: frozenset[int] = frozenset()) -> Choice:
     """A training budget (options['budget']): the plan with the least recompute cost whose step
     peak, the weights + the simulated peak of forward then backward (saved activations,
     gradients, the backward's working set), fits `step_peak`; then the lowest peak. Candidates:
     no recompute, the prebuilt (min-cut), the budget solver at a spread of saved-bytes limits,
     segment checkpointing at every segment count, selective, the fewest saved bytes. None fits:
-    a BudgetError naming the lowest step peak found and its plan."""
+    a BudgetError naming the lowest step peak found and its plan. `consumed_grads`: the
+    backward's outputs (gradients) memsave.optimizer_in_backward steps and frees inside it."""
     from memsave.budget.knapsack import BudgetError
     from memsave.report import fmt_bytes
 
@@ -444,7 +448,7 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
         plans.append(solve_ilp(jg, limit) if use_ilp else solve_greedy(jg, limit))
     plans += [plan_sqrt(jg, k) for k in _segment_counts(len(jg.block_starts()))]
     plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
-    ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt))
+    ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt), consumed_grads)
     weights = ranked[0][3]["weight_bytes"]
     margin = step_peak_margin(jg)
     fits = [item for item in ranked if weights + item[3]["peak"] + margin <= step_peak]
