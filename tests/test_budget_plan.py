@@ -78,8 +78,9 @@ def test_logits_are_judged_by_their_distribution_and_other_outputs_by_their_size
     assert error_measure("auto", logits, [64]) == "kl"
     assert error_measure("auto", logits, [30, 100]) == "relative"
     assert error_measure("relative", logits, [64]) == "relative"
-    with pytest.raises(ValueError, match="valid choices: 'auto', 'kl', 'relative'"):
-        error_measure("cosine", logits, [64])
+    for bad in ("cosine", "noise"):  # "noise" names a plan made without a model run, not a choice
+        with pytest.raises(ValueError, match="valid choices: 'auto', 'kl', 'relative'"):
+            error_measure(bad, logits, [64])
     kl, relative = OutputChange(logits, "kl"), OutputChange(logits, "relative")
     # Moving every logit of a position alike changes no probability: no KL, a large relative change.
     shifted = logits + torch.randn(2, 5, 1)
