@@ -15,19 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
-from memsave.config.base import OptionError
+from memsave.config.base import BudgetError  # noqa: F401  (defined low: passes raise it too)
 
 MILP_MAX_VARIABLES = 20000
 MILP_TIME_LIMIT_S = 20.0
 
 
-class BudgetError(OptionError):
-    """No plan fits: carries the smallest plan's size. An OptionError (a ValueError), so that
-    torch.compile raises it as it is, not wrapped in BackendCompilerFailed."""
-
-    def __init__(self, message: str, smallest_bytes: int):
-        super().__init__(message)
-        self.smallest_bytes = smallest_bytes
 
 
 def choose(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], capacity: int) -> tuple[list[int], str]:

@@ -29,6 +29,16 @@ class OptionError(ValueError, _Unwrapped):
             _Unwrapped.__init__(self, message, first_useful_frame=None)
 
 
+class BudgetError(OptionError):
+    """No plan fits a memory budget: carries the smallest plan's size. An OptionError (a
+    ValueError), so that torch.compile raises it as it is, not wrapped in BackendCompilerFailed.
+    Raised by memsave.plan (budget/) and by a training step's recompute plan (passes/joint/)."""
+
+    def __init__(self, message: str, smallest_bytes: int):
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
+
+
 PASS_FAMILIES = (
     "quantize",
     "prune",

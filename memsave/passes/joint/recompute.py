@@ -127,7 +127,7 @@ def partition(
         plan_details["step_peak_budget"] = step_peak
         total = stepped["weight_bytes"] + stepped["peak"]
         if total > step_peak:  # a plan the user pinned: checked, not chosen
-            from memsave.budget.knapsack import BudgetError
+            from memsave.config.base import BudgetError
 
             raise BudgetError(
                 f"options['budget'] {fmt_bytes(step_peak)} cannot be met with options['recompute'] "

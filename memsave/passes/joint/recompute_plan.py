@@ -436,7 +436,7 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
     segment checkpointing at every segment count, selective, the fewest saved bytes. None fits:
     a BudgetError naming the lowest step peak found and its plan. `consumed_grads`: the
     backward's outputs (gradients) memsave.optimizer_in_backward steps and frees inside it."""
-    from memsave.budget.knapsack import BudgetError
+    from memsave.config.base import BudgetError
     from memsave.report import fmt_bytes
 
     start = time.perf_counter()
