@@ -1054,8 +1054,12 @@ int ms_linear_w8a8(const int8_t *qx, const float *sx, int64_t M, int64_t K, cons
       }
       total = _mm512_reduce_add_epi32(acc) - 128 * xsum[i];
 #else
+      /* As the VNNI path: sum (qw + 128) * qx - 128 * sum qx. Written as (qw + 128 - 128) * qx,
+       * GCC 12 at -O3 with AVX-VNNI (256-bit; a -mno-avx512f build on a CPU that has it)
+       * vectorized the sequential loop wrongly: 6-10 off on a one-row call (tests). */
       total = 0;
-      for (int64_t k = 0; k < K; k++) total += ((int32_t)wr[k] - 128) * (int32_t)xr[k];
+      for (int64_t k = 0; k < K; k++) total += (int32_t)wr[k] * (int32_t)xr[k];
+      total -= 128 * xsum[i];
 #endif
       y[i * N + r] = (float)total * sx[i] * scale + b;
     }
