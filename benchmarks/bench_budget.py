@@ -412,7 +412,6 @@ def _tensors(model):
 # --------------------------------------------------------------------------- report
 
 
-
 def _error(results: dict, config: str) -> str | None:
     """The first line that says why a config's run failed (the exception's), or None."""
     for r in results["runs"]:

@@ -17,13 +17,13 @@ import dataclasses
 import fnmatch
 from typing import Any
 
+from memsave.budget.candidates import Settings
 from memsave.config import FactorizeConfig, PruneConfig, QuantizeConfig
 from memsave.config.base import OptionError
 from memsave.ops.lowrank import max_useful_rank, rank_for_ratio
 from memsave.ops.sparse import bitmask_bytes
 
 PINNABLE = {"quantize": QuantizeConfig, "prune": PruneConfig, "factorize": FactorizeConfig}
-Settings = dict[str, dict[str, Any]]
 
 
 def pinned_configs(options: dict[str, Any] | None) -> dict[str, Any]:

@@ -353,11 +353,12 @@ def plan_layers(layers: dict[str, torch.Tensor], fixed: int, working: int, limit
         scored, parts = [], {}  # parts: pruned values and factors, shared by the forms that quantize them
         rows = w if score_rows is None else score_rows(w)
         fixed_settings = pins.pinned_settings(name, (n, k), w.element_size(), name in embeddings, configs)
-        if fixed_settings is not None:
+        if fixed_settings is None:
+            menu = [(form, form.for_weight(w, embedding=name in embeddings)) for form in forms]
+        else:  # its only choice: what the user's options give it
             pinned_names.add(name)
-        menu = forms if fixed_settings is None else [Form(pins.describe(fixed_settings))]
-        for form in menu:
-            settings = fixed_settings if fixed_settings is not None else form.for_weight(w, embedding=name in embeddings)
+            menu = [(Form(pins.describe(fixed_settings)), fixed_settings)]
+        for form, settings in menu:
             if settings is None or any(settings == seen for _, seen, _, _ in scored):
                 continue  # not for this weight, or the same stored form as one scored (a share's rank)
             size = stored_bytes(n, k, w.element_size(), settings)

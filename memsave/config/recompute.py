@@ -70,7 +70,7 @@ class RecomputeConfig(FamilyConfig):
             chosen = self.budget is not None or self.step_peak is not None
             object.__setattr__(self, "policy", "budget" if chosen else "min-cut")
         self._check_choice("policy", self.policy, self.POLICIES)
-        if self.policy == "budget" and self.budget is None and self.step_peak is not None:
+        if self.fits_step_peak:
             return  # the step's peak chooses the plan (recompute_plan.choose_peak_plan)
         if self.policy != "budget":
             if self.budget is not None:

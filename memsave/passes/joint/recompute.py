@@ -60,6 +60,8 @@ def partition(
     from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 
     policy = getattr(config, "policy", "none") if config is not None else "none"
+    # Gradients memsave.optimizer_in_backward steps and frees inside the backward (usually none).
+    consumed = stepped_gradients(joint, ctx)
     plan_details: dict[str, Any] = {}
     budget_note = ""
     if policy == "none":
@@ -87,7 +89,7 @@ def partition(
             plan_details["reference_saved_bytes"] = min_cut.saved_bytes
             if config.fits_step_peak:  # a training budget: the step's whole peak (choose_peak_plan)
                 choice = choose_peak_plan(jg, config.step_peak, prebuilt=[(min_cut, mc_fw, mc_bw)],
-                                          consumed_grads=stepped_gradients(joint, ctx))
+                                          consumed_grads=consumed)
             else:
                 choice = choose_budget_plan(jg, config.budget, reference, prebuilt=[(min_cut, mc_fw, mc_bw)])
             fw, bw, plan = choice.fw, choice.bw, choice.plan
@@ -122,7 +124,7 @@ def partition(
     step_peak = getattr(config, "step_peak", None)
     # What a training budget bounds: the weights + the simulated peak, the gradients that
     # memsave.optimizer_in_backward steps freed inside the backward.
-    stepped = simulated_peak(fw, bw, num_fwd_outputs, stepped_gradients(joint, ctx)) if ctx is not None else peak
+    stepped = simulated_peak(fw, bw, num_fwd_outputs, consumed) if consumed else peak
     if step_peak is not None:
         plan_details["step_peak_budget"] = step_peak
         total = stepped["weight_bytes"] + stepped["peak"]
