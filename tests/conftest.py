@@ -7,6 +7,10 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Every compile in the tests checks the graph invariants after every pass (docs/invariants.md).
 os.environ.setdefault("MEMSAVE_DEBUG", "1")
+# Under pytest-xdist (the README's `-n 2`) two workers share the machine's cores: one thread
+# each, or their OpenMP threads oversubscribe the cores and both run several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

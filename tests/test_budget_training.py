@@ -40,7 +40,10 @@ def test_a_training_budget_bounds_the_measured_step_peak(codegen):
     eager = _step(model, model, ids)
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     extra = []
-    for share in (0.9, 0.6):
+    # Inductor at the tighter budget only (its compiles dominate the suite's time); fx at both,
+    # which also shows a tighter budget recomputing more.
+    shares = (0.9, 0.6) if codegen == "fx" else (0.6,)
+    for share in shares:
         budget = int(share * eager)
         torch._dynamo.reset()
         with memsave.collect() as reports:
@@ -54,7 +57,8 @@ def test_a_training_budget_bounds_the_measured_step_peak(codegen):
         extra.append(details["extra_flops"])
         for name, p in model.named_parameters():  # recompute changes what is saved, not the gradients
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert extra == sorted(extra) and extra[-1] > extra[0]  # tighter budgets recompute more
+    if codegen == "fx":
+        assert extra == sorted(extra) and extra[-1] > extra[0]  # tighter budgets recompute more
     torch._dynamo.reset()
 
 

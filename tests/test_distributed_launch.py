@@ -15,6 +15,10 @@ from memsave.cli import main
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_workers as workers  # noqa: E402  (module-level spawn targets)
 
+# Under `pytest -n 2` the multi-process tests run one after another on one worker: ranks of two
+# of them at once would oversubscribe the cores past their deadlines.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 
 @pytest.mark.timeout(120)
 def test_launch_returns_each_ranks_value_in_rank_order():

@@ -27,6 +27,10 @@ from memsave.passes.dynamo.shard_pipeline import fold_lifted_scalars, split_grap
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_workers as workers  # noqa: E402  (module-level spawn targets)
 
+# Under `pytest -n 2` the multi-process tests run one after another on one worker: ranks of two
+# of them at once would oversubscribe the cores past their deadlines.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 ATOL = 1e-5  # fp32: a pipeline reorders nothing inside a stage, so only summation order differs
 
 

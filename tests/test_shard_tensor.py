@@ -18,6 +18,10 @@ from memsave.passes.dynamo.shard_tensor import TensorParallelError
 import tp_workers
 from tp_workers import build, spawn
 
+# Under `pytest -n 2` the multi-process tests run one after another on one worker: ranks of two
+# of them at once would oversubscribe the cores past their deadlines.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 ATOL = 1e-5
 OPTIONS = {"tensor_parallel": "auto", "codegen": "fx", "debug": False}
 LR = 0.5
