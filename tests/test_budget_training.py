@@ -54,6 +54,9 @@ def test_a_training_budget_bounds_the_measured_step_peak(codegen):
         details = _recompute_record(reports).details
         assert details["step_peak_budget"] == budget and details["budget_met"]
         assert details["step_peak_bytes"] <= budget  # the simulation's figure, margin aside
+        if codegen == "fx":  # run op by op, the step peaks where the simulation says (op temporaries
+            # included: prims.fma's product was one 1 MiB attention-score tensor it missed)
+            assert abs(measured - details["step_peak_bytes"]) <= 2**18, (share, measured, details["step_peak_bytes"])
         extra.append(details["extra_flops"])
         for name, p in model.named_parameters():  # recompute changes what is saved, not the gradients
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -44,6 +44,7 @@ from memsave.passes.joint.recompute_plan import (
     no_recompute_plan,
     plan_selective,
     plan_sqrt,
+    step_peak_margin,
 )
 from memsave.report import fmt_bytes
 
@@ -127,15 +128,16 @@ def partition(
     stepped = simulated_peak(fw, bw, num_fwd_outputs, consumed) if consumed else peak
     if step_peak is not None:
         plan_details["step_peak_budget"] = step_peak
-        total = stepped["weight_bytes"] + stepped["peak"]
+        margin = step_peak_margin(fw, bw)  # as choose_peak_plan keeps back
+        total = stepped["weight_bytes"] + stepped["peak"] + margin
         if total > step_peak:  # a plan the user pinned: checked, not chosen
             from memsave.config.base import BudgetError
 
             raise BudgetError(
                 f"options['budget'] {fmt_bytes(step_peak)} cannot be met with options['recompute'] "
                 f"{config.describe()!r}: this training step's peak is {fmt_bytes(total)} (weights "
-                f"{fmt_bytes(stepped['weight_bytes'])} + {fmt_bytes(stepped['peak'])} simulated); leave options['recompute'] "
-                "out and the budget chooses the plan", total)
+                f"{fmt_bytes(stepped['weight_bytes'])} + {fmt_bytes(stepped['peak'])} simulated + a margin of "
+                f"{fmt_bytes(margin)}); leave options['recompute'] out and the budget chooses the plan", total)
     notes = (
         f"policy {policy}: saves {len(saved)} tensors ({fmt_bytes(saved_bytes)} of activations{budget_note}) "
         f"for backward, recomputes {len(recomputed)} ops ({extra_flops / 1e6:.3g} MFLOP extra) and {views} views",

@@ -450,7 +450,7 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
     plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
     ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt), consumed_grads)
     weights = ranked[0][3]["weight_bytes"]
-    margin = step_peak_margin(jg)
+    margin = step_peak_margin(jg.joint)
     fits = [item for item in ranked if weights + item[3]["peak"] + margin <= step_peak]
     considered = [*(item[0] for item in prebuilt), *plans]
     if not fits:
@@ -469,10 +469,12 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
     return Choice(plan, fw, bw, peak, step_peak - weights - margin, True, candidates, time.perf_counter() - start)
 
 
-def step_peak_margin(jg: JointGraph) -> int:
-    """What a training budget keeps back from the simulated peak: twice the joint graph's
-    largest intermediate tensor. The simulation runs the graphs' ops in their order, each value
-    freed after its last use; run for real on the tests' small decoder, the step held more than
-    that under recompute (about one attention-score tensor), and tests/test_budget_training.py
-    holds the measured peak within the budget with this margin."""
-    return 2 * max((node_tensor_bytes(n) for n in jg.joint.graph.nodes if n.op == "call_function"), default=0)
+def step_peak_margin(*graphs: fx.GraphModule) -> int:
+    """What a training budget keeps back from the simulated peak: the graphs' largest
+    intermediate tensor. The simulation runs the graphs' ops in their order, each value freed
+    after its last use, each op's internal temporaries counted (memory.estimate.WORKSPACE).
+    Measured on the tests' small decoder (tests/test_budget_training.py, 1 MiB attention
+    scores the largest tensor): run as FX code the step peaked within 0.13 MiB of the
+    simulation at four budgets; through Inductor, whose fusion and order differ, from 0.76 MiB
+    below to 0.68 MiB above it."""
+    return max((node_tensor_bytes(n) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"), default=0)
