@@ -104,7 +104,7 @@ def run_dynamo_steps(gm: fx.GraphModule, real_inputs: list[Any], inputs: Sequenc
         started = time.perf_counter()
         steps.kv_attention = fuse_kv_attention(gm)
         steps.kv_attention.details["seconds"] = time.perf_counter() - started
-    if config.chunk is not None:
+    if config.chunk is not None and (training or not config.chunk.training_only):
         # Loss and attention rewrites that bring their own backward happen here, before
         # AOTAutograd traces forward and backward (passes/dynamo/chunk_capture.py).
         from memsave.passes.dynamo.chunk_capture import capture_chunk_patterns

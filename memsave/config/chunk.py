@@ -49,6 +49,10 @@ class ChunkConfig(FamilyConfig):
     targets: tuple[str, ...] = CHUNK_TARGETS
     chunk_size: int | None = None
     budget: int | None = None
+    # Set by options['budget'] when options['chunk'] is left out (Config.from_options): a
+    # training step's budget gets the exact rewrites (the loss over chunks, attention as SDPA)
+    # before its recompute plan is chosen; inference graphs are left to the planner's forms.
+    training_only: bool = False
 
     def __post_init__(self):
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -78,4 +82,5 @@ class ChunkConfig(FamilyConfig):
 
     def describe(self) -> str:
         size = f"{self.chunk_size} tokens" if self.chunk_size else f"budget {(self.budget or CHUNK_DEFAULT_BUDGET) / 2**20:g} MiB"
-        return f"{'+'.join(self.targets)}, {size}"
+        chosen = " (chosen by the training budget)" if self.training_only else ""
+        return f"{'+'.join(self.targets)}, {size}{chosen}"

@@ -123,6 +123,11 @@ class Config:
                     f"unknown memsave option {key!r}; valid keys: {_choices(sorted(valid))}"
                 )
         merged = {**DEFAULT_RECIPE, **options}
+        if merged.get("budget") is not None and "chunk" not in options:
+            # A training step's budget: the loss over chunks and attention as SDPA (exact) lower
+            # the peak the recompute plan starts from (ChunkConfig.training_only); "chunk": "none"
+            # or a chunk config beside the budget pins it instead.
+            merged["chunk"] = ChunkConfig(targets=("loss", "attention"), training_only=True)
         if "debug_dir" not in merged and os.environ.get("MEMSAVE_DEBUG_DIR"):
             merged["debug_dir"] = os.environ["MEMSAVE_DEBUG_DIR"]
         if "debug" not in merged and os.environ.get("MEMSAVE_DEBUG") == "1":
