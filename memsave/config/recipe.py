@@ -164,7 +164,8 @@ def describe_options() -> list[tuple[str, str, str]]:
         rows.append((name, f"{shorts} or dict({keys})", (cls.__doc__ or "").strip().splitlines()[0]))
     rows.append(("budget", "bytes, or a string such as '24MiB', '1.5GB'",
                  "stored weights + one call's peak of live tensors within this: memsave.plan picks each linear's form (inference); "
-                 "weights that quantize/prune/factorize options name keep what those give them"))
+                 "weights that quantize/prune/factorize options name keep what those give them; a training step's peak: "
+                 "the loss chunked, attention as SDPA (unless chunk is given) and the recompute plan chosen to fit"))
     rows.append(("codegen", _choices(CODEGEN_CHOICES), "how the transformed graph runs"))
     rows.append(("debug_dir", "path", "write the graph after every pass and the per-pass table"))
     rows.append(("debug", "True/False", "check invariants and measure error after every pass"))
