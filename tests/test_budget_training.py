@@ -150,3 +150,27 @@ def test_a_training_budget_counts_gradients_stepped_in_the_backward_as_freed():
     finally:
         handle.remove()
         torch._dynamo.reset()
+
+
+def test_the_optimizer_steps_temporaries_are_counted_where_it_steps_in_the_backward():
+    """AdamW's step allocates two parameter-sized temporaries (sqrt(v), its quotient), measured
+    when optimizer_in_backward builds it; the plan adds them where each gradient is stepped, so
+    run as FX code the step peaks where the plan says."""
+    model = build_decoder("tiny", n_layers=4, hidden=256, n_heads=4, n_kv_heads=2, intermediate=688).train()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    handle = memsave.optimizer_in_backward(model, torch.optim.AdamW, lr=1e-3)
+    try:
+        assert handle.step_workspace_note is None and handle.step_workspace_ratio == pytest.approx(2.0, abs=0.05)
+        budget = int(1.6 * weights)
+        with memsave.collect() as reports:
+            compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
+            _step(model, compiled, ids)  # compiles; AdamW's state is made here, outside the next step
+        measured = _step(model, compiled, ids)
+        planned = _recompute_record(reports).details["step_peak_bytes"]
+        assert measured <= budget, (measured, budget)
+        largest = max(p.numel() * p.element_size() for p in model.parameters())
+        assert abs(measured - planned) <= largest // 4, (measured, planned, largest)
+    finally:
+        handle.remove()
+        torch._dynamo.reset()

@@ -13,6 +13,7 @@ the call and after it.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from typing import Any, Callable
@@ -74,11 +75,13 @@ def is_weight_node(node: fx.Node) -> bool:
     return node.op == "get_attr" or bool(node.meta.get(WEIGHT_TAG))
 
 
-def estimate_memory(gm: fx.GraphModule, consumed_outputs: frozenset[int] = frozenset()) -> MemoryEstimate:
+def estimate_memory(gm: fx.GraphModule, consumed_outputs: Collection[int] = frozenset()) -> MemoryEstimate:
     """`consumed_outputs`: positions in the graph's (flat) outputs of values that something in
     the graph consumes and frees right after their last use instead of returning them (the
     gradients memsave.optimizer_in_backward steps inside the backward: passes/joint/
-    step_in_backward.py rewrites the graph so after this estimate)."""
+    step_in_backward.py rewrites the graph so after this estimate). A mapping gives, per
+    position, the temporary bytes the consumer allocates right after that last use (the
+    optimizer step's: optim.in_backward.step_workspace_bytes)."""
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     weight_bytes = input_bytes = 0
@@ -112,6 +115,12 @@ def estimate_memory(gm: fx.GraphModule, consumed_outputs: frozenset[int] = froze
         last = max((position[u] for u in node.users if not (u is output and node in consumed)), default=position[node])
         for st in storages_of[node]:
             st.last_use = max(st.last_use, last)
+    consumer_workspace: dict[int, int] = {}  # position -> the consumers' temporaries right after it
+    if isinstance(consumed_outputs, Mapping):
+        for i, arg in enumerate(_output_slots(output.args)):
+            if i in consumed_outputs and arg is not None:
+                at = max((position[u] for u in arg.users if u is not output), default=position[arg])
+                consumer_workspace[at] = consumer_workspace.get(at, 0) + consumed_outputs[i]
     for arg in returned:
         if arg in consumed:
             continue
@@ -131,7 +140,7 @@ def estimate_memory(gm: fx.GraphModule, consumed_outputs: frozenset[int] = froze
             live += st.nbytes
             if not st.is_output:
                 dying.setdefault(st.last_use, []).append(st)
-        workspace = workspace_bytes(node)
+        workspace = workspace_bytes(node) + consumer_workspace.get(position[node], 0)
         if live + workspace > peak:
             peak, peak_node = live + workspace, node.name
         timeline.append((node.name, live + workspace))

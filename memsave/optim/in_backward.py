@@ -41,6 +41,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memsave.config import OptionError
+from memsave.optim.step_workspace import UNMEASURED_RATIO, measure_step_workspace
 
 # parameter -> its entry. A compiled backward passes the parameter itself to
 # memsave::step_in_backward (never a number baked into the graph: Dynamo reuses one compiled
@@ -61,6 +62,13 @@ def is_held(param: torch.Tensor) -> bool:
     """Whether an in-backward optimizer holds this parameter now."""
     entry = _by_param.get(param)
     return entry is not None and entry.handle is not None
+
+
+def step_workspace_bytes(param: torch.Tensor) -> int:
+    """The temporary bytes the holding optimizer's step allocates for `param` (measured ratio x
+    its bytes), what a training budget adds when the gradient is stepped in the backward."""
+    handle = _by_param[param].handle
+    return int(handle.step_workspace_ratio * param.numel() * param.element_size())
 
 
 def claim(param: torch.Tensor, graph_id: int) -> str | None:
@@ -108,6 +116,10 @@ class InBackward:
         self._norms: list[torch.Tensor] = []
         self._coef: torch.Tensor | None = None
         self.counts = {"in_graph": 0, "by_hook": 0}  # gradients applied by each road
+        # Temporary bytes of one step per byte of the parameter (optim/step_workspace.py; set by
+        # optimizer_in_backward, which measures it), and why it is not measured, if it is not.
+        self.step_workspace_ratio: float = UNMEASURED_RATIO
+        self.step_workspace_note: str | None = "not measured"
         self._dispatch_state = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
         for p in params:
             entry = _by_param.get(p)
@@ -192,7 +204,9 @@ class InBackward:
             f"{type(self.optimizer).__name__} in the backward: {len(self._params)} parameters "
             f"({weights / 2**20:.1f} MiB), optimizer state {state / 2**20:.1f} MiB "
             f"({state / max(weights, 1):.2f}x the weights); gradients applied inside compiled backwards "
-            f"{self.counts['in_graph']}, by accumulate-grad hooks {self.counts['by_hook']}"
+            f"{self.counts['in_graph']}, by accumulate-grad hooks {self.counts['by_hook']}; a step's temporaries "
+            f"{self.step_workspace_ratio:.2g}x its parameter's bytes"
+            + (f" (assumed: {self.step_workspace_note})" if self.step_workspace_note else " (measured)")
             + (f"; accumulating {self.accumulation_steps} backwards per step" if self.accumulation_steps > 1 else "")
         )
 
@@ -272,4 +286,7 @@ def optimizer_in_backward(
     if not params:
         raise OptionError("optimizer_in_backward: the model has no parameter that requires grad")
     optimizer = optimizer_class(params, *args, **kwargs)
-    return InBackward(params, optimizer, accumulation_steps)
+    handle = InBackward(params, optimizer, accumulation_steps)
+    handle.step_workspace_ratio, handle.step_workspace_note = measure_step_workspace(
+        optimizer_class, args, kwargs, params[0])
+    return handle

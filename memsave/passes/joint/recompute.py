@@ -164,17 +164,18 @@ def partition(
     return fw, bw, PassResult(bool(recomputed), notes, details)
 
 
-def stepped_gradients(joint: fx.GraphModule, ctx: PassContext | None) -> frozenset[int]:
+def stepped_gradients(joint: fx.GraphModule, ctx: PassContext | None) -> dict[int, int]:
     """Positions among the backward's outputs (one gradient per primal, in order) of the
-    parameters memsave.optimizer_in_backward holds: passes/joint/step_in_backward.py steps and
-    frees those inside the backward, after the partition."""
-    from memsave.optim.in_backward import is_held
+    parameters memsave.optimizer_in_backward holds, each with the temporary bytes its
+    optimizer's step allocates: passes/joint/step_in_backward.py steps and frees those
+    gradients inside the backward, after the partition."""
+    from memsave.optim.in_backward import is_held, step_workspace_bytes
 
     if ctx is None:
-        return frozenset()
+        return {}
     primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-    return frozenset(i for i, n in enumerate(primals)
-                     if isinstance(v := ctx.real_inputs.get(n.name), torch.Tensor) and is_held(v))
+    return {i: step_workspace_bytes(v) for i, n in enumerate(primals)
+            if isinstance(v := ctx.real_inputs.get(n.name), torch.Tensor) and is_held(v)}
 
 
 def plan_of_partition(jg: JointGraph, fw: fx.GraphModule, bw: fx.GraphModule, *, source: str) -> Plan:

@@ -48,6 +48,8 @@ Note [Ranking plans by peak]
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import heapq
 import math
 import time
@@ -333,7 +335,7 @@ Prebuilt = tuple[Plan, fx.GraphModule, fx.GraphModule]  # a plan another partiti
 
 
 def _rank(jg: JointGraph, plans: list[Plan], prebuilt: list[Prebuilt] = (),
-          consumed_grads: frozenset[int] = frozenset()) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
+          consumed_grads: Collection[int] = frozenset()) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
     """Forward and backward graphs and the simulated peak of each distinct plan (gradients at
     `consumed_grads` stepped in the backward: see simulated_peak)."""
     ranked, seen = [], set()
@@ -428,7 +430,7 @@ STEP_PEAK_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05)
 
 
 def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = (),
-                     consumed_grads: frozenset[int] = frozenset()) -> Choice:
+                     consumed_grads: Collection[int] = frozenset()) -> Choice:
     """A training budget (options['budget']): the plan with the least recompute cost whose step
     peak, the weights + the simulated peak of forward then backward (saved activations,
     gradients, the backward's working set), fits `step_peak`; then the lowest peak. Candidates:
