@@ -40,9 +40,10 @@ def test_a_training_budget_bounds_the_measured_step_peak(codegen):
     eager = _step(model, model, ids)
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     extra = []
-    # Inductor at the tighter budget only (its compiles dominate the suite's time); fx at both,
-    # which also shows a tighter budget recomputing more.
-    shares = (0.9, 0.6) if codegen == "fx" else (0.6,)
+    # Inductor at one tight budget only (its compiles dominate the suite's time; at 50 % its
+    # fused backward peaked 2.2 largest tensors above the simulation: the margin's case); fx at
+    # both, which also shows a tighter budget recomputing more.
+    shares = (0.9, 0.6) if codegen == "fx" else (0.5,)
     for share in shares:
         budget = int(share * eager)
         torch._dynamo.reset()

@@ -63,6 +63,7 @@ def partition(
     policy = getattr(config, "policy", "none") if config is not None else "none"
     # Gradients memsave.optimizer_in_backward steps and frees inside the backward (usually none).
     consumed = stepped_gradients(joint, ctx)
+    codegen = ctx.config.codegen if ctx is not None else "inductor"  # sizes a training budget's margin
     plan_details: dict[str, Any] = {}
     budget_note = ""
     if policy == "none":
@@ -90,7 +91,7 @@ def partition(
             plan_details["reference_saved_bytes"] = min_cut.saved_bytes
             if config.fits_step_peak:  # a training budget: the step's whole peak (choose_peak_plan)
                 choice = choose_peak_plan(jg, config.step_peak, prebuilt=[(min_cut, mc_fw, mc_bw)],
-                                          consumed_grads=consumed)
+                                          consumed_grads=consumed, codegen=codegen)
             else:
                 choice = choose_budget_plan(jg, config.budget, reference, prebuilt=[(min_cut, mc_fw, mc_bw)])
             fw, bw, plan = choice.fw, choice.bw, choice.plan
@@ -128,7 +129,8 @@ def partition(
     stepped = simulated_peak(fw, bw, num_fwd_outputs, consumed) if consumed else peak
     if step_peak is not None:
         plan_details["step_peak_budget"] = step_peak
-        margin = step_peak_margin(fw, bw)  # as choose_peak_plan keeps back
+        gradients = [g for g in bw.graph.output_node().args[0] if isinstance(g, fx.Node)]
+        margin = step_peak_margin(fw, bw, gradients=gradients, codegen=codegen)  # as choose_peak_plan
         total = stepped["weight_bytes"] + stepped["peak"] + margin
         if total > step_peak:  # a plan the user pinned: checked, not chosen
             from memsave.config.base import BudgetError
