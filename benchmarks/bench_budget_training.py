@@ -119,6 +119,7 @@ def measure(config: str, params: dict) -> dict[str, float]:
     out["compile_s"] = time.perf_counter() - start
     for record in (r for report in reports for r in report.records if r.name == "recompute"):
         out["plan_step_peak_mib"] = record.details["step_peak_bytes"] / MiB
+        out["margin_mib"] = record.details.get("step_peak_margin", 0) / MiB
         out["extra_gflops"] = record.details["extra_flops"] / 1e9
     reset_peak_rss()
     before = current_rss_bytes()

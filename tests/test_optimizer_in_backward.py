@@ -261,3 +261,30 @@ def test_bad_input_names_the_problem():
     frozen = _decoder().requires_grad_(False)
     with pytest.raises(memsave.config.OptionError, match="no parameter that requires grad"):
         memsave.optimizer_in_backward(frozen, torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.parametrize("optimizer, kwargs, ratio", [
+    (torch.optim.AdamW, {"lr": 1e-3}, 2.0),  # sqrt(v), then its quotient by the bias correction
+    (torch.optim.Adam, {"lr": 1e-3, "weight_decay": 0.1}, 3.0),  # + grad + wd * p
+    (torch.optim.SGD, {"lr": 1e-3}, 0.0),  # p.add_(grad, alpha=-lr): in place
+    (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.1}, 1.0),  # grad + wd * p
+])
+def test_the_steps_temporaries_are_measured_per_optimizer(optimizer, kwargs, ratio):
+    """What a training budget adds where a gradient is stepped in the backward
+    (optim/step_workspace.py), measured when optimizer_in_backward builds the optimizer."""
+    model = torch.nn.Linear(64, 64)
+    handle = memsave.optimizer_in_backward(model, optimizer, **kwargs)
+    try:
+        assert handle.step_workspace_note is None
+        assert handle.step_workspace_ratio == pytest.approx(ratio, abs=0.05)
+        assert "measured" in handle.report()
+    finally:
+        handle.remove()
+    # Under a running profiler (the CPU tracker is one) it cannot be measured: the safe ratio, said so.
+    with torch.profiler.profile():
+        handle = memsave.optimizer_in_backward(model, optimizer, **kwargs)
+    try:
+        assert handle.step_workspace_ratio == memsave.optim.step_workspace.UNMEASURED_RATIO
+        assert "profiler" in handle.step_workspace_note and "assumed" in handle.report()
+    finally:
+        handle.remove()

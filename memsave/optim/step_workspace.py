@@ -2,10 +2,11 @@
 
 A training budget with `memsave.optimizer_in_backward` counts each gradient as freed right after
 its step inside the backward; the step itself allocates temporaries beside it, and how many
-depends on the optimizer: measured here on this machine (CPU, torch 2.13), per byte of the
-parameter, AdamW's single-tensor step 2.0 (sqrt(v), then its quotient), Adam with weight decay
-3.0, foreach AdamW 1.0, fused AdamW 0, SGD 0 (with momentum and weight decay 1.0), torchao's
-AdamW8bit 2.0 and AdamW4bit 6.5. So it is measured, not assumed: when `optimizer_in_backward`
+depends on the optimizer: per byte of the parameter, on the CPU with torch 2.13, AdamW's
+single-tensor step 2.0 (sqrt(v), then its quotient), Adam with weight decay 3.0, SGD 0 (with
+momentum and weight decay 1.0; tests/test_optimizer_in_backward.py), and, seen by hand, foreach
+AdamW 1.0, fused AdamW 0, torchao's AdamW8bit 2.0 and AdamW4bit 6.5. So it is measured, not
+assumed: when `optimizer_in_backward`
 builds the optimizer, the same class with the same arguments steps a stand-in parameter of
 DUMMY_SHAPE twice (the first step makes the state) under memsave's tracker, and the second
 step's peak over the stand-in's bytes is the ratio. The planner adds ratio x the parameter's

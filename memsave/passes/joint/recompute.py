@@ -102,6 +102,7 @@ def partition(
                 solve_seconds=choice.seconds,
             )
             if config.fits_step_peak:
+                plan_details["step_peak_margin"] = choice.margin
                 budget_note = (f" (the cheapest of {len(choice.candidates)} plans whose step peak fits "
                                f"{fmt_bytes(config.step_peak)})")
             elif choice.budget_bytes is None:  # "min": the lowest simulated peak, whatever it saves
@@ -129,10 +130,12 @@ def partition(
     stepped = simulated_peak(fw, bw, num_fwd_outputs, consumed) if consumed else peak
     if step_peak is not None:
         plan_details["step_peak_budget"] = step_peak
+    if step_peak is not None and not config.fits_step_peak:  # a plan the user pinned: checked, not chosen
         gradients = [g for g in bw.graph.output_node().args[0] if isinstance(g, fx.Node)]
         margin = step_peak_margin(fw, bw, gradients=gradients, codegen=codegen)  # as choose_peak_plan
+        plan_details["step_peak_margin"] = margin
         total = stepped["weight_bytes"] + stepped["peak"] + margin
-        if total > step_peak:  # a plan the user pinned: checked, not chosen
+        if total > step_peak:
             from memsave.config.base import BudgetError
 
             raise BudgetError(

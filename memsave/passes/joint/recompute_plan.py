@@ -48,17 +48,17 @@ Note [Ranking plans by peak]
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import heapq
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 
-from memsave.graph.meta import aliased_input, is_getitem, node_tensor_bytes
+from memsave.graph.meta import aliased_input, is_getitem, node_tensor_bytes, node_val
 from memsave.memory.saved_activations import simulated_peak
 from memsave.passes.joint.recompute_graph import JointGraph, Plan, Value, split
 
@@ -310,6 +310,7 @@ class Choice:
     budget_met: bool
     candidates: list[dict[str, Any]]
     seconds: float
+    margin: int = 0  # a training budget's (step_peak_margin)
 
 
 def budget_bytes_for(jg: JointGraph, budget: float | int | str, reference_bytes: int | None = None) -> int | None:
@@ -472,7 +473,8 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
     peaks = {p.saved: pk["peak"] for p, _, _, pk in ranked}
     candidates = [{"source": p.source, "saved_bytes": p.saved_bytes, "cost": p.cost, "simulated_peak": peaks.get(p.saved),
                    "chosen": p is plan} for p in considered if p is not None]
-    return Choice(plan, fw, bw, peak, step_peak - weights - margin, True, candidates, time.perf_counter() - start)
+    return Choice(plan, fw, bw, peak, step_peak - weights - margin, True, candidates, time.perf_counter() - start,
+                  margin)
 
 
 # How many of the largest intermediate tensors a training budget keeps back (step_peak_margin).
@@ -481,8 +483,11 @@ MARGIN_TENSORS = {"fx": 1, "inductor": 3}
 
 def step_peak_margin(*graphs: fx.GraphModule, gradients: Collection[fx.Node] = (), codegen: str = "inductor") -> int:
     """What a training budget keeps back from the simulated peak: MARGIN_TENSORS[codegen] times
-    the graphs' largest intermediate tensor, the `gradients` (the backward's outputs, made once
-    and alive to the end or to their step, which the simulation follows exactly) aside.
+    the graphs' largest intermediate tensor, gradient-sized ones aside: the `gradients` (the
+    backward's outputs) and tensors of their shapes (partial sums, e.g. a tied embedding's two
+    halves, made by matmuls and adds in their order, alive to the end or to their step), which
+    the simulation follows exactly. On the 112M decoder the largest such is the embedding's
+    gradient half (94 MiB), where the activations' largest is 12 MiB.
 
     The simulation runs the graphs' ops in their order, each value freed after its last use,
     each op's internal temporaries counted (memory.estimate.WORKSPACE), and an optimizer's
@@ -495,6 +500,8 @@ def step_peak_margin(*graphs: fx.GraphModule, gradients: Collection[fx.Node] = (
     the test holds the measured peak within the budget at its tightest, 50 %); on the 112M
     decoder of bench_budget_training.py, within 4 MiB of it."""
     skip = set(gradients)
+    shapes = {tuple(v.shape) for g in skip if isinstance(v := node_val(g), torch.Tensor)}
     largest = max((node_tensor_bytes(n) for gm in graphs for n in gm.graph.nodes
-                   if n.op == "call_function" and n not in skip), default=0)
+                   if n.op == "call_function" and n not in skip
+                   and not (isinstance(v := node_val(n), torch.Tensor) and tuple(v.shape) in shapes)), default=0)
     return MARGIN_TENSORS.get(codegen, max(MARGIN_TENSORS.values())) * largest
