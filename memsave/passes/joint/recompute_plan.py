@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memsave.graph.meta import aliased_input, is_getitem, node_tensor_bytes, node_val
+from memsave.graph.meta import aliased_input, is_getitem, iter_tensors, node_tensor_bytes, node_val, tensor_storage_bytes
 from memsave.memory.saved_activations import simulated_peak
 from memsave.passes.joint.recompute_graph import JointGraph, Plan, Value, split
 
@@ -486,8 +486,7 @@ def step_peak_margin(*graphs: fx.GraphModule, gradients: Collection[fx.Node] = (
     the graphs' largest intermediate tensor, gradient-sized ones aside: the `gradients` (the
     backward's outputs) and tensors of their shapes (partial sums, e.g. a tied embedding's two
     halves, made by matmuls and adds in their order, alive to the end or to their step), which
-    the simulation follows exactly. On the 112M decoder the largest such is the embedding's
-    gradient half (94 MiB), where the activations' largest is 12 MiB.
+    the simulation follows exactly; counted tensor by tensor.
 
     The simulation runs the graphs' ops in their order, each value freed after its last use,
     each op's internal temporaries counted (memory.estimate.WORKSPACE), and an optimizer's
@@ -501,7 +500,9 @@ def step_peak_margin(*graphs: fx.GraphModule, gradients: Collection[fx.Node] = (
     decoder of bench_budget_training.py, within 4 MiB of it."""
     skip = set(gradients)
     shapes = {tuple(v.shape) for g in skip if isinstance(v := node_val(g), torch.Tensor)}
-    largest = max((node_tensor_bytes(n) for gm in graphs for n in gm.graph.nodes
-                   if n.op == "call_function" and n not in skip
-                   and not (isinstance(v := node_val(n), torch.Tensor) and tuple(v.shape) in shapes)), default=0)
+    # Tensor by tensor: an op with several outputs (memsave::linear_cross_entropy_backward's
+    # input and weight gradients) has one of each size.
+    largest = max((tensor_storage_bytes(t) for gm in graphs for n in gm.graph.nodes
+                   if n.op == "call_function" and n not in skip and aliased_input(n) is None  # views allocate nothing
+                   for t in iter_tensors(node_val(n)) if tuple(t.shape) not in shapes), default=0)
     return MARGIN_TENSORS.get(codegen, max(MARGIN_TENSORS.values())) * largest
