@@ -44,14 +44,20 @@ def simulated_peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
     fw_est = estimate_memory(fw)
     saved_bytes, _ = saved_activation_bytes(fw, num_fwd_outputs)
     bw_est = estimate_memory(bw, consumed_grads)  # a stepped-in-backward gradient dies at its last use
-    # Saved activations arrive as the backward's inputs: estimate_memory does not count those,
-    # so add each saved storage until the last use of any view of it here.
+    # Saved activations (and the outputs' gradients) arrive as the backward's inputs:
+    # estimate_memory does not count those, so add each one's storage until the last use of any
+    # view of it here.
     root_of = {n.name: storage_root(n) for n in saved_outputs(fw, num_fwd_outputs)}
     nodes = list(bw.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     last_use: dict[fx.Node, int] = {}
     for node in nodes:
         root = root_of.get(node.name) if node.op == "placeholder" else None
+        # The incoming gradients of the forward's outputs too: autograd materializes zeros for an
+        # output the loss does not use (an HF model's logits beside its loss: one logits-sized
+        # tensor the simulation missed, measured on a small HF Llama).
+        if node.op == "placeholder" and node.name.startswith("tangents"):
+            root = node
         if root is not None:
             last = max((position[u] for u in node.users), default=0)
             last_use[root] = max(last_use.get(root, 0), last)
