@@ -196,7 +196,7 @@ def test_an_hf_model_returning_logits_beside_its_loss_peaks_where_the_plan_says(
             fn(input_ids=ids, labels=ids).loss.backward()
         return weights + tracker.stats.peak_bytes
 
-    budget = int(0.9 * step(model))
+    budget = step(model)  # eager's peak: the logits (2 MiB) dominate this small model
     with memsave.collect() as reports:
         compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
         step(compiled)
