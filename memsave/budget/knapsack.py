@@ -21,8 +21,6 @@ MILP_MAX_VARIABLES = 20000
 MILP_TIME_LIMIT_S = 20.0
 
 
-
-
 def choose(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], capacity: int) -> tuple[list[int], str]:
     """Per layer the index of its chosen option, and the solver's name ("highs" or "greedy").
     `costs[l][o]` and `sizes[l][o]` describe option o of layer l."""

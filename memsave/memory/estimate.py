@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from memsave.graph.meta import iter_tensors, node_val, tensor_storage_bytes
+from memsave.graph.meta import iter_tensors, node_tensor_bytes, node_val, tensor_storage_bytes
 from memsave.graph.storages import storages_by_node
 
 WEIGHT_TAG = "memsave_weight"  # node.meta key set on placeholders that hold parameters/buffers
@@ -32,16 +32,12 @@ WEIGHT_TAG = "memsave_weight"  # node.meta key set on placeholders that hold par
 WORKSPACE: dict[Any, Callable[[fx.Node], int]] = {}
 
 
-def _output_bytes(node: fx.Node) -> int:
-    return sum(tensor_storage_bytes(t) for t in iter_tensors(node_val(node)))
-
-
 # prims.fma (Inductor's softmax backward: fma(-y, sum(g * y), g * y); registered when
 # torch._inductor.inductor_prims is imported) runs eagerly as `a * b + c`: the product is a
 # temporary of the output's size beside the output. Measured on the tests' small decoder: the
 # training step's peak was this one attention-score tensor above the simulation. (Inductor
 # fuses it into one kernel; there the estimate stays on the safe side.)
-WORKSPACE["prims.fma.default"] = _output_bytes
+WORKSPACE["prims.fma.default"] = node_tensor_bytes
 
 
 def workspace_bytes(node: fx.Node) -> int:
@@ -109,18 +105,19 @@ def estimate_memory(gm: fx.GraphModule, consumed_outputs: Collection[int] = froz
     # node alive until its last getitem, so its elements live at least that long.
     output = next(n for n in reversed(nodes) if n.op == "output")
     returned = _flatten_nodes(output.args)
-    consumed = {arg for i, arg in enumerate(_output_slots(output.args)) if i in consumed_outputs and arg is not None}
+    consumed: dict[fx.Node, int] = {}  # consumed output -> the temporary bytes its consumer allocates
+    for i, arg in enumerate(_output_slots(output.args)):
+        if i in consumed_outputs and arg is not None:
+            step = consumed_outputs[i] if isinstance(consumed_outputs, Mapping) else 0
+            consumed[arg] = consumed.get(arg, 0) + step
+    consumer_workspace: dict[int, int] = {}  # position -> the consumers' temporaries right after it
     for node in nodes:
         # a consumed output dies after its last use other than being returned
         last = max((position[u] for u in node.users if not (u is output and node in consumed)), default=position[node])
         for st in storages_of[node]:
             st.last_use = max(st.last_use, last)
-    consumer_workspace: dict[int, int] = {}  # position -> the consumers' temporaries right after it
-    if isinstance(consumed_outputs, Mapping):
-        for i, arg in enumerate(_output_slots(output.args)):
-            if i in consumed_outputs and arg is not None:
-                at = max((position[u] for u in arg.users if u is not output), default=position[arg])
-                consumer_workspace[at] = consumer_workspace.get(at, 0) + consumed_outputs[i]
+        if consumed.get(node):
+            consumer_workspace[last] = consumer_workspace.get(last, 0) + consumed[node]
     for arg in returned:
         if arg in consumed:
             continue

@@ -106,7 +106,8 @@ def apply_gradient(param: torch.Tensor, grad: torch.Tensor) -> None:
 class InBackward:
     """What `memsave.optimizer_in_backward` returns: the optimizer and the hooks that run it."""
 
-    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, accumulation_steps: int):
+    def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, accumulation_steps: int,
+                 step_workspace: tuple[float, str | None] = (UNMEASURED_RATIO, "not measured")):
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self._params = params
@@ -116,10 +117,9 @@ class InBackward:
         self._norms: list[torch.Tensor] = []
         self._coef: torch.Tensor | None = None
         self.counts = {"in_graph": 0, "by_hook": 0}  # gradients applied by each road
-        # Temporary bytes of one step per byte of the parameter (optim/step_workspace.py; set by
-        # optimizer_in_backward, which measures it), and why it is not measured, if it is not.
-        self.step_workspace_ratio: float = UNMEASURED_RATIO
-        self.step_workspace_note: str | None = "not measured"
+        # Temporary bytes of one step per byte of the parameter (optim/step_workspace.py, measured
+        # by optimizer_in_backward), and why it is not measured, if it is not.
+        self.step_workspace_ratio, self.step_workspace_note = step_workspace
         self._dispatch_state = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
         for p in params:
             entry = _by_param.get(p)
@@ -286,7 +286,5 @@ def optimizer_in_backward(
     if not params:
         raise OptionError("optimizer_in_backward: the model has no parameter that requires grad")
     optimizer = optimizer_class(params, *args, **kwargs)
-    handle = InBackward(params, optimizer, accumulation_steps)
-    handle.step_workspace_ratio, handle.step_workspace_note = measure_step_workspace(
-        optimizer_class, args, kwargs, params[0])
-    return handle
+    step_workspace = measure_step_workspace(optimizer_class, args, kwargs, params[0])
+    return InBackward(params, optimizer, accumulation_steps, step_workspace)

@@ -187,6 +187,7 @@ class JointGraph:
         P.force_save_bw_mutation_src(joint)
         self.info = P.classify_nodes(joint, list(static_lifetime_input_indices or []), num_fwd_outputs)
         _, bwd_outputs, _, _ = P._extract_fwd_bwd_outputs(joint, num_fwd_outputs=num_fwd_outputs)
+        self.gradients = [n for n in bwd_outputs if isinstance(n, fx.Node)]  # the backward's outputs
         backward = set(self.info.required_bw_nodes)
 
         self.values: dict[fx.Node, Value] = {}

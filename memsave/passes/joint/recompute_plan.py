@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memsave.graph.meta import aliased_input, is_getitem, iter_tensors, node_tensor_bytes, node_val, tensor_storage_bytes
+from memsave.graph.meta import aliased_input, is_getitem, iter_tensors, node_val, tensor_storage_bytes
 from memsave.memory.saved_activations import simulated_peak
 from memsave.passes.joint.recompute_graph import JointGraph, Plan, Value, split
 
@@ -454,10 +454,7 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
     plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
     ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt), consumed_grads)
     weights = ranked[0][3]["weight_bytes"]
-    from torch._functorch.partitioners import _extract_fwd_bwd_outputs
-
-    _, gradients, _, _ = _extract_fwd_bwd_outputs(jg.joint, num_fwd_outputs=jg.num_fwd_outputs)
-    margin = step_peak_margin(jg.joint, gradients=[g for g in gradients if isinstance(g, fx.Node)], codegen=codegen)
+    margin = step_peak_margin(jg.joint, gradients=jg.gradients, codegen=codegen)
     fits = [item for item in ranked if weights + item[3]["peak"] + margin <= step_peak]
     considered = [*(item[0] for item in prebuilt), *plans]
     if not fits:
