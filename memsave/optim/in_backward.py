@@ -19,10 +19,16 @@ Two roads apply the same update:
 
 One ordinary `torch.optim` optimizer holds every trainable parameter, so learning-rate
 schedulers, `state_dict()` and `param_groups` are the usual ones. A step is that optimizer's
-`step()` while only one parameter has a `.grad`: the optimizers in torch and torchao skip
-parameters without one, and keep their state per parameter, so the result equals the ordinary
+`step()` over a parameter group narrowed, for the call, to the one parameter (the optimizers in
+torch and torchao keep their state per parameter), so the result equals the ordinary
 `loss.backward(); opt.step()` (tested). An optimizer that needs every gradient at once (LBFGS's
 closure) is refused.
+
+A parameter larger than `slice_bytes` (default 8 MiB) is held by the optimizer as flat slices of
+its storage, each stepped in turn (optim/slices.py): the step's temporaries are then one slice's,
+not the parameter's (AdamW's step allocates 2x what it updates), with bit-identical results, for
+the optimizers known to update element by element (torch's, torchao's low-bit AdamW); others
+step whole, and `report()` says why. The optimizer's `state_dict()` then has one entry per slice.
 
 Clipping by global norm needs every gradient before any update. `clipped_backward(closure,
 max_norm)` does it in two passes, documented cost: the closure (forward) and the backward run
@@ -41,7 +47,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memsave.config import OptionError
+from memsave.config.units import parse_bytes
+from memsave.optim.slices import DEFAULT_SLICE_BYTES, make_slices, slice_bounds, slicing_block
 from memsave.optim.step_workspace import UNMEASURED_RATIO, measure_step_workspace
+from memsave.report import fmt_bytes
 
 # parameter -> its entry. A compiled backward passes the parameter itself to
 # memsave::step_in_backward (never a number baked into the graph: Dynamo reuses one compiled
@@ -68,7 +77,9 @@ def step_workspace_bytes(param: torch.Tensor) -> int:
     """The temporary bytes the holding optimizer's step allocates for `param` (measured ratio x
     its bytes), what a training budget adds when the gradient is stepped in the backward."""
     handle = _by_param[param].handle
-    return int(handle.step_workspace_ratio * param.numel() * param.element_size())
+    pieces = handle._slices.get(param)
+    largest = max(p.numel() for p in pieces) if pieces else param.numel()
+    return int(handle.step_workspace_ratio * largest * param.element_size())
 
 
 def claim(param: torch.Tensor, graph_id: int) -> str | None:
@@ -107,8 +118,14 @@ class InBackward:
     """What `memsave.optimizer_in_backward` returns: the optimizer and the hooks that run it."""
 
     def __init__(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, accumulation_steps: int,
-                 step_workspace: tuple[float, str | None] = (UNMEASURED_RATIO, "not measured")):
+                 step_workspace: tuple[float, str | None] = (UNMEASURED_RATIO, "not measured"),
+                 slices: dict | None = None, not_sliced: str | None = None):
         self.optimizer = optimizer
+        # parameter -> the flat views of it the optimizer holds in its place (optim/slices.py)
+        self._slices: WeakIdKeyDictionary = WeakIdKeyDictionary(slices or {})
+        self._storage = WeakIdKeyDictionary({p: p.data_ptr() for p in self._slices})
+        self.not_sliced = not_sliced  # why large parameters step whole, if they do
+        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self.accumulation_steps = accumulation_steps
         self._params = params
         self._held: WeakIdKeyDictionary = WeakIdKeyDictionary()  # accumulated gradients
@@ -152,13 +169,42 @@ class InBackward:
         if seen % self.accumulation_steps:
             self._held[param] = grad if held is not None else grad.detach().clone()
             return
+        pieces = self._slices.get(param)
+        if pieces is None:
+            self._step(param, grad)
+            return
+        if param.data_ptr() != self._storage[param]:
+            # param.data was replaced (e.g. by module.to): follow it, as an optimizer holding the
+            # parameter itself would
+            for piece, view in zip(pieces, make_slices(param, self._bounds(pieces))):
+                piece.data = view
+            self._storage[param] = param.data_ptr()
+        flat = grad.detach().reshape(-1)
+        start = 0
+        for piece in pieces:
+            self._step(piece, flat[start:start + piece.numel()])
+            start += piece.numel()
+
+    @staticmethod
+    def _bounds(pieces: list[torch.Tensor]) -> list[tuple[int, int]]:
+        starts = [0]
+        for piece in pieces:
+            starts.append(starts[-1] + piece.numel())
+        return list(zip(starts, starts[1:]))
+
+    def _step(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """The optimizer's step on `param` alone: its group narrowed to it for the call (the
+        step then visits one parameter, not all of them for every gradient)."""
         if self._coef is not None:
             grad = grad.mul(self._coef)
+        group = self._group_of[id(param)]
+        params, group["params"] = group["params"], [param]
         param.grad = grad.detach()
         try:
             self.optimizer.step()
         finally:
             param.grad = None
+            group["params"] = params
 
     # -- clipping by global norm ----------------------------------------------------------------
 
@@ -207,8 +253,14 @@ class InBackward:
             f"{self.counts['in_graph']}, by accumulate-grad hooks {self.counts['by_hook']}; a step's temporaries "
             f"{self.step_workspace_ratio:.2g}x its parameter's bytes"
             + (f" (assumed: {self.step_workspace_note})" if self.step_workspace_note else " (measured)")
+            + (f"; {len(self._slices)} parameters stepped in {sum(len(v) for v in self._slices.values())} slices "
+               f"of at most {fmt_bytes(self._largest_slice_bytes())}" if len(self._slices) else "")
+            + (f"; large parameters step whole: {self.not_sliced}" if self.not_sliced else "")
             + (f"; accumulating {self.accumulation_steps} backwards per step" if self.accumulation_steps > 1 else "")
         )
+
+    def _largest_slice_bytes(self) -> int:
+        return max(p.numel() * p.element_size() for pieces in self._slices.values() for p in pieces)
 
     def held_gradient_bytes(self) -> int:
         """Gradients held between micro-batches (accumulation_steps > 1)."""
@@ -268,9 +320,11 @@ def optimizer_in_backward(
     optimizer_class: type,
     *args: Any,
     accumulation_steps: int = 1,
+    slice_bytes: int | str | None = DEFAULT_SLICE_BYTES,
     **kwargs: Any,
 ) -> InBackward:
-    """Run `optimizer_class(trainable params of model, *args, **kwargs)` inside the backward."""
+    """Run `optimizer_class(trainable params of model, *args, **kwargs)` inside the backward;
+    parameters larger than `slice_bytes` step in slices of about that size (None: whole)."""
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise OptionError(
             f"optimizer_in_backward takes an optimizer class (a torch.optim.Optimizer subclass, e.g. "
@@ -285,6 +339,29 @@ def optimizer_in_backward(
     params = list(dict.fromkeys((p for p in params if p.requires_grad), None))  # tied weights once
     if not params:
         raise OptionError("optimizer_in_backward: the model has no parameter that requires grad")
-    optimizer = optimizer_class(params, *args, **kwargs)
+    limit = None if slice_bytes is None else _slice_limit(slice_bytes)
+    # Which parameters step in slices needs the class's rule (and torchao's block size, set by
+    # its constructor): ask a throwaway instance built on a stand-in.
+    try:
+        block, not_sliced = slicing_block(optimizer_class([torch.nn.Parameter(torch.zeros(1))], *args, **kwargs))
+    except Exception as error:  # noqa: BLE001 - the real constructor below reports a real problem
+        block, not_sliced = 1, f"its rule could not be read ({type(error).__name__}: {error})"
+    slices = {}
+    if limit is not None and not_sliced is None:
+        for p in params:
+            bounds = slice_bounds(p, limit, block)
+            if bounds is not None:
+                slices[p] = make_slices(p, bounds)
+    held = [piece for p in params for piece in slices.get(p, [p])]
+    optimizer = optimizer_class(held, *args, **kwargs)
     step_workspace = measure_step_workspace(optimizer_class, args, kwargs, params[0])
-    return InBackward(params, optimizer, accumulation_steps, step_workspace)
+    return InBackward(params, optimizer, accumulation_steps, step_workspace, slices,
+                      not_sliced if limit is not None else "slice_bytes=None")
+
+
+def _slice_limit(value: Any) -> int:
+    try:
+        return parse_bytes(value)
+    except ValueError as error:
+        raise OptionError(f"optimizer_in_backward: slice_bytes {value!r}: a positive number of bytes or a string "
+                          "such as '8MiB', or None to step every parameter whole") from error
