@@ -804,10 +804,14 @@ def resummarize(results: dict) -> dict:
 
 
 def merge_into(earlier: dict, new: Mapping) -> dict:
-    """`new`'s configs (baselines excepted) in `earlier` in place of their runs: a config re-run after
-    a fix. The baselines' runs stay the earlier ones, so the ratios mix two runs: the command says so."""
+    """`new`'s configs in `earlier` in place of their runs: a config re-run after a fix. A part re-run
+    whole (every config of it, its baseline with them) replaces the part, baseline included, so its
+    ratios are of one run. Otherwise a baseline's runs stay the earlier ones (the other configs of
+    its part were measured against them) and the re-run configs' ratios mix two runs: the command
+    says so."""
     parts = earlier.get("parts") or {"": {"baseline": earlier["baseline"], "configs": earlier["configs"]}}
-    baselines = {p["baseline"] for p in parts.values()}
+    whole = {p["baseline"] for p in parts.values() if set(p["configs"]) <= set(new["configs"])}
+    baselines = {p["baseline"] for p in parts.values()} - whole
     rerun = [c for c in new["configs"] if c not in baselines]
     unknown = [c for c in rerun if c not in earlier["configs"]]
     new_parts = new.get("parts") or {"": {"baseline": new["baseline"], "configs": new["configs"]}}
@@ -821,7 +825,8 @@ def merge_into(earlier: dict, new: Mapping) -> dict:
                 configs.append(config)
     earlier["runs"] = [r for r in earlier["runs"] if r["config"] not in rerun]
     earlier["runs"] += [r for r in new["runs"] if r["config"] in rerun]
-    earlier["command"] += f"; then {new['command']} (replacing those configs' runs)"
+    replaced = "those configs' runs, baselines included" if whole else "those configs' runs; their baselines' runs are the earlier ones"
+    earlier["command"] += f"; then {new['command']} (replacing {replaced})"
     return resummarize(earlier)
 
 

@@ -220,18 +220,29 @@ def test_parts_have_their_own_baselines_repeats_params_and_merge(tmp_path):
     only_b = run("--configs", "b2")
     assert [r["config"] for r in only_b["runs"]] == ["b1", "b2", "b1", "b2"] and list(only_b["parts"]) == ["b"]
 
-    # --merge: a2 measured again (scale 2) into the full run; a1's earlier runs stay.
+    # --merge: a2 measured again (scale 2) into the full run. Its part's baseline runs with it, so
+    # part a is re-run whole and replaced, a1 included: its ratios are of one run; part b stays.
     full = out / "full.json"
     full.write_text(json.dumps(results))
     run("--configs", "a2", "--param", "scale=2", "--merge", str(full))
     merged = json.loads(full.read_text())
-    a1 = [r for r in merged["runs"] if r["config"] == "a1"]
-    assert [r["metrics"]["pid"] for r in a1] == [r["metrics"]["pid"] for r in results["runs"] if r["config"] == "a1"]
+    assert [r["metrics"]["value"] for r in merged["runs"] if r["config"] == "a1"] == [2.0]
     assert [r["metrics"]["value"] for r in merged["runs"] if r["config"] == "a2"] == [6.0]
-    assert merged["summary"]["a2"]["metrics"]["value"]["ratio"] == pytest.approx(6.0)
+    assert merged["summary"]["a2"]["metrics"]["value"]["ratio"] == pytest.approx(3.0)
+    b1 = [r["metrics"]["pid"] for r in merged["runs"] if r["config"] == "b1"]
+    assert b1 == [r["metrics"]["pid"] for r in results["runs"] if r["config"] == "b1"]
     assert merged["summary"]["b2"]["metrics"]["value"]["ratio"] == pytest.approx(4.0)
-    assert "then " in merged["command"] and "--merge" in merged["command"]
+    assert "then " in merged["command"] and "--merge" in merged["command"] and "baselines included" in merged["command"]
     assert (out / "full.md").read_text().count("(baseline)") == 2
+    # Runs of a config without its part's baseline (a part not re-run whole): the baseline's
+    # earlier runs stay, and the command says the ratios mix two runs.
+    only_a2 = {**results, "configs": ["a2"], "runs": [dict(r, metrics=dict(r["metrics"], value=9.0))
+                                                       for r in results["runs"] if r["config"] == "a2"],
+               "command": "again"}
+    mixed = harness.merge_into(json.loads(json.dumps(results)), only_a2)
+    assert [r["metrics"]["value"] for r in mixed["runs"] if r["config"] == "a1"] == [1.0]
+    assert mixed["summary"]["a2"]["metrics"]["value"]["ratio"] == pytest.approx(9.0)
+    assert "their baselines' runs are the earlier ones" in mixed["command"]
 
     # --merge of a config the script gained after the earlier run: it joins its part there.
     older = json.loads(json.dumps(results))

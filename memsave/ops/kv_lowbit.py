@@ -157,6 +157,13 @@ def attention_kivi(
     v_packed: torch.Tensor, v_scale: torch.Tensor, v_min: torch.Tensor,
     attn_mask: torch.Tensor | None, scale: float, bits: int, k_group: int, v_group: int,
 ) -> torch.Tensor:
+    return attention_kivi_tiles(q, k_packed, k_scale, k_min, k_window, length, v_packed, v_scale, v_min, attn_mask,
+                                scale, bits, k_group, v_group)
+
+
+def attention_kivi_tiles(q, k_packed, k_scale, k_min, k_window, length, v_packed, v_scale, v_min, attn_mask, scale,
+                         bits, k_group, v_group):
+    """The op's kernel in torch ops, any device (the CPU's; CUDA's where Triton is missing)."""
     d, h_kv = q.shape[-1], k_packed.shape[1]
     check_heads(q.shape[1], h_kv)
 

@@ -92,3 +92,7 @@ def register() -> None:
     from memsave.codegen.triton import kv_attention
 
     kv_attention.register()
+    # memsave::attention_kivi: the same for the 4- and 2-bit KIVI layouts.
+    from memsave.codegen.triton import kv_attention_kivi
+
+    kv_attention_kivi.register()
