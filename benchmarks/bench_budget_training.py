@@ -53,7 +53,7 @@ from benchmarks.harness import (  # noqa: E402
 from benchmarks.harness import run_median as _median  # noqa: E402
 
 SHARES = (90, 75, 60, 25)
-IN_BACKWARD_SHARES = (50,)  # with memsave.optimizer_in_backward (AdamW): no full set of gradients
+IN_BACKWARD_SHARES = (50, 40)  # with memsave.optimizer_in_backward (AdamW): no full set of gradients
 PYTORCH_BUDGETS = {"inductor": 1.0, "inductor-amb50": 0.5, "inductor-amb20": 0.2}
 CONFIGS = ["eager", *PYTORCH_BUDGETS, *(f"memsave-{p}" for p in SHARES), *(f"memsave-ib-{p}" for p in IN_BACKWARD_SHARES)]
 # decoder-medium (memsave.models.DECODER_SIZES["medium"]: 112,082,688 parameters), batch 2 x 512.
