@@ -10,6 +10,7 @@ from memsave.config.base import FamilyConfig, OptionError, _choices
 
 
 CHUNK_TARGETS = ("loss", "attention", "mlp")
+CHUNK_LOGITS = ("keep", "drop")  # logits also returned beside the loss: kept in full, or an empty tensor returned
 CHUNK_DEFAULT_BUDGET = 32 * 2**20  # bytes of one loss chunk's logits when no budget is given
 
 
@@ -34,6 +35,10 @@ class ChunkConfig(FamilyConfig):
     chunk_size: tokens per chunk (an int >= 1), or None to derive it from the budget.
     budget: bytes one chunk's temporaries may take (an int >= 1024), or None: 32 MiB of
     logits per loss chunk, and no MLP chunking.
+    logits: "keep" (default) or "drop". A model that returns its logits beside the loss (HF's
+    causal LMs do) needs them in full, so its loss is left unfused. "drop": in training graphs
+    the compiled model returns an empty tensor in their place, and the loss runs over chunks
+    (what Liger-Kernel's skip_logits does); graphs without gradients keep them.
     """
 
     family: ClassVar[str] = "chunk"
@@ -53,6 +58,7 @@ class ChunkConfig(FamilyConfig):
     # training step's budget gets the exact rewrites (the loss over chunks, attention as SDPA)
     # before its recompute plan is chosen; inference graphs are left to the planner's forms.
     training_only: bool = False
+    logits: str = "keep"
 
     def __post_init__(self):
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -60,6 +66,7 @@ class ChunkConfig(FamilyConfig):
             raise OptionError(f"options['chunk']['targets']: empty; valid choices: {_choices(CHUNK_TARGETS)} (or 'none' to switch chunking off)")
         for target in targets:
             self._check_choice("targets", target, CHUNK_TARGETS)
+        self._check_choice("logits", self.logits, CHUNK_LOGITS)
         object.__setattr__(self, "targets", tuple(t for t in CHUNK_TARGETS if t in targets))
         if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise OptionError(f"options['chunk']['chunk_size']: {self.chunk_size!r} is not a positive int (tokens per chunk) or None (from the budget)")
@@ -83,4 +90,5 @@ class ChunkConfig(FamilyConfig):
     def describe(self) -> str:
         size = f"{self.chunk_size} tokens" if self.chunk_size else f"budget {(self.budget or CHUNK_DEFAULT_BUDGET) / 2**20:g} MiB"
         chosen = " (chosen by the training budget)" if self.training_only else ""
-        return f"{'+'.join(self.targets)}, {size}{chosen}"
+        dropped = ", logits returned beside the loss dropped in training" if self.logits == "drop" else ""
+        return f"{'+'.join(self.targets)}, {size}{chosen}{dropped}"

@@ -197,7 +197,11 @@ class InBackward:
         step then visits one parameter, not all of them for every gradient)."""
         if self._coef is not None:
             grad = grad.mul(self._coef)
-        group = self._group_of[id(param)]
+        group = self._group_of.get(id(param))
+        if group is None or not any(g is group for g in self.optimizer.param_groups):
+            # load_state_dict makes new group dicts: find them again
+            self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+            group = self._group_of[id(param)]
         params, group["params"] = group["params"], [param]
         param.grad = grad.detach()
         try:

@@ -14,8 +14,10 @@ Loss pattern (HF-style and memsave's decoder):
       ⟶  loss = memsave::linear_cross_entropy(h.reshape(-1, H), W, b, labels, i, r, 0, upcast)[0]
 
 Left alone, with the reason in the report: logits used anywhere else (e.g. also returned to
-the user: then they must exist in full anyway), class weights, label smoothing, probability
-targets, inputs that are not (N, V). Attention routing lives in chunk_attention.py.
+the user: then they must exist in full anyway, unless options['chunk']['logits'] is "drop":
+then, in a training graph, the output gets an empty tensor in their place), class weights,
+label smoothing, probability targets, inputs that are not (N, V). Attention routing lives in
+chunk_attention.py.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ RESHAPE_FUNCTIONS = (torch.reshape, torch.flatten)
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 
 
-def capture_loss(gm: fx.GraphModule) -> tuple[int, list[str], int]:
-    """Rewrite every fusable LM-head loss; returns (count, notes, logits bytes no longer held)."""
+def capture_loss(gm: fx.GraphModule, *, drop_logits: bool = False) -> tuple[int, list[str], int]:
+    """Rewrite every fusable LM-head loss; returns (count, notes, logits bytes no longer held).
+    `drop_logits`: logits that are also graph outputs are returned as an empty tensor."""
     count, notes, saved = 0, [], 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in CROSS_ENTROPY:
             continue
-        match = _match_loss(node)
+        match = _match_loss(node, drop_logits)
         if isinstance(match, str):
             notes.append(f"loss ({node.name}) left as is: {match}")
             continue
@@ -67,6 +70,19 @@ def capture_loss(gm: fx.GraphModule) -> tuple[int, list[str], int]:
         for new in (flat, fused, loss):
             new.meta[PROVENANCE] = "chunk"
         node.replace_all_uses_with(loss)
+        dropped = ""
+        for returned in (linear, *chain):  # _match_loss let graph outputs through only with drop_logits
+            outputs = [u for u in returned.users if u.op == "output"]
+            if not outputs:
+                continue
+            val = example_val(returned)
+            with graph.inserting_before(node):
+                empty = graph.call_function(torch.empty, ((0,),), {"dtype": val.dtype, "device": val.device})
+            empty.meta[PROVENANCE] = "chunk"
+            empty.meta["example_value"] = val.new_empty((0,))  # a fake tensor, as Dynamo's values are
+            for user in outputs:
+                user.replace_input_with(returned, empty)
+            dropped = "; the logits the model also returns are an empty tensor (options['chunk']['logits'] = 'drop')"
         for dead in [node, *reversed(chain), linear]:
             graph.erase_node(dead)
         nbytes = hint_int(logits.numel()) * logits.element_size()
@@ -75,7 +91,7 @@ def capture_loss(gm: fx.GraphModule) -> tuple[int, list[str], int]:
         notes.append(
             f"loss ({node.name}): lm-head linear {tuple(hint_int(s) for s in logits.shape)} + cross_entropy "
             f"({args['reduction']}, ignore_index={args['ignore_index']}) fused; the {fmt_bytes(nbytes)} of logits "
-            "(and their log-softmax and gradient) are computed a chunk of tokens at a time"
+            "(and their log-softmax and gradient) are computed a chunk of tokens at a time" + dropped
         )
     if count:
         gm.graph.lint()
@@ -83,8 +99,9 @@ def capture_loss(gm: fx.GraphModule) -> tuple[int, list[str], int]:
     return count, notes, saved
 
 
-def _match_loss(ce: fx.Node) -> tuple[fx.Node, list[fx.Node], dict[str, Any], bool] | str:
-    """(linear, reshape chain, cross_entropy arguments, upcast), or why the pattern does not fit."""
+def _match_loss(ce: fx.Node, drop_logits: bool = False) -> tuple[fx.Node, list[fx.Node], dict[str, Any], bool] | str:
+    """(linear, reshape chain, cross_entropy arguments, upcast), or why the pattern does not fit.
+    `drop_logits`: the logits (or a step of the chain) may also be graph outputs."""
     try:
         args = _CE_SIGNATURE.bind(*ce.args, **ce.kwargs)
     except TypeError as e:
@@ -119,10 +136,14 @@ def _match_loss(ce: fx.Node) -> tuple[fx.Node, list[fx.Node], dict[str, Any], bo
         if not isinstance(node, fx.Node):
             return "the loss input is not computed in the graph"
     linear = node
-    for n in [linear, *reversed(chain)]:
-        if len(n.users) != 1:
-            others = ", ".join(u.name if u.op != "output" else "the graph output" for u in n.users)
-            return f"the logits are also used by {others}: they must exist in full anyway"
+    steps = [linear, *reversed(chain)]
+    for n, consumer in zip(steps, [*steps[1:], ce]):
+        others = [u for u in n.users if u is not consumer]
+        if others and not (drop_logits and all(u.op == "output" for u in others)):
+            names = ", ".join(u.name if u.op != "output" else "the graph output" for u in others)
+            hint = " (options['chunk']['logits'] = 'drop' returns an empty tensor there)" if all(
+                u.op == "output" for u in others) else ""
+            return f"the logits are also used by {names}: they must exist in full anyway{hint}"
     logits_val = example_val(linear)
     if logits_val is None or hint_int(logits_val.shape[-1]) != hint_int(source_val.shape[-1]):
         return "the loss input's last dimension is not the linear's output features"
@@ -161,7 +182,7 @@ def capture_chunk_patterns(gm: fx.GraphModule, config: Any, *, training: bool) -
     notes: list[str] = []
     details: dict[str, Any] = {"seconds": 0.0}
     if "loss" in config.targets:
-        count, loss_notes, logits_bytes = capture_loss(gm)
+        count, loss_notes, logits_bytes = capture_loss(gm, drop_logits=training and config.logits == "drop")
         notes += loss_notes
         details.update(losses=count, logits_bytes=logits_bytes)
     if "attention" in config.targets:
