@@ -17,6 +17,17 @@ One full fine-tuning step (forward + cross-entropy loss + backward, then
                      the weights (AdamW's time is in step_ms; its state, allocated on the first
                      step, is outside the budget and outside the measured peak of later steps)
 
+A second part, its own baseline: an HF transformers LlamaForCausalLM (memsave.models.hf's
+"small" shape: 12 layers, hidden 768, vocab 32000, 124M parameters; HF's default SDPA
+attention), `model(input_ids=ids, labels=ids).loss` stepped the same way. HF's model returns
+its logits beside the loss:
+
+  hf-eager, hf-inductor-amb50     as above
+  hf-memsave-<p>                  options={"budget": B}: the logits are returned, so the loss
+                                  cannot run over chunks (the report says so)
+  hf-memsave-drop-<p>             + "chunk": {"targets": ["loss", "attention"], "logits": "drop"}:
+                                  the loss over chunks, an empty tensor returned as the logits
+
 Per config (benchmarks/harness.py: one fresh process per run, glibc's default allocator):
   step_peak_mib   the step's peak as a user sees it: the bytes of the weights + the peak of live
                   CPU-allocator bytes the forward and backward add (memsave.MemoryTracker; the
@@ -43,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import (  # noqa: E402
     Benchmark,
     MiB,
+    Part,
     current_rss_bytes,
     main,
     peak_rss_bytes,
@@ -55,30 +67,45 @@ from benchmarks.harness import run_median as _median  # noqa: E402
 SHARES = (90, 75, 60, 25)
 IN_BACKWARD_SHARES = (50, 40)  # with memsave.optimizer_in_backward (AdamW): no full set of gradients
 PYTORCH_BUDGETS = {"inductor": 1.0, "inductor-amb50": 0.5, "inductor-amb20": 0.2}
-CONFIGS = ["eager", *PYTORCH_BUDGETS, *(f"memsave-{p}" for p in SHARES), *(f"memsave-ib-{p}" for p in IN_BACKWARD_SHARES)]
+DECODER_CONFIGS = ["eager", *PYTORCH_BUDGETS, *(f"memsave-{p}" for p in SHARES),
+                   *(f"memsave-ib-{p}" for p in IN_BACKWARD_SHARES)]
+HF_SHARES = (60, 45)
+HF_CONFIGS = ["hf-eager", "hf-inductor-amb50", *(f"hf-memsave-{p}" for p in HF_SHARES),
+              *(f"hf-memsave-drop-{p}" for p in HF_SHARES)]
+CONFIGS = DECODER_CONFIGS + HF_CONFIGS
+HF_DROP_CHUNK = {"targets": ["loss", "attention"], "logits": "drop"}
 # decoder-medium (memsave.models.DECODER_SIZES["medium"]: 112,082,688 parameters), batch 2 x 512.
-PARAMS = {"size": "medium", "n_layers": 10, "batch": 2, "seq": 512, "iters": 2, "codegen": "inductor"}
-QUICK = {"size": "tiny", "n_layers": 4, "batch": 4, "seq": 128, "iters": 2, "codegen": "fx"}
+PARAMS = {"size": "medium", "n_layers": 10, "batch": 2, "seq": 512, "iters": 2, "codegen": "inductor",
+          "hf_size": "small"}
+QUICK = {"size": "tiny", "n_layers": 4, "batch": 4, "seq": 128, "iters": 2, "codegen": "fx", "hf_size": "tiny"}
 
 
-def _build(params: dict):
+def _build(config: str, params: dict):
+    """(model, token ids, the step's loss from a callable: the model or its compiled form)."""
     import torch
 
+    g = torch.Generator().manual_seed(0)
+    if config.startswith("hf-"):
+        from memsave.models.hf import build_hf_llama
+
+        model = build_hf_llama(params["hf_size"], attn_implementation="sdpa").model.train()
+        model.config.use_cache = False
+        ids = torch.randint(0, model.config.vocab_size, (params["batch"], params["seq"]), generator=g)
+        return model, ids, lambda fn: fn(input_ids=ids, labels=ids).loss
     from memsave.models import build_decoder
 
     model = build_decoder(params["size"], n_layers=params["n_layers"], max_seq_len=max(512, params["seq"])).train()
-    g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (params["batch"], params["seq"]), generator=g)
-    return model, ids
+    return model, ids, lambda fn: fn(ids, ids)
 
 
-def _step_peak(model, fn, ids) -> tuple[int, float]:
+def _step_peak(model, fn, loss_of) -> tuple[int, float]:
     """(weights + the live bytes one step adds at its peak, the loss)."""
     from memsave.memory.track import MemoryTracker
 
     model.zero_grad(set_to_none=True)
     with MemoryTracker("cpu") as tracker:
-        loss = fn(ids, ids)
+        loss = loss_of(fn)
         loss.backward()
     model.zero_grad(set_to_none=True)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -93,41 +120,47 @@ def measure(config: str, params: dict) -> dict[str, float]:
     import memsave
 
     torch.manual_seed(0)
-    model, ids = _build(params)
+    model, ids, loss_of = _build(config, params)
     out: dict[str, float] = {"parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
     codegen = params["codegen"]
-    if config == "eager":
+    variant = config.removeprefix("hf-")
+    if variant == "eager":
         fn = model
-    elif config in PYTORCH_BUDGETS:
-        torch._functorch.config.activation_memory_budget = PYTORCH_BUDGETS[config]
+    elif variant in PYTORCH_BUDGETS:
+        torch._functorch.config.activation_memory_budget = PYTORCH_BUDGETS[variant]
         fn = torch.compile(model, backend="inductor" if codegen == "inductor" else "aot_eager_decomp_partition")
     else:
-        eager, _ = _step_peak(model, model, ids)
+        eager, _ = _step_peak(model, model, loss_of)
         budget = int(int(config.rsplit("-", 1)[1]) / 100 * eager)
         out.update(eager_step_peak_mib=eager / MiB, budget_mib=budget / MiB)
-        if config.startswith("memsave-ib-"):
+        if variant.startswith("memsave-ib-"):
             memsave.optimizer_in_backward(model, torch.optim.AdamW, lr=1e-5)
-        fn = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": codegen})
+        options = {"budget": budget, "codegen": codegen}
+        if variant.startswith("memsave-drop-"):
+            options["chunk"] = HF_DROP_CHUNK
+        fn = torch.compile(model, backend="memsave", options=options)
     start = time.perf_counter()
     try:
         with memsave.collect() as reports:
-            _, out["loss"] = _step_peak(model, fn, ids)  # compiles
+            _, out["loss"] = _step_peak(model, fn, loss_of)  # compiles
     except memsave.BudgetError as e:
         out["smallest_mib"] = e.smallest_bytes / MiB
         print(f"BudgetError: {e}", file=sys.stderr)
         return out
     out["compile_s"] = time.perf_counter() - start
+    captured = [r for report in reports for r in report.records if r.name == "chunk_capture"]
+    out["losses_fused"] = float(sum(r.details.get("losses", 0) for r in captured))
     for record in (r for report in reports for r in report.records if r.name == "recompute"):
         out["plan_step_peak_mib"] = record.details["step_peak_bytes"] / MiB
         out["margin_mib"] = record.details.get("step_peak_margin", 0) / MiB
         out["extra_gflops"] = record.details["extra_flops"] / 1e9
     reset_peak_rss()
     before = current_rss_bytes()
-    out["step_peak_mib"] = _step_peak(model, fn, ids)[0] / MiB
+    out["step_peak_mib"] = _step_peak(model, fn, loss_of)[0] / MiB
     out["rss_growth_mib"] = (peak_rss_bytes() - before) / MiB
 
     def step():
-        fn(ids, ids).backward()
+        loss_of(fn).backward()
         model.zero_grad(set_to_none=True)
 
     out["step_ms"] = statistics.median(time_call(step, warmup=1, iters=params["iters"]))
@@ -135,22 +168,33 @@ def measure(config: str, params: dict) -> dict[str, float]:
 
 
 def sections(results: dict) -> str:
-    eager_peak, eager_ms = _median(results, "eager", "step_peak_mib"), _median(results, "eager", "step_ms")
     lines = ["", "## Budgets as measured", "",
-             "Each memsave config's budget is its share of the eager step's peak measured in its own process. "
-             "Nearest PyTorch config: the Inductor activation_memory_budget run whose measured peak is closest.", "",
-             "| config | budget MiB | measured step peak MiB | ≤ budget | plan's figure MiB | step ms | vs eager | "
-             "nearest PyTorch config (peak MiB, step ms) |", "|---|---:|---:|---|---:|---:|---:|---|"]
-    pytorch = [(c, p, t) for c in PYTORCH_BUDGETS if (p := _median(results, c, "step_peak_mib")) is not None
+             "Each memsave config's budget is its share of its part's eager step peak, measured in its own process. "
+             "Nearest PyTorch config: the Inductor activation_memory_budget run whose measured peak is closest.", ""]
+    lines += _budget_table(results, "", [f"memsave-{p}" for p in SHARES] + [f"memsave-ib-{p}" for p in IN_BACKWARD_SHARES])
+    hf = [c for c in HF_CONFIGS[2:] if c in results["configs"]]
+    if hf:
+        lines += ["", "HF LlamaForCausalLM (returns its logits beside the loss; `losses fused`: LM-head losses "
+                  "run over chunks):", ""]
+        lines += _budget_table(results, "hf-", hf)
+    return "\n".join(lines) + "\n"
+
+
+def _budget_table(results: dict, prefix: str, configs: list[str]) -> list[str]:
+    eager_peak, eager_ms = (_median(results, f"{prefix}eager", m) for m in ("step_peak_mib", "step_ms"))
+    lines = ["| config | budget MiB | measured step peak MiB | ≤ budget | plan's figure MiB | step ms | vs eager | "
+             "losses fused | nearest PyTorch config (peak MiB, step ms) |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    pytorch = [(c, p, t) for c in (f"{prefix}{k}" for k in PYTORCH_BUDGETS)
+               if (p := _median(results, c, "step_peak_mib")) is not None
                and (t := _median(results, c, "step_ms")) is not None]
-    for c in [f"memsave-{p}" for p in SHARES] + [f"memsave-ib-{p}" for p in IN_BACKWARD_SHARES]:
+    for c in configs:
         budget = _median(results, c, "budget_mib")
         if budget is None:
             continue
         smallest = _median(results, c, "smallest_mib")
         if smallest is not None:
             lines.append(f"| {c} | {budget:.0f} | BudgetError: the lowest peak memsave found is {smallest:.0f} MiB | "
-                         "not met | – | – | – | – |")
+                         "not met | – | – | – | – | – |")
             continue
         peak, plan, ms = (_median(results, c, m) for m in ("step_peak_mib", "plan_step_peak_mib", "step_ms"))
         if peak is None:
@@ -158,11 +202,11 @@ def sections(results: dict) -> str:
         near = min(pytorch, key=lambda t: abs(t[1] - peak)) if pytorch else None
         ratio = f"{ms / eager_ms:.2f}×" if eager_ms else "–"
         lines.append(f"| {c} | {budget:.0f} | {peak:.0f} | {'yes' if peak <= budget else '**NO**'} | {plan:.0f} | "
-                     f"{ms:.0f} | {ratio} | "
+                     f"{ms:.0f} | {ratio} | {_median(results, c, 'losses_fused') or 0:.0f} | "
                      + (f"{near[0]} ({near[1]:.0f}, {near[2]:.0f})" if near else "–") + " |")
     if eager_peak:
         lines += ["", f"Eager's step peak: {eager_peak:.0f} MiB (¼ of it: {eager_peak / 4:.0f} MiB)."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def draw(results: dict, path: Path) -> None:
@@ -170,14 +214,13 @@ def draw(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     configs = [c for c in results["configs"] if _median(results, c, "step_peak_mib") is not None]
-    fig = Figure(figsize=(10, 4.5))
+    fig = Figure(figsize=(14, 4.5))
     FigureCanvasAgg(fig)
     for i, (metric, label) in enumerate((("step_peak_mib", "step peak MiB (weights + tracked)"),
                                          ("step_ms", "step time ms (median)"))):
         ax = fig.add_subplot(1, 2, i + 1)
         values = [_median(results, c, metric) for c in configs]
-        colors = ["tab:blue" if c.startswith("memsave") else "tab:red" if c.startswith("inductor") else "grey"
-                  for c in configs]
+        colors = ["tab:blue" if "memsave" in c else "tab:red" if "inductor" in c else "grey" for c in configs]
         ax.bar(range(len(configs)), values, color=colors)
         if metric == "step_peak_mib":
             for j, c in enumerate(configs):
@@ -188,9 +231,14 @@ def draw(results: dict, path: Path) -> None:
         ax.set_xticklabels(configs, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("Training step within a budget (dashed: memsave's budget); decoder, fp32, CPU", fontsize=11)
+    fig.suptitle("Training step within a budget (dashed: memsave's budget); decoder and HF Llama, fp32, CPU",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _parts(params: dict) -> dict[str, Part]:
+    return {"decoder": Part(DECODER_CONFIGS, "eager"), "hf": Part(HF_CONFIGS, "hf-eager")}
 
 
 BENCH = Benchmark(
@@ -205,6 +253,7 @@ BENCH = Benchmark(
     repeats=1,
     timeout_s=3600.0,
     default_allocator=True,
+    parts=_parts,
     report=with_sections(sections),
     draw=draw,
 )
