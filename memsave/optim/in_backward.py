@@ -40,6 +40,7 @@ result is the ordinary one) and steps on every N-th backward.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -48,7 +49,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memsave.config import OptionError
 from memsave.config.units import parse_bytes
-from memsave.optim.slices import DEFAULT_SLICE_BYTES, make_slices, slice_bounds, slicing_block
+from memsave.optim.slices import (
+    DEFAULT_SLICE_BYTES,
+    make_slices,
+    slice_bounds,
+    slicing_block,
+)
 from memsave.optim.step_workspace import UNMEASURED_RATIO, measure_step_workspace
 from memsave.report import fmt_bytes
 
@@ -190,7 +196,7 @@ class InBackward:
         starts = [0]
         for piece in pieces:
             starts.append(starts[-1] + piece.numel())
-        return list(zip(starts, starts[1:]))
+        return list(itertools.pairwise(starts))
 
     def _step(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """The optimizer's step on `param` alone: its group narrowed to it for the call (the

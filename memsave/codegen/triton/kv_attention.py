@@ -42,7 +42,60 @@ GPU_BLOCKS = {"BLOCK_T": 64, "BLOCK_L": 32, "num_warps": 4}
 INTERPRET_BLOCKS = {"BLOCK_T": 16, "BLOCK_L": 16}
 
 # The kernels; source.load_kernels puts source.REDUCE_PREAMBLE (imports, _add, _max) before them.
-_SOURCE = '''
+# What both cache kernels share (this one and kv_attention_kivi.py's): the mask's bias for a
+# tile and which of its tokens any row reads, the scores, the online-softmax fold and the final
+# store. Small @triton.jit functions, inlined by the compiler.
+TILE_HELPERS = '''
+@triton.jit
+def _tile_mask(m_base, rows, cols, sm_t, sm_l, tile_ok, MASK_BOOL: tl.constexpr):
+    """(additive bias, the columns some row attends to) of one tile of a mask."""
+    mvals = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_l, mask=tile_ok, other=0)
+    if MASK_BOOL:
+        allowed = tile_ok & (mvals != 0)
+        bias = tl.where(allowed, 0.0, float("-inf"))
+    else:
+        bias = tl.where(tile_ok, mvals.to(tl.float32), float("-inf"))
+        allowed = bias > float("-inf")
+    # A token no row of the block attends to (a static cache's unused tail) is not read:
+    # masked loads, no branch (a branch around the tile makes ptxas spill the fp32 dots).
+    return bias, tl.reduce(allowed.to(tl.int32), 0, _max) > 0
+
+
+@triton.jit
+def _tile_scores(q, k, bias, col_ok, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr):
+    if USE_DOT:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BT, BL)
+    else:
+        scores = tl.reduce(q[:, None, :] * k[None, :, :], 2, _add)  # (BT, BL)
+    if HAS_MASK:
+        return scores + bias
+    return tl.where(col_ok[None, :], scores, float("-inf"))
+
+
+@triton.jit
+def _fold(scores, v, run_max, run_sum, acc, USE_DOT: tl.constexpr):
+    """One tile folded into the running max, sum and accumulator (online softmax)."""
+    new_max = tl.maximum(run_max, tl.reduce(scores, 1, _max))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows nothing reached yet
+    p = tl.exp(scores - shift[:, None])  # 0 where masked, so unread tokens add nothing
+    correction = tl.exp(run_max - shift)
+    run_sum = run_sum * correction + tl.reduce(p, 1, _add)
+    if USE_DOT:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
+    return new_max, run_sum, acc * correction[:, None] + pv
+
+
+@triton.jit
+def _store_rows(o_ptr, acc, run_sum, rows, row_ok, dvs, dv_ok, so_t, so_d):
+    # A row nothing reached has acc = 0 and sum = 0: 0, as the op and SDPA give (so do padding rows).
+    out = acc / tl.where(row_ok & (run_sum > 0), run_sum, 1.0)[:, None]
+    tl.store(o_ptr + rows[:, None] * so_t + dvs[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
+'''
+
+_SOURCE = TILE_HELPERS + '''
 @triton.jit
 def attention_int8_kv(
     q_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, m_ptr, o_ptr,
@@ -84,50 +137,21 @@ def attention_int8_kv(
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
         col_ok = cols < L
-        tile_ok = row_ok[:, None] & col_ok[None, :]
+        bias = 0.0
         col_live = col_ok  # the columns whose codes are read
         if HAS_MASK:
-            mvals = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_l, mask=tile_ok, other=0)
-            if MASK_BOOL:
-                allowed = tile_ok & (mvals != 0)
-                bias = tl.where(allowed, 0.0, float("-inf"))
-            else:
-                bias = tl.where(tile_ok, mvals.to(tl.float32), float("-inf"))
-                allowed = bias > float("-inf")
-            # A token no row of the block attends to (a static cache's unused tail) is not read:
-            # masked loads, no branch (a branch around the tile makes ptxas spill the fp32 dots).
-            col_live = tl.reduce(allowed.to(tl.int32), 0, _max) > 0
+            bias, col_live = _tile_mask(m_base, rows, cols, sm_t, sm_l, row_ok[:, None] & col_ok[None, :], MASK_BOOL)
         kc = tl.load(kc_base + cols[:, None] * skc_l + ds[None, :] * skc_d,
                      mask=col_live[:, None] & d_ok[None, :], other=0)
         ksc = tl.load(ks_base + cols * sks_l, mask=col_live, other=0.0)
         k = kc.to(tl.float32) * ksc[:, None]  # (BL, BD) dequantized, in registers only
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BT, BL)
-        else:
-            scores = tl.reduce(q[:, None, :] * k[None, :, :], 2, _add)  # (BT, BL)
-        if HAS_MASK:
-            scores = scores + bias
-        else:
-            scores = tl.where(col_ok[None, :], scores, float("-inf"))
-        new_max = tl.maximum(run_max, tl.reduce(scores, 1, _max))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows nothing reached yet
-        p = tl.exp(scores - shift[:, None])  # 0 where masked, so unread tokens add nothing
-        correction = tl.exp(run_max - shift)
+        scores = _tile_scores(q, k, bias, col_ok, HAS_MASK, USE_DOT)
         vc = tl.load(vc_base + cols[:, None] * svc_l + dvs[None, :] * svc_d,
                      mask=col_live[:, None] & dv_ok[None, :], other=0)
         vsc = tl.load(vs_base + cols * svs_l, mask=col_live, other=0.0)
         v = vc.to(tl.float32) * vsc[:, None]  # (BL, BDV)
-        run_sum = run_sum * correction + tl.reduce(p, 1, _add)
-        if USE_DOT:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
-        acc = acc * correction[:, None] + pv
-        run_max = new_max
-    # A row nothing reached has acc = 0 and sum = 0: 0, as the op and SDPA give (so do padding rows).
-    out = acc / tl.where(row_ok & (run_sum > 0), run_sum, 1.0)[:, None]
-    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dvs[None, :] * so_d,
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+        run_max, run_sum, acc = _fold(scores, v, run_max, run_sum, acc, USE_DOT)
+    _store_rows(o_ptr + b * so_b + h * so_h, acc, run_sum, rows, row_ok, dvs, dv_ok, so_t, so_d)
 '''
 
 
@@ -250,24 +274,32 @@ torch.library.register_kernel("memsave::attention_int8_kv", "cuda", _cuda_kernel
 
 def applies(node: fx.Node) -> bool:
     """CUDA inputs: q of a supported dtype, int8 codes on the same device."""
+    return cache_kernel_applies(node, ("k_codes", "v_codes"), torch.int8)
+
+
+def cache_kernel_applies(node: fx.Node, codes: tuple[str, ...], code_dtype: torch.dtype) -> bool:
+    """Whether a cache-attention node's inputs suit a Triton kernel here: q on CUDA, of a
+    supported dtype, the `codes` arguments of `code_dtype` on the same device, Triton present."""
     from memsave.codegen.triton import triton_available
     from memsave.graph.meta import arg_val, op_arg
 
-    q, k_codes, v_codes = (arg_val(op_arg(node, name)) for name in ("q", "k_codes", "v_codes"))
-    if not all(isinstance(x, torch.Tensor) for x in (q, k_codes, v_codes)):
+    q, *stored = (arg_val(op_arg(node, name)) for name in ("q", *codes))
+    if not all(isinstance(x, torch.Tensor) for x in (q, *stored)):
         return False
     if q.device.type != "cuda" or q.dtype not in SUPPORTED_DTYPES:
         return False
-    if any(x.device != q.device or x.dtype != torch.int8 for x in (k_codes, v_codes)):
+    if any(x.device != q.device or x.dtype != code_dtype for x in stored):
         return False
     return triton_available()
 
 
 def register() -> None:
     """Offer the kernel for memsave::attention_int8_kv nodes to codegen (idempotent)."""
+    register_cache_kernel(torch.ops.memsave.attention_int8_kv.default, KERNEL_NAME,
+                          torch.ops.memsave.attention_int8_kv_triton.default, applies)
+
+
+def register_cache_kernel(op, name: str, twin_op, applies_to) -> None:
     from memsave.codegen.kernels import Kernel, register_kernel
 
-    register_kernel(
-        torch.ops.memsave.attention_int8_kv.default,
-        Kernel.retarget(KERNEL_NAME, torch.ops.memsave.attention_int8_kv_triton.default, applies),
-    )
+    register_kernel(op, Kernel.retarget(name, twin_op, applies_to))

@@ -28,12 +28,20 @@ from torch import fx
 import memsave.ops  # noqa: F401  (defines memsave::attention_kivi, which the twin copies)
 from memsave.codegen.oplib import TRITON_DISPATCH, twin
 from memsave.codegen.triton import source
-from memsave.codegen.triton.kv_attention import SUPPORTED_DTYPES, _mask_4d, choose_blocks, triton_cdiv
+from memsave.codegen.triton.kv_attention import (
+    SUPPORTED_DTYPES,
+    TILE_HELPERS,
+    _mask_4d,
+    cache_kernel_applies,
+    choose_blocks,
+    register_cache_kernel,
+    triton_cdiv,
+)
 from memsave.codegen.triton.launcher import interpreting
 
 KERNEL_NAME = "triton-attention-kivi"
 
-_SOURCE = '''
+_SOURCE = TILE_HELPERS + '''
 @triton.jit
 def attention_kivi(
     q_ptr, kp_ptr, ks_ptr, km_ptr, kw_ptr, len_ptr, vp_ptr, vs_ptr, vm_ptr, m_ptr, o_ptr,
@@ -85,17 +93,10 @@ def attention_kivi(
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
         col_ok = cols < L
-        tile_ok = row_ok[:, None] & col_ok[None, :]
+        bias = 0.0
         col_live = col_ok
         if HAS_MASK:
-            mvals = tl.load(m_base + rows[:, None] * sm_t + cols[None, :] * sm_l, mask=tile_ok, other=0)
-            if MASK_BOOL:
-                allowed = tile_ok & (mvals != 0)
-                bias = tl.where(allowed, 0.0, float("-inf"))
-            else:
-                bias = tl.where(tile_ok, mvals.to(tl.float32), float("-inf"))
-                allowed = bias > float("-inf")
-            col_live = tl.reduce(allowed.to(tl.int32), 0, _max) > 0
+            bias, col_live = _tile_mask(m_base, rows, cols, sm_t, sm_l, row_ok[:, None] & col_ok[None, :], MASK_BOOL)
         k_live = col_live[:, None] & d_ok[None, :]
         kb = tl.load(kp_base + cols[:, None] * skp_l + (ds // PER_BYTE)[None, :] * skp_d, mask=k_live, other=0)
         kcode = (kb.to(tl.int32) >> k_shift[None, :]) & CODE_MASK
@@ -107,18 +108,7 @@ def attention_kivi(
         kw = tl.load(kw_base + (cols - current)[:, None] * skw_l + ds[None, :] * skw_d,
                      mask=k_live & in_window[:, None], other=0.0).to(tl.float32)
         k = tl.where(in_window[:, None], kw, k)
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BT, BL)
-        else:
-            scores = tl.reduce(q[:, None, :] * k[None, :, :], 2, _add)
-        if HAS_MASK:
-            scores = scores + bias
-        else:
-            scores = tl.where(col_ok[None, :], scores, float("-inf"))
-        new_max = tl.maximum(run_max, tl.reduce(scores, 1, _max))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(scores - shift[:, None])
-        correction = tl.exp(run_max - shift)
+        scores = _tile_scores(q, k, bias, col_ok, HAS_MASK, USE_DOT)
         v_live = col_live[:, None] & dv_ok[None, :]
         vb = tl.load(vp_base + cols[:, None] * svp_l + (dvs // PER_BYTE)[None, :] * svp_d, mask=v_live, other=0)
         vcode = (vb.to(tl.int32) >> v_shift[None, :]) & CODE_MASK
@@ -126,16 +116,8 @@ def attention_kivi(
         vsc = tl.load(vs_base + v_at, mask=v_live, other=0.0).to(tl.float32)
         vmn = tl.load(vm_base + v_at, mask=v_live, other=0.0).to(tl.float32)
         v = vcode.to(tl.float32) * vsc + vmn  # (BL, BDV)
-        run_sum = run_sum * correction + tl.reduce(p, 1, _add)
-        if USE_DOT:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.reduce(p[:, :, None] * v[None, :, :], 1, _add)
-        acc = acc * correction[:, None] + pv
-        run_max = new_max
-    out = acc / tl.where(row_ok & (run_sum > 0), run_sum, 1.0)[:, None]
-    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_t + dvs[None, :] * so_d,
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+        run_max, run_sum, acc = _fold(scores, v, run_max, run_sum, acc, USE_DOT)
+    _store_rows(o_ptr + b * so_b + h * so_h, acc, run_sum, rows, row_ok, dvs, dv_ok, so_t, so_d)
 '''
 
 
@@ -216,24 +198,10 @@ torch.library.register_kernel("memsave::attention_kivi", "cuda", _cuda_kernel)
 
 def applies(node: fx.Node) -> bool:
     """CUDA inputs: q of a supported dtype, uint8 codes on the same device."""
-    from memsave.codegen.triton import triton_available
-    from memsave.graph.meta import arg_val, op_arg
-
-    q, k_packed, v_packed = (arg_val(op_arg(node, name)) for name in ("q", "k_packed", "v_packed"))
-    if not all(isinstance(x, torch.Tensor) for x in (q, k_packed, v_packed)):
-        return False
-    if q.device.type != "cuda" or q.dtype not in SUPPORTED_DTYPES:
-        return False
-    if any(x.device != q.device or x.dtype != torch.uint8 for x in (k_packed, v_packed)):
-        return False
-    return triton_available()
+    return cache_kernel_applies(node, ("k_packed", "v_packed"), torch.uint8)
 
 
 def register() -> None:
     """Offer the kernel for memsave::attention_kivi nodes to codegen (idempotent)."""
-    from memsave.codegen.kernels import Kernel, register_kernel
-
-    register_kernel(
-        torch.ops.memsave.attention_kivi.default,
-        Kernel.retarget(KERNEL_NAME, torch.ops.memsave.attention_kivi_triton.default, applies),
-    )
+    register_cache_kernel(torch.ops.memsave.attention_kivi.default, KERNEL_NAME,
+                          torch.ops.memsave.attention_kivi_triton.default, applies)
