@@ -17,7 +17,8 @@ kernel: no host sync inside a decode step.
 Registration as kv_attention.py's: the twin `memsave::attention_kivi_triton` (every device, so
 it runs on CPU tensors under TRITON_INTERPRET=1), offered to codegen for CUDA nodes, and the
 CUDA kernel of memsave::attention_kivi itself. Tested on CPU under TRITON_INTERPRET=1 only
-(tests/test_kv_attention_kivi_triton.py); not yet compiled or timed on a GPU.
+(tests/test_kv_attention_kivi_triton.py), and compiled for sm_90 without a GPU
+(tests/test_kv_kernels_compile.py); not run or timed on a GPU yet.
 """
 
 from __future__ import annotations
