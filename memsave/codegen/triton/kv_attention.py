@@ -93,6 +93,26 @@ def _store_rows(o_ptr, acc, run_sum, rows, row_ok, dvs, dv_ok, so_t, so_d):
     out = acc / tl.where(row_ok & (run_sum > 0), run_sum, 1.0)[:, None]
     tl.store(o_ptr + rows[:, None] * so_t + dvs[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _program(H_Q, REP, T, D, DV, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """This program's batch, query head, kv head (grouped-query: h // REP), query rows and
+    head-dimension ranges, with their bounds."""
+    bh = tl.program_id(0)
+    b = (bh // H_Q).to(tl.int64)
+    h = bh % H_Q
+    hk = (h // REP).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ds = tl.arange(0, BLOCK_D)
+    dvs = tl.arange(0, BLOCK_DV)
+    return b, h.to(tl.int64), hk, rows, rows < T, ds, ds < D, dvs, dvs < DV
+
+
+@triton.jit
+def _load_q(q_ptr, rows, row_ok, ds, d_ok, sq_t, sq_d, scale):
+    q = tl.load(q_ptr + rows[:, None] * sq_t + ds[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return q.to(tl.float32) * scale  # (BT, BD), as the ops: q.float() * scale
 '''
 
 _SOURCE = TILE_HELPERS + '''
@@ -110,21 +130,8 @@ def attention_int8_kv(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // H_Q).to(tl.int64)
-    h = bh % H_Q
-    hk = (h // REP).to(tl.int64)
-    h = h.to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    ds = tl.arange(0, BLOCK_D)
-    d_ok = ds < D
-    dvs = tl.arange(0, BLOCK_DV)
-    dv_ok = dvs < DV
-
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + ds[None, :] * sq_d,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    q = q.to(tl.float32) * scale  # (BT, BD), as the op: q.float() * scale
+    b, h, hk, rows, row_ok, ds, d_ok, dvs, dv_ok = _program(H_Q, REP, T, D, DV, BLOCK_T, BLOCK_D, BLOCK_DV)
+    q = _load_q(q_ptr + b * sq_b + h * sq_h, rows, row_ok, ds, d_ok, sq_t, sq_d, scale)
     kc_base = kc_ptr + b * skc_b + hk * skc_h
     ks_base = ks_ptr + b * sks_b + hk * sks_h
     vc_base = vc_ptr + b * svc_b + hk * svc_h
@@ -137,7 +144,7 @@ def attention_int8_kv(
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
         col_ok = cols < L
-        bias = 0.0
+        bias = 0.0  # (a jit function cannot return a scalar here and a tile with a mask)
         col_live = col_ok  # the columns whose codes are read
         if HAS_MASK:
             bias, col_live = _tile_mask(m_base, rows, cols, sm_t, sm_l, row_ok[:, None] & col_ok[None, :], MASK_BOOL)

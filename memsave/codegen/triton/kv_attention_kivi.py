@@ -61,24 +61,12 @@ def attention_kivi(
 ):
     PER_BYTE: tl.constexpr = 8 // BITS
     CODE_MASK: tl.constexpr = (1 << BITS) - 1
-    bh = tl.program_id(0)
-    b = (bh // H_Q).to(tl.int64)
-    h = bh % H_Q
-    hk = (h // REP).to(tl.int64)
-    h = h.to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    ds = tl.arange(0, BLOCK_D)
-    d_ok = ds < D
-    dvs = tl.arange(0, BLOCK_DV)
-    dv_ok = dvs < DV
+    b, h, hk, rows, row_ok, ds, d_ok, dvs, dv_ok = _program(H_Q, REP, T, D, DV, BLOCK_T, BLOCK_D, BLOCK_DV)
     k_shift = (ds % PER_BYTE) * BITS  # where channel d's code sits in its byte
     v_shift = (dvs % PER_BYTE) * BITS
     current = tl.load(len_ptr) // K_GROUP * K_GROUP  # the window's first token
 
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + ds[None, :] * sq_d,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    q = q.to(tl.float32) * scale
+    q = _load_q(q_ptr + b * sq_b + h * sq_h, rows, row_ok, ds, d_ok, sq_t, sq_d, scale)
     kp_base = kp_ptr + b * skp_b + hk * skp_h
     ks_base = ks_ptr + b * sks_b + hk * sks_h  # the keys' minima share the scales' strides
     km_base = km_ptr + b * sks_b + hk * sks_h
