@@ -147,3 +147,36 @@ def test_optimizers_not_known_elementwise_step_whole():
     handle.remove()
     with pytest.raises(memsave.config.OptionError, match="slice_bytes 'big'.*'8MiB', or None"):
         memsave.optimizer_in_backward(model, torch.optim.SGD, lr=0.1, slice_bytes="big")
+
+
+def test_parameter_groups_with_their_own_options_equal_the_ordinary_step():
+    """Groups as torch's optimizers take them (no weight decay for norms), sliced or not: the
+    same parameters as an ordinary AdamW over the same groups; schedulers see both groups."""
+
+    def groups(model):
+        decay = [p for n, p in model.named_parameters() if p.dim() == 2]
+        rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0, "lr": 5e-3}]
+
+    model, reference = _decoder(), _decoder()
+    handle = memsave.optimizer_in_backward(groups(model), torch.optim.AdamW, lr=1e-2, slice_bytes="16KiB")
+    assert len(handle.optimizer.param_groups) == 2 and handle._slices
+    assert [g["weight_decay"] for g in handle.optimizer.param_groups] == [0.1, 0.0]
+    opt = torch.optim.AdamW(groups(reference), lr=1e-2)
+    for ids, labels in _batches():
+        model(ids, labels).backward()
+        reference(ids, labels).backward()
+        opt.step()
+        opt.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), name
+    # Adam's weight decay adds a temporary: measured for each group's options, the largest kept
+    adam = memsave.optimizer_in_backward(
+        [{"params": [model.norm.weight], "weight_decay": 0.0}, {"params": [model.embed_tokens.weight], "weight_decay": 0.1}],
+        torch.optim.Adam, lr=1e-3)
+    assert adam.step_workspace_ratio == pytest.approx(3.0, abs=0.05)
+    adam.remove()
+    with pytest.raises(memsave.config.OptionError, match="not a mix"):
+        memsave.optimizer_in_backward([{"params": [model.norm.weight]}, model.embed_tokens.weight], torch.optim.SGD, lr=0.1)
+    with pytest.raises(memsave.config.OptionError, match="needs 'params'"):
+        memsave.optimizer_in_backward([{"weight_decay": 0.1}], torch.optim.SGD, lr=0.1)

@@ -326,7 +326,7 @@ def stored_tensors(value: Any) -> Iterable[torch.Tensor]:
 
 
 def optimizer_in_backward(
-    model: torch.nn.Module | Iterable[torch.Tensor],
+    model: torch.nn.Module | Iterable[torch.Tensor] | Iterable[dict],
     optimizer_class: type,
     *args: Any,
     accumulation_steps: int = 1,
@@ -334,7 +334,9 @@ def optimizer_in_backward(
     **kwargs: Any,
 ) -> InBackward:
     """Run `optimizer_class(trainable params of model, *args, **kwargs)` inside the backward;
-    parameters larger than `slice_bytes` step in slices of about that size (None: whole)."""
+    parameters larger than `slice_bytes` step in slices of about that size (None: whole).
+    `model` may also be tensors, or parameter groups (dicts with "params" and per-group
+    options, as torch's optimizers take them: e.g. no weight decay for norms and biases)."""
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
         raise OptionError(
             f"optimizer_in_backward takes an optimizer class (a torch.optim.Optimizer subclass, e.g. "
@@ -345,8 +347,8 @@ def optimizer_in_backward(
                           "it cannot step one parameter at a time")
     if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
         raise OptionError(f"accumulation_steps must be a positive int, got {accumulation_steps!r}")
-    params = model.parameters() if isinstance(model, torch.nn.Module) else model
-    params = list(dict.fromkeys((p for p in params if p.requires_grad), None))  # tied weights once
+    groups = _param_groups(model)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise OptionError("optimizer_in_backward: the model has no parameter that requires grad")
     limit = None if slice_bytes is None else _slice_limit(slice_bytes)
@@ -362,11 +364,40 @@ def optimizer_in_backward(
             bounds = slice_bounds(p, limit, block)
             if bounds is not None:
                 slices[p] = make_slices(p, bounds)
-    held = [piece for p in params for piece in slices.get(p, [p])]
+    held = [{**g, "params": [piece for p in g["params"] for piece in slices.get(p, [p])]} for g in groups]
     optimizer = optimizer_class(held, *args, **kwargs)
-    step_workspace = measure_step_workspace(optimizer_class, args, kwargs, params[0])
+    # The step's temporaries may depend on a group's options (Adam's weight decay adds one):
+    # measured for each group's, the largest kept.
+    measured = [measure_step_workspace(optimizer_class, args, {**kwargs, **{k: v for k, v in g.items() if k != "params"}},
+                                       g["params"][0]) for g in groups]
+    step_workspace = max(measured, key=lambda m: m[0])
     return InBackward(params, optimizer, accumulation_steps, step_workspace, slices,
                       not_sliced if limit is not None else "slice_bytes=None")
+
+
+def _param_groups(model: Any) -> list[dict]:
+    """[{"params": [trainable tensors, each once], **group options}] from a module, tensors or
+    parameter groups; groups left without a trainable parameter are dropped."""
+    if isinstance(model, torch.nn.Module):
+        groups = [{"params": model.parameters()}]
+    else:
+        items = [model] if isinstance(model, torch.Tensor) else list(model)
+        if all(isinstance(i, dict) for i in items) and items:
+            groups = items
+        elif all(isinstance(i, torch.Tensor) for i in items):
+            groups = [{"params": items}]
+        else:
+            raise OptionError("optimizer_in_backward: pass a module, tensors, or parameter groups (dicts with "
+                              f"'params'), not a mix; got {sorted({type(i).__name__ for i in items})}")
+    out = []
+    for g in groups:
+        if "params" not in g:
+            raise OptionError(f"optimizer_in_backward: a parameter group needs 'params'; got keys {sorted(g)}")
+        tensors = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+        trainable = list(dict.fromkeys((p for p in tensors if p.requires_grad), None))  # tied weights once
+        if trainable:
+            out.append({**g, "params": trainable})
+    return out
 
 
 def _slice_limit(value: Any) -> int:
