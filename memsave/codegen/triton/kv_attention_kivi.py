@@ -18,7 +18,7 @@ Registration as kv_attention.py's: the twin `memsave::attention_kivi_triton` (ev
 it runs on CPU tensors under TRITON_INTERPRET=1), offered to codegen for CUDA nodes, and the
 CUDA kernel of memsave::attention_kivi itself. Tested on CPU under TRITON_INTERPRET=1 only
 (tests/test_kv_attention_kivi_triton.py), and compiled for sm_90 without a GPU
-(tests/test_kv_kernels_compile.py); not run or timed on a GPU yet.
+(tests/test_triton_compile_sm90.py); not run or timed on a GPU yet.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The KV-cache attention kernels compile for a GPU without one: Triton's own compiler and the
+"""Hand-written Triton kernels compile for a GPU without one: Triton's own compiler and the
 ptxas it ships lower them to an sm_90 cubin here (the interpreter, which the other tests use,
-accepts code a GPU compile rejects). Decode (broadcast scores, a bool mask) and several rows
-(tl.dot, no mask), for the int8 and both KIVI widths."""
+accepts code a GPU compile rejects). The KV-cache attention kernels, decode (broadcast scores, a
+bool mask) and several rows (tl.dot, no mask), for int8 and both KIVI widths; the fused linear
+cross-entropy's forward and backward in bf16, with and without a bias, at the GPU block sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from memsave.codegen.triton import kv_attention, kv_attention_kivi  # noqa: E402
+from memsave.codegen.triton import chunked_ce, kv_attention, kv_attention_kivi  # noqa: E402
 
 VARIANTS = [(False, 1, True), (True, 64, False)]  # (USE_DOT, BLOCK_T, HAS_MASK with a bool mask)
 
@@ -64,3 +65,16 @@ def test_kivi_kernel_compiles_for_sm90(bits, use_dot, block_t, has_mask):
     constexprs = dict(BITS=bits, K_GROUP=32, V_GROUP=64, HAS_MASK=has_mask, MASK_BOOL=has_mask, USE_DOT=use_dot,
                       BLOCK_T=block_t, BLOCK_L=32, BLOCK_D=64, BLOCK_DV=64)
     assert _cubin_bytes(fn, pointers, constexprs) > 0
+
+
+@pytest.mark.usefixtures("compiled_mode")
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_linear_cross_entropy_kernels_compile_for_sm90(has_bias):
+    module = chunked_ce._kernels(False)
+    blocks = {k: v for k, v in chunked_ce.GPU_BLOCKS.items() if k.startswith("BLOCK")}
+    common = dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", labels_ptr="*i64", lse_ptr="*fp32")
+    forward = dict(common, loss_ptr="*fp32")
+    assert _cubin_bytes(module.lce_forward, forward, dict(HAS_BIAS=has_bias, IEEE=False, **blocks)) > 0
+    backward = dict(common, scale_ptr="*fp32", gh_ptr="*fp32", gw_ptr="*fp32", gb_ptr="*fp32")
+    flags = dict(HAS_BIAS=has_bias, NEED_H=True, NEED_W=True, NEED_B=has_bias, IEEE=False, **blocks)
+    assert _cubin_bytes(module.lce_backward, backward, flags) > 0
