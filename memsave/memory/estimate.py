@@ -13,7 +13,7 @@ the call and after it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from typing import Any, Callable
@@ -71,13 +71,14 @@ def is_weight_node(node: fx.Node) -> bool:
     return node.op == "get_attr" or bool(node.meta.get(WEIGHT_TAG))
 
 
-def estimate_memory(gm: fx.GraphModule, consumed_outputs: Collection[int] = frozenset()) -> MemoryEstimate:
+def estimate_memory(gm: fx.GraphModule, consumed_outputs: Mapping[int, int] | None = None) -> MemoryEstimate:
     """`consumed_outputs`: positions in the graph's (flat) outputs of values that something in
     the graph consumes and frees right after their last use instead of returning them (the
     gradients memsave.optimizer_in_backward steps inside the backward: passes/joint/
-    step_in_backward.py rewrites the graph so after this estimate). A mapping gives, per
-    position, the temporary bytes the consumer allocates right after that last use (the
-    optimizer step's: optim.in_backward.step_workspace_bytes)."""
+    step_in_backward.py rewrites the graph so after this estimate), each with the temporary
+    bytes the consumer allocates right after that last use (the optimizer step's:
+    optim.in_backward.step_workspace_bytes)."""
+    consumed_outputs = consumed_outputs or {}
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     weight_bytes = input_bytes = 0
@@ -108,8 +109,7 @@ def estimate_memory(gm: fx.GraphModule, consumed_outputs: Collection[int] = froz
     consumed: dict[fx.Node, int] = {}  # consumed output -> the temporary bytes its consumer allocates
     for i, arg in enumerate(_output_slots(output.args)):
         if i in consumed_outputs and arg is not None:
-            step = consumed_outputs[i] if isinstance(consumed_outputs, Mapping) else 0
-            consumed[arg] = consumed.get(arg, 0) + step
+            consumed[arg] = consumed.get(arg, 0) + consumed_outputs[i]
     consumer_workspace: dict[int, int] = {}  # position -> the consumers' temporaries right after it
     for node in nodes:
         # a consumed output dies after its last use other than being returned

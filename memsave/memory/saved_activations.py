@@ -8,7 +8,7 @@ count once, and saved weights and inputs (alive anyway) are counted apart.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Mapping
 
 import torch.fx as fx
 
@@ -37,7 +37,7 @@ def saved_activation_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> tuple[in
 
 
 def simulated_peak(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
-                   consumed_grads: Collection[int] = frozenset()) -> dict[str, int]:
+                   consumed_grads: Mapping[int, int] | None = None) -> dict[str, int]:
     """Peak activation bytes of running the forward, then the backward, with saved tensors
     alive in between and each one freed after its last use in the backward (the boxed
     calling convention). The forward's peak counts its saved outputs, which it allocates."""

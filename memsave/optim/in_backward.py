@@ -40,7 +40,6 @@ result is the ordinary one) and steps on every N-th backward.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -129,7 +128,6 @@ class InBackward:
         self.optimizer = optimizer
         # parameter -> the flat views of it the optimizer holds in its place (optim/slices.py)
         self._slices: WeakIdKeyDictionary = WeakIdKeyDictionary(slices or {})
-        self._storage = WeakIdKeyDictionary({p: p.data_ptr() for p in self._slices})
         self.not_sliced = not_sliced  # why large parameters step whole, if they do
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self.accumulation_steps = accumulation_steps
@@ -179,24 +177,17 @@ class InBackward:
         if pieces is None:
             self._step(param, grad)
             return
-        if param.data_ptr() != self._storage[param]:
-            # param.data was replaced (e.g. by module.to): follow it, as an optimizer holding the
-            # parameter itself would
-            for piece, view in zip(pieces, make_slices(param, self._bounds(pieces))):
-                piece.data = view
-            self._storage[param] = param.data_ptr()
+        # The first slice starts where the parameter does, unless param.data was replaced (e.g.
+        # by module.to): then the slices follow it, as an optimizer holding the parameter would.
+        moved = param.detach().view(-1) if pieces[0].data_ptr() != param.data_ptr() else None
         flat = grad.detach().reshape(-1)
         start = 0
         for piece in pieces:
-            self._step(piece, flat[start:start + piece.numel()])
-            start += piece.numel()
-
-    @staticmethod
-    def _bounds(pieces: list[torch.Tensor]) -> list[tuple[int, int]]:
-        starts = [0]
-        for piece in pieces:
-            starts.append(starts[-1] + piece.numel())
-        return list(itertools.pairwise(starts))
+            stop = start + piece.numel()
+            if moved is not None:
+                piece.data = moved[start:stop]
+            self._step(piece, flat[start:stop])
+            start = stop
 
     def _step(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         """The optimizer's step on `param` alone: its group narrowed to it for the call (the

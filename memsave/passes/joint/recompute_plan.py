@@ -51,7 +51,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,7 +336,7 @@ Prebuilt = tuple[Plan, fx.GraphModule, fx.GraphModule]  # a plan another partiti
 
 
 def _rank(jg: JointGraph, plans: list[Plan], prebuilt: list[Prebuilt] = (),
-          consumed_grads: Collection[int] = frozenset()) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
+          consumed_grads: Mapping[int, int] | None = None) -> list[tuple[Plan, fx.GraphModule, fx.GraphModule, dict[str, int]]]:
     """Forward and backward graphs and the simulated peak of each distinct plan (gradients at
     `consumed_grads` stepped in the backward: see simulated_peak)."""
     ranked, seen = [], set()
@@ -431,15 +431,15 @@ STEP_PEAK_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05)
 
 
 def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = (),
-                     consumed_grads: Collection[int] = frozenset(), codegen: str = "inductor") -> Choice:
+                     consumed_grads: Mapping[int, int] | None = None, codegen: str = "inductor") -> Choice:
     """A training budget (options['budget']): the plan with the least recompute cost whose step
     peak, the weights + the simulated peak of forward then backward (saved activations,
     gradients, the backward's working set), fits `step_peak`; then the lowest peak. Candidates:
     no recompute, the prebuilt (min-cut), the budget solver at a spread of saved-bytes limits,
     segment checkpointing at every segment count, selective, the fewest saved bytes. None fits:
     a BudgetError naming the lowest step peak found and its plan. `consumed_grads`: the
-    backward's outputs (gradients) memsave.optimizer_in_backward steps and frees inside it
-    (a mapping: with each step's temporary bytes); `codegen` sizes the margin."""
+    backward's outputs (gradients) memsave.optimizer_in_backward steps and frees inside it, with
+    each step's temporary bytes; `codegen` sizes the margin."""
     from memsave.config.base import BudgetError
     from memsave.report import fmt_bytes
 
