@@ -219,12 +219,7 @@ def attention_int8_kv_triton(q, k_codes, k_scale, v_codes, v_scale, attn_mask, s
     from memsave.ops.kv_cache import _check
 
     _check(q, k_codes, k_scale, v_codes, v_scale)
-    interpret = interpreting()
-    if q.device.type != "cuda" and not interpret:
-        raise RuntimeError(f"triton attention_int8_kv: inputs are on {q.device}; the kernel runs on CUDA "
-                           "(or under TRITON_INTERPRET=1)")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"triton attention_int8_kv: q must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    interpret = check_launch(q, "attention_int8_kv")
     if k_codes.dtype != torch.int8 or v_codes.dtype != torch.int8:
         raise TypeError(f"triton attention_int8_kv: codes must be int8, got {k_codes.dtype}, {v_codes.dtype}")
     b, hq, t, d = q.shape
@@ -234,11 +229,7 @@ def attention_int8_kv_triton(q, k_codes, k_scale, v_codes, v_scale, attn_mask, s
                          f"k_codes {tuple(k_codes.shape)}, v_codes {tuple(v_codes.shape)}")
     mask = _mask_4d(attn_mask, (b, hq, t, length))
     k_scale, v_scale = k_scale.float(), v_scale.float()  # no copy when fp32 already (the op's layout)
-    if interpret:
-        # Under the interpreter bf16/fp16 arithmetic is wrong (FIELD-NOTES): fp32 in and out there.
-        qk, out = q.float(), torch.empty((b, hq, t, dv), dtype=torch.float32, device=q.device)
-    else:
-        qk, out = q, torch.empty((b, hq, t, dv), dtype=q.dtype, device=q.device)
+    qk, out = query_and_output(q, dv, interpret)
     if out.numel():
         cfg = dict(blocks) if blocks is not None else choose_blocks(t, d, dv, interpret)
         m_arg, m_strides = (mask, mask.stride()) if mask is not None else (k_scale, (0, 0, 0, 0))
@@ -251,6 +242,24 @@ def attention_int8_kv_triton(q, k_codes, k_scale, v_codes, v_scale, attn_mask, s
             HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.uint8, **cfg,
         )
     return out.to(q.dtype)
+
+
+def check_launch(q: torch.Tensor, who: str) -> bool:
+    """Whether the kernel runs interpreted; a clear error where it cannot run at all."""
+    interpret = interpreting()
+    if q.device.type != "cuda" and not interpret:
+        raise RuntimeError(f"triton {who}: inputs are on {q.device}; the kernel runs on CUDA (or under TRITON_INTERPRET=1)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton {who}: q must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    return interpret
+
+
+def query_and_output(q: torch.Tensor, dv: int, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q as the kernel reads it, the (B, H_q, T, Dv) output it writes)."""
+    b, hq, t, _ = q.shape
+    if interpret:  # under the interpreter bf16/fp16 arithmetic is wrong (FIELD-NOTES): fp32 in and out
+        return q.float(), torch.empty((b, hq, t, dv), dtype=torch.float32, device=q.device)
+    return q, torch.empty((b, hq, t, dv), dtype=q.dtype, device=q.device)
 
 
 def triton_cdiv(a: int, b: int) -> int:

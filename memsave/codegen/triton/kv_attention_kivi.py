@@ -34,11 +34,12 @@ from memsave.codegen.triton.kv_attention import (
     TILE_HELPERS,
     _mask_4d,
     cache_kernel_applies,
+    check_launch,
     choose_blocks,
+    query_and_output,
     register_cache_kernel,
     triton_cdiv,
 )
-from memsave.codegen.triton.launcher import interpreting
 
 KERNEL_NAME = "triton-attention-kivi"
 
@@ -122,12 +123,7 @@ def attention_kivi_triton(q, k_packed, k_scale, k_min, k_window, length, v_packe
     from memsave.ops.kv_cache import check_heads
     from memsave.ops.kv_lowbit import LOWBIT_BITS
 
-    interpret = interpreting()
-    if q.device.type != "cuda" and not interpret:
-        raise RuntimeError(f"triton attention_kivi: inputs are on {q.device}; the kernel runs on CUDA "
-                           "(or under TRITON_INTERPRET=1)")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"triton attention_kivi: q must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    interpret = check_launch(q, "attention_kivi")
     if bits not in LOWBIT_BITS:
         raise ValueError(f"triton attention_kivi: bits must be one of {LOWBIT_BITS}, got {bits!r}")
     b, hq, t, d = q.shape
@@ -140,12 +136,9 @@ def attention_kivi_triton(q, k_packed, k_scale, k_min, k_window, length, v_packe
                          f"v_min {tuple(v_min.shape)}")
     # Minima are read through their scales' strides: contiguous both (the cache's own layout: no copy).
     k_scale, k_min, v_scale, v_min = (x.contiguous() for x in (k_scale, k_min, v_scale, v_min))
-    if interpret:
-        # Under the interpreter fp16/bf16 arithmetic is wrong (FIELD-NOTES): fp32 in and out there.
+    if interpret:  # fp16 arithmetic is wrong there (FIELD-NOTES): the fp16 parts in fp32
         k_scale, k_min, v_scale, v_min, k_window = (x.float() for x in (k_scale, k_min, v_scale, v_min, k_window))
-        qk, out = q.float(), torch.empty((b, hq, t, dv), dtype=torch.float32, device=q.device)
-    else:
-        qk, out = q, torch.empty((b, hq, t, dv), dtype=q.dtype, device=q.device)
+    qk, out = query_and_output(q, dv, interpret)
     mask = _mask_4d(attn_mask, (b, hq, t, length_cap))
     if out.numel():
         cfg = dict(blocks) if blocks is not None else choose_blocks(t, d, dv, interpret)
