@@ -541,6 +541,11 @@ def render_markdown(results: Mapping) -> str:
         f"- Python {machine.get('python')}, torch {machine.get('torch')}, triton {machine.get('triton') or '-'}, "
         f"transformers {machine.get('transformers') or '-'}",
         f"- Date: {machine.get('date')}",
+    ]
+    for merged in results.get("merged_runs", []):  # configs measured again later (--merge)
+        other = merged["machine"]
+        lines.append(f"- Merged later: {', '.join(merged['configs'])} on {other.get('cpu')}, {other.get('date')}")
+    lines += [
         "",
         "## Parameters",
         "",
@@ -827,6 +832,8 @@ def merge_into(earlier: dict, new: Mapping) -> dict:
     earlier["runs"] += [r for r in new["runs"] if r["config"] in rerun]
     replaced = "those configs' runs, baselines included" if whole else "those configs' runs; their baselines' runs are the earlier ones"
     earlier["command"] += f"; then {new['command']} (replacing {replaced})"
+    # Where and when the merged configs ran (the Machine section is the first run's).
+    earlier.setdefault("merged_runs", []).append({"configs": rerun, "machine": new.get("machine", {})})
     return resummarize(earlier)
 
 

@@ -233,6 +233,7 @@ def test_parts_have_their_own_baselines_repeats_params_and_merge(tmp_path):
     assert b1 == [r["metrics"]["pid"] for r in results["runs"] if r["config"] == "b1"]
     assert merged["summary"]["b2"]["metrics"]["value"]["ratio"] == pytest.approx(4.0)
     assert "then " in merged["command"] and "--merge" in merged["command"] and "baselines included" in merged["command"]
+    assert "- Merged later: a1, a2 on " in (out / "full.md").read_text()  # where and when they ran
     assert (out / "full.md").read_text().count("(baseline)") == 2
     # Runs of a config without its part's baseline (a part not re-run whole): the baseline's
     # earlier runs stay, and the command says the ratios mix two runs.
