@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -111,12 +112,30 @@ class GraphCompilation:
             decompositions=select_decomp_table,  # called lazily by aot_autograd
             keep_inference_input_mutations=True,
         )
+        cache = self._quantize_static_cache()
         self._dynamo_steps = run_dynamo_steps(self.gm, self._real, self.inputs, self.config)
+        self._dynamo_steps.kv_cache = cache.result if cache is not None else None
         self.config = self._dynamo_steps.config  # a budget's plan chose the forms
         try:
-            return self._dynamo_steps.wrap(aot(self.gm, self._real))
+            compiled = self._dynamo_steps.wrap(aot(self.gm, self._real))
+            return cache.wrap(compiled) if cache is not None else compiled
         finally:
             self._real = None
+
+    def _quantize_static_cache(self):
+        """options['kv_cache']: HF's static cache buffers in the graph become int8 (first: the
+        graph's inputs and outputs change, so what describes them is made again)."""
+        if self.config.kv_cache is None:
+            return None
+        from memsave.passes.dynamo.quantize_static_cache import quantize_static_cache
+
+        started = time.perf_counter()
+        cache = quantize_static_cache(self.gm, self._real, self.config.kv_cache)
+        cache.result.details["seconds"] = time.perf_counter() - started
+        self.gm, self._real = cache.gm, cache.real_inputs
+        self.inputs = describe_inputs(self.gm, self._real)
+        self.num_user_outputs = len(_flat_outputs(self.gm))
+        return cache
 
     # -- AOTAutograd callbacks ------------------------------------------------------------
 

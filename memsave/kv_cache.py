@@ -29,6 +29,7 @@ import functools
 
 import torch
 
+from memsave.kv_tensor import QuantizedKV
 from memsave.ops.pack import packed_length
 
 KV_CACHE_SCHEMES = ("int8", "int4", "kivi2")
@@ -224,11 +225,13 @@ def QuantizedStaticCache(config, max_cache_len: int, scheme: str = "int8", **kwa
 
 
 def cache_bytes(cache) -> int:
-    """Bytes the cache's layers hold now (codes and scales, or an fp layer's buffers)."""
+    """Bytes the cache's layers hold now (codes and scales, or an fp layer's buffers): a
+    QuantizedStaticCache, or HF's StaticCache under options['kv_cache']."""
     total = 0
     for layer in cache.layers:
         if hasattr(layer, "held_bytes"):
             total += layer.held_bytes()
-        elif getattr(layer, "is_initialized", False):
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        elif getattr(layer, "is_initialized", False):  # HF's layer: fp, or int8 under options['kv_cache']
+            total += sum(t.held_bytes() if isinstance(t, QuantizedKV) else t.numel() * t.element_size()
+                         for t in (layer.keys, layer.values))
     return total

@@ -60,6 +60,7 @@ class DynamoSteps:
     """What the steps on the Dynamo graph did; their records lead the ATen graph's report."""
 
     capture: PassResult | None = None  # chunk capture
+    kv_cache: PassResult | None = None  # options['kv_cache']: HF's static cache buffers held in int8
     kv_attention: PassResult | None = None  # attention over memsave's quantized kv cache, fused
     split: Any = None  # passes.dynamo.shard_tensor.TensorParallelSplit
     plan: Any = None  # budget.planner.Plan, when options['budget'] chose the forms
@@ -155,6 +156,10 @@ def _record_dynamo_steps(runner: PassRunner, steps: DynamoSteps | None) -> None:
                      "split_bytes_after": split.bytes_after},
             weight_bytes_saved=split.bytes_before - split.bytes_after,
         )
+    if steps.kv_cache is not None:
+        result = steps.kv_cache
+        runner.add_done("quantize_static_cache", changed=result.changed, seconds=result.details["seconds"],
+                        notes=result.notes, details=result.details)
     if steps.kv_attention is not None:
         result = steps.kv_attention
         runner.add_done("fuse_kv_attention", changed=result.changed, seconds=result.details["seconds"],

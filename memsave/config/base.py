@@ -51,6 +51,8 @@ PASS_FAMILIES = (
     "plan_memory",
 )
 CODEGEN_CHOICES = ("inductor", "fx")
+# options["kv_cache"]: the layouts HF's own static cache can be held in (passes/dynamo/quantize_static_cache.py)
+KV_CACHE_CHOICES = ("int8",)
 OFF_VALUES = (None, False, "none", "off")
 
 

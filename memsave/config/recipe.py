@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from memsave.config.units import parse_bytes
-from memsave.config.base import CODEGEN_CHOICES, PASS_FAMILIES, FamilyConfig, OptionError, _choices
+from memsave.config.base import CODEGEN_CHOICES, KV_CACHE_CHOICES, PASS_FAMILIES, FamilyConfig, OptionError, _choices
 from memsave.config.chunk import ChunkConfig
 from memsave.config.factorize import FactorizeConfig
 from memsave.config.pipeline import PipelineConfig
@@ -72,6 +72,8 @@ class Config:
     # must fit in: memsave.plan chooses each linear's form (inference graphs); the weights that
     # quantize / prune / factorize options name keep what those give them (budget/pinned.py).
     budget: Any = None
+    # HF's static cache (generate(cache_implementation="static")) held in this layout: "int8".
+    kv_cache: str | None = None
     # "inductor" hands the transformed graph to Inductor; "fx" runs it as plain FX code.
     codegen: str = "inductor"
     # Write the graph after every pass and the per-pass table here (implies debug).
@@ -88,6 +90,11 @@ class Config:
                 object.__setattr__(self, "budget", parse_bytes(self.budget))
             except ValueError as e:
                 raise OptionError(f"options['budget']: {e}") from None
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_CHOICES:
+            raise OptionError(
+                f"options['kv_cache']: invalid value {self.kv_cache!r}; valid choices: {_choices(KV_CACHE_CHOICES)} "
+                "(memsave.QuantizedStaticCache(config, max_cache_len, scheme='int4' / 'kivi2') holds the low-bit layouts)"
+            )
         if self.codegen not in CODEGEN_CHOICES:
             raise OptionError(
                 f"options['codegen']: invalid value {self.codegen!r}; valid choices: "
@@ -166,6 +173,9 @@ def describe_options() -> list[tuple[str, str, str]]:
                  "stored weights + one call's peak of live tensors within this: memsave.plan picks each linear's form (inference); "
                  "weights that quantize/prune/factorize options name keep what those give them; a training step's peak: "
                  "the loss chunked, attention as SDPA (unless chunk is given) and the recompute plan chosen to fit"))
+    rows.append(("kv_cache", _choices(KV_CACHE_CHOICES),
+                 "HF's static cache (generate(cache_implementation='static')) held in this layout, "
+                 "attention reading the codes tile by tile"))
     rows.append(("codegen", _choices(CODEGEN_CHOICES), "how the transformed graph runs"))
     rows.append(("debug_dir", "path", "write the graph after every pass and the per-pass table"))
     rows.append(("debug", "True/False", "check invariants and measure error after every pass"))

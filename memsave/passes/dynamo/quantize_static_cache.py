@@ -1,0 +1,281 @@
+"""`options={"kv_cache": "int8"}`: HF's own static cache, held in int8, under torch.compile.
+
+    model.forward = torch.compile(model.forward, backend="memsave", options={"kv_cache": "int8"})
+    model.generate(ids, cache_implementation="static", max_new_tokens=...)
+
+HF's `generate` makes a fresh `StaticCache` whose layers allocate their buffers lazily, in the
+first `update`: inside the compiled prefill. So the prefill's Dynamo graph holds
+
+    keys = torch.zeros((B, H, L, D), dtype)          # StaticLayer.lazy_initialization
+    keys.index_copy_(2, positions, k)                # StaticLayer.update
+    ... read by attention ...
+    return (..., keys, ...)                          # Dynamo sets layer.keys = this output
+
+and this pass rewrites it: int8 codes and scales are allocated instead, each `index_copy_`
+quantizes (`kv_tensor.write_int8`), each read is `memsave::dequantize_kv_int8` (which
+`fuse_kv_attention` then fuses with the attention: the codes are read tile by tile), and the
+output HF stores is a `kv_tensor.QuantizedKV` made of the two. The fp buffer is never allocated.
+Decode graphs receive that QuantizedKV as an input; the pass replaces it by its codes and scales
+(the wrapper unpacks it at each call) and rewrites the writes and reads the same way.
+
+Left as they were, with the reason in the report: a buffer allocated outside the compiled graph
+(HF's `early_initialization`, which `prefill_chunk_size` calls, or a cache the user passed: then
+the fp buffer exists already and memsave cannot take its memory; `memsave.QuantizedStaticCache`
+is that case's answer), and a buffer used other than written by `index_copy_` along the tokens or
+`copy_`, read and returned. Sliding-window layers are held in int8 too: once full, HF rolls the
+window (a read: one layer's window dequantized) and `copy_`s it back (quantized again).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx
+from torch._dynamo.source import AttrSource
+
+from memsave.graph.meta import example_val
+from memsave.kv_tensor import QuantizedKV, allocate_int8, write_int8, write_int8_all
+from memsave.passes.base import PassResult
+
+_TOKENS = 2
+
+
+@dataclass
+class _Buffer:
+    node: fx.Node  # the zeros, or the placeholder that holds a QuantizedKV
+    writes: list[fx.Node]
+    reads: list[fx.Node]
+    outputs: list[int]  # positions among the graph's outputs
+
+
+@dataclass
+class StaticCacheRewrite:
+    """What the pass did to one Dynamo graph; `wrap` makes the compiled graph callable as Dynamo
+    calls the original (QuantizedKV inputs in, QuantizedKV outputs out)."""
+
+    result: PassResult
+    real_inputs: list[Any]
+    gm: fx.GraphModule  # the graph to compile: a rewritten copy, or the one given when nothing changed
+    input_expansion: dict[int, int] = field(default_factory=dict)  # input index -> 2 (codes, scales)
+    packed_outputs: list[tuple[int, int, torch.dtype]] = field(default_factory=list)  # (output, extra, dtype)
+    num_outputs: int = 0
+
+    def wrap(self, compiled: Callable) -> Callable:
+        if not self.input_expansion and not self.packed_outputs:
+            return compiled
+        expand, packed, n = set(self.input_expansion), list(self.packed_outputs), self.num_outputs
+
+        def run(*args):
+            flat = []
+            for i, value in enumerate(args):
+                if i in expand:
+                    if not isinstance(value, QuantizedKV):
+                        raise TypeError(f"memsave: graph input {i} was a QuantizedKV cache buffer when compiled, "
+                                        f"now a {type(value).__name__}")
+                    flat += [value.codes, value.scales]
+                else:
+                    flat.append(value)
+            out = compiled(*flat)
+            if not packed:
+                return out
+            result = list(out[:n])
+            for position, extra, dtype in packed:
+                result[position] = QuantizedKV(out[position], out[extra], dtype)
+            return type(out)(result) if isinstance(out, tuple) else result
+
+        return run
+
+
+def _is_index_copy(node: fx.Node, buffer: fx.Node) -> bool:
+    is_call = (node.op == "call_method" and node.target == "index_copy_") or (
+        node.op == "call_function" and node.target in (torch.Tensor.index_copy_, torch.ops.aten.index_copy_.default))
+    if not is_call or len(node.args) != 4 or node.kwargs or node.args[0] is not buffer:
+        return False
+    dim = node.args[1]
+    return isinstance(dim, int) and dim % 4 == _TOKENS and node.args[3] is not buffer
+
+
+def _is_copy(node: fx.Node, buffer: fx.Node) -> bool:
+    is_call = (node.op == "call_method" and node.target == "copy_") or (
+        node.op == "call_function" and node.target in (torch.Tensor.copy_, torch.ops.aten.copy_.default))
+    return is_call and len(node.args) == 2 and not node.kwargs and node.args[0] is buffer and node.args[1] is not buffer
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def _classify(buffer: fx.Node, output: fx.Node) -> _Buffer | str:
+    """The buffer's writes, reads and output positions, or why it is not a static cache buffer."""
+    writes, reads, outputs = [], [], []
+    flat = output.args[0] if isinstance(output.args[0], (list, tuple)) else (output.args[0],)
+    for user in buffer.users:
+        if _is_index_copy(user, buffer) or _is_copy(user, buffer):
+            if user.users:
+                return f"the result of its {user.target} is used"
+            writes.append(user)
+        elif user is output:
+            outputs += [i for i, v in enumerate(flat) if v is buffer]
+        elif user.op == "call_method" and user.target.endswith("_"):
+            return f"it is written by {user.target}"
+        elif user.op == "call_function" and getattr(user.target, "__name__", "").endswith("_"):
+            return f"it is written by {user.target.__name__}"
+        elif user.op == "call_function" and user.target is operator.setitem:
+            return "it is written by an index assignment"
+        else:
+            reads.append(user)
+    if not writes:
+        return "it is not written by index_copy_ along the tokens or copy_"
+    return _Buffer(buffer, writes, reads, outputs)
+
+
+def _is_cache_allocation(node: fx.Node) -> bool:
+    if not (node.op == "call_function" and node.target is torch.zeros):
+        return False
+    val = example_val(node)
+    return isinstance(val, torch.Tensor) and val.dim() == 4 and val.is_floating_point() and any(
+        _is_index_copy(u, node) or _is_copy(u, node) for u in node.users)
+
+
+def quantize_static_cache(gm: fx.GraphModule, real_inputs: list[Any], scheme: str) -> StaticCacheRewrite:
+    """Rewrite `gm`'s static cache buffers to `scheme` (see the module doc); `real_inputs` are the
+    Dynamo graph's example inputs, in placeholder order."""
+    if scheme != "int8":
+        raise ValueError(f"memsave: options['kv_cache'] {scheme!r} is not built for HF's static cache yet; "
+                         "valid choices: 'int8' (memsave.QuantizedStaticCache holds int4 / kivi2)")
+    output = _output_node(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    held = {node: value for node, value in zip(placeholders, real_inputs) if isinstance(value, QuantizedKV)}
+    notes, found = [], []
+    for node in placeholders:
+        if node in held:
+            kind = _classify(node, output)
+            if isinstance(kind, str):
+                raise NotImplementedError(f"memsave: the int8 cache buffer {node.name} cannot be compiled: {kind}")
+            found.append(kind)
+        elif any(_is_index_copy(u, node) or _is_copy(u, node) for u in node.users) and isinstance(example_val(node), torch.Tensor) \
+                and example_val(node).dim() == 4:
+            notes.append(f"{node.name}: a full-precision cache buffer allocated outside the compiled graph "
+                         "(HF's early_initialization, which prefill_chunk_size calls, or a cache passed in): left as it "
+                         "is; memsave.QuantizedStaticCache holds such a cache in int8")
+    for node in list(gm.graph.nodes):
+        if _is_cache_allocation(node):
+            kind = _classify(node, output)
+            if isinstance(kind, str):
+                notes.append(f"{node.name}: not a static cache buffer memsave quantizes ({kind}): left as it is")
+            else:
+                found.append(kind)
+    rewrite = StaticCacheRewrite(PassResult(False, tuple(notes)), list(real_inputs), gm)
+    if not found:
+        return rewrite
+    # Rewritten on a copy: Dynamo reads its own graph's placeholders after the backend returns.
+    gm, copied = _copy(gm)
+    rewrite.gm = gm
+    output = _output_node(gm)
+    placeholders = [copied[n] for n in placeholders]
+    found = [_Buffer(copied[b.node], [copied[n] for n in b.writes], [copied[n] for n in b.reads], b.outputs)
+             for b in found]
+    flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    rewrite.num_outputs = len(flat)
+    extra = []
+    index_of = {node: i for i, node in enumerate(placeholders)}
+    saved = 0
+    for buffer in found:
+        fake = example_val(buffer.node)
+        dtype = fake.dtype
+        codes, scales = _inner_nodes(gm, buffer.node, fake)
+        for write in buffer.writes:
+            with gm.graph.inserting_before(write):
+                if len(write.args) == 4:  # index_copy_(2, positions, states)
+                    node = gm.graph.call_function(write_int8, (codes, scales, write.args[2], write.args[3]))
+                else:  # copy_(states)
+                    node = gm.graph.call_function(write_int8_all, (codes, scales, write.args[1]))
+            node.meta["example_value"] = None
+            gm.graph.erase_node(write)
+        for read in buffer.reads:
+            with gm.graph.inserting_before(read):
+                deq = gm.graph.call_function(torch.ops.memsave.dequantize_kv_int8, (codes, scales, dtype))
+            deq.meta["example_value"] = _fake_like(fake, fake.shape, dtype)
+            read.replace_input_with(buffer.node, deq)
+        for position in buffer.outputs:
+            flat[position] = codes
+            rewrite.packed_outputs.append((position, rewrite.num_outputs + len(extra), dtype))
+            extra.append(scales)
+        saved += fake.numel() * fake.element_size() - fake.numel() - fake.numel() // fake.shape[-1] * 4
+        if buffer.node.op == "placeholder":
+            rewrite.input_expansion[index_of[buffer.node]] = 2
+    output.args = (tuple(flat + extra),)
+    for buffer in found:
+        gm.graph.erase_node(buffer.node)
+    gm.graph.lint()
+    gm.recompile()
+    rewrite.real_inputs = _expand_inputs(real_inputs, rewrite.input_expansion)
+    allocated = sum(1 for b in found if b.node.op != "placeholder")
+    rewrite.result = PassResult(True, tuple(notes) + (
+        f"{len(found)} static cache buffers held in int8 ({allocated} allocated here, {len(found) - allocated} "
+        f"passed in), {saved} bytes fewer than their full-precision form",), {"buffers": len(found), "bytes_saved": saved})
+    return rewrite
+
+
+def _inner_nodes(gm: fx.GraphModule, buffer: fx.Node, fake: torch.Tensor) -> tuple[fx.Node, fx.Node]:
+    """The codes and scales nodes that stand for `buffer`: two placeholders in a QuantizedKV's
+    place, or an allocation in the zeros' place."""
+    shape = tuple(fake.shape)
+    if buffer.op == "placeholder":
+        with gm.graph.inserting_before(buffer):
+            codes = gm.graph.placeholder(f"{buffer.name}_codes")
+            scales = gm.graph.placeholder(f"{buffer.name}_scales")
+        inner = (fake.codes, fake.scales) if isinstance(fake, QuantizedKV) else (
+            _fake_like(fake, shape, torch.int8), _fake_like(fake, shape[:3], torch.float32))
+        codes.meta["example_value"], scales.meta["example_value"] = inner
+        # AOTAutograd asks each Dynamo placeholder where it came from: the buffer's inner tensors.
+        source = getattr(buffer, "_dynamo_source", None)
+        for node, name in ((codes, "codes"), (scales, "scales")):
+            node._dynamo_source = AttrSource(source, name) if source is not None else None
+        return codes, scales
+    with gm.graph.inserting_before(buffer):
+        pair = gm.graph.call_function(allocate_int8, (shape, fake.device))
+        codes = gm.graph.call_function(operator.getitem, (pair, 0))
+        scales = gm.graph.call_function(operator.getitem, (pair, 1))
+    codes.meta["example_value"] = _fake_like(fake, shape, torch.int8)
+    scales.meta["example_value"] = _fake_like(fake, shape[:3], torch.float32)
+    pair.meta["example_value"] = (codes.meta["example_value"], scales.meta["example_value"])
+    return codes, scales
+
+
+def _fake_like(fake: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    fake = fake.codes if isinstance(fake, QuantizedKV) else fake
+    mode = getattr(fake, "fake_mode", None)
+    if mode is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    with mode:
+        return torch.empty(shape, dtype=dtype, device=fake.device)
+
+
+def _expand_inputs(real_inputs: list[Any], expansion: dict[int, int]) -> list[Any]:
+    flat = []
+    for i, value in enumerate(real_inputs):
+        flat += [value.codes, value.scales] if i in expansion else [value]
+    return flat
+
+
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of a Dynamo GraphModule that AOTAutograd still takes for Dynamo's (its meta, the
+    sources of its parameters and placeholders), and the map from old nodes to new."""
+    graph = fx.Graph()
+    copied: dict[fx.Node, fx.Node] = {}
+    result = graph.graph_copy(gm.graph, copied)
+    graph.output(result)
+    new = fx.GraphModule(gm, graph)
+    new.meta.update(gm.meta)
+    for name in ("_param_name_to_source",):
+        if hasattr(gm, name):
+            setattr(new, name, getattr(gm, name))
+    for old, node in copied.items():
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source
+    copied[_output_node(gm)] = _output_node(new)
+    return new, copied
