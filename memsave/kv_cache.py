@@ -16,9 +16,11 @@ codes tile by tile: no dequantized cache exists at any time. "int4" and "kivi2" 
 `LowBitStaticLayer` in KIVI's layout (ops/kv_lowbit.py: keys per channel with the newest key
 group in an fp16 window, values per token), fused the same way into `memsave::attention_kivi`.
 
-Why a cache class and not an option beside `cache_implementation="static"`: HF's static cache
-allocates its fp buffers itself and writes them outside any compiled graph (`reset()` zeroes them
-at the next `generate`), so a compiler cannot take their memory away; it can only not use them.
+The class beside `options={"kv_cache": ...}` (passes/dynamo/quantize_static_cache.py, which holds
+HF's own static cache in these layouts when the compiled prefill allocates it): a cache made
+before the compiled graph runs (HF's `early_initialization`, which `prefill_chunk_size` calls, a
+cache kept across calls) allocates its fp buffers itself, so a compiler cannot take their memory
+away; this class never has them. The two share the layouts and their writes (kv_tensor.py).
 Layers that are not full attention (sliding-window layers) keep HF's own static layer, fp, and
 the cache says which (`unquantized`).
 """
@@ -29,12 +31,10 @@ import functools
 
 import torch
 
-from memsave.kv_tensor import QuantizedKV
-from memsave.ops.pack import packed_length
+from memsave.kv_tensor import (LOWBIT, QuantizedKV, allocate_int8, allocate_kivi_keys, allocate_kivi_values, whole_groups,
+                                write_int8, write_kivi_keys, write_kivi_values)
 
 KV_CACHE_SCHEMES = ("int8", "int4", "kivi2")
-# KIVI layouts (ops/kv_lowbit.py): bits, keys' group of tokens, values' group of channels
-LOWBIT = {"int4": (4, 32, 64), "kivi2": (2, 32, 64)}
 
 
 def _hf():
@@ -96,10 +96,8 @@ class _Int8StaticLayerMixin(_QuantizedLayerMixin):
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         rows = (self.batch_size, self.num_heads, self.max_cache_len)
-        self.keys = torch.zeros((*rows, self.k_head_dim), dtype=torch.int8, device=self.device)
-        self.values = torch.zeros((*rows, self.v_head_dim), dtype=torch.int8, device=self.device)
-        self.key_scales = torch.zeros(rows, dtype=torch.float32, device=self.device)
-        self.value_scales = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        self.keys, self.key_scales = allocate_int8((*rows, self.k_head_dim), self.device)
+        self.values, self.value_scales = allocate_int8((*rows, self.v_head_dim), self.device)
         self._finish_initialization()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -108,17 +106,12 @@ class _Int8StaticLayerMixin(_QuantizedLayerMixin):
         length = key_states.shape[-2]
         position = torch.arange(length, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(length)
-        k_codes, k_scale = torch.ops.memsave.quantize_kv_int8(key_states)
-        v_codes, v_scale = torch.ops.memsave.quantize_kv_int8(value_states)
-        self.keys.index_copy_(2, position, k_codes)
-        self.key_scales.index_copy_(2, position, k_scale)
-        self.values.index_copy_(2, position, v_codes)
-        self.value_scales.index_copy_(2, position, v_scale)
+        write_int8(self.keys, self.key_scales, position, key_states)
+        write_int8(self.values, self.value_scales, position, value_states)
         return (
             torch.ops.memsave.dequantize_kv_int8(self.keys, self.key_scales, self.dtype),
             torch.ops.memsave.dequantize_kv_int8(self.values, self.value_scales, self.dtype),
         )
-
 
 
 class _LowBitStaticLayerMixin(_QuantizedLayerMixin):
@@ -131,7 +124,7 @@ class _LowBitStaticLayerMixin(_QuantizedLayerMixin):
         self.scheme = scheme
         self.bits, self.k_group, self.v_group = LOWBIT[scheme]
         # Whole key groups (HF's masks follow max_cache_len, so the layer says the rounded length).
-        super().__init__(max_cache_len=-(-max_cache_len // self.k_group) * self.k_group)
+        super().__init__(max_cache_len=whole_groups(max_cache_len, self.k_group))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -142,54 +135,23 @@ class _LowBitStaticLayerMixin(_QuantizedLayerMixin):
         self.value_group = min(self.v_group, self.v_head_dim)
         if self.v_head_dim % self.value_group:
             raise ValueError(f"memsave: head size {self.v_head_dim} is not a multiple of the value group {self.value_group}")
-        b, h, length, g = self.batch_size, self.num_heads, self.max_cache_len, self.k_group
-        f16, u8, dev = torch.float16, torch.uint8, self.device
-        self.keys = torch.zeros((b, h, length, packed_length(self.k_head_dim, self.bits)), dtype=u8, device=dev)
-        self.key_scales = torch.zeros((b, h, length // g, self.k_head_dim), dtype=f16, device=dev)
-        self.key_mins = torch.zeros((b, h, length // g, self.k_head_dim), dtype=f16, device=dev)
-        self.key_window = torch.zeros((b, h, g, self.k_head_dim), dtype=f16, device=dev)
-        self.values = torch.zeros((b, h, length, packed_length(self.v_head_dim, self.bits)), dtype=u8, device=dev)
-        self.value_scales = torch.zeros((b, h, length, self.v_head_dim // self.value_group), dtype=f16, device=dev)
-        self.value_mins = torch.zeros((b, h, length, self.v_head_dim // self.value_group), dtype=f16, device=dev)
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        # The written length is HF's cumulative_length (the fifth tensor allocate_kivi_keys makes).
+        self.keys, self.key_scales, self.key_mins, self.key_window, _ = allocate_kivi_keys(
+            (*shape, self.k_head_dim), self.bits, self.k_group, self.device)
+        self.values, self.value_scales, self.value_mins = allocate_kivi_values(
+            (*shape, self.v_head_dim), self.bits, self.value_group, self.k_group, self.device)
         self._finish_initialization()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         ops, bits, g = torch.ops.memsave, self.bits, self.k_group
-        length = key_states.shape[-2]
-        start = self.cumulative_length.clone()
-        position = torch.arange(length, device=self.device) + start
-        self.cumulative_length.add_(length)
-        v_packed, v_scale, v_min = ops.quantize_kv_tokens(value_states, bits, self.value_group)
-        self.values.index_copy_(2, position, v_packed)
-        self.value_scales.index_copy_(2, position, v_scale)
-        self.value_mins.index_copy_(2, position, v_min)
-        slots = torch.arange(g, device=self.device)
-        if length == 1:  # decode: the token joins the window; slots past it are an old group's
-            slot = start % g
-            window = torch.where((slots < slot).view(1, 1, g, 1), self.key_window, torch.zeros_like(self.key_window))
-            window = window.index_copy(2, slot.view(1), key_states.to(torch.float16))
-            group_start = start - slot
-        else:  # whole groups to codes, the rest to the window
-            start = ops.kv_group_start(start, g)
-            full = length // g * g
-            if full:
-                k_packed, k_scale, k_min = ops.quantize_kv_channels(key_states[:, :, :full], bits, g)
-                self.keys.index_copy_(2, position[:full], k_packed)
-                groups = torch.arange(full // g, device=self.device) + torch.div(start, g, rounding_mode="floor")
-                self.key_scales.index_copy_(2, groups, k_scale)
-                self.key_mins.index_copy_(2, groups, k_min)
-            rest = key_states[:, :, full:].to(torch.float16)
-            window = torch.cat([rest, rest.new_zeros((*rest.shape[:2], g - rest.shape[2], rest.shape[3]))], dim=2)
-            group_start = start + full
-        self.key_window.copy_(window)
-        if length == 1 or length % g:  # the incomplete group's codes, from the window (final once full)
-            k_packed, k_scale, k_min = ops.quantize_kv_channels(window, bits, g)
-            self.keys.index_copy_(2, group_start + slots, k_packed)
-            group = torch.div(group_start, g, rounding_mode="floor").view(1)
-            self.key_scales.index_copy_(2, group, k_scale)
-            self.key_mins.index_copy_(2, group, k_min)
+        position = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+        write_kivi_values(self.values, self.value_scales, self.value_mins, position, value_states, bits, self.value_group)
+        # Sets cumulative_length to the tokens written.
+        write_kivi_keys(self.keys, self.key_scales, self.key_mins, self.key_window, self.cumulative_length, position,
+                        key_states, bits, g)
         return (
             ops.dequantize_kv_channels(self.keys, self.key_scales, self.key_mins, self.key_window, self.cumulative_length,
                                        bits, g, self.dtype),

@@ -52,7 +52,7 @@ PASS_FAMILIES = (
 )
 CODEGEN_CHOICES = ("inductor", "fx")
 # options["kv_cache"]: the layouts HF's own static cache can be held in (passes/dynamo/quantize_static_cache.py)
-KV_CACHE_CHOICES = ("int8",)
+KV_CACHE_CHOICES = ("int8", "int4", "kivi2")
 OFF_VALUES = (None, False, "none", "off")
 
 

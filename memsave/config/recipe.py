@@ -72,7 +72,8 @@ class Config:
     # must fit in: memsave.plan chooses each linear's form (inference graphs); the weights that
     # quantize / prune / factorize options name keep what those give them (budget/pinned.py).
     budget: Any = None
-    # HF's static cache (generate(cache_implementation="static")) held in this layout: "int8".
+    # HF's static cache (generate(cache_implementation="static")) held in this layout: "int8",
+    # "int4" or "kivi2" (KIVI's per-channel keys, per-token values).
     kv_cache: str | None = None
     # "inductor" hands the transformed graph to Inductor; "fx" runs it as plain FX code.
     codegen: str = "inductor"
@@ -92,8 +93,7 @@ class Config:
                 raise OptionError(f"options['budget']: {e}") from None
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_CHOICES:
             raise OptionError(
-                f"options['kv_cache']: invalid value {self.kv_cache!r}; valid choices: {_choices(KV_CACHE_CHOICES)} "
-                "(memsave.QuantizedStaticCache(config, max_cache_len, scheme='int4' / 'kivi2') holds the low-bit layouts)"
+                f"options['kv_cache']: invalid value {self.kv_cache!r}; valid choices: {_choices(KV_CACHE_CHOICES)}"
             )
         if self.codegen not in CODEGEN_CHOICES:
             raise OptionError(

@@ -61,12 +61,28 @@ def _cache_read(node: Any) -> tuple[fx.Node | None, slice | None, list[fx.Node]]
     the dequantized cache, or a slice of its tokens (HF reads the first T in a prefill)."""
     if _is_dequantize(node):
         return node, None, []
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
-        source, key = node.args
-        if _is_dequantize(source) and isinstance(key, tuple) and len(key) == 4 and isinstance(key[2], slice) and all(
-                k == slice(None) for i, k in enumerate(key) if i != 2):
-            return source, key[2], [node]
+    tokens = _token_slice(node)
+    if tokens is None:
+        return None, None, []
+    source = node.args[0]
+    if _is_dequantize(source):
+        return source, tokens, [node]
+    # A slice of a slice (options['kv_cache'] reads HF's L of the whole groups, a prefill its T of
+    # those): both of the first tokens, so the first min(T, L).
+    inner = _token_slice(source)
+    if inner is not None and _is_dequantize(source.args[0]) and _first_tokens(tokens) and _first_tokens(inner):
+        return source.args[0], slice(None, min(tokens.stop, inner.stop)), [node, source]
     return None, None, []
+
+
+def _token_slice(node: Any) -> slice | None:
+    """The slice of `node[:, :, tokens, :]` when `node` is that, else None."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
+        key = node.args[1]
+        if isinstance(key, tuple) and len(key) == 4 and isinstance(key[2], slice) and all(
+                k == slice(None) for i, k in enumerate(key) if i != 2):
+            return key[2]
+    return None
 
 
 def _through_repeat(node: Any) -> tuple[fx.Node | None, slice | None, int, list[fx.Node]]:
@@ -150,8 +166,8 @@ def _match(node: fx.Node) -> dict[str, Any] | str:
     kinds = (_kind(k), _kind(v))
     if kinds not in (("int8", "int8"), ("kivi-keys", "kivi-values")):
         return f"keys and values from different caches ({kinds[0]}, {kinds[1]})"
-    if kinds[0] != "int8" and k_tokens is not None and not causal:
-        return "a slice of a kivi cache read with a mask (only whole caches, or a causal prefill)"
+    if kinds[0] != "int8" and k_tokens is not None and not causal and not _first_tokens(k_tokens):
+        return "a slice of a kivi cache other than its first tokens, read with a mask"
     for n in [k, v, *k_nodes, *v_nodes]:
         if len(n.users) != 1:
             return "the dequantized cache has another reader"
@@ -218,13 +234,34 @@ def _fused(graph: fx.Graph, m: dict[str, Any]) -> fx.Node:
         return graph.call_function(
             torch.ops.memsave.attention_int8_kv.default, (m["q"], k_codes, k_scale, v_codes, v_scale, mask, m["scale"]))
     # KIVI: keys per channel in whole groups, so never sliced; a causal prefill's slice of the
-    # first T tokens is the whole cache under the (T, L) causal mask.
+    # first T tokens is the whole cache under the (T, L) causal mask, and a masked read of the
+    # first L (options['kv_cache'] holds HF's L tokens as whole groups) is the whole cache with
+    # the tokens past L hidden.
     k_packed, k_scale, k_min, k_window, length, bits, k_group = m["k"].args[:7]
     v_packed, v_scale, v_min, _, v_group = m["v"].args[:5]  # bits: the same as the keys
-    mask = _causal_mask(graph, m["q"], k_packed) if m["causal"] else m["mask"]
+    if m["causal"]:
+        mask = _causal_mask(graph, m["q"], k_packed)
+    elif m["tokens"] is not None:
+        mask = graph.call_function(hide_tokens_past, (m["mask"], m["q"], k_packed, m["tokens"].stop))
+    else:
+        mask = m["mask"]
     return graph.call_function(
         torch.ops.memsave.attention_kivi.default,
         (m["q"], k_packed, k_scale, k_min, k_window, length, v_packed, v_scale, v_min, mask, m["scale"], bits, k_group, v_group))
+
+
+def _first_tokens(tokens: slice) -> bool:
+    return tokens.start in (None, 0) and tokens.step in (None, 1) and isinstance(tokens.stop, int)
+
+
+def hide_tokens_past(mask: torch.Tensor | None, q: torch.Tensor, keys: torch.Tensor, length: int) -> torch.Tensor:
+    """`mask` over `length` keys, widened to all of `keys`' tokens with those past `length`
+    hidden (bool: False; additive: -inf); no mask: every query sees the first `length`."""
+    total = keys.shape[-2]
+    if mask is None:
+        seen = torch.arange(total, device=keys.device) < length
+        return seen.expand(q.shape[-2], total)
+    return F.pad(mask, (0, total - length), value=False if mask.dtype == torch.bool else float("-inf"))
 
 
 def reads_quantized_cache(gm: fx.GraphModule) -> bool:

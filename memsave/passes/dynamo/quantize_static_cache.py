@@ -28,6 +28,7 @@ window (a read: one layer's window dequantized) and `copy_`s it back (quantized 
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,7 +38,8 @@ from torch import fx
 from torch._dynamo.source import AttrSource
 
 from memsave.graph.meta import example_val
-from memsave.kv_tensor import QuantizedKV, allocate_int8, write_int8, write_int8_all
+from memsave.kv_tensor import LAYOUTS, QuantizedKV, layout_for
+from memsave.passes.dynamo.fuse_kv_attention import SDPA
 from memsave.passes.base import PassResult
 
 _TOKENS = 2
@@ -49,6 +51,22 @@ class _Buffer:
     writes: list[fx.Node]
     reads: list[fx.Node]
     outputs: list[int]  # positions among the graph's outputs
+    layout: str = ""
+    params: tuple[int, ...] = ()  # of write / read
+    allocate_params: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A graph output that HF stores as a buffer: its first inner tensor at `position`, the rest
+    appended after the original outputs (at `extra`)."""
+
+    position: int
+    extra: tuple[int, ...]
+    layout: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    params: tuple[int, ...]
 
 
 @dataclass
@@ -59,31 +77,32 @@ class StaticCacheRewrite:
     result: PassResult
     real_inputs: list[Any]
     gm: fx.GraphModule  # the graph to compile: a rewritten copy, or the one given when nothing changed
-    input_expansion: dict[int, int] = field(default_factory=dict)  # input index -> 2 (codes, scales)
-    packed_outputs: list[tuple[int, int, torch.dtype]] = field(default_factory=list)  # (output, extra, dtype)
+    input_expansion: dict[int, int] = field(default_factory=dict)  # input index -> its inner tensors
+    packed_outputs: list[_Packed] = field(default_factory=list)
     num_outputs: int = 0
 
     def wrap(self, compiled: Callable) -> Callable:
         if not self.input_expansion and not self.packed_outputs:
             return compiled
-        expand, packed, n = set(self.input_expansion), list(self.packed_outputs), self.num_outputs
+        expand, packed, n = dict(self.input_expansion), list(self.packed_outputs), self.num_outputs
 
         def run(*args):
             flat = []
             for i, value in enumerate(args):
                 if i in expand:
-                    if not isinstance(value, QuantizedKV):
+                    if not isinstance(value, QuantizedKV) or len(value.inner) != expand[i]:
                         raise TypeError(f"memsave: graph input {i} was a QuantizedKV cache buffer when compiled, "
-                                        f"now a {type(value).__name__}")
-                    flat += [value.codes, value.scales]
+                                        f"now {value!r}")
+                    flat += value.inner
                 else:
                     flat.append(value)
             out = compiled(*flat)
             if not packed:
                 return out
             result = list(out[:n])
-            for position, extra, dtype in packed:
-                result[position] = QuantizedKV(out[position], out[extra], dtype)
+            for p in packed:
+                inner = (out[p.position], *(out[i] for i in p.extra))
+                result[p.position] = QuantizedKV(p.layout, inner, p.dtype, p.shape, p.params)
             return type(out)(result) if isinstance(out, tuple) else result
 
         return run
@@ -143,9 +162,6 @@ def _is_cache_allocation(node: fx.Node) -> bool:
 def quantize_static_cache(gm: fx.GraphModule, real_inputs: list[Any], scheme: str) -> StaticCacheRewrite:
     """Rewrite `gm`'s static cache buffers to `scheme` (see the module doc); `real_inputs` are the
     Dynamo graph's example inputs, in placeholder order."""
-    if scheme != "int8":
-        raise ValueError(f"memsave: options['kv_cache'] {scheme!r} is not built for HF's static cache yet; "
-                         "valid choices: 'int8' (memsave.QuantizedStaticCache holds int4 / kivi2)")
     output = _output_node(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     held = {node: value for node, value in zip(placeholders, real_inputs) if isinstance(value, QuantizedKV)}
@@ -154,20 +170,31 @@ def quantize_static_cache(gm: fx.GraphModule, real_inputs: list[Any], scheme: st
         if node in held:
             kind = _classify(node, output)
             if isinstance(kind, str):
-                raise NotImplementedError(f"memsave: the int8 cache buffer {node.name} cannot be compiled: {kind}")
+                raise NotImplementedError(f"memsave: the {held[node].form} cache buffer {node.name} cannot be "
+                                          f"compiled: {kind}")
+            kind.layout, kind.params = held[node].form, held[node].params
             found.append(kind)
-        elif any(_is_index_copy(u, node) or _is_copy(u, node) for u in node.users) and isinstance(example_val(node), torch.Tensor) \
-                and example_val(node).dim() == 4:
+        elif any(_is_index_copy(u, node) or _is_copy(u, node) for u in node.users) and \
+                isinstance(example_val(node), torch.Tensor) and example_val(node).dim() == 4:
             notes.append(f"{node.name}: a full-precision cache buffer allocated outside the compiled graph "
                          "(HF's early_initialization, which prefill_chunk_size calls, or a cache passed in): left as it "
-                         "is; memsave.QuantizedStaticCache holds such a cache in int8")
+                         "is; memsave.QuantizedStaticCache holds such a cache in fewer bits")
+    allocated = []
     for node in list(gm.graph.nodes):
         if _is_cache_allocation(node):
             kind = _classify(node, output)
             if isinstance(kind, str):
                 notes.append(f"{node.name}: not a static cache buffer memsave quantizes ({kind}): left as it is")
             else:
-                found.append(kind)
+                allocated.append(kind)
+    roles = _roles(allocated)
+    if isinstance(roles, str):
+        notes.append(f"static cache buffers left as they are: {roles}")
+        allocated = []
+    for buffer, role in zip(allocated, roles if allocated else []):
+        head_size = example_val(buffer.node).shape[-1]
+        buffer.layout, buffer.params, buffer.allocate_params = layout_for(scheme, role, head_size)
+        found.append(buffer)
     rewrite = StaticCacheRewrite(PassResult(False, tuple(notes)), list(real_inputs), gm)
     if not found:
         return rewrite
@@ -175,79 +202,117 @@ def quantize_static_cache(gm: fx.GraphModule, real_inputs: list[Any], scheme: st
     gm, copied = _copy(gm)
     rewrite.gm = gm
     output = _output_node(gm)
-    placeholders = [copied[n] for n in placeholders]
-    found = [_Buffer(copied[b.node], [copied[n] for n in b.writes], [copied[n] for n in b.reads], b.outputs)
-             for b in found]
+    index_of = {copied[node]: i for i, node in enumerate(placeholders)}
+    found = [_Buffer(copied[b.node], [copied[n] for n in b.writes], [copied[n] for n in b.reads], b.outputs,
+                     b.layout, b.params, b.allocate_params) for b in found]
     flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
     rewrite.num_outputs = len(flat)
-    extra = []
-    index_of = {node: i for i, node in enumerate(placeholders)}
+    extra: list[fx.Node] = []
     saved = 0
     for buffer in found:
         fake = example_val(buffer.node)
-        dtype = fake.dtype
-        codes, scales = _inner_nodes(gm, buffer.node, fake)
+        shape, dtype, spec = tuple(fake.shape), fake.dtype, LAYOUTS[buffer.layout]
+        inner = _inner_nodes(gm, buffer, fake)
         for write in buffer.writes:
             with gm.graph.inserting_before(write):
                 if len(write.args) == 4:  # index_copy_(2, positions, states)
-                    node = gm.graph.call_function(write_int8, (codes, scales, write.args[2], write.args[3]))
+                    gm.graph.call_function(spec.write, (*inner, write.args[2], write.args[3], *buffer.params))
                 else:  # copy_(states)
-                    node = gm.graph.call_function(write_int8_all, (codes, scales, write.args[1]))
-            node.meta["example_value"] = None
+                    gm.graph.call_function(spec.write_all, (*inner, write.args[1], *buffer.params))
             gm.graph.erase_node(write)
+        padded = example_val(inner[0]).shape[2]
         for read in buffer.reads:
             with gm.graph.inserting_before(read):
-                deq = gm.graph.call_function(torch.ops.memsave.dequantize_kv_int8, (codes, scales, dtype))
-            deq.meta["example_value"] = _fake_like(fake, fake.shape, dtype)
-            read.replace_input_with(buffer.node, deq)
+                value = gm.graph.call_function(spec.read, (*inner, *buffer.params, dtype))
+                value.meta["example_value"] = _fake_like(fake, (*shape[:2], padded, shape[3]), dtype)
+                if padded != shape[2]:  # whole key groups held; HF reads its L tokens
+                    value = gm.graph.call_function(
+                        operator.getitem, (value, (slice(None), slice(None), slice(None, shape[2]), slice(None))))
+                    value.meta["example_value"] = _fake_like(fake, shape, dtype)
+            read.replace_input_with(buffer.node, value)
         for position in buffer.outputs:
-            flat[position] = codes
-            rewrite.packed_outputs.append((position, rewrite.num_outputs + len(extra), dtype))
-            extra.append(scales)
-        saved += fake.numel() * fake.element_size() - fake.numel() - fake.numel() // fake.shape[-1] * 4
+            flat[position] = inner[0]
+            first = rewrite.num_outputs + len(extra)
+            rewrite.packed_outputs.append(_Packed(position, tuple(range(first, first + len(inner) - 1)), buffer.layout,
+                                                  dtype, shape, buffer.params))
+            extra += inner[1:]
+        held_bytes = sum(example_val(t).numel() * example_val(t).element_size() for t in inner)
+        saved += fake.numel() * fake.element_size() - held_bytes
         if buffer.node.op == "placeholder":
-            rewrite.input_expansion[index_of[buffer.node]] = 2
+            rewrite.input_expansion[index_of[buffer.node]] = len(inner)
     output.args = (tuple(flat + extra),)
     for buffer in found:
         gm.graph.erase_node(buffer.node)
     gm.graph.lint()
     gm.recompile()
     rewrite.real_inputs = _expand_inputs(real_inputs, rewrite.input_expansion)
-    allocated = sum(1 for b in found if b.node.op != "placeholder")
+    layouts = ", ".join(sorted({b.layout for b in found}))
+    new = sum(1 for b in found if b.node.op != "placeholder")
     rewrite.result = PassResult(True, tuple(notes) + (
-        f"{len(found)} static cache buffers held in int8 ({allocated} allocated here, {len(found) - allocated} "
-        f"passed in), {saved} bytes fewer than their full-precision form",), {"buffers": len(found), "bytes_saved": saved})
+        f"{len(found)} static cache buffers held as {layouts} ({new} allocated here, {len(found) - new} passed in), "
+        f"{saved} bytes fewer than their full-precision form",), {"buffers": len(found), "bytes_saved": saved})
     return rewrite
 
 
-def _inner_nodes(gm: fx.GraphModule, buffer: fx.Node, fake: torch.Tensor) -> tuple[fx.Node, fx.Node]:
-    """The codes and scales nodes that stand for `buffer`: two placeholders in a QuantizedKV's
-    place, or an allocation in the zeros' place."""
-    shape = tuple(fake.shape)
-    if buffer.op == "placeholder":
-        with gm.graph.inserting_before(buffer):
-            codes = gm.graph.placeholder(f"{buffer.name}_codes")
-            scales = gm.graph.placeholder(f"{buffer.name}_scales")
-        inner = (fake.codes, fake.scales) if isinstance(fake, QuantizedKV) else (
-            _fake_like(fake, shape, torch.int8), _fake_like(fake, shape[:3], torch.float32))
-        codes.meta["example_value"], scales.meta["example_value"] = inner
+def _roles(buffers: list[_Buffer]) -> list[str] | str:
+    """"keys" or "values" for each allocated buffer, in graph order. HF's StaticLayer allocates a
+    layer's keys, then its values; where a buffer is read by an attention, the argument it feeds
+    must agree (else the buffers are left, with this reason)."""
+    if len(buffers) % 2:
+        return f"{len(buffers)} buffers allocated, not keys and values in pairs"
+    roles = ["keys" if i % 2 == 0 else "values" for i in range(len(buffers))]
+    for buffer, role in zip(buffers, roles):
+        seen = _attention_roles(buffer.node)
+        if seen and seen != {role}:
+            return f"{buffer.node.name} is allocated as a layer's {role} but an attention reads it as {', '.join(seen)}"
+    return roles
+
+
+def _attention_roles(buffer: fx.Node) -> set[str]:
+    """Which SDPA arguments (keys / values) `buffer` reaches through views (HF's repeat_kv)."""
+    roles, frontier = set(), [buffer]
+    for _ in range(5):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                if user.op == "call_function" and user.target in SDPA:
+                    args = dict(zip(("query", "key", "value"), user.args)) | dict(user.kwargs)
+                    roles |= {"keys" if name == "key" else "values" for name in ("key", "value") if args.get(name) is node}
+                elif user.op in ("call_function", "call_method") and user.op != "output":
+                    following.append(user)
+        frontier = following
+    return roles
+
+
+def _inner_nodes(gm: fx.GraphModule, buffer: _Buffer, fake: torch.Tensor) -> tuple[fx.Node, ...]:
+    """The nodes that stand for `buffer`'s inner tensors: placeholders in a QuantizedKV's place,
+    or an allocation in the zeros' place."""
+    node, spec = buffer.node, LAYOUTS[buffer.layout]
+    if node.op == "placeholder":
+        nodes = []
+        with gm.graph.inserting_before(node):
+            for name in spec.inner:
+                nodes.append(gm.graph.placeholder(f"{node.name}_{name}"))
         # AOTAutograd asks each Dynamo placeholder where it came from: the buffer's inner tensors.
-        source = getattr(buffer, "_dynamo_source", None)
-        for node, name in ((codes, "codes"), (scales, "scales")):
-            node._dynamo_source = AttrSource(source, name) if source is not None else None
-        return codes, scales
-    with gm.graph.inserting_before(buffer):
-        pair = gm.graph.call_function(allocate_int8, (shape, fake.device))
-        codes = gm.graph.call_function(operator.getitem, (pair, 0))
-        scales = gm.graph.call_function(operator.getitem, (pair, 1))
-    codes.meta["example_value"] = _fake_like(fake, shape, torch.int8)
-    scales.meta["example_value"] = _fake_like(fake, shape[:3], torch.float32)
-    pair.meta["example_value"] = (codes.meta["example_value"], scales.meta["example_value"])
-    return codes, scales
+        source = getattr(node, "_dynamo_source", None)
+        for inner, name in zip(nodes, spec.inner):
+            inner.meta["example_value"] = getattr(fake, name)
+            inner._dynamo_source = AttrSource(source, name) if source is not None else None
+        return tuple(nodes)
+    with gm.graph.inserting_before(node):
+        made = gm.graph.call_function(spec.allocate, (tuple(fake.shape), *buffer.allocate_params, fake.device))
+        nodes = tuple(gm.graph.call_function(operator.getitem, (made, i)) for i in range(len(spec.inner)))
+    mode = getattr(fake, "fake_mode", None)
+    with mode if mode is not None else contextlib.nullcontext():
+        values = spec.allocate(tuple(fake.shape), *buffer.allocate_params, fake.device)
+    made.meta["example_value"] = values
+    for inner, value in zip(nodes, values):
+        inner.meta["example_value"] = value
+    return nodes
 
 
 def _fake_like(fake: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    fake = fake.codes if isinstance(fake, QuantizedKV) else fake
+    fake = fake.inner[0] if isinstance(fake, QuantizedKV) else fake
     mode = getattr(fake, "fake_mode", None)
     if mode is None:
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -258,7 +323,7 @@ def _fake_like(fake: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
 def _expand_inputs(real_inputs: list[Any], expansion: dict[int, int]) -> list[Any]:
     flat = []
     for i, value in enumerate(real_inputs):
-        flat += [value.codes, value.scales] if i in expansion else [value]
+        flat += list(value.inner) if i in expansion else [value]
     return flat
 
 
