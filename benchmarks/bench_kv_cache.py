@@ -57,8 +57,16 @@ NAME = "kv_cache"
 TITLE = "Quantized static KV cache under torch.compile: bytes held, decode step, fidelity"
 SCHEMES = ["fp32", "fp32_inductor", "bf16", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2"]
 LENGTHS = {"1k": 1024, "4k": 4096, "16k": 16384}
+# What a user runs: model.generate(ids, cache_implementation="static") with HF making the cache,
+# the forward compiled by Inductor alone, by memsave, and by memsave with options["kv_cache"].
+GENERATE = ["fp32_inductor", "fp32", "int8", "int4", "kivi2"]
+GENERATE_PROMPT, GENERATE_NEW = 4096, 32
+GENERATE_METRICS = {"cache_mib": "lower", "gen_peak_mib": "lower", "gen_rss_mib": "lower", "gen_rss_peak_mib": "lower",
+                    "gen_rss_trimmed_mib": "lower",
+                    "gen_first_token_ms": "lower", "gen_decode_ms": "lower"}
 FIDELITY = ["fp32", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2", "hf_quanto_int4_r32", "hf_quanto_int2_r32"]
-CONFIGS = [f"{n}.{s}" for n in LENGTHS for s in SCHEMES] + [f"fidelity.{s}" for s in FIDELITY]
+CONFIGS = ([f"{n}.{s}" for n in LENGTHS for s in SCHEMES] + [f"generate.{s}" for s in GENERATE]
+           + [f"fidelity.{s}" for s in FIDELITY])
 MEMORY_METRICS = {"cache_mib": "lower", "tracked_mib": "lower", "rss_mib": "lower", "rss_trimmed_mib": "lower",
                   "decode_ms": "lower",
                   "decode_peak_mib": "lower", "first_token_ms": "lower"}
@@ -72,6 +80,8 @@ HEADROOM = 64  # cache slots beyond n for the decode steps
 def _parts(params: dict) -> dict[str, Part]:
     parts = {n: Part([f"{n}.{s}" for s in SCHEMES], f"{n}.fp32", repeats=2 if n == "4k" else 1, metrics=MEMORY_METRICS)
              for n in LENGTHS}
+    parts["generate"] = Part([f"generate.{s}" for s in GENERATE], "generate.fp32_inductor", repeats=3,
+                             metrics=GENERATE_METRICS)
     parts["fidelity"] = Part([f"fidelity.{s}" for s in FIDELITY], "fidelity.fp32", repeats=1, metrics=FIDELITY_METRICS)
     return parts
 
@@ -225,11 +235,70 @@ def measure_fidelity(scheme: str, params: dict) -> dict[str, float]:
     return {"ppl": ppl, "ppl_delta": ppl - ppl_fp32, "agreement": statistics.mean(agree), "ppl_fp32": ppl_fp32}
 
 
+def measure_generate(scheme: str, params: dict) -> dict[str, float]:
+    """`model.generate(ids, cache_implementation="static")` of GENERATE_NEW tokens after a
+    GENERATE_PROMPT-token prompt, HF making the static cache, the options as the README spells
+    them: `{"kv_cache": scheme}` (nothing else) for int8 / int4 / kivi2."""
+    import torch
+    import transformers
+
+    import memsave
+    from benchmarks.harness import peak_rss_bytes, reset_peak_rss
+    from memsave.memory.process import give_back
+
+    torch.manual_seed(0)
+    n, new = GENERATE_PROMPT, GENERATE_NEW
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n + 2 * new)
+    model = transformers.LlamaForCausalLM(config).eval()
+    if scheme == "fp32_inductor":
+        model.forward = torch.compile(model.forward)
+    else:
+        options = {"kv_cache": scheme} if scheme != "fp32" else None
+        model.forward = torch.compile(model.forward, backend="memsave", options=options)
+    ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(1))
+
+    def generate(tokens: int):
+        return model.generate(ids, cache_implementation="static", max_new_tokens=tokens, do_sample=False,
+                              min_new_tokens=tokens, return_dict_in_generate=True)
+
+    with torch.no_grad():
+        generate(new)  # compiles the prefill and the decode step
+        generate(new)  # and anything a second cache does the first time
+        gc.collect()
+        give_back()
+        before = current_rss_bytes()
+        reset_peak_rss()
+        began = time.perf_counter()
+        out = generate(new)  # held: the returned cache stays alive
+        whole = time.perf_counter() - began
+        gc.collect()
+        rss, rss_peak = current_rss_bytes() - before, peak_rss_bytes() - before
+        give_back()
+        rss_trimmed = current_rss_bytes() - before  # the cache, and what the process could not give back
+        counted = memsave.cache_bytes(out.past_key_values)
+        del out
+        gc.collect()
+        firsts = []
+        for _ in range(2):
+            began = time.perf_counter()
+            generate(1)  # the prefill and one token: first-token time
+            firsts.append(time.perf_counter() - began)
+        with memsave.MemoryTracker() as tracker:
+            generate(new)
+    first = min(firsts)
+    return {"cache_mib": counted / MiB, "gen_peak_mib": tracker.stats.peak_bytes / MiB, "gen_rss_mib": rss / MiB,
+            "gen_rss_peak_mib": rss_peak / MiB, "gen_rss_trimmed_mib": rss_trimmed / MiB, "gen_first_token_ms": first * 1e3,
+            "gen_decode_ms": (whole - first) / (new - 1) * 1e3}
+
+
 def measure(config: str, params: dict) -> dict[str, float]:
     _quiet()
     part, scheme = config.split(".", 1)
     if part == "fidelity":
         return measure_fidelity(scheme, params)
+    if part == "generate":
+        return measure_generate(scheme, params)
     return measure_memory(scheme, LENGTHS[part], params)
 
 
@@ -260,6 +329,23 @@ def render_sections(results) -> str:
                          f"{_fmt(got['rss_mib'])} | {_fmt(ratio('rss_mib'), '.3f')} | {_fmt(got['rss_trimmed_mib'])} | "
                          f"{_fmt(ratio('rss_trimmed_mib'), '.3f')} | {_fmt(got['decode_ms'])} | "
                          f"{_fmt(ratio('decode_ms'))} | {_fmt(got['decode_peak_mib'])} | {_fmt(got['first_token_ms'], '.0f')} |")
+    lines += ["", f"## generate(cache_implementation=\"static\"): {GENERATE_PROMPT}-token prompt, {GENERATE_NEW} new tokens", "",
+              "HF makes the static cache; int8 / int4 / kivi2 are `options={\"kv_cache\": scheme}` and nothing else. "
+              "Baseline: Inductor alone (`torch.compile(model.forward)`), fp32 cache.", "",
+              ("| forward compiled by | cache held MiB | x base | tracked peak MiB | x base | RSS held MiB | x base | "
+               "RSS peak MiB | x base | first token ms | x base | decode ms/token | x base |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {m: _median(results, "generate.fp32_inductor", m) for m in GENERATE_METRICS}
+    for s in GENERATE:
+        got = {m: _median(results, f"generate.{s}", m) for m in GENERATE_METRICS}
+        if got["gen_peak_mib"] is None:
+            continue
+        cells = []
+        for m in ("cache_mib", "gen_peak_mib", "gen_rss_mib", "gen_rss_peak_mib", "gen_first_token_ms", "gen_decode_ms"):
+            ratio = None if got[m] is None or not base[m] else got[m] / base[m]
+            cells += [_fmt(got[m], ".0f" if m == "gen_first_token_ms" else ".2f"), _fmt(ratio, ".3f")]
+        label = {"fp32_inductor": "Inductor (fp32 cache)", "fp32": "memsave (fp32 cache)"}.get(s, f"memsave kv_cache={s}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Fidelity on the docs LM (held-out text)", "",
               "| cache | perplexity | minus fp32's | greedy agreement over 128 tokens |", "|---|---:|---:|---:|"]
     for s in FIDELITY:
@@ -296,9 +382,9 @@ def render_plot(results, path: Path) -> None:
 
 BENCH = Benchmark(
     name=NAME, title=TITLE, configs=CONFIGS, baseline="4k.fp32", measure=measure,
-    metrics={**MEMORY_METRICS, **FIDELITY_METRICS}, params=PARAMS, quick=QUICK, repeats=1, timeout_s=1800.0,
+    metrics={**MEMORY_METRICS, **GENERATE_METRICS, **FIDELITY_METRICS}, params=PARAMS, quick=QUICK, repeats=1, timeout_s=1800.0,
     default_allocator=True, parts=_parts, report=with_sections(render_sections), draw=render_plot,
-    quick_configs=[f"1k.{s}" for s in SCHEMES] + [f"fidelity.{s}" for s in FIDELITY],
+    quick_configs=[f"1k.{s}" for s in SCHEMES] + [f"generate.{s}" for s in GENERATE] + [f"fidelity.{s}" for s in FIDELITY],
 )
 
 if __name__ == "__main__":

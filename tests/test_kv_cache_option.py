@@ -43,19 +43,39 @@ def _records(reports, name):
     ("fx", "llama", "int4", 40), ("inductor", "qwen2", "kivi2", 40)])  # 40: the key window fills and starts again
 def test_static_generation_holds_the_scheme_and_equals_the_quantized_cache_class(codegen, kind, scheme, n):
     model = _model(kind)
-    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    prompt = 12
+    ids = torch.randint(0, 128, (1, prompt), generator=torch.Generator().manual_seed(1))
     forward = model.forward
-    torch._dynamo.reset()
-    model.forward = torch.compile(forward, backend="memsave", options={"codegen": codegen})
-    expected = _generate(model, ids, n, cache=memsave.QuantizedStaticCache(model.config, max_cache_len=12 + n,
-                                                                              scheme=scheme))
     torch._dynamo.reset()
     model.forward = torch.compile(forward, backend="memsave", options={"codegen": codegen, "kv_cache": scheme})
     with memsave.collect() as reports:
         out = _generate(model, ids, n, cache_implementation="static")
-    # The same layout, quantized at the same tokens: the same tokens and (to fp32 rounding) scores.
-    assert torch.equal(out.sequences, expected.sequences)
-    for got, want in zip(out.scores, expected.scores):
+    # A second generate makes a fresh cache: the prefill graph allocates it again, nothing recompiles.
+    with memsave.collect() as again_reports:
+        again = _generate(model, ids, n, cache_implementation="static")
+    assert not again_reports and torch.equal(again.sequences, out.sequences)
+    first = out.past_key_values.layers[0].keys
+    assert again.past_key_values.layers[0].keys.codes.data_ptr() != first.codes.data_ptr()
+    # The reference: the prefill attends to its own full-precision states (an fp32 static cache,
+    # compiled the same way), which then go into memsave.QuantizedStaticCache; each decode step
+    # reads the quantized cache. The option does the same in one graph each: the same tokens and
+    # (to fp32 rounding) the same scores.
+    torch._dynamo.reset()
+    model.forward = torch.compile(forward, backend="memsave", options={"codegen": codegen})
+    full = transformers.StaticCache(config=model.config, max_cache_len=prompt)
+    cache = memsave.QuantizedStaticCache(model.config, max_cache_len=out.past_key_values.layers[0].keys.shape[2],
+                                         scheme=scheme)
+    with torch.no_grad():
+        scores = [model(ids, cache=full).logits[:, -1]]
+        for layer, states in zip(cache.layers, full.layers):
+            layer.update(states.keys, states.values)
+        tokens = [scores[-1].argmax(-1)]
+        for i in range(n - 1):
+            step = model(tokens[-1].view(1, 1), cache=cache, position_ids=torch.tensor([[prompt + i]]))
+            scores.append(step.logits[:, -1])
+            tokens.append(scores[-1].argmax(-1))
+    assert torch.equal(out.sequences[0, prompt:], torch.cat(tokens))
+    for got, want in zip(out.scores, scores):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     cache = out.past_key_values
     held = [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -69,13 +89,9 @@ def test_static_generation_holds_the_scheme_and_equals_the_quantized_cache_class
     assert memsave.cache_bytes(cache) == memsave.cache_bytes(same) + (0 if scheme == "int8" else 8 * len(cache.layers))
     owned = _records(reports, "quantize_static_cache")
     assert [rec.details["buffers"] for rec in owned] == [4, 4]  # prefill (allocates) and decode (passed in)
+    assert [rec.details["exact_prefill_reads"] for rec in owned] == [4, 0]  # the prefill reads its states
     fused = _records(reports, "fuse_kv_attention")
-    assert [rec.details["fused"] for rec in fused] == [2, 2], [rec.notes for rec in fused]
-    # A second generate makes a fresh cache: the prefill graph allocates it again, nothing recompiles.
-    with memsave.collect() as reports:
-        again = _generate(model, ids, n, cache_implementation="static")
-    assert not reports and torch.equal(again.sequences, out.sequences)
-    assert again.past_key_values.layers[0].keys.codes.data_ptr() != cache.layers[0].keys.codes.data_ptr()
+    assert [rec.details["fused"] for rec in fused] == [2], [rec.notes for rec in fused]  # decode reads the codes
 
 
 @pytest.mark.parametrize("scheme, share", [("int8", 0.27), ("int4", 0.16)])

@@ -18,6 +18,13 @@ output HF stores is a `kv_tensor.QuantizedKV` made of the two. The fp buffer is 
 Decode graphs receive that QuantizedKV as an input; the pass replaces it by its codes and scales
 (the wrapper unpacks it at each call) and rewrites the writes and reads the same way.
 
+The prefill (the graph that allocates the buffers) attends to the states it has just written,
+not to their codes: HF's causal prefill reads `buffer[:, :, :T]`, the T tokens written from
+position 0 of a fresh buffer, and that read becomes the states themselves (an SDPA as Inductor
+runs it, flash-style). So the first token is what the fp32 cache gives; what later steps read
+is quantized. This is what HF's QuantizedCache and KIVI do. A prefill read of more tokens than
+it wrote (a padded batch's mask over the whole buffer) reads the codes, fused.
+
 Left as they were, with the reason in the report: a buffer allocated outside the compiled graph
 (HF's `early_initialization`, which `prefill_chunk_size` calls, or a cache the user passed: then
 the fp buffer exists already and memsave cannot take its memory; `memsave.QuantizedStaticCache`
@@ -208,11 +215,13 @@ def quantize_static_cache(gm: fx.GraphModule, real_inputs: list[Any], scheme: st
     flat = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
     rewrite.num_outputs = len(flat)
     extra: list[fx.Node] = []
-    saved = 0
+    saved = exact = 0
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for buffer in found:
         fake = example_val(buffer.node)
         shape, dtype, spec = tuple(fake.shape), fake.dtype, LAYOUTS[buffer.layout]
         inner = _inner_nodes(gm, buffer, fake)
+        written = _prefill_states(buffer, order)  # before the writes are replaced
         for write in buffer.writes:
             with gm.graph.inserting_before(write):
                 if len(write.args) == 4:  # index_copy_(2, positions, states)
@@ -222,6 +231,12 @@ def quantize_static_cache(gm: fx.GraphModule, real_inputs: list[Any], scheme: st
             gm.graph.erase_node(write)
         padded = example_val(inner[0]).shape[2]
         for read in buffer.reads:
+            if written is not None and _first_tokens_read(read) == example_val(written).shape[2]:
+                # The prefill reads back the tokens it wrote: the states themselves (module doc).
+                read.replace_all_uses_with(written)
+                gm.graph.erase_node(read)
+                exact += 1
+                continue
             with gm.graph.inserting_before(read):
                 value = gm.graph.call_function(spec.read, (*inner, *buffer.params, dtype))
                 value.meta["example_value"] = _fake_like(fake, (*shape[:2], padded, shape[3]), dtype)
@@ -250,8 +265,33 @@ def quantize_static_cache(gm: fx.GraphModule, real_inputs: list[Any], scheme: st
     new = sum(1 for b in found if b.node.op != "placeholder")
     rewrite.result = PassResult(True, tuple(notes) + (
         f"{len(found)} static cache buffers held as {layouts} ({new} allocated here, {len(found) - new} passed in), "
-        f"{saved} bytes fewer than their full-precision form",), {"buffers": len(found), "bytes_saved": saved})
+        f"{saved} bytes fewer than their full-precision form" + (
+            f"; {exact} prefill reads of the tokens just written take the states themselves" if exact else ""),),
+        {"buffers": len(found), "bytes_saved": saved, "exact_prefill_reads": exact})
     return rewrite
+
+
+def _prefill_states(buffer: _Buffer, order: dict[fx.Node, int]) -> fx.Node | None:
+    """The states a fresh buffer's one write puts at its first tokens, when every read comes
+    after it: a buffer allocated in this graph is zeros, and HF's StaticLayer writes a layer it
+    has just initialized from position 0 (its cumulative_length starts at 0)."""
+    if buffer.node.op == "placeholder" or len(buffer.writes) != 1 or len(buffer.writes[0].args) != 4:
+        return None
+    write = buffer.writes[0]
+    if any(order[read] < order[write] for read in buffer.reads):
+        return None
+    return write.args[3]
+
+
+def _first_tokens_read(read: fx.Node) -> int | None:
+    """T when `read` is `buffer[:, :, :T]` (HF's causal prefill reads its T tokens), else None."""
+    if read.op == "call_function" and read.target is operator.getitem and len(read.args) == 2:
+        key = read.args[1]
+        if isinstance(key, tuple) and len(key) == 4 and all(k == slice(None) for i, k in enumerate(key) if i != 2):
+            tokens = key[2]
+            if isinstance(tokens, slice) and tokens.start in (None, 0) and tokens.step in (None, 1):
+                return tokens.stop if isinstance(tokens.stop, int) else None
+    return None
 
 
 def _roles(buffers: list[_Buffer]) -> list[str] | str:
