@@ -22,10 +22,21 @@ One fresh process per config and repeat, the C allocator as a user's process has
   held-out text: perplexity of tokens 65-256 of 8 windows of 256 bytes, each predicted through
   the cache (64 tokens prefilled, then one token at a time, teacher-forced), and greedy-token
   agreement over 128 tokens generated after 64-token prompts (4 prompts) against the fp32 cache
-  in the same process. memsave's caches compiled (backend="memsave", default options); HF's
+  in the same process. memsave's caches compiled (backend="memsave", default options); kv_int8 /
+  kv_int4 / kv_kivi2: HF's StaticCache with `options={"kv_cache": ...}` (its prefill attends to the
+  prompt's own states, later tokens read the codes); HF's
   quantized caches eager, with their default 128 full-precision recent tokens and with 32
   (`_r32`: about memsave's window, which holds the newest key group's 0-31 tokens; the docs
   LM's 256-token context leaves HF's default residual most of every window in full precision).
+
+- **generate**: what a user runs, `model.generate(ids, cache_implementation="static",
+  max_new_tokens=32)` after a 4096-token prompt, HF making the cache, on the memory part's model:
+  the forward compiled by Inductor alone (baseline), by memsave with default options (fp32 cache)
+  and by memsave with `options={"kv_cache": "int8" | "int4" | "kivi2"}` and nothing else. Per run
+  (two warm-up generates first): the cache's bytes, the tracked peak of one whole generate, the
+  process's RSS growth over a generate whose output (and cache) is kept, its peak, and the growth
+  after `malloc_trim` (the cache and what the process cannot give back), first-token time (best of
+  two one-token generates) and the decode time per token.
 
     python benchmarks/bench_kv_cache.py            # all parts
     python benchmarks/bench_kv_cache.py --quick    # 1k only, fewer windows
@@ -64,7 +75,8 @@ GENERATE_PROMPT, GENERATE_NEW = 4096, 32
 GENERATE_METRICS = {"cache_mib": "lower", "gen_peak_mib": "lower", "gen_rss_mib": "lower", "gen_rss_peak_mib": "lower",
                     "gen_rss_trimmed_mib": "lower",
                     "gen_first_token_ms": "lower", "gen_decode_ms": "lower"}
-FIDELITY = ["fp32", "int8", "int4", "kivi2", "hf_quanto_int4", "hf_quanto_int2", "hf_quanto_int4_r32", "hf_quanto_int2_r32"]
+FIDELITY = ["fp32", "int8", "int4", "kivi2", "kv_int8", "kv_int4", "kv_kivi2", "hf_quanto_int4", "hf_quanto_int2",
+            "hf_quanto_int4_r32", "hf_quanto_int2_r32"]
 CONFIGS = ([f"{n}.{s}" for n in LENGTHS for s in SCHEMES] + [f"generate.{s}" for s in GENERATE]
            + [f"fidelity.{s}" for s in FIDELITY])
 MEMORY_METRICS = {"cache_mib": "lower", "tracked_mib": "lower", "rss_mib": "lower", "rss_trimmed_mib": "lower",
@@ -98,7 +110,7 @@ def _cache(scheme: str, config, length: int):
 
     import memsave
 
-    if scheme in ("fp32", "fp32_inductor", "bf16"):
+    if scheme in ("fp32", "fp32_inductor", "bf16") or scheme.startswith("kv_"):  # kv_*: HF's cache, options['kv_cache']
         return transformers.StaticCache(config=config, max_cache_len=length)
     if scheme.startswith("hf_quanto_int"):
         from transformers.cache_utils import QuantizedCache
@@ -115,6 +127,8 @@ def _model(scheme: str, model):
         model = model.to(torch.bfloat16)
     if scheme == "fp32_inductor":
         model.forward = torch.compile(model.forward)  # what a user runs today: Inductor alone
+    elif scheme.startswith("kv_"):
+        model.forward = torch.compile(model.forward, backend="memsave", options={"kv_cache": scheme.removeprefix("kv_")})
     elif not scheme.startswith("hf_"):
         model.forward = torch.compile(model.forward, backend="memsave")
     return model
