@@ -174,8 +174,8 @@ def describe_options() -> list[tuple[str, str, str]]:
                  "weights that quantize/prune/factorize options name keep what those give them; a training step's peak: "
                  "the loss chunked, attention as SDPA (unless chunk is given) and the recompute plan chosen to fit"))
     rows.append(("kv_cache", _choices(KV_CACHE_CHOICES),
-                 "HF's static cache (generate(cache_implementation='static')) held in this layout, "
-                 "attention reading the codes tile by tile"))
+                 "HF's static cache (generate(cache_implementation='static')) and memsave's DecoderCache held in "
+                 "this layout where the compiled prefill allocates them; attention reads the codes tile by tile"))
     rows.append(("codegen", _choices(CODEGEN_CHOICES), "how the transformed graph runs"))
     rows.append(("debug_dir", "path", "write the graph after every pass and the per-pass table"))
     rows.append(("debug", "True/False", "check invariants and measure error after every pass"))

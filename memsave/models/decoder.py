@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memsave.models.decoder_cache import DecoderCache, DecoderCacheLayer
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
@@ -170,7 +172,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.hidden, config.hidden, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None,
+        cache: DecoderCacheLayer | None = None, positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, hidden = x.shape  # (B, T, h)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -178,6 +181,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            return self.o_proj(self._cached(q, k, v, cache, positions).transpose(1, 2).reshape(b, t, hidden))
         k = repeat_kv(k, self.n_heads // self.n_kv_heads)  # (B, H, T, D)
         v = repeat_kv(v, self.n_heads // self.n_kv_heads)  # (B, H, T, D)
 
@@ -191,6 +196,21 @@ class Attention(nn.Module):
         out = probs @ v  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, hidden)  # (B, T, h)
         return self.o_proj(out)
+
+
+    def _cached(self, q, k, v, cache: DecoderCacheLayer, positions: torch.Tensor) -> torch.Tensor:
+        """Attention through the cache (decoder_cache.py), as SDPA: memsave's kv-cache passes
+        match it (HF's pattern: repeat_kv, a (T, L) mask; a fresh cache's prefill causal)."""
+        if self.training:
+            raise ValueError("Decoder: a kv cache is for inference (call model.eval())")
+        t, groups, fresh = q.shape[2], self.n_heads // self.n_kv_heads, not cache.is_initialized
+        keys, values = cache.update(k, v, positions)  # (B, KV, L, D)
+        if fresh:  # a prefill into an empty cache: its own T tokens, positions 0 .. T-1
+            keys, values, mask = keys[:, :, :t], values[:, :, :t], None
+        else:  # True = attend: every written position up to the query's own
+            mask = torch.arange(keys.shape[2], device=q.device)[None, :] <= positions[:, None]  # (T, L)
+        return F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=mask,
+                                              is_causal=fresh)  # (B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -217,9 +237,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal_mask: torch.Tensor | None,
+        cache: DecoderCacheLayer | None = None, positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal_mask)  # (B, T, h)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, causal_mask, cache, positions)  # (B, T, h)
         return x + self.mlp(self.post_attention_layernorm(x))  # (B, T, h)
 
 
@@ -253,17 +274,34 @@ class Decoder(nn.Module):
             elif isinstance(module, RotaryEmbedding):
                 module.reset_buffers()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: DecoderCache | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or the loss given labels. With `cache` (decoder_cache.py) the
+        tokens continue the cached ones: positions from `cache.length` on, written into it."""
         b, t = input_ids.shape  # (B, T)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.embed_tokens(input_ids)  # (B, T, h)
+        if cache is not None:
+            if len(cache.layers) != len(self.layers):
+                raise ValueError(f"the cache has {len(cache.layers)} layers, the model {len(self.layers)}")
+            positions = torch.arange(t, device=input_ids.device) + cache.length  # (T,)
+            cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]  # (T, D), (T, D)
+            for layer, layer_cache in zip(self.layers, cache.layers):
+                x = layer(x, cos, sin, None, layer_cache, positions)  # (B, T, h)
+            cache.length.add_(t)
+            return self._head(x, labels)
         cos, sin = self.rotary(t)  # (T, D), (T, D)
         # True above the diagonal = a future position that must not be attended to.
         # Built once per forward and shared by all layers.
         causal_mask = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).triu(1)  # (T, T)
         for layer in self.layers:
             x = layer(x, cos, sin, causal_mask)  # (B, T, h)
+        return self._head(x, labels)
+
+    def _head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        b, t = x.shape[:2]
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if labels is None:
             return logits

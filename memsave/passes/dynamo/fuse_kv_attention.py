@@ -76,10 +76,10 @@ def _cache_read(node: Any) -> tuple[fx.Node | None, slice | None, list[fx.Node]]
 
 
 def _token_slice(node: Any) -> slice | None:
-    """The slice of `node[:, :, tokens, :]` when `node` is that, else None."""
+    """The slice of `node[:, :, tokens]` (or `[:, :, tokens, :]`) when `node` is that, else None."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
         key = node.args[1]
-        if isinstance(key, tuple) and len(key) == 4 and isinstance(key[2], slice) and all(
+        if isinstance(key, tuple) and len(key) in (3, 4) and isinstance(key[2], slice) and all(
                 k == slice(None) for i, k in enumerate(key) if i != 2):
             return key[2]
     return None
@@ -101,8 +101,8 @@ def _through_repeat(node: Any) -> tuple[fx.Node | None, slice | None, int, list[
     if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem):
         return missing
     inner, key = index.args
-    wanted = (slice(None), slice(None), None, slice(None), slice(None))
-    if not (isinstance(key, tuple) and key == wanted):
+    wanted = (slice(None), slice(None), None, slice(None), slice(None))  # HF's; memsave's decoder: x[:, :, None]
+    if not (isinstance(key, tuple) and key in (wanted, wanted[:3])):
         return missing
     source, tokens, between = _cache_read(inner)
     shape = expand.args[1:] if len(expand.args) > 2 else expand.args[1]

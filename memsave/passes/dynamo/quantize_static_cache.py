@@ -287,7 +287,8 @@ def _first_tokens_read(read: fx.Node) -> int | None:
     """T when `read` is `buffer[:, :, :T]` (HF's causal prefill reads its T tokens), else None."""
     if read.op == "call_function" and read.target is operator.getitem and len(read.args) == 2:
         key = read.args[1]
-        if isinstance(key, tuple) and len(key) == 4 and all(k == slice(None) for i, k in enumerate(key) if i != 2):
+        # buffer[:, :, :T] or buffer[:, :, :T, :]
+        if isinstance(key, tuple) and len(key) in (3, 4) and all(k == slice(None) for i, k in enumerate(key) if i != 2):
             tokens = key[2]
             if isinstance(tokens, slice) and tokens.start in (None, 0) and tokens.step in (None, 1):
                 return tokens.stop if isinstance(tokens.stop, int) else None
