@@ -821,8 +821,12 @@ def merge_into(earlier: dict, new: Mapping) -> dict:
     unknown = [c for c in rerun if c not in earlier["configs"]]
     new_parts = new.get("parts") or {"": {"baseline": new["baseline"], "configs": new["configs"]}}
     for config in unknown:
-        # A config added to the script since the earlier run joins its part there (same baseline).
+        # A config added to the script since the earlier run joins its part there (same baseline);
+        # a part added since, run whole (its baseline with it), joins as a part.
         name = next((n for n, p in new_parts.items() if config in p["configs"]), None)
+        if name is not None and name not in parts and "parts" in earlier and \
+                set(new_parts[name]["configs"]) <= set(new["configs"]):
+            parts[name] = {**new_parts[name], "configs": []}
         if name is None or name not in parts or parts[name]["baseline"] != new_parts[name]["baseline"]:
             raise ValueError(f"--merge: configs {unknown} are not in the earlier results ({earlier['configs']})")
         for configs in (parts[name]["configs"], earlier["configs"]):
@@ -883,7 +887,13 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
                         timeout_s=args.timeout, command=_display_command(bench, argv))
     out = args.out
     if args.merge is not None:
-        results, out, name = merge_into(json.loads(args.merge.read_text()), results), args.merge.parent, args.merge.stem
+        try:
+            results, out, name = merge_into(json.loads(args.merge.read_text()), results), args.merge.parent, args.merge.stem
+        except ValueError:
+            # The measurements are not lost: this run's own report, then the reason.
+            kept = write_outputs(bench, results, out, f"{name}_unmerged")
+            print(f"kept this run as {kept['json']}", file=sys.stderr)
+            raise
     paths = write_outputs(bench, results, out, name)
     print()
     table = render_markdown(results).split("## Results", 1)[1].split("## Failures", 1)[0]

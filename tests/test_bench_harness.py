@@ -258,6 +258,18 @@ def test_parts_have_their_own_baselines_repeats_params_and_merge(tmp_path):
     assert grown["parts"]["a"]["configs"] == ["a1", "a2"] and "a2" in grown["configs"]
     assert grown["summary"]["a2"]["metrics"]["value"]["ratio"] == pytest.approx(3.0)
 
+    # --merge of a part the script gained after the earlier run, run whole: it joins as a part.
+    no_b = json.loads(json.dumps(results))
+    del no_b["parts"]["b"]
+    no_b["configs"] = [c for c in no_b["configs"] if not c.startswith("b")]
+    no_b["runs"] = [r for r in no_b["runs"] if not r["config"].startswith("b")]
+    path = out / "no_b.json"
+    path.write_text(json.dumps(no_b))
+    run("--configs", "b2", "--merge", str(path))
+    joined = json.loads(path.read_text())
+    assert joined["parts"]["b"]["baseline"] == "b1" and {"b1", "b2"} <= set(joined["configs"])
+    assert joined["summary"]["b2"]["metrics"]["value"]["ratio"] == pytest.approx(4.0)
+
 
 def test_param_overrides_are_typed_and_checked():
     defaults = {"size": "small", "batch": 1, "lr": 0.5, "flag": False}

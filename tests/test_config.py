@@ -91,5 +91,5 @@ def test_bad_options_raise_valueerror_through_torch_compile():
 
 def test_options_table_covers_every_key():
     keys = [row[0] for row in describe_options()]
-    assert keys == [*PASS_FAMILIES, "budget", "codegen", "debug_dir", "debug"]
+    assert keys == [*PASS_FAMILIES, "budget", "kv_cache", "codegen", "debug_dir", "debug"]
     assert memsave.Config is Config

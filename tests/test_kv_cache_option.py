@@ -227,3 +227,28 @@ def test_kivi_buffers_in_eager_code_hold_each_token_within_half_a_step(bits):
 def test_unknown_kv_cache_value_names_the_choices():
     with pytest.raises(OptionError, match="options\\['kv_cache'\\].*valid choices: 'int8', 'int4', 'kivi2'"):
         memsave.Config.from_options({"kv_cache": "int3"})
+
+
+@pytest.mark.parametrize("kind, scheme", [("gpt2", "int8"), ("llama", "kivi2")])
+def test_with_quantized_weights_and_gpt2(kind, scheme):
+    if kind == "gpt2":
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        model = transformers.GPT2LMHeadModel(config).eval()
+    else:
+        model = _model(kind)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
+    forward = model.forward
+    expected = _generate(model, ids, 8, cache_implementation="static")  # fp32 weights and cache, eager
+    torch._dynamo.reset()
+    model.forward = torch.compile(forward, backend="memsave",
+                                  options={"codegen": "fx", "kv_cache": scheme, "quantize": "int8"})
+    with memsave.collect() as reports:
+        out = _generate(model, ids, 8, cache_implementation="static")
+    assert all(isinstance(layer.keys, QuantizedKV) for layer in out.past_key_values.layers)
+    assert any(rec.name == "quantize" and rec.changed for r in reports for rec in r.records)  # the weights too
+    assert [rec.details["fused"] for rec in _records(reports, "fuse_kv_attention")] == [2]  # the decode step
+    # int8 weights: the first token's logits as fp32's within the weights' rounding (the prefill
+    # attends to its own states, not the cache's codes).
+    first, want = out.scores[0], expected.scores[0]
+    assert (first - want).abs().max() < 0.05 * want.abs().max()

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memsave"
 LAYERS = [
     ("memsave.version", "memsave.config", "memsave.graph", "memsave.weight_keys"),
     ("memsave.memory",),
-    ("memsave.ops", "memsave.report", "memsave.calibrate", "memsave.models", "memsave.checkpoint", "memsave.optim"),
+    ("memsave.ops", "memsave.kv_tensor", "memsave.report", "memsave.calibrate", "memsave.models", "memsave.checkpoint",
+     "memsave.optim"),
     ("memsave.weights", "memsave.debug"),
     ("memsave.passes",),
     ("memsave.codegen", "memsave.budget"),
