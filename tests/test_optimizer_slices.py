@@ -116,8 +116,10 @@ def test_slices_bound_the_steps_temporaries():
         handle.remove()
     # AdamW's measured 2x, of the table or of a slice
     assert predicted == {None: pytest.approx(8 * 2**20, rel=1e-3), "512KiB": pytest.approx(2**20, rel=1e-3)}
-    # measured: the 4 MiB gradient and 2x what is stepped at once
-    assert peaks[None] >= 12 * 2**20 and peaks["512KiB"] <= 5.5 * 2**20, peaks
+    # measured: the 4 MiB gradient and 2x what is stepped at once. The 64 KiB lookup that
+    # square() saved is freed during the backward, before or after the step depending on when
+    # the engine releases it (seen once under xdist: 12 MiB - 64 KiB), so it is not counted.
+    assert peaks[None] >= 12 * 2**20 - 64 * 2**10 and peaks["512KiB"] <= 5.5 * 2**20, peaks
 
 
 def test_a_replaced_parameter_is_followed():
