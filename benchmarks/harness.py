@@ -832,6 +832,8 @@ def merge_into(earlier: dict, new: Mapping) -> dict:
         for configs in (parts[name]["configs"], earlier["configs"]):
             if config not in configs:  # one list when the benchmark has no parts
                 configs.append(config)
+    for metric, better in new.get("metrics", {}).items():  # a metric the script gained since
+        earlier.setdefault("metrics", {}).setdefault(metric, better)
     earlier["runs"] = [r for r in earlier["runs"] if r["config"] not in rerun]
     earlier["runs"] += [r for r in new["runs"] if r["config"] in rerun]
     replaced = "those configs' runs, baselines included" if whole else "those configs' runs; their baselines' runs are the earlier ones"
@@ -889,7 +891,7 @@ def main(bench: Benchmark, argv: Sequence[str] | None = None) -> None:
     if args.merge is not None:
         try:
             results, out, name = merge_into(json.loads(args.merge.read_text()), results), args.merge.parent, args.merge.stem
-        except ValueError:
+        except Exception:
             # The measurements are not lost: this run's own report, then the reason.
             kept = write_outputs(bench, results, out, f"{name}_unmerged")
             print(f"kept this run as {kept['json']}", file=sys.stderr)

@@ -263,11 +263,14 @@ def test_parts_have_their_own_baselines_repeats_params_and_merge(tmp_path):
     del no_b["parts"]["b"]
     no_b["configs"] = [c for c in no_b["configs"] if not c.startswith("b")]
     no_b["runs"] = [r for r in no_b["runs"] if not r["config"].startswith("b")]
+    metric = next(iter(no_b["metrics"]))
+    del no_b["metrics"][metric]  # as if the script had gained its metric since
     path = out / "no_b.json"
     path.write_text(json.dumps(no_b))
     run("--configs", "b2", "--merge", str(path))
     joined = json.loads(path.read_text())
     assert joined["parts"]["b"]["baseline"] == "b1" and {"b1", "b2"} <= set(joined["configs"])
+    assert metric in joined["metrics"]
     assert joined["summary"]["b2"]["metrics"]["value"]["ratio"] == pytest.approx(4.0)
 
 
