@@ -347,15 +347,16 @@ def render_sections(results) -> str:
               "HF makes the static cache; int8 / int4 / kivi2 are `options={\"kv_cache\": scheme}` and nothing else. "
               "Baseline: Inductor alone (`torch.compile(model.forward)`), fp32 cache.", "",
               ("| forward compiled by | cache held MiB | x base | tracked peak MiB | x base | RSS held MiB | x base | "
-               "RSS peak MiB | x base | first token ms | x base | decode ms/token | x base |"),
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "RSS peak MiB | x base | RSS held after trim MiB | x base | first token ms | x base | decode ms/token | x base |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = {m: _median(results, "generate.fp32_inductor", m) for m in GENERATE_METRICS}
     for s in GENERATE:
         got = {m: _median(results, f"generate.{s}", m) for m in GENERATE_METRICS}
         if got["gen_peak_mib"] is None:
             continue
         cells = []
-        for m in ("cache_mib", "gen_peak_mib", "gen_rss_mib", "gen_rss_peak_mib", "gen_first_token_ms", "gen_decode_ms"):
+        for m in ("cache_mib", "gen_peak_mib", "gen_rss_mib", "gen_rss_peak_mib", "gen_rss_trimmed_mib", "gen_first_token_ms",
+                  "gen_decode_ms"):
             ratio = None if got[m] is None or not base[m] else got[m] / base[m]
             cells += [_fmt(got[m], ".0f" if m == "gen_first_token_ms" else ".2f"), _fmt(ratio, ".3f")]
         label = {"fp32_inductor": "Inductor (fp32 cache)", "fp32": "memsave (fp32 cache)"}.get(s, f"memsave kv_cache={s}")
