@@ -28,8 +28,9 @@ Layouts (`LAYOUTS`), the same bytes as memsave.QuantizedStaticCache's layers (kv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map

@@ -7,11 +7,17 @@ import pytest
 import torch
 
 import memsave
-from memsave.kv_tensor import (QuantizedKV, allocate_int8, allocate_kivi_keys, allocate_kivi_values, layout_for)
+from memsave.kv_tensor import (
+    QuantizedKV,
+    allocate_int8,
+    allocate_kivi_keys,
+    allocate_kivi_values,
+    layout_for,
+)
 from memsave.models.decoder import build_decoder, decoder_inputs
+from memsave.models.decoder_cache import DecoderCache, generate
 from memsave.ops.kv_cache import kv_int8_bytes
 from memsave.ops.kv_lowbit import kv_lowbit_bytes
-from memsave.models.decoder_cache import DecoderCache, generate
 
 
 def _model():

@@ -10,7 +10,12 @@ import torch
 
 import memsave
 from memsave.config import OptionError
-from memsave.kv_tensor import QuantizedKV, allocate_int8, allocate_kivi_keys, allocate_kivi_values
+from memsave.kv_tensor import (
+    QuantizedKV,
+    allocate_int8,
+    allocate_kivi_keys,
+    allocate_kivi_values,
+)
 from memsave.ops.kv_cache import kv_int8_bytes
 
 transformers = pytest.importorskip("transformers")

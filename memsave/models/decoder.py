@@ -279,7 +279,7 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V), or the loss given labels. With `cache` (decoder_cache.py) the
         tokens continue the cached ones: positions from `cache.length` on, written into it."""
-        b, t = input_ids.shape  # (B, T)
+        t = input_ids.shape[1]  # input_ids: (B, T)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.embed_tokens(input_ids)  # (B, T, h)

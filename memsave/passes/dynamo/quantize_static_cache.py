@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -46,8 +47,8 @@ from torch._dynamo.source import AttrSource
 
 from memsave.graph.meta import example_val
 from memsave.kv_tensor import LAYOUTS, QuantizedKV, layout_for
-from memsave.passes.dynamo.fuse_kv_attention import SDPA
 from memsave.passes.base import PassResult
+from memsave.passes.dynamo.fuse_kv_attention import SDPA
 
 _TOKENS = 2
 
