@@ -123,7 +123,7 @@ class GraphCompilation:
             self._real = None
 
     def _quantize_static_cache(self):
-        """options['kv_cache']: HF's static cache buffers in the graph become int8 (first: the
+        """options['kv_cache']: HF's static cache buffers in the graph take the layout (first: the
         graph's inputs and outputs change, so what describes them is made again)."""
         if self.config.kv_cache is None:
             return None

@@ -31,8 +31,18 @@ import functools
 
 import torch
 
-from memsave.kv_tensor import (LOWBIT, QuantizedKV, allocate_int8, allocate_kivi_keys, allocate_kivi_values, whole_groups,
-                                write_int8, write_kivi_keys, write_kivi_values)
+from memsave.kv_tensor import (
+    LOWBIT,
+    QuantizedKV,
+    allocate_int8,
+    allocate_kivi_keys,
+    allocate_kivi_values,
+    layout_for,
+    whole_groups,
+    write_int8,
+    write_kivi_keys,
+    write_kivi_values,
+)
 
 KV_CACHE_SCHEMES = ("int8", "int4", "kivi2")
 
@@ -132,9 +142,7 @@ class _LowBitStaticLayerMixin(_QuantizedLayerMixin):
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         # A new attribute, not v_group changed: Dynamo would make an int that changed a graph input.
-        self.value_group = min(self.v_group, self.v_head_dim)
-        if self.v_head_dim % self.value_group:
-            raise ValueError(f"memsave: head size {self.v_head_dim} is not a multiple of the value group {self.value_group}")
+        _, (_, self.value_group), _ = layout_for(self.scheme, "values", self.v_head_dim)
         shape = (self.batch_size, self.num_heads, self.max_cache_len)
         # The written length is HF's cumulative_length (the fifth tensor allocate_kivi_keys makes).
         self.keys, self.key_scales, self.key_mins, self.key_window, _ = allocate_kivi_keys(

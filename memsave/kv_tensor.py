@@ -39,7 +39,7 @@ import memsave.ops  # noqa: F401  (memsave's kv quantize / dequantize ops)
 from memsave.ops.pack import packed_length
 
 aten = torch.ops.aten
-_TOKENS = 2  # HF's static buffers: (batch, heads, tokens, head size)
+TOKENS_DIM = 2  # HF's static buffers: (batch, heads, tokens, head size)
 
 
 # -- int8 --------------------------------------------------------------------------------------
@@ -54,8 +54,8 @@ def allocate_int8(shape: tuple[int, ...], device: Any = None) -> tuple[torch.Ten
 def write_int8(codes: torch.Tensor, scales: torch.Tensor, positions: torch.Tensor, states: torch.Tensor) -> None:
     """HF's `buffer.index_copy_(2, positions, states)` on the int8 layout."""
     new_codes, new_scales = torch.ops.memsave.quantize_kv_int8(states)
-    codes.index_copy_(_TOKENS, positions, new_codes)
-    scales.index_copy_(_TOKENS, positions, new_scales)
+    codes.index_copy_(TOKENS_DIM, positions, new_codes)
+    scales.index_copy_(TOKENS_DIM, positions, new_scales)
 
 
 def write_int8_all(codes: torch.Tensor, scales: torch.Tensor, states: torch.Tensor) -> None:
@@ -138,9 +138,9 @@ def allocate_kivi_values(shape: tuple[int, ...], bits: int, group: int, pad_to: 
 
 def write_kivi_values(codes, scales, mins, positions, states, bits: int, group: int) -> None:
     packed, scale, low = torch.ops.memsave.quantize_kv_tokens(states, bits, group)
-    codes.index_copy_(_TOKENS, positions, packed)
-    scales.index_copy_(_TOKENS, positions, scale)
-    mins.index_copy_(_TOKENS, positions, low)
+    codes.index_copy_(TOKENS_DIM, positions, packed)
+    scales.index_copy_(TOKENS_DIM, positions, scale)
+    mins.index_copy_(TOKENS_DIM, positions, low)
 
 
 def write_kivi_values_all(codes, scales, mins, states, bits: int, group: int) -> None:
@@ -230,7 +230,7 @@ class QuantizedKV(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         whole = LAYOUTS[self.form].read(*self.inner, *self.params, self.dtype)
-        return whole[:, :, : self.shape[_TOKENS]]
+        return whole[:, :, : self.shape[TOKENS_DIM]]
 
     def held_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.inner)
@@ -244,7 +244,7 @@ class QuantizedKV(torch.Tensor):
         first = args[0] if args else None
         if func is aten.index_copy_.default and isinstance(first, QuantizedKV):
             _, dim, positions, states = args
-            if dim % 4 != _TOKENS or isinstance(states, QuantizedKV):
+            if dim % 4 != TOKENS_DIM or isinstance(states, QuantizedKV):
                 raise NotImplementedError(f"memsave: QuantizedKV takes index_copy_ along the tokens (dim 2), got dim {dim}")
             LAYOUTS[first.form].write(*first.inner, positions, states, *first.params)
             return first

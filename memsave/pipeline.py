@@ -60,7 +60,7 @@ class DynamoSteps:
     """What the steps on the Dynamo graph did; their records lead the ATen graph's report."""
 
     capture: PassResult | None = None  # chunk capture
-    kv_cache: PassResult | None = None  # options['kv_cache']: HF's static cache buffers held in int8
+    kv_cache: PassResult | None = None  # options['kv_cache']: HF's static cache buffers held in fewer bits
     kv_attention: PassResult | None = None  # attention over memsave's quantized kv cache, fused
     split: Any = None  # passes.dynamo.shard_tensor.TensorParallelSplit
     plan: Any = None  # budget.planner.Plan, when options['budget'] chose the forms

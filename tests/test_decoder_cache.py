@@ -95,9 +95,9 @@ def test_compiled_decoder_holds_its_cache_quantized(scheme, codegen):
     assert all(isinstance(t, QuantizedKV) for t in held)
     shape = tuple(held[0].shape)  # (1, 2, 48, 16)
     if scheme == "int8":  # codes and scales only
-        assert cache.held_bytes() == 2 * 2 * kv_int8_bytes(shape)
+        assert memsave.cache_bytes(cache) == 2 * 2 * kv_int8_bytes(shape)
     else:  # 48 tokens as two key groups, the window, the written length (8 bytes)
-        assert cache.held_bytes() == 2 * (kv_lowbit_bytes(1, 2, 64, 16, 4, 32, 16) + 8)
+        assert memsave.cache_bytes(cache) == 2 * (kv_lowbit_bytes(1, 2, 64, 16, 4, 32, 16) + 8)
     owned = [rec for r in reports for rec in r.records if rec.name == "quantize_static_cache"]
     assert [rec.details["buffers"] for rec in owned] == [4, 4]
     assert [rec.details["exact_prefill_reads"] for rec in owned] == [4, 0]

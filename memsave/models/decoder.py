@@ -197,7 +197,6 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, hidden)  # (B, T, h)
         return self.o_proj(out)
 
-
     def _cached(self, q, k, v, cache: DecoderCacheLayer, positions: torch.Tensor) -> torch.Tensor:
         """Attention through the cache (decoder_cache.py), as SDPA: memsave's kv-cache passes
         match it (HF's pattern: repeat_kv, a (T, L) mask; a fresh cache's prefill causal)."""

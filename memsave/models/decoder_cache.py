@@ -4,6 +4,7 @@
     logits = model(ids, cache=cache)            # the prefill: writes positions 0 .. T-1
     logits = model(next_ids, cache=cache)       # each step: one more position
     tokens = generate(model, ids, max_new_tokens=32)   # the same, greedy (a fresh cache, or cache=)
+    memsave.cache_bytes(cache)                  # the bytes its buffers hold (quantized or not)
 
 Each layer's buffers are (B, KV heads, max_len, head size), allocated at the first write, as HF's
 `StaticLayer` allocates them: inside the compiled prefill when the model is compiled, so
@@ -52,21 +53,12 @@ class DecoderCache:
         self.layers = [DecoderCacheLayer(max_len) for _ in range(n_layers)]
         self.length = torch.zeros((), dtype=torch.int64)
 
-    def held_bytes(self) -> int:
-        """Bytes the buffers hold (a QuantizedKV counts its codes and scales)."""
-        total = 0
-        for layer in self.layers:
-            for t in (layer.keys, layer.values):
-                if t is not None:
-                    total += t.held_bytes() if hasattr(t, "held_bytes") else t.numel() * t.element_size()
-        return total
-
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, cache: DecoderCache | None = None) -> torch.Tensor:
     """Greedy tokens (B, max_new_tokens) after `input_ids` (B, T), through `cache` (a fresh one;
     default: a new DecoderCache of T + max_new_tokens positions). `model`: a Decoder, or one compiled."""
-    config = getattr(model, "config", None) or model._orig_mod.config
+    config = model.config  # a compiled module passes attributes through
     t = input_ids.shape[1]
     cache = cache if cache is not None else DecoderCache(config.n_layers, t + max_new_tokens)
     if cache.layers[0].is_initialized:

@@ -158,7 +158,7 @@ def _match(node: fx.Node) -> dict[str, Any] | str:
     if k is None and v is None:
         if _full_precision_cache(bound["key"]):
             return ("a full-precision kv cache (HF's StaticCache or DynamicCache): left as it is; "
-                    "options['kv_cache'] = 'int8' holds HF's static cache in int8 when the compiled graph allocates it, "
+                    "options['kv_cache'] holds HF's static cache in int8 / int4 / kivi2 when the compiled graph allocates it, "
                     "memsave.QuantizedStaticCache holds it in int8 / int4 / kivi2")
         return ""  # not a cache read at all: nothing to say
     if k is None or v is None or k_rep != v_rep or k_tokens != v_tokens:

@@ -1,4 +1,5 @@
-"""`options={"kv_cache": "int8"}`: HF's own static cache, held in int8, under torch.compile.
+"""`options={"kv_cache": "int8" | "int4" | "kivi2"}`: HF's own static cache, held in fewer bits,
+under torch.compile.
 
     model.forward = torch.compile(model.forward, backend="memsave", options={"kv_cache": "int8"})
     model.generate(ids, cache_implementation="static", max_new_tokens=...)
@@ -11,12 +12,13 @@ first `update`: inside the compiled prefill. So the prefill's Dynamo graph holds
     ... read by attention ...
     return (..., keys, ...)                          # Dynamo sets layer.keys = this output
 
-and this pass rewrites it: int8 codes and scales are allocated instead, each `index_copy_`
-quantizes (`kv_tensor.write_int8`), each read is `memsave::dequantize_kv_int8` (which
-`fuse_kv_attention` then fuses with the attention: the codes are read tile by tile), and the
-output HF stores is a `kv_tensor.QuantizedKV` made of the two. The fp buffer is never allocated.
-Decode graphs receive that QuantizedKV as an input; the pass replaces it by its codes and scales
-(the wrapper unpacks it at each call) and rewrites the writes and reads the same way.
+and this pass rewrites it: the layout's codes and scales (kv_tensor.LAYOUTS: int8, or KIVI's
+keys / values) are allocated instead, each `index_copy_` / `copy_` quantizes, each read is the
+layout's dequantize op (which `fuse_kv_attention` then fuses with the attention: the codes are
+read tile by tile), and the output HF stores is a `kv_tensor.QuantizedKV` made of them. The fp
+buffer is never allocated. Decode graphs receive that QuantizedKV as an input; the pass replaces
+it by its inner tensors (the wrapper unpacks it at each call) and rewrites the writes and reads
+the same way.
 
 The prefill (the graph that allocates the buffers) attends to the states it has just written,
 not to their codes: HF's causal prefill reads `buffer[:, :, :T]`, the T tokens written from
@@ -29,7 +31,7 @@ Left as they were, with the reason in the report: a buffer allocated outside the
 (HF's `early_initialization`, which `prefill_chunk_size` calls, or a cache the user passed: then
 the fp buffer exists already and memsave cannot take its memory; `memsave.QuantizedStaticCache`
 is that case's answer), and a buffer used other than written by `index_copy_` along the tokens or
-`copy_`, read and returned. Sliding-window layers are held in int8 too: once full, HF rolls the
+`copy_`, read and returned. Sliding-window layers are held in the layout too: once full, HF rolls the
 window (a read: one layer's window dequantized) and `copy_`s it back (quantized again).
 """
 
@@ -46,11 +48,14 @@ from torch import fx
 from torch._dynamo.source import AttrSource
 
 from memsave.graph.meta import example_val
-from memsave.kv_tensor import LAYOUTS, QuantizedKV, layout_for
+from memsave.kv_tensor import LAYOUTS, TOKENS_DIM, QuantizedKV, layout_for
 from memsave.passes.base import PassResult
-from memsave.passes.dynamo.fuse_kv_attention import SDPA
-
-_TOKENS = 2
+from memsave.passes.dynamo.fuse_kv_attention import (
+    SDPA,
+    _first_tokens,
+    _method_or_function,
+    _token_slice,
+)
 
 
 @dataclass
@@ -117,18 +122,17 @@ class StaticCacheRewrite:
 
 
 def _is_index_copy(node: fx.Node, buffer: fx.Node) -> bool:
-    is_call = (node.op == "call_method" and node.target == "index_copy_") or (
-        node.op == "call_function" and node.target in (torch.Tensor.index_copy_, torch.ops.aten.index_copy_.default))
-    if not is_call or len(node.args) != 4 or node.kwargs or node.args[0] is not buffer:
+    """`buffer.index_copy_(2, positions, states)`: HF's write of new tokens."""
+    if not _method_or_function(node, "index_copy_") or len(node.args) != 4 or node.kwargs or node.args[0] is not buffer:
         return False
     dim = node.args[1]
-    return isinstance(dim, int) and dim % 4 == _TOKENS and node.args[3] is not buffer
+    return isinstance(dim, int) and dim % 4 == TOKENS_DIM and node.args[3] is not buffer
 
 
 def _is_copy(node: fx.Node, buffer: fx.Node) -> bool:
-    is_call = (node.op == "call_method" and node.target == "copy_") or (
-        node.op == "call_function" and node.target in (torch.Tensor.copy_, torch.ops.aten.copy_.default))
-    return is_call and len(node.args) == 2 and not node.kwargs and node.args[0] is buffer and node.args[1] is not buffer
+    """`buffer.copy_(states)`: a sliding-window layer's whole window written back."""
+    return (_method_or_function(node, "copy_") and len(node.args) == 2 and not node.kwargs
+            and node.args[0] is buffer and node.args[1] is not buffer)
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:
@@ -286,14 +290,8 @@ def _prefill_states(buffer: _Buffer, order: dict[fx.Node, int]) -> fx.Node | Non
 
 def _first_tokens_read(read: fx.Node) -> int | None:
     """T when `read` is `buffer[:, :, :T]` (HF's causal prefill reads its T tokens), else None."""
-    if read.op == "call_function" and read.target is operator.getitem and len(read.args) == 2:
-        key = read.args[1]
-        # buffer[:, :, :T] or buffer[:, :, :T, :]
-        if isinstance(key, tuple) and len(key) in (3, 4) and all(k == slice(None) for i, k in enumerate(key) if i != 2):
-            tokens = key[2]
-            if isinstance(tokens, slice) and tokens.start in (None, 0) and tokens.step in (None, 1):
-                return tokens.stop if isinstance(tokens.stop, int) else None
-    return None
+    tokens = _token_slice(read)
+    return tokens.stop if tokens is not None and _first_tokens(tokens) else None
 
 
 def _roles(buffers: list[_Buffer]) -> list[str] | str:
@@ -320,7 +318,7 @@ def _attention_roles(buffer: fx.Node) -> set[str]:
                 if user.op == "call_function" and user.target in SDPA:
                     args = dict(zip(("query", "key", "value"), user.args)) | dict(user.kwargs)
                     roles |= {"keys" if name == "key" else "values" for name in ("key", "value") if args.get(name) is node}
-                elif user.op in ("call_function", "call_method") and user.op != "output":
+                elif user.op in ("call_function", "call_method"):
                     following.append(user)
         frontier = following
     return roles
@@ -378,9 +376,8 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     graph.output(result)
     new = fx.GraphModule(gm, graph)
     new.meta.update(gm.meta)
-    for name in ("_param_name_to_source",):
-        if hasattr(gm, name):
-            setattr(new, name, getattr(gm, name))
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
     for old, node in copied.items():
         if hasattr(old, "_dynamo_source"):
             node._dynamo_source = old._dynamo_source
