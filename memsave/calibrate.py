@@ -40,6 +40,12 @@ class ActivationStats:
     gram: torch.Tensor | None = None  # (K, K) mean of xᵀx over all rows (GPTQ's Hessian / 2)
     sq_mean: torch.Tensor | None = None  # (K,) mean x² per input channel (Wanda's ‖x_j‖² / rows)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the statistics hold (shared by the linears that read the same input)."""
+        return sum(t.untyped_storage().nbytes() for t in (self.mean_abs, self.sample, self.gram, self.sq_mean)
+                   if t is not None)
+
 
 # weight parameter -> ActivationStats of the inputs it multiplied.
 CALIBRATION: WeakIdKeyDictionary = WeakIdKeyDictionary()

@@ -356,11 +356,40 @@ def test_calibration_keeps_only_its_statistics():
     calibrate(model, batches, progress=False, sample_rows=128)
     grown = process.rss_bytes() - before
     stats = [CALIBRATION[m.weight] for m in (model[0], model[2])]
-    held = sum(t.numel() * t.element_size() for s in stats for t in (s.gram, s.sample, s.mean_abs, s.sq_mean))
+    held = sum(s.nbytes for s in stats)
     assert held == 2 * (512 * 512 + 128 * 512 + 2 * 512) * 4  # fp32 Gram, 128 sampled rows, two K-vectors
     # Before: every batch's 128 sampled rows were kept until the end (40 x 256 KiB per linear)
     # and the fp64 Grams were copied at the end: ~30 MiB of RSS left.
     assert grown < held + 8 * 2**20, (grown, held)
+
+
+def test_a_freeing_compile_drops_the_statistics_of_linears_it_keeps():
+    # q, k, v share one input's statistics, o has its own; o is kept dense by the options.
+    torch.manual_seed(0)
+    model = QKV(k=64).eval()
+    calibrate(model, [torch.randn(4, 16, 64) for _ in range(2)], progress=False)
+    shared, own = CALIBRATION[model.q.weight], CALIBRATION[model.o.weight]
+    assert shared.nbytes == (64 * 64 + 128 * 64 + 2 * 64) * 4  # Gram, all 128 rows as the sample, two K-vectors
+    x = torch.randn(2, 64)
+    with memsave.collect() as reports:
+        compiled = torch.compile(model, backend="memsave",
+                                 options={"quantize": {"bits": 8, "exclude": ["o.weight"]}, "codegen": "fx"})
+        with torch.no_grad():
+            compiled(x)
+    assert not any(m.weight in CALIBRATION for m in (model.q, model.k, model.v, model.o))
+    release = next(rec for r in reports for rec in r.records if rec.name == "release_weights")
+    assert release.details["calibration_dropped_bytes"] == own.nbytes
+    assert any("calibration statistics of 1 input" in note for note in release.notes)
+
+    # A recipe that keeps originals (free_weights off) has not settled the form: kept.
+    torch._dynamo.reset()
+    again = QKV(k=64).eval()
+    calibrate(again, [torch.randn(4, 16, 64)], progress=False)
+    kept = torch.compile(again, backend="memsave",
+                         options={"quantize": {"bits": 8, "exclude": ["o.weight"], "free_weights": False}, "codegen": "fx"})
+    with torch.no_grad():
+        kept(x)
+    assert all(m.weight in CALIBRATION for m in (again.q, again.o))
 
 
 # -- reported -----------------------------------------------------------------------------------
