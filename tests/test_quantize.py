@@ -50,6 +50,12 @@ def test_per_layer_patterns():
     assert config.for_weight("layers.0.mlp.down_proj.weight").bits == 8
     assert config.for_weight("layers.0.mlp.up_proj.weight").bits == 4
     assert QuantizeConfig(include=("layers.*",)).for_weight("embed_tokens.weight") is None
+    # A pattern may name the module as well as the parameter; it never matches a longer name.
+    by_module = QuantizeConfig(bits=4, group_size=32, exclude=("lm_head", "*.o"), overrides={"layers.0.mlp.down_proj": {"bits": 8, "group_size": None}})
+    assert by_module.for_weight("lm_head.weight") is None and by_module.for_weight("lm_head2.weight") is not None
+    assert by_module.for_weight("attn.o.weight") is None and by_module.for_weight("attn.out.weight") is not None
+    assert by_module.for_weight("layers.0.mlp.down_proj.weight").bits == 8
+    assert by_module.for_weight("layers.0.mlp.up_proj.weight").bits == 4
 
 
 def test_graph_gets_visible_qdq_nodes_then_packed_constants(tmp_path):

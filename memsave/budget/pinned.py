@@ -14,12 +14,11 @@ count: the plan would not know its bytes.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any
 
 from memsave.budget.candidates import Settings
 from memsave.config import FactorizeConfig, PruneConfig, QuantizeConfig
-from memsave.config.base import OptionError
+from memsave.config.base import OptionError, name_matches
 from memsave.ops.lowrank import max_useful_rank, rank_for_ratio
 from memsave.ops.sparse import bitmask_bytes
 
@@ -39,7 +38,7 @@ def pinned_configs(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def names(config, name: str) -> bool:
     """Whether `config`'s include or exclude patterns name weight `name`."""
-    return any(fnmatch.fnmatchcase(name, p) for p in (*config.include, *config.exclude))
+    return any(name_matches(name, p) for p in (*config.include, *config.exclude))
 
 
 def pinned_settings(name: str, shape: tuple[int, int], element_size: int, embedding: bool,

@@ -114,8 +114,16 @@ class FamilyConfig:
             )
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether a glob pattern of the include / exclude / overrides options names weight `name`:
+    the weight's own name ("layers.0.mlp.down.weight") or its module's ("layers.0.mlp.down", the
+    name without its last part), since users name modules as often as parameters (before, a
+    pattern "lm_head" matched nothing and left the layer silently in)."""
+    return fnmatch.fnmatchcase(name, pattern) or ("." in name and fnmatch.fnmatchcase(name.rsplit(".", 1)[0], pattern))
+
+
 class LayerSelection:
-    """include/exclude glob patterns over weight names and per-pattern overrides, shared by
+    """include/exclude glob patterns over weight (or module) names and per-pattern overrides, shared by
     the families that act per weight (quantize, prune, factorize). A subclass lists the
     fields an override may change in `override_keys`."""
 
@@ -145,12 +153,12 @@ class LayerSelection:
 
     def for_weight(self, name: str):
         """The config for one weight, or None when the filters leave it alone."""
-        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+        if not any(name_matches(name, p) for p in self.include):
             return None
-        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+        if any(name_matches(name, p) for p in self.exclude):
             return None
         config = self
         for pattern, changes in self.overrides:
-            if fnmatch.fnmatchcase(name, pattern):
+            if name_matches(name, pattern):
                 config = dataclasses.replace(config, **dict(changes))
         return config

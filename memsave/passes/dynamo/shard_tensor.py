@@ -28,7 +28,6 @@ breaks reuse them, and `sharded_parameters(model)` hands them to an optimizer.
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import memsave.ops.collectives  # noqa: F401  (registers memsave::tp_copy / tp_reduce / tp_gather)
 from memsave.config import OptionError
+from memsave.config.base import name_matches
 from memsave.passes.dynamo.shard_tensor_plan import ShardPlan, plan_sharding
 from memsave.report import fmt_bytes
 from memsave.weights import is_released, release
@@ -148,9 +148,7 @@ def _shardable(names: dict[fx.Node, str], config) -> Callable:
             if len(part.users) != 1:
                 return f"{names[part]} is also used elsewhere (e.g. tied to an embedding)"
         name = names[weight]
-        if not any(fnmatch.fnmatchcase(name, p) for p in config.include) or any(
-            fnmatch.fnmatchcase(name, p) for p in config.exclude
-        ):
+        if not any(name_matches(name, p) for p in config.include) or any(name_matches(name, p) for p in config.exclude):
             return f"{name}: left out by the include/exclude options"
         return None
 
