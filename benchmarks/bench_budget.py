@@ -505,16 +505,16 @@ def _model_section(results: dict, model: str) -> list[str]:
     over = [c for c in plans if (t := _median(results, c, "total_mib")) is not None and t > _median(results, c, "budget_mib")]
     over_rss = [c for c in plans if (t := _median(results, c, "call_rss_peak_mib")) is not None
                 and overhead is not None and t > _median(results, c, "budget_mib") + overhead]
-    lines += ["", f"Weights + call peak above the budget: {', '.join(over) or 'none'}. "
-              f"Peak RSS of a call above the budget + the runtime overhead: "
-              f"{', '.join(over_rss) or 'none' if overhead is not None else 'not measured'}."]
+    over_rss_text = (', '.join(over_rss) or 'none') if overhead is not None else 'not measured'
+    lines += ["", (f"Weights + call peak above the budget: {', '.join(over) or 'none'}. "
+                   f"Peak RSS of a call above the budget + the runtime overhead: {over_rss_text}.")]
     if overhead is not None:
-        lines += ["", f"Runtime overhead: {overhead:.1f} MiB = {compiled}'s peak RSS growth during one call "
+        lines += ["", (f"Runtime overhead: {overhead:.1f} MiB = {compiled}'s peak RSS growth during one call "
                   f"({_median(results, compiled, 'call_rss_peak_mib'):.1f} MiB) minus its weights "
                   f"({_median(results, compiled, 'weight_mib'):.1f}) and its call's live-tensor peak "
                   f"({_median(results, compiled, 'call_peak_mib'):.1f}): what the process holds for the compiled code, "
                   "the runtime and allocator slack, for this model compiled with nothing compressed, measured in "
-                  "this run. A budget counts weights + live tensors; this is the fixed cost beside it."]
+                  "this run. A budget counts weights + live tensors; this is the fixed cost beside it.")]
     mismatch = [c for c in plans if (a := _median(results, c, "planned_weight_mib")) is not None
                 and abs(a - _median(results, c, "weight_mib")) > 1e-6]
     lines += ["", "Plan's count vs measured weights: " + (

@@ -3,6 +3,8 @@ saved activations, the backward's working set) within the budget, by the recompu
 the least recompute cost that fits; a budget nothing fits is a BudgetError naming the lowest
 peak found; a recompute option the user gave is checked against the budget, not replaced."""
 
+import re
+
 import pytest
 import torch
 
@@ -136,8 +138,11 @@ def test_a_training_budget_counts_gradients_stepped_in_the_backward_as_freed():
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     budget = int(1.6 * weights)  # below weights + gradients (2x the weights)
     compiled = torch.compile(model, backend="memsave", options={"budget": budget, "codegen": "fx"})
-    with pytest.raises(memsave.BudgetError, match="lowest peak memsave found"):
+    # The refusal says what stepping in the backward would reach: within this budget.
+    with pytest.raises(memsave.BudgetError, match="lowest peak memsave found") as refused:
         _step(model, compiled, ids)
+    assert re.search(r"with memsave.optimizer_in_backward holding the \d+ trainable parameters .* the lowest peak would "
+                     r"be .*: within this budget", str(refused.value)), str(refused.value)
     torch._dynamo.reset()
     handle = memsave.optimizer_in_backward(model, torch.optim.SGD, lr=1e-3)
     try:

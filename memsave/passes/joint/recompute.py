@@ -91,7 +91,7 @@ def partition(
             plan_details["reference_saved_bytes"] = min_cut.saved_bytes
             if config.fits_step_peak:  # a training budget: the step's whole peak (choose_peak_plan)
                 choice = choose_peak_plan(jg, config.step_peak, prebuilt=[(min_cut, mc_fw, mc_bw)],
-                                          consumed_grads=consumed, codegen=codegen)
+                                          consumed_grads=consumed, codegen=codegen, if_stepped=trainable_gradients(joint, ctx))
             else:
                 choice = choose_budget_plan(jg, config.budget, reference, prebuilt=[(min_cut, mc_fw, mc_bw)])
             fw, bw, plan = choice.fw, choice.bw, choice.plan
@@ -181,6 +181,17 @@ def stepped_gradients(joint: fx.GraphModule, ctx: PassContext | None) -> dict[in
     primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
     return {i: step_workspace_bytes(v) for i, n in enumerate(primals)
             if isinstance(v := ctx.real_inputs.get(n.name), torch.Tensor) and is_held(v)}
+
+
+def trainable_gradients(joint: fx.GraphModule, ctx: PassContext | None) -> dict[int, int]:
+    """Positions among the backward's outputs of the trainable parameters' gradients, each with
+    no step temporaries: what stepped_gradients would give if memsave.optimizer_in_backward held
+    them all (with a step that allocates nothing beside the gradient, as plain SGD's)."""
+    if ctx is None:
+        return {}
+    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    return {i: 0 for i, n in enumerate(primals)
+            if isinstance(v := ctx.real_inputs.get(n.name), torch.nn.Parameter) and v.requires_grad}
 
 
 def plan_of_partition(jg: JointGraph, fw: fx.GraphModule, bw: fx.GraphModule, *, source: str) -> Plan:

@@ -431,7 +431,8 @@ STEP_PEAK_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05)
 
 
 def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = (),
-                     consumed_grads: Mapping[int, int] | None = None, codegen: str = "inductor") -> Choice:
+                     consumed_grads: Mapping[int, int] | None = None, codegen: str = "inductor",
+                     if_stepped: Mapping[int, int] | None = None) -> Choice:
     """A training budget (options['budget']): the plan with the least recompute cost whose step
     peak, the weights + the simulated peak of forward then backward (saved activations,
     gradients, the backward's working set), fits `step_peak`; then the lowest peak. Candidates:
@@ -439,7 +440,9 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
     segment checkpointing at every segment count, selective, the fewest saved bytes. None fits:
     a BudgetError naming the lowest step peak found and its plan. `consumed_grads`: the
     backward's outputs (gradients) memsave.optimizer_in_backward steps and frees inside it, with
-    each step's temporary bytes; `codegen` sizes the margin."""
+    each step's temporary bytes; `codegen` sizes the margin. `if_stepped`: where no gradient is
+    stepped in the backward, the gradients that could be (the trainable parameters'): a budget
+    nothing fits is then ranked again as if they were, and the error says what that would reach."""
     from memsave.config.base import BudgetError
     from memsave.report import fmt_bytes
 
@@ -460,11 +463,21 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
     if not fits:
         plan, _, _, peak = min(ranked, key=lambda item: (item[3]["peak"], item[0].cost))
         smallest = weights + peak["peak"] + margin
+        hint = "chunk the loss, save in lower precision, or step the optimizer in the backward to go lower"
+        if if_stepped and not consumed_grads:
+            # What the user can do that the compile cannot (the optimizer is theirs): measured by
+            # the same simulation, each gradient freed after its step inside the backward.
+            stepped = _rank(jg, [p for p in plans if p is not None], list(prebuilt), if_stepped)
+            lowest = weights + min(item[3]["peak"] for item in stepped) + margin
+            hint = (f"with memsave.optimizer_in_backward holding the {len(if_stepped)} trainable parameters (each "
+                    f"gradient stepped and freed inside the backward), the lowest peak would be {fmt_bytes(lowest)}, the "
+                    f"optimizer step's own temporaries aside"
+                    + (": within this budget" if lowest <= step_peak else f"; {hint}"))
         raise BudgetError(
             f"options['budget'] {fmt_bytes(step_peak)} cannot be met by this training step: the lowest peak memsave "
             f"found is {fmt_bytes(smallest)} (weights {fmt_bytes(weights)} + {fmt_bytes(peak['peak'])} simulated for "
             f"saved activations, gradients and the backward's working set + a margin of {fmt_bytes(margin)}, plan "
-            f"{plan.source!r}, of {len(ranked)} plans); chunk the loss, save in lower precision, or step the optimizer in the backward to go lower",
+            f"{plan.source!r}, of {len(ranked)} plans); {hint}",
             smallest)
     plan, fw, bw, peak = min(fits, key=lambda item: (item[0].cost, item[3]["peak"]))
     peaks = {p.saved: pk["peak"] for p, _, _, pk in ranked}
