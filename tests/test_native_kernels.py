@@ -161,6 +161,7 @@ def test_the_portable_build_matches_too():
     """Machines without AVX-512 run the plain-C path of the same source."""
     portable = build.library(("-mno-avx512f",))
     assert portable is not None, build.unavailable_reason()
+    isa = native._lib().ms_isa()  # 0 already on a CPU without AVX-512
     before = native.use_library(portable)
     try:
         assert native._lib().ms_isa() == 0
@@ -170,7 +171,7 @@ def test_the_portable_build_matches_too():
                 _close(op(x, *args), reference(x, *args))
     finally:
         native.use_library(before)
-    assert native._lib().ms_isa() > 0
+    assert native._lib().ms_isa() == isa
 
 
 def test_ops_pass_opcheck():
@@ -204,6 +205,8 @@ def _model():
 def test_short_names_run_native_kernels_through_the_backend(options, kernel, codegen, monkeypatch):
     from memsave.codegen import kernels
 
+    if native._lib().ms_isa() < 3:  # no avx512_bf16: the fp32 products are the default
+        kernel = kernel.removesuffix("-bf16")
     x = torch.randn(3, 128)
     outputs = {}
     for registry in ("native", "reference"):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import memsave
+from memsave.codegen.cpu import int4_layout_matches_torch
 from memsave.memory.track import MemoryTracker
 from memsave.models import MLP, build_decoder, build_mlp, decoder_inputs
 from memsave.models.decoder import Decoder
@@ -159,6 +160,8 @@ def test_round_trip_is_bit_exact(round_trips, name):
     assert rt.builds_after_load == 0  # scales and packed codes (and kernel layouts) came from the file
 
 
+@pytest.mark.skipif(not int4_layout_matches_torch(),
+                    reason="this torch packs CPU int4 in another layout here (no AVX-512): the kernel's layout is not used")
 def test_cpu_int4_layout_is_restored_exactly(round_trips):
     from memsave.codegen.cpu import int4_scales_zeros, qparams_from_int4
 
