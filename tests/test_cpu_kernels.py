@@ -23,7 +23,7 @@ def _bf16_products() -> bool:
     from memsave.codegen.native import build
     from memsave.codegen.native import kernels as native
 
-    return build.library() is not None and native._lib().ms_isa() >= 3
+    return build.library() is not None and native.has_bf16_products()
 
 
 @pytest.mark.parametrize("n, k", [(64, 64), (128, 96), (192, 256)])

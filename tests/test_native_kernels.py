@@ -75,7 +75,7 @@ def test_narrowed_variants_round_only_prefill_products_to_bf16():
         # Decode-sized calls: bf16 products where linear.c has a narrowed decode path (2/4-bit
         # affine and log codes), else the same fp32 kernel, bit for bit.
         small = torch.randn(3, k, generator=torch.Generator().manual_seed(3))
-        bf16_decode = name.split("-")[0] in ("int4", "int2", "log4", "log2") and native._lib().ms_isa() >= 3
+        bf16_decode = name.split("-")[0] in ("int4", "int2", "log4", "log2") and native.has_bf16_products()
         if bf16_decode:
             expected = reference(small, *args)
             relative = ((narrowed(small, *args) - expected).norm() / expected.norm()).item()
@@ -89,7 +89,7 @@ def test_narrowed_variants_round_only_prefill_products_to_bf16():
         assert 0 < relative < 1e-2, (name, relative)  # bf16 rounding of weights, activations, sums
 
 
-@pytest.mark.skipif(build.library() is None or native._lib().ms_isa() < 3, reason="needs avx512_bf16")
+@pytest.mark.skipif(build.library() is None or not native.has_bf16_products(), reason="needs avx512_bf16")
 @pytest.mark.parametrize("k, group, symmetric", [(256, 64, False), (256, 32, True), (384, 128, False), (256, 256, True)])
 def test_int4_decode_rounds_only_the_activations_to_bf16(k, group, symmetric):
     """The int4 narrowed decode (scale after the sums, codes as exact bf16 integers) is the
@@ -205,7 +205,7 @@ def _model():
 def test_short_names_run_native_kernels_through_the_backend(options, kernel, codegen, monkeypatch):
     from memsave.codegen import kernels
 
-    if native._lib().ms_isa() < 3:  # no avx512_bf16: the fp32 products are the default
+    if not native.has_bf16_products():  # no avx512_bf16: the fp32 products are the default
         kernel = kernel.removesuffix("-bf16")
     x = torch.randn(3, 128)
     outputs = {}

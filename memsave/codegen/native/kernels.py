@@ -378,6 +378,11 @@ def _many_rows(node: fx.Node) -> bool:
     return hint_int(x.numel()) // max(1, hint_int(x.shape[-1])) > FUSED_ROWS
 
 
+def has_bf16_products() -> bool:
+    """Whether linear.c was built with its avx512_bf16 paths for this CPU (the narrowed decode)."""
+    return _lib().ms_isa() >= 3
+
+
 def _bf16_decode(node: fx.Node) -> bool:
     """Whether linear.c has a narrowed decode path for this node (bf16_path there), on a CPU with
     avx512_bf16: 2- and 4-bit affine or log codes in groups of whole 32-byte blocks, or 4-bit
@@ -388,7 +393,7 @@ def _bf16_decode(node: fx.Node) -> bool:
     int4_blocks = (node.target == memsave_ops.linear_affine.default and bits == 4 and k % 128 == 0
                    and (group in (32, 64) or group % 128 == 0))
     whole_blocks = bits in (2, 4) and (group % (32 * 8 // bits) == 0 or group >= k)
-    return (int4_blocks or whole_blocks) and _lib().ms_isa() >= 3
+    return (int4_blocks or whole_blocks) and has_bf16_products()
 
 
 def _narrowed(applies, *, int8_stays_exact: bool = False):

@@ -176,22 +176,23 @@ def stepped_gradients(joint: fx.GraphModule, ctx: PassContext | None) -> dict[in
     gradients inside the backward, after the partition."""
     from memsave.optim.in_backward import is_held, step_workspace_bytes
 
-    if ctx is None:
-        return {}
-    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-    return {i: step_workspace_bytes(v) for i, n in enumerate(primals)
-            if isinstance(v := ctx.real_inputs.get(n.name), torch.Tensor) and is_held(v)}
+    return {i: step_workspace_bytes(v) for i, v in _primal_values(joint, ctx) if is_held(v)}
 
 
 def trainable_gradients(joint: fx.GraphModule, ctx: PassContext | None) -> dict[int, int]:
     """Positions among the backward's outputs of the trainable parameters' gradients, each with
     no step temporaries: what stepped_gradients would give if memsave.optimizer_in_backward held
     them all (with a step that allocates nothing beside the gradient, as plain SGD's)."""
+    return {i: 0 for i, v in _primal_values(joint, ctx) if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+
+
+def _primal_values(joint: fx.GraphModule, ctx: PassContext | None) -> list[tuple[int, torch.Tensor]]:
+    """(position among the joint graph's primals, i.e. among the backward's outputs, the real
+    tensor) for each primal whose real value is a tensor."""
     if ctx is None:
-        return {}
+        return []
     primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-    return {i: 0 for i, n in enumerate(primals)
-            if isinstance(v := ctx.real_inputs.get(n.name), torch.nn.Parameter) and v.requires_grad}
+    return [(i, v) for i, n in enumerate(primals) if isinstance(v := ctx.real_inputs.get(n.name), torch.Tensor)]
 
 
 def plan_of_partition(jg: JointGraph, fw: fx.GraphModule, bw: fx.GraphModule, *, source: str) -> Plan:

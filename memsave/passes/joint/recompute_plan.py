@@ -455,7 +455,8 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
         plans.append(solve_ilp(jg, limit) if use_ilp else solve_greedy(jg, limit))
     plans += [plan_sqrt(jg, k) for k in _segment_counts(len(jg.block_starts()))]
     plans += [plan_selective(jg), minimum_plan(jg, use_ilp=use_ilp)]
-    ranked = _rank(jg, [p for p in plans if p is not None], list(prebuilt), consumed_grads)
+    solved = [p for p in plans if p is not None]
+    ranked = _rank(jg, solved, list(prebuilt), consumed_grads)
     weights = ranked[0][3]["weight_bytes"]
     margin = step_peak_margin(jg.joint, gradients=jg.gradients, codegen=codegen)
     fits = [item for item in ranked if weights + item[3]["peak"] + margin <= step_peak]
@@ -467,7 +468,7 @@ def choose_peak_plan(jg: JointGraph, step_peak: int, prebuilt: list[Prebuilt] = 
         if if_stepped and not consumed_grads:
             # What the user can do that the compile cannot (the optimizer is theirs): measured by
             # the same simulation, each gradient freed after its step inside the backward.
-            stepped = _rank(jg, [p for p in plans if p is not None], list(prebuilt), if_stepped)
+            stepped = _rank(jg, solved, list(prebuilt), if_stepped)
             lowest = weights + min(item[3]["peak"] for item in stepped) + margin
             hint = (f"with memsave.optimizer_in_backward holding the {len(if_stepped)} trainable parameters (each "
                     f"gradient stepped and freed inside the backward), the lowest peak would be {fmt_bytes(lowest)}, the "
